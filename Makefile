@@ -1,0 +1,86 @@
+# Corral: the Makefile is the menu. `make help` lists every target.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+PROTO_SRC := $(shell find protos/corral -name '*.proto' 2>/dev/null | sort)
+CONTEXTS := identity session task runtime storage
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List every target
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Corral needs Python 3.11+"'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+.PHONY: setup
+setup: $(VENV)/.installed ## Create .venv and install Corral with its development tools
+
+# $(call generate_protos,OUTDIR): protoc from grpcio-tools (pinned with grpcio) + mypy-protobuf stubs.
+generate_protos = mkdir -p $(1) && $(PY) -m grpc_tools.protoc -Iprotos \
+	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	--python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) $(PROTO_SRC) && \
+	for c in $(CONTEXTS); do touch $(1)/corral/$$c/__init__.py $(1)/corral/$$c/v1/__init__.py; done
+
+.PHONY: protos
+protos: setup ## Regenerate the Python code of protos/ into corral/<context>/v1 (never edit it by hand)
+	@rm -rf $(addprefix corral/,$(CONTEXTS))
+	@$(call generate_protos,.)
+	@echo "generated: $(addprefix corral/,$(CONTEXTS))"
+
+.PHONY: check-protos
+check-protos: setup ## Fail if the generated code under corral/<context>/v1 is stale
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(call generate_protos,$$tmp) && \
+	for c in $(CONTEXTS); do diff -r -x __pycache__ "$$tmp/corral/$$c" "corral/$$c" >/dev/null || \
+	  { echo "generated code in corral/$$c is stale: run 'make protos' and commit it"; exit 1; }; done; \
+	echo "generated code is fresh"
+
+.PHONY: buf-lint
+buf-lint: setup ## buf lint (STANDARD) on protos/
+	$(BIN)/buf lint
+
+.PHONY: breaking
+breaking: setup ## buf breaking against main (FILE)
+	@if git rev-parse --verify -q main >/dev/null && [ -n "$$(git ls-tree -r main --name-only -- protos)" ]; then \
+	  $(BIN)/buf breaking --against '.git#branch=main'; else echo "main has no protos yet: nothing to compare"; fi
+
+.PHONY: lint
+lint: setup ## ruff (lint + format check)
+	$(BIN)/ruff check services libs tests
+	$(BIN)/ruff format --check services libs tests
+
+.PHONY: fmt
+fmt: setup ## Format the code with ruff
+	$(BIN)/ruff check --fix services libs tests
+	$(BIN)/ruff format services libs tests
+
+.PHONY: typecheck
+typecheck: setup ## mypy --strict over services and libs
+	$(BIN)/mypy -p corral.libs -p corral.services
+
+.PHONY: pytest
+pytest: setup ## Run the test suite (PostgreSQL/Redis from CORRAL_TEST_POSTGRES_URL / CORRAL_TEST_REDIS_URL)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+.PHONY: test
+test: setup lint typecheck buf-lint breaking check-protos pytest ## Everything CI checks
+
+.PHONY: run
+run: setup ## Bring the whole platform up on embedded defaults (SQLite, in-process hub)
+	$(BIN)/corral dev
+
+.PHONY: migrate
+migrate: setup ## Run every service's migrations against the configured databases
+	$(BIN)/corral migrate
+
+.PHONY: clean
+clean: ## Remove the virtualenv, caches and the local data folder
+	rm -rf $(VENV) .corral .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Corral: self-hosted Claude agents as a service."""

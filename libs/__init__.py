@@ -1,0 +1,1 @@
+"""Infrastructure shared by every Corral service. No domain types of any one context live here."""

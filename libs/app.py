@@ -1,0 +1,141 @@
+"""Running services: the pieces every composition root shares, and graceful process shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from corral.libs import db
+from corral.libs.auth.jwt import HttpJwksSource, JwksSource, TokenVerifier
+from corral.libs.config import Settings
+from corral.libs.grpc.health import DependencyCheck
+from corral.libs.grpc.interceptors import AuthenticationHook, CallHook
+from corral.libs.grpc.server import CorralServer, ServerConfig, ServiceRegistration
+
+log = logging.getLogger("corral.app")
+
+
+@dataclass
+class ServiceApp:
+    """A built service: its server plus whatever must be closed when it stops."""
+
+    name: str
+    server: CorralServer
+    resources: AsyncExitStack = field(default_factory=AsyncExitStack)
+    background: list[Callable[[], Coroutine[Any, Any, None]]] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> int:
+        port = await self.server.start()
+        self._tasks = [asyncio.create_task(job()) for job in self.background]
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.server.stop(grace)
+        finally:
+            await self.resources.aclose()
+
+
+class Infrastructure:
+    """Builds the adapters a service needs from settings; closes them with the service."""
+
+    def __init__(self, settings: Settings, name: str, resources: AsyncExitStack) -> None:
+        self.settings = settings
+        self.name = name
+        self.resources = resources
+        self.checks: list[DependencyCheck] = []
+
+    async def database(self, migrations: Path | None) -> AsyncEngine:
+        engine = db.create_engine(
+            self.settings.database_url_for(self.name),
+            schema=self.name,
+            pool_size=self.settings.database_pool_size,
+        )
+        self.resources.push_async_callback(engine.dispose)
+        if migrations is not None and self.settings.migrate_on_start:
+            await db.migrate(engine, migrations, schema=self.name)
+        self.checks.append(DependencyCheck("database", lambda: db.ping(engine)))
+        return engine
+
+    def redis(self) -> object | None:
+        if not self.settings.redis_url:
+            return None
+        from corral.libs.redis import create_redis, ping
+
+        client = create_redis(self.settings.redis_url)
+        self.resources.push_async_callback(client.aclose)
+        self.checks.append(DependencyCheck("redis", lambda: ping(client)))
+        return client
+
+    def verifier(self, source: JwksSource | None = None) -> TokenVerifier:
+        settings = self.settings
+        return TokenVerifier(
+            source or HttpJwksSource(settings.jwks_endpoint()),
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            algorithms=settings.jwt_algorithms,
+            cache_seconds=settings.jwks_cache_seconds,
+        )
+
+    def server(
+        self,
+        services: Sequence[ServiceRegistration],
+        *,
+        verifier: TokenVerifier,
+        public_methods: Sequence[str] = (),
+        extra_hooks: Sequence[CallHook] = (),
+        port: int | None = None,
+    ) -> CorralServer:
+        settings = self.settings
+        hooks: list[CallHook] = [AuthenticationHook(verifier, public_methods), *extra_hooks]
+        return CorralServer(
+            ServerConfig(
+                name=self.name,
+                host=settings.host,
+                port=settings.port_for(self.name) if port is None else port,
+                hooks=hooks,
+                checks=self.checks,
+                health_interval=settings.health_check_interval_seconds,
+                shutdown_grace=settings.shutdown_grace_seconds,
+            ),
+            services,
+        )
+
+
+async def run_until_signalled(
+    apps: Sequence[ServiceApp],
+    grace: float,
+    on_started: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Start every app, wait for SIGINT/SIGTERM, then stop them all gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    started: list[ServiceApp] = []
+    try:
+        for app in apps:
+            await app.start()
+            started.append(app)
+        if on_started is not None:
+            await on_started()
+        await stop.wait()
+        log.info("shutting down", extra={"grace_seconds": grace})
+    finally:
+        await asyncio.gather(
+            *(app.stop(grace) for app in reversed(started)), return_exceptions=True
+        )

@@ -1,0 +1,57 @@
+"""Who is calling: set by the authentication interceptor, read by service layers."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+
+from corral.libs.errors import Unauthenticated
+
+SUPERUSER_ROLE = "superuser"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated principal.
+
+    ``subject`` is a resource name (``organizations/acme/users/u1`` or a service account);
+    ``organization`` is the organisation the token is scoped to; ``roles`` come from the token.
+    """
+
+    subject: str
+    organization: str
+    roles: frozenset[str] = field(default_factory=frozenset)
+    token_id: str = ""
+    token: str = field(default="", repr=False)
+    expires_at: float = 0.0
+
+    @property
+    def is_superuser(self) -> bool:
+        return SUPERUSER_ROLE in self.roles
+
+    def has_role(self, *roles: str) -> bool:
+        return self.is_superuser or bool(self.roles.intersection(roles))
+
+
+_current: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
+    "corral_caller", default=None
+)
+
+
+def current_caller() -> Caller | None:
+    return _current.get()
+
+
+def require_caller() -> Caller:
+    caller = _current.get()
+    if caller is None:
+        raise Unauthenticated("this method needs a bearer token", reason="TOKEN_MISSING")
+    return caller
+
+
+def set_caller(caller: Caller | None) -> contextvars.Token[Caller | None]:
+    return _current.set(caller)
+
+
+def reset_caller(token: contextvars.Token[Caller | None]) -> None:
+    _current.reset(token)

@@ -1,0 +1,102 @@
+"""Settings from environment variables (prefix ``CORRAL_``); every one is listed in README.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SERVICE_NAMES: tuple[str, ...] = ("identity", "session", "task", "runtime", "storage")
+DEFAULT_PORTS: dict[str, int] = {
+    "identity": 50051,
+    "session": 50052,
+    "task": 50053,
+    "runtime": 50054,
+    "storage": 50055,
+}
+
+
+class Settings(BaseSettings):
+    """Process-wide settings. Construct once in a composition root; never at import time."""
+
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="ignore")
+
+    env: Literal["development", "production"] = "development"
+    data_dir: Path = Path(".corral")
+    host: str = "127.0.0.1"
+
+    # Databases: one URL for all services (PostgreSQL: each service gets its own schema), or
+    # CORRAL_<SERVICE>_DATABASE_URL per service. Empty means SQLite under data_dir.
+    database_url: str = ""
+    identity_database_url: str = ""
+    session_database_url: str = ""
+    task_database_url: str = ""
+    runtime_database_url: str = ""
+    storage_database_url: str = ""
+    database_pool_size: int = 10
+    auto_migrate: bool | None = None  # default: on in development, off in production
+
+    # Redis: empty means in-process implementations (development only).
+    redis_url: str = ""
+
+    # Ports (0 picks a free one) and addresses other services are reached at.
+    identity_port: int = DEFAULT_PORTS["identity"]
+    session_port: int = DEFAULT_PORTS["session"]
+    task_port: int = DEFAULT_PORTS["task"]
+    runtime_port: int = DEFAULT_PORTS["runtime"]
+    storage_port: int = DEFAULT_PORTS["storage"]
+    identity_target: str = ""
+    session_target: str = ""
+    task_target: str = ""
+    runtime_target: str = ""
+    storage_target: str = ""
+
+    # Tokens: every service verifies bearer JWTs itself against identity's JWKS.
+    jwt_issuer: str = "corral-identity"
+    jwt_audience: str = "corral"
+    jwt_algorithms: list[str] = Field(default_factory=lambda: ["ES256", "EdDSA"])
+    jwks_url: str = ""  # empty: http://<host>:<identity http port>/.well-known/jwks.json
+    jwks_cache_seconds: float = 300.0
+    identity_http_port: int = 8081
+
+    # Behaviour of the gRPC servers.
+    shutdown_grace_seconds: float = 10.0
+    health_check_interval_seconds: float = 5.0
+    default_deadline_seconds: float = 10.0
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    # Tracing: OTLP when an endpoint is configured (the standard OTEL_* variables), else none.
+    otel_exporter_otlp_endpoint: str = Field(
+        default="", validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    otel_service_namespace: str = "corral"
+
+    @property
+    def is_development(self) -> bool:
+        return self.env == "development"
+
+    @property
+    def migrate_on_start(self) -> bool:
+        return self.is_development if self.auto_migrate is None else self.auto_migrate
+
+    def database_url_for(self, service: str) -> str:
+        url = str(getattr(self, f"{service}_database_url", "")) or self.database_url
+        if url:
+            return url
+        return f"sqlite+aiosqlite:///{(self.data_dir / f'{service}.db').resolve()}"
+
+    def port_for(self, service: str) -> int:
+        return int(getattr(self, f"{service}_port"))
+
+    def target_for(self, service: str) -> str:
+        return (
+            str(getattr(self, f"{service}_target", "")) or f"{self.host}:{self.port_for(service)}"
+        )
+
+    def jwks_endpoint(self) -> str:
+        return (
+            self.jwks_url or f"http://{self.host}:{self.identity_http_port}/.well-known/jwks.json"
+        )

@@ -1,0 +1,1 @@
+"""The shared gRPC kit: server factory, interceptors, error mapping, health, typed clients."""

@@ -1,0 +1,225 @@
+"""One server interceptor that runs each call through a short pipeline.
+
+For every call it: takes or makes a request id, runs the ``CallHook``s in order (authentication,
+rate limiting, ...), calls the handler with the caller bound to a context variable, maps
+:class:`~corral.libs.errors.CorralError` to a rich status (anything unexpected to ``INTERNAL``,
+logged, never leaked), and writes one structured log line. One wrapper rather than a chain of
+interceptors keeps the per-call overhead to a single extra coroutine frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import grpc
+
+from corral.libs.auth.caller import Caller, set_caller
+from corral.libs.auth.jwt import TokenVerifier
+from corral.libs.errors import CorralError, Unauthenticated
+from corral.libs.grpc.errors import code_for, internal_status, to_status
+from corral.libs.observability import current_trace_id
+
+log = logging.getLogger("corral.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+@dataclass
+class CallInfo:
+    """What hooks and the log line know about one call."""
+
+    method: str
+    request_id: str
+    metadata: dict[str, str]
+    peer: str
+    caller: Caller | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+class CallHook(Protocol):
+    async def before(self, call: CallInfo) -> None:
+        """Raise a ``CorralError`` to refuse the call; may set ``call.caller``."""
+        ...
+
+
+class AuthenticationHook:
+    """Verifies ``authorization: Bearer <jwt>``; methods in ``public_methods`` need no token."""
+
+    def __init__(self, verifier: TokenVerifier, public_methods: Iterable[str] = ()) -> None:
+        self._verifier = verifier
+        self._public = frozenset(public_methods)
+
+    async def before(self, call: CallInfo) -> None:
+        header = call.metadata.get("authorization", "")
+        if not header:
+            if call.method in self._public or call.method.startswith(QUIET_PREFIXES):
+                return
+            raise Unauthenticated("this method needs a bearer token", reason="TOKEN_MISSING")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated(
+                "the authorization header must be 'Bearer <token>'", reason="TOKEN_MALFORMED"
+            )
+        call.caller = await self._verifier.verify(token.strip())
+
+
+if TYPE_CHECKING:  # the stubs are generic; the runtime classes are not subscriptable
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Context = grpc.aio.ServicerContext[Any, Any]
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+    Context = grpc.aio.ServicerContext
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+def _code(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:
+    """The code a handler set or aborted with (``None`` until one is set)."""
+    code: object = context.code()
+    return code if isinstance(code, grpc.StatusCode) else default
+
+
+def _status_name(code: grpc.StatusCode) -> str:
+    return str(code.name)
+
+
+class CorralServerInterceptor(_ServerInterceptor):
+    def __init__(self, hooks: Sequence[CallHook] = ()) -> None:
+        self._hooks = list(hooks)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
+            return handler  # type: ignore[return-value]
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.stream_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    async def _begin(self, method: str, context: Context) -> CallInfo:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        request_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+        call = CallInfo(
+            method=method, request_id=request_id[:128], metadata=metadata, peer=context.peer()
+        )
+        context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+        for hook in self._hooks:
+            await hook.before(call)
+        # Each RPC runs in its own task (its own context copy), so nothing needs resetting.
+        set_caller(call.caller)
+        return call
+
+    async def _fail(self, call: CallInfo, context: Context, exc: Exception) -> grpc.StatusCode:
+        if isinstance(exc, CorralError):
+            status = to_status(exc)
+            code = code_for(exc)
+        else:
+            log.exception(
+                "unhandled error", extra={"request_id": call.request_id, "method": call.method}
+            )
+            status = internal_status()
+            code = grpc.StatusCode.INTERNAL
+        self._log(call, code)
+        await context.abort(
+            status.code,
+            status.details,
+            trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_KEY, call.request_id)),
+        )
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    def _log(self, call: CallInfo, code: grpc.StatusCode) -> None:
+        level = logging.DEBUG if call.method.startswith(QUIET_PREFIXES) else logging.INFO
+        if not log.isEnabledFor(level):
+            return
+        log.log(
+            level,
+            "rpc",
+            extra={
+                "request_id": call.request_id,
+                "method": call.method,
+                "caller": call.caller.subject if call.caller else "",
+                "organization": call.caller.organization if call.caller else "",
+                "status": _status_name(code),
+                "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
+                "trace_id": current_trace_id(),
+                "peer": call.peer,
+            },
+        )
+
+    def _wrap_unary(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+        async def behavior(request: Any, context: Context) -> Any:
+            call = CallInfo(method=method, request_id="", metadata={}, peer="")
+            try:
+                call = await self._begin(method, context)
+                response = await inner(request, context)
+            except (grpc.aio.AbortError, grpc.aio.UsageError):
+                self._log(call, _code(context, grpc.StatusCode.UNKNOWN))
+                raise
+            except asyncio.CancelledError:
+                self._log(call, grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as exc:
+                await self._fail(call, context, exc)
+            else:
+                self._log(call, _code(context, grpc.StatusCode.OK))
+                return response
+
+        return behavior
+
+    def _wrap_stream(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(inner):
+            # A streaming handler that writes with ``context.write`` is awaited like a unary one.
+            return self._wrap_unary(method, inner)
+
+        async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
+            call = CallInfo(method=method, request_id="", metadata={}, peer="")
+            try:
+                call = await self._begin(method, context)
+                async for response in inner(request, context):
+                    yield response
+            except (grpc.aio.AbortError, grpc.aio.UsageError):
+                self._log(call, _code(context, grpc.StatusCode.UNKNOWN))
+                raise
+            except asyncio.CancelledError:
+                self._log(call, grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as exc:
+                await self._fail(call, context, exc)
+            else:
+                self._log(call, _code(context, grpc.StatusCode.OK))
+
+        return behavior

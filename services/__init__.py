@@ -1,0 +1,1 @@
+"""Corral's services, one bounded context each: identity, session, task, runtime, storage."""

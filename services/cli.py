@@ -1,0 +1,120 @@
+"""The ``corral`` command: ``dev``, ``serve``, ``migrate``, ``health``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from corral.libs import db
+from corral.libs.app import ServiceApp, run_until_signalled
+from corral.libs.config import SERVICE_NAMES, Settings
+from corral.libs.observability import configure_logging, configure_tracing
+from corral.services import registry
+
+
+def _services(names: Sequence[str]) -> list[str]:
+    chosen = list(names) or list(SERVICE_NAMES)
+    unknown = [n for n in chosen if n not in SERVICE_NAMES]
+    if unknown:
+        raise SystemExit(
+            f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(SERVICE_NAMES)}"
+        )
+    return chosen
+
+
+async def check_health(targets: dict[str, str], wait: float = 3.0) -> dict[str, str]:
+    """Ask each service's ``grpc.health.v1`` endpoint; returns name -> status name."""
+    results: dict[str, str] = {}
+    for name, target in targets.items():
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=wait)
+                results[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.aio.AioRpcError as exc:
+                results[name] = f"UNREACHABLE ({exc.code().name})"
+    return results
+
+
+async def _serve(settings: Settings, names: list[str], *, banner: bool) -> None:
+    apps: list[ServiceApp] = []
+    for name in names:
+        apps.append(await registry.build(name, settings))
+
+    async def announce() -> None:
+        status = await check_health({app.name: app.server.address for app in apps})
+        width = max(len(n) for n in status)
+        print(
+            "\nCorral is up (development mode: SQLite under"
+            f" {settings.data_dir.resolve()}, in-process event hub)\n",
+            file=sys.stderr,
+        )
+        for app in apps:
+            print(
+                f"  {app.name:<{width}}  {app.server.address:<16} health: {status[app.name]}",
+                file=sys.stderr,
+            )
+        print(
+            "\n  try:  grpcurl -plaintext"
+            f" {apps[0].server.address} list    (server reflection)\n  stop:  Ctrl-C\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    await run_until_signalled(apps, settings.shutdown_grace_seconds, announce if banner else None)
+
+
+async def _migrate(settings: Settings, names: list[str]) -> None:
+    for name in names:
+        engine = db.create_engine(settings.database_url_for(name), schema=name)
+        try:
+            await db.migrate(engine, registry.migrations_dir(name), schema=name)
+            print(f"{name}: at {await db.current_revision(engine)}")
+        finally:
+            await engine.dispose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="corral", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("dev", help="run every service in one process on SQLite (development)")
+    serve = commands.add_parser(
+        "serve", help="run one or more services (production: one per process)"
+    )
+    serve.add_argument("services", nargs="+", choices=SERVICE_NAMES)
+    migrate = commands.add_parser(
+        "migrate", help="upgrade the databases of the given services (default: all)"
+    )
+    migrate.add_argument("services", nargs="*")
+    health = commands.add_parser("health", help="check the health of running services")
+    health.add_argument("services", nargs="*")
+    args = parser.parse_args(argv)
+
+    settings = Settings()
+    if args.command == "dev":
+        settings = settings.model_copy(update={"env": "development"})
+    configure_logging(settings.log_level, settings.log_format)
+    if args.command == "dev":
+        configure_tracing("corral-dev", settings.otel_exporter_otlp_endpoint)
+        asyncio.run(_serve(settings, list(SERVICE_NAMES), banner=True))
+    elif args.command == "serve":
+        configure_tracing(f"corral-{'-'.join(args.services)}", settings.otel_exporter_otlp_endpoint)
+        asyncio.run(_serve(settings, _services(args.services), banner=False))
+    elif args.command == "migrate":
+        asyncio.run(_migrate(settings, _services(args.services)))
+    elif args.command == "health":
+        names = _services(args.services)
+        status = asyncio.run(check_health({n: settings.target_for(n) for n in names}))
+        for name, value in status.items():
+            print(f"{name}: {value}")
+        return 0 if all(v == "SERVING" for v in status.values()) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""Alembic environment of the identity service: its own tables only (run by `corral migrate`)."""
+
+from alembic import context
+
+from corral.libs.db import run_alembic_env
+from corral.services.identity.repository import metadata
+
+run_alembic_env(context, metadata)

@@ -1,0 +1,8 @@
+"""Alembic environment of the session service: its own tables only (run by `corral migrate`)."""
+
+from alembic import context
+
+from corral.libs.db import run_alembic_env
+from corral.services.session.repository import metadata
+
+run_alembic_env(context, metadata)

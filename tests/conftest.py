@@ -1,0 +1,109 @@
+"""Shared fixtures: real PostgreSQL and Redis when present, signing keys, servers on port 0.
+
+PostgreSQL and Redis are found through CORRAL_TEST_POSTGRES_URL and CORRAL_TEST_REDIS_URL
+(localhost defaults). Outside CI a missing server skips the tests that need it; under CI=true
+it fails them, so a green CI run always exercised both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from corral.libs import db
+from tests.support.keys import SigningKey
+
+POSTGRES_URL = os.environ.get(
+    "CORRAL_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("CORRAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def _unavailable(what: str, exc: BaseException) -> None:
+    message = f"{what} is not reachable ({exc!r})"
+    if IN_CI:
+        pytest.fail(f"{message}; under CI=true this is a failure, not a skip", pytrace=False)
+    pytest.skip(message)
+
+
+async def _reachable(probe: Callable[[], Awaitable[object]]) -> BaseException | None:
+    try:
+        await asyncio.wait_for(probe(), 5)
+    except Exception as exc:
+        return exc
+    return None
+
+
+async def require_postgres() -> str:
+    engine = db.create_engine(POSTGRES_URL)
+    try:
+        error = await _reachable(lambda: db.ping(engine))
+    finally:
+        await engine.dispose()
+    if error is not None:
+        _unavailable(f"PostgreSQL at {POSTGRES_URL}", error)
+    return POSTGRES_URL
+
+
+async def require_redis() -> str:
+    from corral.libs.redis import create_redis
+
+    client = create_redis(REDIS_URL)
+    try:
+        error = await _reachable(client.ping)
+    finally:
+        await client.aclose()
+    if error is not None:
+        _unavailable(f"Redis at {REDIS_URL}", error)
+    return REDIS_URL
+
+
+@pytest.fixture
+async def postgres_url() -> str:
+    return await require_postgres()
+
+
+@pytest.fixture
+async def redis_url() -> str:
+    return await require_redis()
+
+
+async def _drop_schema(url: str, schema: str) -> None:
+    engine = db.create_engine(url)
+    async with engine.begin() as connection:
+        await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    await engine.dispose()
+
+
+@pytest.fixture
+async def pg_schema(postgres_url: str) -> AsyncIterator[str]:
+    """A fresh PostgreSQL schema name, dropped after the test."""
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    yield schema
+    await _drop_schema(postgres_url, schema)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def database_url(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[str, str]]:
+    """(url, schema) for each backend: the same contract suite runs on SQLite and PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path}/test.db", "test"
+        return
+    url = await require_postgres()
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    yield url, schema
+    await _drop_schema(url, schema)
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> SigningKey:
+    return SigningKey.generate()
