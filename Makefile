@@ -27,7 +27,7 @@ setup: $(VENV)/.installed ## Create .venv and install Corral with its developmen
 generate_protos = mkdir -p $(1) && $(PY) -m grpc_tools.protoc -Iprotos \
 	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
 	--python_out=$(1) --grpc_python_out=$(1) --mypy_out=quiet:$(1) --mypy_grpc_out=quiet:$(1) $(PROTO_SRC) && \
-	for c in $(CONTEXTS); do touch $(1)/corral/$$c/__init__.py $(1)/corral/$$c/v1/__init__.py; done
+	for c in $(CONTEXTS); do if [ -d $(1)/corral/$$c ]; then touch $(1)/corral/$$c/__init__.py $(1)/corral/$$c/v1/__init__.py; fi; done
 
 .PHONY: protos
 protos: setup ## Regenerate the Python code of protos/ into corral/<context>/v1 (never edit it by hand)
@@ -72,6 +72,10 @@ pytest: setup ## Run the test suite (PostgreSQL/Redis from CORRAL_TEST_POSTGRES_
 
 .PHONY: test
 test: setup lint typecheck buf-lint breaking check-protos pytest ## Everything CI checks
+
+.PHONY: bench
+bench: setup ## Benchmarks, each a ratio against a baseline measured in the same run
+	$(PY) -m tests.bench.bench_kit
 
 .PHONY: run
 run: setup ## Bring the whole platform up on embedded defaults (SQLite, in-process hub)

@@ -138,7 +138,7 @@ async def current_revision(engine: AsyncEngine) -> str | None:
         return await connection.run_sync(read)
 
 
-def run_alembic_env(context: EnvironmentContext, target_metadata: MetaData) -> None:
+def run_alembic_env(context: EnvironmentContext, target_metadata: MetaData | None) -> None:
     """The body of every service's ``migrations/env.py``: migrate on the connection we pass."""
     connection = context.config.attributes.get("connection")
     if connection is None:

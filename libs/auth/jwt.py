@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -67,6 +68,7 @@ class TokenVerifier:
         cache_seconds: float = 300.0,
         min_refresh_seconds: float = 5.0,
         leeway_seconds: float = 5.0,
+        verified_cache_size: int = 10_000,
         clock: Any = time.time,
     ) -> None:
         pinned = set(algorithms or ["ES256", "EdDSA"])
@@ -85,6 +87,10 @@ class TokenVerifier:
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
+        # Tokens already verified, until they expire: a signature check (ES256) costs far more
+        # than the rest of a call. Cleared whenever the key set changes.
+        self._verified: OrderedDict[str, Caller] = OrderedDict()
+        self._verified_max = verified_cache_size
 
     async def _refresh(self, *, force: bool) -> None:
         async with self._lock:
@@ -108,6 +114,8 @@ class TokenVerifier:
                     keys[kid] = jwt.PyJWK(dict(entry), algorithm=alg)
                 except jwt.PyJWTError:
                     continue
+            if keys.keys() != self._keys.keys():
+                self._verified.clear()
             self._keys = keys
             self._fetched_at = self._clock()
 
@@ -121,6 +129,20 @@ class TokenVerifier:
         return key
 
     async def verify(self, token: str) -> Caller:
+        cached = self._verified.get(token)
+        if cached is not None:
+            if cached.expires_at + self._leeway > self._clock() and (
+                self._clock() - self._fetched_at < self._cache_seconds
+            ):
+                return cached
+            del self._verified[token]
+        caller = await self._verify(token)
+        self._verified[token] = caller
+        if len(self._verified) > self._verified_max:
+            self._verified.popitem(last=False)
+        return caller
+
+    async def _verify(self, token: str) -> Caller:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:

@@ -130,18 +130,18 @@ class CorralServerInterceptor(_ServerInterceptor):
             )
         return handler
 
-    async def _begin(self, method: str, context: Context) -> CallInfo:
+    def _begin(self, method: str, context: Context) -> CallInfo:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         request_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex
-        call = CallInfo(
-            method=method, request_id=request_id[:128], metadata=metadata, peer=context.peer()
-        )
+        call = CallInfo(method=method, request_id=request_id[:128], metadata=metadata, peer=context.peer())
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
+        return call
+
+    async def _admit(self, call: CallInfo) -> None:
         for hook in self._hooks:
             await hook.before(call)
         # Each RPC runs in its own task (its own context copy), so nothing needs resetting.
         set_caller(call.caller)
-        return call
 
     async def _fail(self, call: CallInfo, context: Context, exc: Exception) -> grpc.StatusCode:
         if isinstance(exc, CorralError):
@@ -182,9 +182,9 @@ class CorralServerInterceptor(_ServerInterceptor):
 
     def _wrap_unary(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         async def behavior(request: Any, context: Context) -> Any:
-            call = CallInfo(method=method, request_id="", metadata={}, peer="")
+            call = self._begin(method, context)
             try:
-                call = await self._begin(method, context)
+                await self._admit(call)
                 response = await inner(request, context)
             except (grpc.aio.AbortError, grpc.aio.UsageError):
                 self._log(call, _code(context, grpc.StatusCode.UNKNOWN))
@@ -206,9 +206,9 @@ class CorralServerInterceptor(_ServerInterceptor):
             return self._wrap_unary(method, inner)
 
         async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = CallInfo(method=method, request_id="", metadata={}, peer="")
+            call = self._begin(method, context)
             try:
-                call = await self._begin(method, context)
+                await self._admit(call)
                 async for response in inner(request, context):
                     yield response
             except (grpc.aio.AbortError, grpc.aio.UsageError):

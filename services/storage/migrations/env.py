@@ -3,6 +3,5 @@
 from alembic import context
 
 from corral.libs.db import run_alembic_env
-from corral.services.storage.repository import metadata
 
-run_alembic_env(context, metadata)
+run_alembic_env(context, None)  # no tables yet: the baseline revision only versions the schema
