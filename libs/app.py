@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,6 +20,11 @@ from corral.libs.config import Settings
 from corral.libs.grpc.health import DependencyCheck
 from corral.libs.grpc.interceptors import AuthenticationHook, CallHook
 from corral.libs.grpc.server import CorralServer, ServerConfig, ServiceRegistration
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+    from corral.libs.ratelimit import RateLimitHook
 
 log = logging.getLogger("corral.app")
 
@@ -57,6 +62,7 @@ class Infrastructure:
         self.name = name
         self.resources = resources
         self.checks: list[DependencyCheck] = []
+        self._redis: aioredis.Redis | None = None
 
     async def database(self, migrations: Path | None) -> AsyncEngine:
         engine = db.create_engine(
@@ -70,15 +76,37 @@ class Infrastructure:
         self.checks.append(DependencyCheck("database", lambda: db.ping(engine)))
         return engine
 
-    def redis(self) -> object | None:
-        if not self.settings.redis_url:
-            return None
+    def redis(self) -> aioredis.Redis | None:
+        """The service's Redis client (one per service), or None when none is configured."""
+        if self._redis is not None or not self.settings.redis_url:
+            return self._redis
         from corral.libs.redis import create_redis, ping
 
         client = create_redis(self.settings.redis_url)
         self.resources.push_async_callback(client.aclose)
         self.checks.append(DependencyCheck("redis", lambda: ping(client)))
+        self._redis = client
         return client
+
+    def rate_limit_hook(self, redis: aioredis.Redis | None) -> RateLimitHook:
+        """Per-caller limits from settings; shared by replicas through Redis when configured,
+        else held in this process (each replica then enforces the limit on its own)."""
+        from corral.libs.ratelimit import (
+            InMemoryRateLimiter,
+            RateLimiter,
+            RateLimitHook,
+            RedisRateLimiter,
+            StaticLimits,
+        )
+
+        settings = self.settings
+        limiter: RateLimiter = InMemoryRateLimiter() if redis is None else RedisRateLimiter(redis)
+        return RateLimitHook(
+            limiter,
+            StaticLimits(settings.rate_limit_per_minute, settings.rate_limit_anonymous_per_minute),
+            burst=settings.rate_limit_burst,
+            scope=self.name,
+        )
 
     def verifier(self, source: JwksSource | None = None) -> TokenVerifier:
         settings = self.settings
@@ -100,7 +128,11 @@ class Infrastructure:
         port: int | None = None,
     ) -> CorralServer:
         settings = self.settings
-        hooks: list[CallHook] = [AuthenticationHook(verifier, public_methods), *extra_hooks]
+        hooks: list[CallHook] = [
+            AuthenticationHook(verifier, public_methods),
+            self.rate_limit_hook(self.redis()),
+            *extra_hooks,
+        ]
         return CorralServer(
             ServerConfig(
                 name=self.name,

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     # Redis: empty means in-process implementations (development only).
     redis_url: str = ""
 
+    # Request rate limits per caller and service (GCRA; shared through Redis when configured).
+    rate_limit_per_minute: int = 600
+    rate_limit_anonymous_per_minute: int = 60
+    rate_limit_burst: int = 50
+
     # Ports (0 picks a free one) and addresses other services are reached at.
     identity_port: int = DEFAULT_PORTS["identity"]
     session_port: int = DEFAULT_PORTS["session"]

@@ -17,7 +17,9 @@ from corral.libs.grpc.server import ServiceRegistration
 from corral.services.registry import migrations_dir
 
 
-async def build_unimplemented(name: str, service: str, settings: Settings, port: int | None) -> ServiceApp:
+async def build_unimplemented(
+    name: str, service: str, settings: Settings, port: int | None
+) -> ServiceApp:
     """``service`` is the proto service name, e.g. ``SessionService`` in ``corral.session.v1``."""
     pb2: Any = importlib.import_module(f"corral.{name}.v1.{name}_service_pb2")
     grpc_module: Any = importlib.import_module(f"corral.{name}.v1.{name}_service_pb2_grpc")

@@ -83,11 +83,26 @@ def test_corral_dev_starts_all_five_and_stops_cleanly(tmp_path: Path) -> None:
             if "stop:" in line:
                 break
         assert "Corral is up" in banner, banner
-        for name in SERVICE_NAMES:
-            assert f"{name}" in banner and "health: SERVING" in banner
-        health = subprocess.run([*corral, "health"], env=env, capture_output=True, text=True, timeout=30)
+        serving = {line.split()[0] for line in banner.splitlines() if "health: SERVING" in line}
+        assert serving == set(SERVICE_NAMES), banner
+        health = subprocess.run(
+            [*corral, "health"], env=env, capture_output=True, text=True, timeout=30
+        )
         assert health.returncode == 0, health.stdout + health.stderr
         assert health.stdout.count(": SERVING") == 5
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
+
+
+def test_corral_migrate_brings_every_service_to_head(tmp_path: Path) -> None:
+    env = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path), "CORRAL_ENV": "production"}
+    corral = [sys.executable, "-m", "corral.services.cli"]
+    result = subprocess.run(
+        [*corral, "migrate"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": at ") for line in result.stdout.splitlines())
+    assert set(lines) == set(SERVICE_NAMES)
+    assert all(revision != "None" for revision in lines.values())
+    assert {p.name for p in tmp_path.glob("*.db")} == {f"{n}.db" for n in SERVICE_NAMES}

@@ -133,7 +133,9 @@ class CorralServerInterceptor(_ServerInterceptor):
     def _begin(self, method: str, context: Context) -> CallInfo:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         request_id = metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex
-        call = CallInfo(method=method, request_id=request_id[:128], metadata=metadata, peer=context.peer())
+        call = CallInfo(
+            method=method, request_id=request_id[:128], metadata=metadata, peer=context.peer()
+        )
         context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
         return call
 

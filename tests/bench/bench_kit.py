@@ -92,7 +92,10 @@ async def main(count: int, rounds: int) -> None:
             grpc.aio.insecure_channel(f"127.0.0.1:{bare_port}") as bare_channel,
             grpc.aio.insecure_channel(kit.address) as kit_channel,
         ):
-            def caller(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]) -> Callable[[], Awaitable[Any]]:
+
+            def caller(
+                channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]
+            ) -> Callable[[], Awaitable[Any]]:
                 method = channel.unary_unary(
                     f"/{SERVICE}/Noop",
                     request_serializer=struct_pb2.Struct.SerializeToString,
@@ -114,11 +117,15 @@ async def main(count: int, rounds: int) -> None:
     bare_s, kit_s = _summary(results["bare"]), _summary(results["kit"])
     print(f"kit overhead per unary call ({rounds} x {count} calls each, sequential, loopback)")
     for name, summary in (("bare grpc.aio", bare_s), ("corral kit", kit_s)):
-        print(f"  {name:<14} p50 {summary['p50_us']:8.1f} us   p99 {summary['p99_us']:8.1f} us"
-              f"   {summary['calls_per_s']:8.0f} calls/s")
-    print(f"  ratio kit/bare: p50 {kit_s['p50_us'] / bare_s['p50_us']:.2f}x"
-          f"   throughput {kit_s['calls_per_s'] / bare_s['calls_per_s']:.2%} of bare"
-          f"   added p50 {kit_s['p50_us'] - bare_s['p50_us']:.1f} us")
+        print(
+            f"  {name:<14} p50 {summary['p50_us']:8.1f} us   p99 {summary['p99_us']:8.1f} us"
+            f"   {summary['calls_per_s']:8.0f} calls/s"
+        )
+    print(
+        f"  ratio kit/bare: p50 {kit_s['p50_us'] / bare_s['p50_us']:.2f}x"
+        f"   throughput {kit_s['calls_per_s'] / bare_s['calls_per_s']:.2%} of bare"
+        f"   added p50 {kit_s['p50_us'] - bare_s['p50_us']:.1f} us"
+    )
     print(f"  spread: stdev kit {statistics.pstdev(results['kit']) * 1e6:.1f} us")
 
 

@@ -88,7 +88,9 @@ async def test_every_unary_call_gets_a_deadline(flaky: tuple[str, Flaky]) -> Non
     from corral.identity.v1 import identity_service_pb2_grpc as rpc
 
     address, _ = flaky
-    async with create_channel(address, [IDENTITY], default_timeout=0.3, token_provider=None) as channel:
+    async with create_channel(
+        address, [IDENTITY], default_timeout=0.3, token_provider=None
+    ) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await rpc.IdentityServiceStub(channel).GetJwks(pb.GetJwksRequest())
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
