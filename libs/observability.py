@@ -43,6 +43,8 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Migrations announce every step at INFO; a start-up is not the place for that.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
 
 
 _tracing_configured = False
