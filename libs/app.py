@@ -24,6 +24,7 @@ from corral.libs.grpc.server import CorralServer, ServerConfig, ServiceRegistrat
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
 
+    from corral.libs.eventhub import EventHub
     from corral.libs.ratelimit import RateLimitHook
 
 log = logging.getLogger("corral.app")
@@ -63,6 +64,7 @@ class Infrastructure:
         self.resources = resources
         self.checks: list[DependencyCheck] = []
         self._redis: aioredis.Redis | None = None
+        self._event_hub: EventHub | None = None
 
     async def database(self, migrations: Path | None) -> AsyncEngine:
         engine = db.create_engine(
@@ -87,6 +89,19 @@ class Infrastructure:
         self.checks.append(DependencyCheck("redis", lambda: ping(client)))
         self._redis = client
         return client
+
+    def event_hub(self) -> EventHub:
+        """The service's live event fan-out (one per service): Redis Streams, shared by every
+        replica, when Redis is configured, else in this process. Closed before the Redis client."""
+        if self._event_hub is not None:
+            return self._event_hub
+        from corral.libs.eventhub import InMemoryHub, RedisStreamHub
+
+        redis = self.redis()
+        hub: EventHub = InMemoryHub() if redis is None else RedisStreamHub(redis)
+        self.resources.push_async_callback(hub.close)
+        self._event_hub = hub
+        return hub
 
     def rate_limit_hook(self, redis: aioredis.Redis | None) -> RateLimitHook:
         """Per-caller limits from settings; shared by replicas through Redis when configured,

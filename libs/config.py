@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SERVICE_NAMES: tuple[str, ...] = ("identity", "session", "task", "runtime", "storage")
@@ -66,12 +66,48 @@ class Settings(BaseSettings):
     jwks_cache_seconds: float = 300.0
     identity_http_port: int = 8081
 
+    # This service's own credentials (an internal service account's API key), for the calls it
+    # makes as itself: the usage ledger and the audit log. In development identity creates one
+    # on first start and leaves it in <data_dir>/service-api-key.
+    service_api_key: str = ""
+
+    # The edge (Envoy): one port in front of every service; `corral dev` starts it when enabled.
+    edge_enabled: bool = True
+    edge_port: int = 8080
+    edge_admin_port: int = 0  # Envoy's admin interface, on loopback only; 0 picks a free port
+    cors_origins: list[str] = Field(
+        default_factory=lambda: [
+            "http://localhost:8080",
+            "http://127.0.0.1:8080",
+            "http://localhost:5173",
+            "http://127.0.0.1:5173",
+        ]
+    )
+
+    # Sessions: quiet streams get a heartbeat this often (keep it under proxies' idle timeouts).
+    session_heartbeat_seconds: float = 15.0
+
     # Behaviour of the gRPC servers.
     shutdown_grace_seconds: float = 10.0
     health_check_interval_seconds: float = 5.0
     default_deadline_seconds: float = 10.0
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    # Agent runtime: one Claude CLI process per live session, at most runtime_pool_size of them;
+    # transcripts and working directories under runtime_root (default <data_dir>/runtime).
+    runtime_root: Path | None = None
+    runtime_pool_size: int = Field(default=8, ge=1)
+    runtime_idle_seconds: float = Field(default=600.0, gt=0)
+    runtime_model: str = "claude-sonnet-4-5"
+    runtime_permission_timeout_seconds: float = Field(default=60.0, gt=0)
+    runtime_interrupt_grace_seconds: float = Field(default=5.0, gt=0)
+    # The model endpoint, under the standard names. No key: the runtime starts the offline model
+    # server (a local stand-in, never the real model) and says so loudly.
+    anthropic_api_key: SecretStr = Field(
+        default=SecretStr(""), validation_alias=AliasChoices("anthropic_api_key")
+    )
+    anthropic_base_url: str = Field(default="", validation_alias=AliasChoices("anthropic_base_url"))
 
     # Tracing: OTLP when an endpoint is configured (the standard OTEL_* variables), else none.
     otel_exporter_otlp_endpoint: str = Field(
@@ -100,6 +136,15 @@ class Settings(BaseSettings):
         return (
             str(getattr(self, f"{service}_target", "")) or f"{self.host}:{self.port_for(service)}"
         )
+
+    def runtime_dir(self) -> Path:
+        return (self.runtime_root or self.data_dir / "runtime").resolve()
+
+    def resolved_service_api_key(self) -> str:
+        if self.service_api_key:
+            return self.service_api_key
+        path = self.data_dir / "service-api-key"
+        return path.read_text().strip() if path.exists() else ""
 
     def jwks_endpoint(self) -> str:
         return (

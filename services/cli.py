@@ -93,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     migrate.add_argument("services", nargs="*")
     health = commands.add_parser("health", help="check the health of running services")
     health.add_argument("services", nargs="*")
+    admin = commands.add_parser(
+        "admin", help="create-org|create-user|create-service-account|create-api-key|rotate-keys"
+    )
+    admin.add_argument("arguments", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
 
     settings = Settings()
@@ -107,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_serve(settings, _services(args.services), banner=False))
     elif args.command == "migrate":
         asyncio.run(_migrate(settings, _services(args.services)))
+    elif args.command == "admin":
+        from corral.services.identity.admin import main as admin_main
+
+        return admin_main(args.arguments, settings)
     elif args.command == "health":
         names = _services(args.services)
         status = asyncio.run(check_health({n: settings.target_for(n) for n in names}))

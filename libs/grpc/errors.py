@@ -92,3 +92,57 @@ def internal_status() -> grpc.Status:
     )
     result: grpc.Status = rpc_status.to_status(status)
     return result
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.CorralError:
+    """Turn another service's error back into the category it came from, keeping its reason,
+    metadata and details, so a caller of this service sees what the dependency said."""
+    code = error.code()
+    category: type[errors.CorralError] = errors.Unavailable
+    for cls, mapped in CODE_FOR.items():
+        if mapped == code:
+            category = cls
+            break
+    message = error.details() or code.name
+    reason, metadata = code.name, {}
+    violations: list[errors.FieldViolation] = []
+    quota: list[errors.QuotaViolation] = []
+    retry_after: float | None = None
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [
+                errors.FieldViolation(v.field, v.description) for v in bad.field_violations
+            ]
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            detail.Unpack(failure)
+            quota = [
+                errors.QuotaViolation(v.subject, v.description.partition(":")[0], v.description)
+                for v in failure.violations
+            ]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    if category is errors.InvalidArgument:
+        return errors.InvalidArgument(
+            message, violations=violations, reason=reason, metadata=metadata
+        )
+    if category is errors.ResourceExhausted:
+        return errors.ResourceExhausted(
+            message,
+            violations=quota,
+            retry_after_seconds=retry_after,
+            reason=reason,
+            metadata=metadata,
+        )
+    if code == grpc.StatusCode.INTERNAL or code == grpc.StatusCode.UNKNOWN:
+        return errors.Unavailable("a dependency failed", reason="DEPENDENCY_FAILED")
+    return category(message, reason=reason, metadata=metadata)

@@ -1,11 +1,198 @@
-"""Composition root of the identity service (API published; behaviour comes with its own issue)."""
+"""Composition root of the identity service: builds every adapter, the servicer and the server."""
 
 from __future__ import annotations
 
-from corral.libs.app import ServiceApp
+import asyncio
+import logging
+import sys
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from corral.identity.v1 import identity_service_pb2_grpc
+from corral.libs import db
+from corral.libs.app import Infrastructure, ServiceApp
+from corral.libs.auth.jwt import TokenVerifier
 from corral.libs.config import Settings
-from corral.services.unimplemented import build_unimplemented
+from corral.libs.errors import Unauthenticated
+from corral.libs.grpc.health import DependencyCheck
+from corral.libs.grpc.server import ServiceRegistration
+from corral.services.identity import tokens
+from corral.services.identity.api import PUBLIC_METHODS, SERVICE_NAME, IdentityApi, TokenCheckHook
+from corral.services.identity.config import IdentitySettings, identity_settings
+from corral.services.identity.domain import Role
+from corral.services.identity.jwks_http import JwksHttpServer
+from corral.services.identity.repository import IdentityUnitOfWork
+from corral.services.identity.service import SYSTEM_CONTEXT, Config, IdentityService
+from corral.services.identity.throttle import LoginThrottle
+
+log = logging.getLogger("corral.identity")
+
+NAME = "identity"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+OWN_KEYS_CACHE_SECONDS = 1.0  # identity reads its own key store: cheap, so re-read often
+
+
+@dataclass
+class IdentityApp(ServiceApp):
+    jwks_http: JwksHttpServer | None = None
+
+
+class LocalJwksSource:
+    """Identity verifies tokens against its own key store, not over HTTP to itself."""
+
+    def __init__(self, identity: IdentityService) -> None:
+        self._identity = identity
+
+    async def fetch(self) -> dict[str, Any]:
+        return {"keys": await self._identity.jwks()}
+
+
+async def open_database(
+    settings: IdentitySettings, infra: Infrastructure | None, resources: AsyncExitStack
+) -> AsyncEngine:
+    """Like ``Infrastructure.database``, but in a configurable PostgreSQL schema."""
+    schema = settings.identity_database_schema
+    engine = db.create_engine(
+        settings.database_url_for(NAME), schema=schema, pool_size=settings.database_pool_size
+    )
+    resources.push_async_callback(engine.dispose)
+    if settings.migrate_on_start or infra is None:
+        await db.migrate(engine, MIGRATIONS, schema=schema)
+    if infra is not None:
+        infra.checks.append(DependencyCheck("database", lambda: db.ping(engine)))
+    return engine
+
+
+def build_service(settings: IdentitySettings, engine: AsyncEngine) -> IdentityService:
+    return IdentityService(
+        lambda: IdentityUnitOfWork(engine),
+        Config(
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            access_ttl=float(settings.identity_access_token_ttl_seconds),
+            refresh_ttl=float(settings.identity_refresh_token_ttl_seconds),
+            key_retirement=settings.key_retirement_seconds,
+        ),
+        tokens.Passwords(
+            settings.identity_argon2_time_cost,
+            settings.identity_argon2_memory_kib,
+            settings.identity_argon2_parallelism,
+        ),
+        tokens.KeyCipher(settings.identity_key_encryption_key),
+        LoginThrottle(
+            settings.identity_login_max_failures,
+            settings.identity_login_max_failures_per_source,
+            settings.identity_login_window_seconds,
+        ),
+    )
+
+
+async def bootstrap(identity: IdentityService, settings: IdentitySettings) -> None:
+    """First start in development: the default organization and a superuser."""
+    email = settings.bootstrap_admin_email or "admin@corral.local"
+    generated = await identity.bootstrap(email, settings.bootstrap_admin_password)
+    if generated is not None:
+        print(
+            f"\ncorral identity: created superuser {email} in organizations/default\n"
+            f"  password: {generated}\n"
+            "  (shown once; set CORRAL_BOOTSTRAP_ADMIN_PASSWORD to choose it)\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+async def bootstrap_service_credentials(
+    identity: IdentityService, settings: IdentitySettings
+) -> None:
+    """Development: an internal service account whose API key the other services in this
+    process use for the calls they make as themselves (ledger, audit). Production operators
+    create one with `corral admin create-service-account --internal` and set
+    CORRAL_SERVICE_API_KEY."""
+    path = settings.data_dir / "service-api-key"
+    if settings.service_api_key:
+        return
+    if path.exists():
+        try:
+            await identity.exchange_api_key(SYSTEM_CONTEXT, path.read_text().strip())
+            return
+        except Unauthenticated:  # left over from an older database: make a new one
+            pass
+    account = await identity.create_service_account(
+        SYSTEM_CONTEXT,
+        "default",
+        "Corral services",
+        "the platform's own services",
+        Role.ADMIN,
+        "",
+        internal=True,
+    )
+    _, plaintext = await identity.create_api_key(
+        SYSTEM_CONTEXT, "default", account.id, "development", None, ""
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(plaintext)
+
+
+async def sweep(identity: IdentityService, every: float) -> None:
+    """Housekeeping: give back expired usage holds, forget login failures past the window."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await identity.expire_reservations()
+            await identity.prune_login_failures()
+        except Exception:
+            log.exception("identity housekeeping failed")
 
 
 async def build(settings: Settings, *, port: int | None = None) -> ServiceApp:
-    return await build_unimplemented("identity", "IdentityService", settings, port)
+    config = identity_settings(settings)
+    resources = AsyncExitStack()
+    try:
+        infra = Infrastructure(config, NAME, resources)
+        engine = await open_database(config, infra, resources)
+        identity = build_service(config, engine)
+        await identity.ensure_signing_keys()
+        if config.is_development:
+            await bootstrap(identity, config)
+            await bootstrap_service_credentials(identity, config)
+        verifier = TokenVerifier(
+            LocalJwksSource(identity),
+            issuer=config.jwt_issuer,
+            audience=config.jwt_audience,
+            algorithms=config.jwt_algorithms,
+            cache_seconds=OWN_KEYS_CACHE_SECONDS,
+            min_refresh_seconds=OWN_KEYS_CACHE_SECONDS,
+        )
+        api = IdentityApi(identity)
+        registration = ServiceRegistration(
+            SERVICE_NAME,
+            lambda server: identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(
+                api, server
+            ),
+        )
+        server = infra.server(
+            [registration],
+            verifier=verifier,
+            public_methods=PUBLIC_METHODS,
+            extra_hooks=[TokenCheckHook(identity)],
+            port=port,
+        )
+        http = JwksHttpServer(
+            identity.jwks,
+            host=config.host,
+            port=config.identity_http_port,
+            max_age=int(config.jwks_cache_seconds),
+        )
+        await http.start()
+        resources.push_async_callback(http.stop)
+    except BaseException:
+        await resources.aclose()
+        raise
+    app = IdentityApp(NAME, server, resources, jwks_http=http)
+    app.background.append(lambda: sweep(identity, config.identity_reservation_sweep_seconds))
+    return app

@@ -1,11 +1,72 @@
-"""Composition root of the session service (API published; behaviour comes with its own issue)."""
+"""Composition root of the session service."""
 
 from __future__ import annotations
 
-from corral.libs.app import ServiceApp
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from corral.identity.v1 import identity_service_pb2
+from corral.libs.app import Infrastructure, ServiceApp
+from corral.libs.auth.jwt import JwksSource
 from corral.libs.config import Settings
-from corral.services.unimplemented import build_unimplemented
+from corral.libs.grpc.client import create_channel
+from corral.libs.grpc.server import ServiceRegistration
+from corral.runtime.v1 import runtime_service_pb2
+from corral.services.session.adapters import (
+    GrpcRuntime,
+    IdentityAudit,
+    IdentityLedger,
+    service_credentials,
+)
+from corral.services.session.api import SessionApi
+from corral.services.session.repository import SessionUnitOfWork
+from corral.services.session.service import SessionService
+from corral.session.v1 import session_service_pb2, session_service_pb2_grpc
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SERVICE = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"]
 
 
-async def build(settings: Settings, *, port: int | None = None) -> ServiceApp:
-    return await build_unimplemented("session", "SessionService", settings, port)
+async def build(
+    settings: Settings, *, port: int | None = None, jwks: JwksSource | None = None
+) -> ServiceApp:
+    resources = AsyncExitStack()
+    infra = Infrastructure(settings, "session", resources)
+    engine = await infra.database(MIGRATIONS)
+    hub = infra.event_hub()
+    channels = {}
+    for name, descriptor in (
+        ("runtime", runtime_service_pb2.DESCRIPTOR.services_by_name["RuntimeService"]),
+        ("identity", identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"]),
+    ):
+        channel = create_channel(
+            settings.target_for(name),
+            [descriptor],
+            default_timeout=settings.default_deadline_seconds,
+            token_provider=None,  # every call passes the token it acts with
+        )
+        resources.push_async_callback(channel.close, None)
+        channels[name] = channel
+    credentials = service_credentials(channels["identity"], settings.resolved_service_api_key())
+    service = SessionService(
+        lambda: SessionUnitOfWork(engine),
+        hub,
+        GrpcRuntime(channels["runtime"]),
+        IdentityLedger(channels["identity"], credentials),
+        IdentityAudit(channels["identity"], credentials),
+        heartbeat_seconds=settings.session_heartbeat_seconds,
+    )
+    resources.push_async_callback(service.close)
+    await service.recover()
+    api = SessionApi(service)
+    server = infra.server(
+        [
+            ServiceRegistration(
+                SERVICE.full_name,
+                lambda s: session_service_pb2_grpc.add_SessionServiceServicer_to_server(api, s),
+            )
+        ],
+        verifier=infra.verifier(jwks),
+        port=port,
+    )
+    return ServiceApp("session", server, resources)

@@ -1,0 +1,170 @@
+"""List requests: a small AIP-160 filter subset, ``order_by``, and opaque keyset page tokens.
+
+Filters are conjunctions: ``field OP value [AND field OP value ...]`` with OP one of
+``= != < <= > >=``; values are bare words or double-quoted strings; a trailing ``*`` on a
+string value (with ``=``) matches a prefix where the field allows it.
+"""
+
+from __future__ import annotations
+
+import base64
+import calendar
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from corral.libs.errors import InvalidArgument, Validator
+
+OPERATORS = ("<=", ">=", "!=", "=", "<", ">")
+_TOKEN = re.compile(
+    r'\s*(?:(AND)\b|([A-Za-z_][A-Za-z0-9_.]*)|(<=|>=|!=|=|<|>)|"((?:[^"\\]|\\.)*)"|(\S+))'
+)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    column: str
+    convert: Callable[[str], Any] = str
+    prefix: bool = False
+
+
+@dataclass(frozen=True)
+class Condition:
+    column: str
+    op: str
+    value: Any
+    prefix: bool = False
+
+
+def parse_time(text: str) -> float:
+    """RFC 3339 (``2025-06-01T00:00:00Z``) to epoch seconds."""
+    try:
+        base, _, frac = text.rstrip("Z").partition(".")
+        parsed = time.strptime(base, "%Y-%m-%dT%H:%M:%S")
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not an RFC 3339 UTC time") from exc
+    return calendar.timegm(parsed) + (float(f"0.{frac}") if frac else 0.0)
+
+
+def enum_value(mapping: Mapping[str, str]) -> Callable[[str], str]:
+    def convert(text: str) -> str:
+        if text.upper() not in mapping:
+            raise ValueError(f"{text!r} is not one of {', '.join(mapping)}")
+        return mapping[text.upper()]
+
+    return convert
+
+
+def _lex(text: str) -> list[tuple[str, str]]:
+    tokens: list[tuple[str, str]] = []
+    position = 0
+    while position < len(text):
+        if text[position:].strip() == "":
+            break
+        match = _TOKEN.match(text, position)
+        if match is None:
+            raise ValueError(f"cannot read the filter at {text[position:]!r}")
+        position = match.end()
+        and_, ident, op, quoted, bare = match.groups()
+        if and_:
+            tokens.append(("and", and_))
+        elif ident is not None:
+            tokens.append(("word", ident))
+        elif op:
+            tokens.append(("op", op))
+        elif quoted is not None:
+            tokens.append(("string", quoted.replace('\\"', '"')))
+        else:
+            tokens.append(("word", bare))
+    return tokens
+
+
+def parse_filter(text: str, fields: Mapping[str, FieldSpec]) -> list[Condition]:
+    if not text.strip():
+        return []
+    try:
+        tokens = _lex(text)
+        conditions: list[Condition] = []
+        index = 0
+        while True:
+            if index + 3 > len(tokens):
+                raise ValueError("expected `field OP value`")
+            (kind_f, name), (kind_o, op), (kind_v, raw) = tokens[index : index + 3]
+            if kind_f != "word" or kind_o != "op" or kind_v not in ("word", "string"):
+                raise ValueError("expected `field OP value`")
+            spec = fields.get(name)
+            if spec is None:
+                raise ValueError(f"unknown field {name!r}; filterable: {', '.join(fields)}")
+            prefix = spec.prefix and op == "=" and raw.endswith("*")
+            value = spec.convert(raw[:-1] if prefix else raw)
+            conditions.append(Condition(spec.column, op, value, prefix))
+            index += 3
+            if index == len(tokens):
+                return conditions
+            if tokens[index][0] != "and":
+                raise ValueError("conditions must be joined with AND")
+            index += 1
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"the filter is malformed: {exc}", reason="INVALID_FILTER", violations=()
+        ) from exc
+
+
+def parse_order(text: str, allowed: Mapping[str, str], default: str) -> tuple[str, bool]:
+    """``field [desc]`` -> (column, descending)."""
+    words = text.split() or default.split()
+    if (
+        len(words) > 2
+        or words[0] not in allowed
+        or (len(words) == 2 and words[1] not in ("desc", "asc"))
+    ):
+        check = Validator()
+        check.add("order_by", f"must be one of {', '.join(allowed)}, optionally followed by desc")
+        check.raise_if_any()
+    return allowed[words[0]], len(words) == 2 and words[1] == "desc"
+
+
+@dataclass(frozen=True)
+class Page:
+    """Where a page starts: after the row with ``(sort value, id)``, for one exact query."""
+
+    size: int
+    after: tuple[Any, Any] | None
+    fingerprint: str
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
+
+
+def page_from(size: int, token: str, query_fingerprint: str, *, default: int = 50) -> Page:
+    check = Validator()
+    check.check(size >= 0, "page_size", "must not be negative")
+    check.raise_if_any()
+    size = default if size == 0 else min(size, 1000)
+    if not token:
+        return Page(size, None, query_fingerprint)
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after = (data["v"], data["i"])
+        same = data["f"] == query_fingerprint
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument(
+            "the page_token is malformed", reason="INVALID_PAGE_TOKEN", violations=()
+        ) from exc
+    if not same:
+        raise InvalidArgument(
+            "the page_token belongs to a different query", reason="INVALID_PAGE_TOKEN"
+        )
+    return Page(size, after, query_fingerprint)
+
+
+def next_token(page: Page, last: tuple[Any, Any] | None) -> str:
+    if last is None:
+        return ""
+    raw = json.dumps({"v": last[0], "i": last[1], "f": page.fingerprint}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")

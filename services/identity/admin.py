@@ -1,0 +1,136 @@
+"""``corral admin ...``: operator commands that work directly on identity's database.
+
+Settings come from the environment (``CORRAL_*``), as for ``corral serve identity``. Secrets
+(generated passwords, API keys) are printed once, on stdout, and never stored in the clear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+
+from corral.libs.config import Settings
+from corral.libs.errors import CorralError
+from corral.services.identity.config import identity_settings
+from corral.services.identity.domain import Role, parse_name
+from corral.services.identity.main import build_service, open_database
+from corral.services.identity.service import SYSTEM_CONTEXT, IdentityService
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corral admin", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    org = commands.add_parser("create-org", help="create an organization")
+    org.add_argument("organization_id", help="3-63 characters of [a-z0-9-]")
+    org.add_argument("--display-name", default="")
+    user = commands.add_parser("create-user", help="create a user (password printed if generated)")
+    user.add_argument("--org", required=True, help="organization id, e.g. acme")
+    user.add_argument("--email", required=True)
+    user.add_argument("--role", choices=[r.value for r in Role], default=Role.USER.value)
+    user.add_argument("--display-name", default="")
+    user.add_argument("--password", default="", help="default: generate one and print it once")
+    user.add_argument("--superuser", action="store_true", help="a platform operator")
+    account = commands.add_parser("create-service-account", help="create a service account")
+    account.add_argument("--org", required=True)
+    account.add_argument("--display-name", required=True)
+    account.add_argument("--role", choices=[r.value for r in Role], default=Role.USER.value)
+    account.add_argument("--description", default="")
+    account.add_argument(
+        "--internal",
+        action="store_true",
+        help="a Corral service's own account (may reserve usage and write audit events)",
+    )
+    key = commands.add_parser("create-api-key", help="create an API key (printed once)")
+    key.add_argument("service_account", help="organizations/{org}/serviceAccounts/{id}")
+    key.add_argument("--display-name", default="")
+    key.add_argument("--expires-in-days", type=float, default=None)
+    rotate = commands.add_parser("rotate-keys", help="rotate the token signing keys")
+    rotate.add_argument(
+        "--revoke-previous",
+        action="store_true",
+        help="drop the previous key at once (after a compromise): every token it signed dies",
+    )
+    return parser
+
+
+async def _run(settings: Settings, args: argparse.Namespace) -> None:
+    config = identity_settings(settings)
+    async with AsyncExitStack() as resources:
+        engine = await open_database(config, None, resources)
+        identity = build_service(config, engine)
+        await identity.ensure_signing_keys()
+        await _command(identity, args)
+
+
+async def _command(identity: IdentityService, args: argparse.Namespace) -> None:
+    ctx = SYSTEM_CONTEXT
+    if args.command == "create-org":
+        org, _ = await identity.create_organization(
+            ctx, args.organization_id, args.display_name or args.organization_id, None, "", ""
+        )
+        print(org.name)
+    elif args.command == "create-user":
+        password = args.password or secrets.token_urlsafe(18)
+        user = await identity.create_user(
+            ctx,
+            args.org,
+            args.email,
+            args.display_name,
+            Role(args.role),
+            password,
+            "",
+            superuser=args.superuser,
+        )
+        print(user.name)
+        if not args.password:
+            print(f"password: {password}  (shown once)")
+    elif args.command == "create-service-account":
+        account = await identity.create_service_account(
+            ctx,
+            args.org,
+            args.display_name,
+            args.description,
+            Role(args.role),
+            "",
+            internal=args.internal,
+        )
+        print(account.name)
+    elif args.command == "create-api-key":
+        ids = parse_name("service_account", args.service_account)
+        if ids is None:
+            raise SystemExit("service_account must be organizations/{org}/serviceAccounts/{id}")
+        expires = (
+            time.time() + args.expires_in_days * 86400 if args.expires_in_days is not None else None
+        )
+        key, plaintext = await identity.create_api_key(
+            ctx, ids[0], ids[1], args.display_name, expires, ""
+        )
+        print(key.name)
+        print(f"api key: {plaintext}  (shown once)")
+    elif args.command == "rotate-keys":
+        rotation = await identity.rotate_signing_keys(ctx, args.revoke_previous)
+        previous = rotation.previous
+        print(f"active:   signingKeys/{rotation.active.kid}")
+        print(f"pending:  signingKeys/{rotation.pending.kid}")
+        if previous is not None:
+            print(f"previous: signingKeys/{previous.kid} ({previous.state.value})")
+
+
+async def run(argv: Sequence[str], settings: Settings) -> int:
+    args = _parser().parse_args(list(argv))
+    try:
+        await _run(settings, args)
+    except CorralError as exc:
+        print(f"corral admin: {exc.message} ({exc.reason})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str], settings: Settings | None = None) -> int:
+    """Entry point of ``corral admin``; returns the exit status."""
+    return asyncio.run(run(argv, settings or Settings()))

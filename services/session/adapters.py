@@ -1,0 +1,209 @@
+"""Adapters for the session service's ports: the runtime and identity over gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import duration_pb2, struct_pb2
+
+from corral.identity.v1 import audit_event_pb2, usage_pb2
+from corral.identity.v1 import identity_service_pb2 as identity_pb
+from corral.identity.v1 import identity_service_pb2_grpc as identity_rpc
+from corral.libs.auth.service_token import CachedToken
+from corral.libs.grpc.errors import from_rpc_error
+from corral.runtime.v1 import runtime_event_pb2 as rt
+from corral.runtime.v1 import runtime_service_pb2 as runtime_pb
+from corral.runtime.v1 import runtime_service_pb2_grpc as runtime_rpc
+from corral.services.session.domain import Usage
+from corral.services.session.ports import TurnRequest
+
+
+def _auth(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class GrpcRuntime:
+    """The agent-runtime service. Calls carry the turn sender's token, not ambient context:
+    turns run in background tasks after the request that started them has returned."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._stub = runtime_rpc.RuntimeServiceStub(channel)
+
+    async def run_turn(self, request: TurnRequest, *, token: str) -> AsyncIterator[rt.RuntimeEvent]:
+        call = self._stub.RunTurn(
+            runtime_pb.RunTurnRequest(
+                session=request.session,
+                turn_id=request.turn_id,
+                organization=request.organization,
+                actor=request.actor,
+                workspace=request.workspace,
+                options=request.options,
+                prompt=request.prompt,
+                resume_transcript_id=request.resume_transcript_id,
+                fork_transcript=request.fork_transcript,
+            ),
+            metadata=_auth(token),
+        )
+        async for response in call:
+            yield response.event
+
+    async def interrupt(self, session: str, turn_id: str, *, token: str) -> None:
+        try:
+            await self._stub.InterruptTurn(
+                runtime_pb.InterruptTurnRequest(session=session, turn_id=turn_id),
+                metadata=_auth(token),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def decide(
+        self,
+        session: str,
+        turn_id: str,
+        request_id: str,
+        *,
+        allow: bool,
+        message: str,
+        updated_input: struct_pb2.Struct | None,
+        decided_by: str,
+        token: str,
+    ) -> None:
+        request = runtime_pb.SubmitPermissionDecisionRequest(
+            session=session,
+            turn_id=turn_id,
+            permission_request_id=request_id,
+            behavior=rt.PERMISSION_BEHAVIOR_ALLOW if allow else rt.PERMISSION_BEHAVIOR_DENY,
+            decided_by=decided_by,
+            message=message,
+        )
+        if updated_input is not None:
+            request.updated_input.CopyFrom(updated_input)
+        try:
+            await self._stub.SubmitPermissionDecision(request, metadata=_auth(token))
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def release(self, session: str, *, delete_transcript: bool, token: str) -> None:
+        await self._stub.ReleaseSession(
+            runtime_pb.ReleaseSessionRequest(session=session, delete_transcript=delete_transcript),
+            metadata=_auth(token),
+        )
+
+
+def service_credentials(channel: grpc.aio.Channel, api_key: str) -> CachedToken | None:
+    """This service's own token (from its internal service account's API key), or None."""
+    if not api_key:
+        return None
+    stub = identity_rpc.IdentityServiceStub(channel)
+
+    async def exchange() -> tuple[str, float]:
+        try:
+            reply = await stub.ExchangeApiKey(identity_pb.ExchangeApiKeyRequest(api_key=api_key))
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        grant = reply.token
+        return grant.access_token, grant.access_token_expire_time.ToSeconds()
+
+    return CachedToken(exchange)
+
+
+class _AsService:
+    """Calls identity as this service when it has credentials, else with the caller's token."""
+
+    def __init__(self, credentials: CachedToken | None) -> None:
+        self._credentials = credentials
+
+    async def _auth(self, token: str) -> tuple[tuple[str, str], ...]:
+        return _auth(await self._credentials.get() if self._credentials else token)
+
+
+class IdentityLedger(_AsService):
+    """Identity's usage ledger: one session slot plus a token of budget is held while a turn
+    runs (so an exhausted monthly budget stops the turn before it starts); the turn's real
+    tokens and cost are settled when it ends, and the slot released."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        credentials: CachedToken | None,
+        *,
+        ttl_seconds: int = 6 * 3600,
+    ) -> None:
+        super().__init__(credentials)
+        self._stub = identity_rpc.IdentityServiceStub(channel)
+        self._ttl = ttl_seconds
+
+    async def reserve(self, *, organization: str, user: str, request_id: str, token: str) -> str:
+        request = identity_pb.ReserveUsageRequest(
+            parent=organization,
+            subject=user,
+            amounts=[
+                usage_pb2.UsageAmount(kind=usage_pb2.USAGE_KIND_SESSIONS, amount=1),
+                usage_pb2.UsageAmount(kind=usage_pb2.USAGE_KIND_TOKENS, amount=1),
+                usage_pb2.UsageAmount(kind=usage_pb2.USAGE_KIND_COST_USD_MICROS, amount=1),
+            ],
+            reference="session turn",
+            ttl=duration_pb2.Duration(seconds=self._ttl),
+            request_id=request_id,
+        )
+        try:
+            reply = await self._stub.ReserveUsage(request, metadata=await self._auth(token))
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return str(reply.usage_reservation.name)
+
+    async def settle(self, reservation: str, usage: Usage, *, token: str) -> None:
+        await self._stub.SettleUsage(
+            identity_pb.SettleUsageRequest(
+                name=reservation,
+                actual_amounts=[
+                    usage_pb2.UsageAmount(kind=usage_pb2.USAGE_KIND_SESSIONS, amount=1),
+                    usage_pb2.UsageAmount(kind=usage_pb2.USAGE_KIND_TOKENS, amount=usage.tokens),
+                    usage_pb2.UsageAmount(
+                        kind=usage_pb2.USAGE_KIND_COST_USD_MICROS, amount=usage.cost_usd_micros
+                    ),
+                ],
+            ),
+            metadata=await self._auth(token),
+        )
+        await self.release(reservation, token=token)
+
+    async def release(self, reservation: str, *, token: str) -> None:
+        await self._stub.ReleaseUsage(
+            identity_pb.ReleaseUsageRequest(name=reservation), metadata=await self._auth(token)
+        )
+
+
+class IdentityAudit(_AsService):
+    def __init__(self, channel: grpc.aio.Channel, credentials: CachedToken | None) -> None:
+        super().__init__(credentials)
+        self._stub = identity_rpc.IdentityServiceStub(channel)
+
+    async def record(
+        self,
+        *,
+        actor: str,
+        organization: str,
+        action: str,
+        resource: str,
+        metadata: dict[str, str],
+        token: str,
+    ) -> None:
+        import uuid
+
+        event = audit_event_pb2.AuditEvent(
+            actor=actor,
+            organization=organization,
+            action=action,
+            resource=resource,
+            service="session",
+            metadata=metadata,
+        )
+        event.event_time.GetCurrentTime()
+        await self._stub.WriteAuditEvents(
+            identity_pb.WriteAuditEventsRequest(
+                parent=organization, audit_events=[event], request_id=str(uuid.uuid4())
+            ),
+            metadata=await self._auth(token),
+        )

@@ -1,0 +1,95 @@
+"""Agent options: what a client may set, what is echoed back, what the runtime receives."""
+
+from __future__ import annotations
+
+from corral.libs.errors import Validator
+from corral.runtime.v1 import agent_options_pb2 as runtime_options
+from corral.session.v1 import agent_options_pb2 as pb
+
+MAX_MCP_SERVERS = 20
+
+
+def validate(options: pb.AgentOptions, check: Validator, prefix: str) -> None:
+    check.check(len(options.model) <= 100, f"{prefix}.model", "at most 100 characters")
+    check.check(
+        len(options.system_prompt) <= 100_000,
+        f"{prefix}.system_prompt",
+        "at most 100,000 characters",
+    )
+    check.check(options.max_turns >= 0, f"{prefix}.max_turns", "must not be negative")
+    check.check(
+        options.max_budget_usd_micros >= 0,
+        f"{prefix}.max_budget_usd_micros",
+        "must not be negative",
+    )
+    check.check(
+        len(options.mcp_servers) <= MAX_MCP_SERVERS, f"{prefix}.mcp_servers", "at most 20 servers"
+    )
+    names = set()
+    for i, server in enumerate(options.mcp_servers):
+        path = f"{prefix}.mcp_servers[{i}]"
+        check.check(
+            bool(server.name) and server.name.replace("-", "_").isidentifier(),
+            f"{path}.name",
+            "letters, digits, '_' and '-' only",
+        )
+        check.check(server.name not in names, f"{path}.name", "must be unique")
+        names.add(server.name)
+        transport = server.WhichOneof("transport")
+        if transport is None:
+            check.add(f"{path}.transport", "give stdio or http")
+        elif transport == "stdio":
+            check.require(server.stdio.command, f"{path}.stdio.command")
+        else:
+            check.check(
+                server.http.url.startswith(("http://", "https://")),
+                f"{path}.http.url",
+                "must be an http(s) URL",
+            )
+
+
+def redacted(options: pb.AgentOptions) -> pb.AgentOptions:
+    """What clients see: secret values dropped, only their keys listed."""
+    out = pb.AgentOptions()
+    out.CopyFrom(options)
+    for server in out.mcp_servers:
+        if server.HasField("stdio"):
+            keys = sorted(server.stdio.secret_env)
+            server.stdio.secret_env.clear()
+            server.stdio.secret_env_keys[:] = keys
+        if server.HasField("http"):
+            keys = sorted(server.http.secret_headers)
+            server.http.secret_headers.clear()
+            server.http.secret_header_keys[:] = keys
+    return out
+
+
+def for_runtime(options: pb.AgentOptions) -> runtime_options.AgentOptions:
+    """The runtime's view: the same fields, with secrets merged into env / headers."""
+    out = runtime_options.AgentOptions(
+        model=options.model,
+        system_prompt=options.system_prompt,
+        append_system_prompt=options.append_system_prompt,
+        allowed_tools=list(options.allowed_tools),
+        disallowed_tools=list(options.disallowed_tools),
+        permission_mode=int(options.permission_mode),  # type: ignore[arg-type]
+        max_turns=options.max_turns,
+        max_budget_usd_micros=options.max_budget_usd_micros,
+        max_thinking_tokens=options.max_thinking_tokens,
+        env=dict(options.env),
+    )
+    if options.HasField("permission_timeout"):
+        out.permission_timeout.CopyFrom(options.permission_timeout)
+    for server in options.mcp_servers:
+        target = out.mcp_servers.add(name=server.name)
+        if server.HasField("stdio"):
+            target.stdio.command = server.stdio.command
+            target.stdio.args.extend(server.stdio.args)
+            target.stdio.env.update(server.stdio.env)
+            target.stdio.env.update(server.stdio.secret_env)
+        elif server.HasField("http"):
+            target.http.url = server.http.url
+            target.http.protocol = int(server.http.protocol)  # type: ignore[assignment]
+            target.http.headers.update(server.http.headers)
+            target.http.headers.update(server.http.secret_headers)
+    return out

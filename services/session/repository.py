@@ -1,0 +1,487 @@
+"""The session context's tables and repositories (SQLAlchemy Core: the event log is hot)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from corral.libs.db import UnitOfWork
+from corral.libs.listing import Condition
+from corral.services.session.domain import Session, SessionState, Turn, TurnState, Usage
+
+metadata = sa.MetaData()
+
+_usage_columns = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+    "cost_usd_micros",
+)
+
+
+def _usage(prefix: str = "") -> list[sa.Column[Any]]:
+    return [
+        sa.Column(f"{prefix}{name}", sa.BigInteger, nullable=False, server_default="0")
+        for name in _usage_columns
+    ]
+
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("organization", sa.String(200), nullable=False),
+    sa.Column("owner", sa.String(300), nullable=False),
+    sa.Column("display_name", sa.String(200), nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("agent_options", sa.LargeBinary, nullable=False),
+    sa.Column("labels", sa.Text, nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("archive_time", sa.DateTime(timezone=True)),
+    sa.Column("last_sequence", sa.BigInteger, nullable=False),
+    *_usage(),
+    sa.Column("turn_count", sa.Integer, nullable=False),
+    sa.Column("current_turn", sa.String(64), nullable=False),
+    sa.Column("workspace", sa.String(200), nullable=False),
+    sa.Column("transcript_id", sa.String(200), nullable=False),
+    sa.Column("parent_session", sa.String(200), nullable=False),
+    sa.Column("fork_sequence", sa.BigInteger, nullable=False),
+    sa.Column("failure_reason", sa.String(100), nullable=False),
+    sa.Column("failure_message", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("request_id", sa.String(100), nullable=False),
+    sa.Index("ix_sessions_org_create", "organization", "create_time"),
+    sa.Index("ix_sessions_owner_request", "owner", "request_id"),
+)
+
+turns = sa.Table(
+    "turns",
+    metadata,
+    sa.Column(
+        "session_id",
+        sa.String(64),
+        sa.ForeignKey("sessions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("ordinal", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("sender", sa.String(300), nullable=False),
+    sa.Column("request_id", sa.String(100), nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("start_time", sa.DateTime(timezone=True)),
+    sa.Column("end_time", sa.DateTime(timezone=True)),
+    sa.Column("first_sequence", sa.BigInteger, nullable=False),
+    sa.Column("last_sequence", sa.BigInteger, nullable=False),
+    *_usage(),
+    sa.Column("result", sa.LargeBinary, nullable=False),
+    sa.Column("reservation", sa.String(300), nullable=False),
+    sa.Index("ix_turns_session_ordinal", "session_id", "ordinal", unique=True),
+    sa.Index("ix_turns_session_state", "session_id", "state"),
+)
+
+session_events = sa.Table(
+    "session_events",
+    metadata,
+    sa.Column(
+        "session_id",
+        sa.String(64),
+        sa.ForeignKey("sessions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("sequence", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("turn_id", sa.String(64), nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+)
+
+permission_requests = sa.Table(
+    "permission_requests",
+    metadata,
+    sa.Column(
+        "session_id",
+        sa.String(64),
+        sa.ForeignKey("sessions.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("id", sa.String(100), primary_key=True),
+    sa.Column("turn_id", sa.String(64), nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),  # the serialised PermissionRequest
+    sa.Column("pending", sa.Boolean, nullable=False),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    sequence: int
+    turn_id: str
+    type: str
+    payload: bytes
+
+
+def _session_row(session: Session) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "organization": session.organization,
+        "owner": session.owner,
+        "display_name": session.display_name,
+        "state": session.state.value,
+        "agent_options": session.agent_options,
+        "labels": json.dumps(session.labels, sort_keys=True),
+        "create_time": session.create_time,
+        "update_time": session.update_time,
+        "archive_time": session.archive_time,
+        "last_sequence": session.last_sequence,
+        **{name: getattr(session.usage, name) for name in _usage_columns},
+        "turn_count": session.turn_count,
+        "current_turn": session.current_turn,
+        "workspace": session.workspace,
+        "transcript_id": session.transcript_id,
+        "parent_session": session.parent_session,
+        "fork_sequence": session.fork_sequence,
+        "failure_reason": session.failure_reason,
+        "failure_message": session.failure_message,
+        "version": session.version,
+        "request_id": session.request_id,
+    }
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    from datetime import UTC
+
+    if value is not None and value.tzinfo is None:  # SQLite returns naive datetimes
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _to_session(row: sa.Row[Any]) -> Session:
+    m = row._mapping
+    return Session(
+        id=m["id"],
+        organization=m["organization"],
+        owner=m["owner"],
+        display_name=m["display_name"],
+        agent_options=bytes(m["agent_options"]),
+        labels=json.loads(m["labels"]),
+        create_time=_aware(m["create_time"]),  # type: ignore[arg-type]
+        update_time=_aware(m["update_time"]),  # type: ignore[arg-type]
+        workspace=m["workspace"],
+        state=SessionState(m["state"]),
+        archive_time=_aware(m["archive_time"]),
+        last_sequence=m["last_sequence"],
+        usage=Usage(**{name: m[name] for name in _usage_columns}),
+        turn_count=m["turn_count"],
+        current_turn=m["current_turn"],
+        transcript_id=m["transcript_id"],
+        parent_session=m["parent_session"],
+        fork_sequence=m["fork_sequence"],
+        failure_reason=m["failure_reason"],
+        failure_message=m["failure_message"],
+        version=m["version"],
+        request_id=m["request_id"],
+    )
+
+
+def _turn_row(turn: Turn) -> dict[str, Any]:
+    return {
+        "session_id": turn.session_id,
+        "id": turn.id,
+        "ordinal": turn.ordinal,
+        "state": turn.state.value,
+        "text": turn.text,
+        "sender": turn.sender,
+        "request_id": turn.request_id,
+        "create_time": turn.create_time,
+        "start_time": turn.start_time,
+        "end_time": turn.end_time,
+        "first_sequence": turn.first_sequence,
+        "last_sequence": turn.last_sequence,
+        **{name: getattr(turn.usage, name) for name in _usage_columns},
+        "result": turn.result,
+        "reservation": turn.reservation,
+    }
+
+
+def _to_turn(row: sa.Row[Any]) -> Turn:
+    m = row._mapping
+    return Turn(
+        id=m["id"],
+        session_id=m["session_id"],
+        ordinal=m["ordinal"],
+        text=m["text"],
+        sender=m["sender"],
+        create_time=_aware(m["create_time"]),  # type: ignore[arg-type]
+        state=TurnState(m["state"]),
+        request_id=m["request_id"],
+        start_time=_aware(m["start_time"]),
+        end_time=_aware(m["end_time"]),
+        first_sequence=m["first_sequence"],
+        last_sequence=m["last_sequence"],
+        usage=Usage(**{name: m[name] for name in _usage_columns}),
+        result=bytes(m["result"]),
+        reservation=m["reservation"],
+    )
+
+
+class SessionRepository:
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._c = connection
+
+    async def add(self, session: Session) -> None:
+        await self._c.execute(sessions.insert().values(**_session_row(session)))
+
+    async def get(self, session_id: str, *, for_update: bool = False) -> Session | None:
+        query = sa.select(sessions).where(sessions.c.id == session_id)
+        if for_update and self._c.dialect.name == "postgresql":
+            query = query.with_for_update()
+        row = (await self._c.execute(query)).first()
+        return None if row is None else _to_session(row)
+
+    async def by_request_id(self, owner: str, request_id: str) -> Session | None:
+        query = sa.select(sessions).where(
+            sessions.c.owner == owner, sessions.c.request_id == request_id
+        )
+        row = (await self._c.execute(query)).first()
+        return None if row is None else _to_session(row)
+
+    async def save(self, session: Session) -> None:
+        """Write back every field (last_sequence is owned by the event log and left alone)."""
+        row = _session_row(session)
+        row.pop("last_sequence")
+        await self._c.execute(sessions.update().where(sessions.c.id == session.id).values(**row))
+
+    async def delete(self, session_id: str) -> None:
+        for table in (session_events, permission_requests, turns):
+            await self._c.execute(table.delete().where(table.c.session_id == session_id))
+        await self._c.execute(sessions.delete().where(sessions.c.id == session_id))
+
+    async def list(
+        self,
+        conditions: Sequence[Condition],
+        *,
+        order: str,
+        descending: bool,
+        after: tuple[Any, str] | None,
+        limit: int,
+    ) -> list[Session]:
+        """One page in (``order``, id) order; ``after`` is the key of the previous page's last row.
+        Conditions name columns of ``sessions`` or ``labels.<key>``."""
+        query = sa.select(sessions)
+        for condition in conditions:
+            query = query.where(_condition(condition))
+        column, tiebreak = sessions.c[order], sessions.c.id
+        if after is not None:
+            key = sa.tuple_(column, tiebreak)
+            query = query.where(key < sa.tuple_(*after) if descending else key > sa.tuple_(*after))
+        ordering = (
+            (column.desc(), tiebreak.desc()) if descending else (column.asc(), tiebreak.asc())
+        )
+        query = query.order_by(*ordering).limit(limit)
+        return [_to_session(row) for row in await self._c.execute(query)]
+
+    async def count(self, conditions: Sequence[Condition]) -> int:
+        query = sa.select(sa.func.count()).select_from(sessions)
+        for condition in conditions:
+            query = query.where(_condition(condition))
+        return int((await self._c.execute(query)).scalar_one())
+
+
+def _condition(condition: Condition) -> sa.ColumnElement[bool]:
+    if condition.column.startswith("labels."):
+        # labels are stored as sorted JSON with standard separators: match the exact pair.
+        pair = json.dumps({condition.column.removeprefix("labels."): condition.value})[1:-1]
+        escaped = pair.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        matched = sessions.c.labels.like(f"%{escaped}%", escape="\\")
+        return matched if condition.op == "=" else sa.not_(matched)
+    column = sessions.c[condition.column]
+    if condition.prefix:
+        return column.startswith(condition.value, autoescape=True)
+    operators = {
+        "=": column.__eq__,
+        "!=": column.__ne__,
+        "<": column.__lt__,
+        "<=": column.__le__,
+        ">": column.__gt__,
+        ">=": column.__ge__,
+    }
+    return operators[condition.op](condition.value)
+
+
+class TurnRepository:
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._c = connection
+
+    async def add(self, turn: Turn) -> None:
+        await self._c.execute(turns.insert().values(**_turn_row(turn)))
+
+    async def save(self, turn: Turn) -> None:
+        await self._c.execute(
+            turns.update()
+            .where(turns.c.session_id == turn.session_id, turns.c.id == turn.id)
+            .values(**_turn_row(turn))
+        )
+
+    async def get(self, session_id: str, turn_id: str) -> Turn | None:
+        query = sa.select(turns).where(turns.c.session_id == session_id, turns.c.id == turn_id)
+        row = (await self._c.execute(query)).first()
+        return None if row is None else _to_turn(row)
+
+    async def by_request_id(self, session_id: str, request_id: str) -> Turn | None:
+        query = sa.select(turns).where(
+            turns.c.session_id == session_id, turns.c.request_id == request_id
+        )
+        row = (await self._c.execute(query)).first()
+        return None if row is None else _to_turn(row)
+
+    async def in_state(self, session_id: str, *states: TurnState) -> list[Turn]:
+        query = (
+            sa.select(turns)
+            .where(turns.c.session_id == session_id, turns.c.state.in_([s.value for s in states]))
+            .order_by(turns.c.ordinal)
+        )
+        return [_to_turn(row) for row in await self._c.execute(query)]
+
+    async def unfinished_sessions(self) -> list[str]:
+        query = (
+            sa.select(turns.c.session_id)
+            .where(turns.c.state != TurnState.FINISHED.value)
+            .distinct()
+        )
+        return [row[0] for row in await self._c.execute(query)]
+
+    async def list(self, session_id: str, *, after_ordinal: int, limit: int) -> list[Turn]:
+        query = (
+            sa.select(turns)
+            .where(turns.c.session_id == session_id, turns.c.ordinal > after_ordinal)
+            .order_by(turns.c.ordinal)
+            .limit(limit)
+        )
+        return [_to_turn(row) for row in await self._c.execute(query)]
+
+
+class EventLog:
+    """The durable, ordered history of each session: sequences are assigned once, in order."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._c = connection
+
+    async def reserve(self, session_id: str, count: int) -> int:
+        """Take the next ``count`` sequences of a session; returns the first. The row update
+        serialises concurrent writers (row lock on PostgreSQL, the write lock on SQLite)."""
+        result = await self._c.execute(
+            sessions.update()
+            .where(sessions.c.id == session_id)
+            .values(last_sequence=sessions.c.last_sequence + count)
+            .returning(sessions.c.last_sequence)
+        )
+        last = result.scalar_one()
+        return int(last) - count + 1
+
+    async def insert(self, session_id: str, events: Sequence[StoredEvent]) -> None:
+        await self._c.execute(
+            session_events.insert(),
+            [
+                {
+                    "session_id": session_id,
+                    "sequence": e.sequence,
+                    "turn_id": e.turn_id,
+                    "type": e.type,
+                    "payload": e.payload,
+                }
+                for e in events
+            ],
+        )
+
+    async def read(
+        self,
+        session_id: str,
+        *,
+        after: int,
+        limit: int,
+        until: int | None = None,
+        types: tuple[frozenset[str], bool] | None = None,
+        turn_id: str | None = None,
+    ) -> list[StoredEvent]:
+        """Events with ``after < sequence (<= until)``, in order. ``types`` = (names, include)."""
+        c = session_events.c
+        query = sa.select(c.sequence, c.turn_id, c.type, c.payload).where(
+            c.session_id == session_id, c.sequence > after
+        )
+        if until is not None:
+            query = query.where(c.sequence <= until)
+        if types is not None:
+            names, include = types
+            query = query.where(c.type.in_(names) if include else c.type.not_in(names))
+        if turn_id is not None:
+            query = query.where(c.turn_id == turn_id)
+        query = query.order_by(c.sequence).limit(limit)
+        return [
+            StoredEvent(row.sequence, row.turn_id, row.type, bytes(row.payload))
+            for row in await self._c.execute(query)
+        ]
+
+    async def last_sequence(self, session_id: str) -> int:
+        query = sa.select(sessions.c.last_sequence).where(sessions.c.id == session_id)
+        return int((await self._c.execute(query)).scalar_one_or_none() or 0)
+
+
+class PermissionRepository:
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._c = connection
+
+    async def add(self, session_id: str, request_id: str, turn_id: str, payload: bytes) -> None:
+        await self._c.execute(
+            permission_requests.insert().values(
+                session_id=session_id, id=request_id, turn_id=turn_id, payload=payload, pending=True
+            )
+        )
+
+    async def resolve(self, session_id: str, request_id: str) -> None:
+        await self._c.execute(
+            permission_requests.update()
+            .where(
+                permission_requests.c.session_id == session_id,
+                permission_requests.c.id == request_id,
+            )
+            .values(pending=False)
+        )
+
+    async def resolve_turn(self, session_id: str, turn_id: str) -> None:
+        await self._c.execute(
+            permission_requests.update()
+            .where(
+                permission_requests.c.session_id == session_id,
+                permission_requests.c.turn_id == turn_id,
+            )
+            .values(pending=False)
+        )
+
+    async def pending(self, session_id: str) -> list[tuple[str, str, bytes]]:
+        """(request id, turn id, serialised PermissionRequest) of the open requests."""
+        c = permission_requests.c
+        query = sa.select(c.id, c.turn_id, c.payload).where(
+            c.session_id == session_id, c.pending.is_(True)
+        )
+        return [(row.id, row.turn_id, bytes(row.payload)) for row in await self._c.execute(query)]
+
+
+class SessionUnitOfWork(UnitOfWork):
+    sessions: SessionRepository
+    turns: TurnRepository
+    events: EventLog
+    permissions: PermissionRepository
+
+    def _bind(self) -> None:
+        self.sessions = SessionRepository(self.connection)
+        self.turns = TurnRepository(self.connection)
+        self.events = EventLog(self.connection)
+        self.permissions = PermissionRepository(self.connection)

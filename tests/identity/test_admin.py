@@ -1,0 +1,117 @@
+"""`corral admin ...` on the identity database, then the results used through the server."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+
+from corral.identity.v1 import identity_service_pb2 as pb
+from corral.identity.v1 import usage_pb2
+from corral.services.identity import admin
+from tests.identity.conftest import IdentityFactory, bearer
+
+
+def _last_value(output: str, label: str) -> str:
+    return next(line for line in output.splitlines() if line.startswith(label)).split()[
+        len(label.split())
+    ]
+
+
+async def test_admin_commands(
+    make_identity: IdentityFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    identity = await make_identity()  # the server and the commands share one database
+    settings = identity.settings
+    assert await admin.run(["create-org", "acme", "--display-name", "Acme"], settings) == 0
+    assert (
+        await admin.run(
+            [
+                "create-user",
+                "--org",
+                "acme",
+                "--email",
+                "ops@acme.test",
+                "--role",
+                "admin",
+                "--superuser",
+            ],
+            settings,
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    password = _last_value(out, "password:")
+    assert (
+        await admin.run(
+            ["create-service-account", "--org", "acme", "--display-name", "ci"], settings
+        )
+        == 0
+    )
+    account = capsys.readouterr().out.strip()
+    assert account.startswith("organizations/acme/serviceAccounts/")
+    assert await admin.run(["create-api-key", account, "--expires-in-days", "1"], settings) == 0
+    key = _last_value(capsys.readouterr().out, "api key:")
+    assert await admin.run(["rotate-keys"], settings) == 0
+    assert "previous: signingKeys/" in capsys.readouterr().out
+    assert await admin.run(["create-org", "acme"], settings) == 1
+    assert "ORGANIZATION_ID_TAKEN" in capsys.readouterr().err
+
+    reply = await identity.login("ops@acme.test", password)
+    assert reply.user.superuser
+    listed = await identity.stub.ListOrganizations(
+        pb.ListOrganizationsRequest(), metadata=bearer(reply.token.access_token)
+    )
+    assert {o.name for o in listed.organizations} == {"organizations/default", "organizations/acme"}
+    exchanged = await identity.stub.ExchangeApiKey(pb.ExchangeApiKeyRequest(api_key=key))
+    assert exchanged.service_account == account
+
+
+async def test_bootstrap_prints_a_generated_password_once(
+    make_identity: IdentityFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    identity = await make_identity(
+        bootstrap_admin_email="first@corral.test", bootstrap_admin_password=""
+    )
+    err = capsys.readouterr().err
+    password = _last_value(err, "  password:")
+    reply = await identity.login("first@corral.test", password)
+    assert reply.user.superuser
+    assert reply.user.name.startswith("organizations/default/users/")
+    await make_identity(bootstrap_admin_email="first@corral.test", bootstrap_admin_password="")
+    assert "password" not in capsys.readouterr().err  # the second start creates nothing
+
+
+async def test_internal_service_accounts_may_use_the_ledger(
+    make_identity: IdentityFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """How other Corral services authenticate to identity: an internal account's API key."""
+    identity = await make_identity()
+    settings = identity.settings
+    keys = {}
+    for label, extra in (("internal", ["--internal"]), ("plain", [])):
+        args = ["create-service-account", "--org", "default", "--display-name", label, *extra]
+        assert await admin.run(args, settings) == 0
+        account = capsys.readouterr().out.strip()
+        assert await admin.run(["create-api-key", account], settings) == 0
+        keys[label] = _last_value(capsys.readouterr().out, "api key:")
+    request = pb.ReserveUsageRequest(
+        parent="organizations/default",
+        subject="organizations/default",
+        amounts=[usage_pb2.UsageAmount(kind=usage_pb2.USAGE_KIND_RUNS, amount=1)],
+        ttl=duration_pb2.Duration(seconds=30),
+        request_id=str(uuid.uuid4()),
+    )
+    for label, code in (
+        ("internal", grpc.StatusCode.OK),
+        ("plain", grpc.StatusCode.PERMISSION_DENIED),
+    ):
+        token = await identity.stub.ExchangeApiKey(pb.ExchangeApiKeyRequest(api_key=keys[label]))
+        try:
+            await identity.stub.ReserveUsage(request, metadata=bearer(token.token.access_token))
+            got = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            got = exc.code()
+        assert got == code, label

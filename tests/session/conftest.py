@@ -1,0 +1,115 @@
+"""A session service on a real gRPC server (port 0) over real SQLite/PostgreSQL and an
+in-process/Redis hub, with the runtime, ledger and audit log faked at their ports."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from corral.libs import db
+from corral.libs.auth import StaticJwksSource, TokenVerifier
+from corral.libs.eventhub import EventHub, InMemoryHub, RedisStreamHub
+from corral.libs.grpc.interceptors import AuthenticationHook
+from corral.libs.grpc.server import CorralServer, ServerConfig, ServiceRegistration
+from corral.libs.redis import create_redis
+from corral.services.session.api import SessionApi
+from corral.services.session.main import MIGRATIONS, SERVICE
+from corral.services.session.repository import SessionUnitOfWork
+from corral.services.session.service import SessionService
+from corral.session.v1 import session_service_pb2_grpc as rpc
+from tests.conftest import require_postgres, require_redis
+from tests.session.fakes import FakeAudit, FakeLedger, FakeRuntime
+from tests.support.keys import AUDIENCE, ISSUER, SigningKey
+
+ACME = "organizations/acme"
+GLOBEX = "organizations/globex"
+
+
+@dataclass
+class Stack:
+    address: str
+    service: SessionService
+    runtime: FakeRuntime
+    ledger: FakeLedger
+    audit: FakeAudit
+    key: SigningKey
+    channel: grpc.aio.Channel
+    make_service: Callable[[], SessionService]
+
+    @property
+    def stub(self) -> rpc.SessionServiceStub:
+        return rpc.SessionServiceStub(self.channel)
+
+    def token(
+        self, user: str = "alice", *, org: str = ACME, roles: tuple[str, ...] = ("user",)
+    ) -> str:
+        return self.key.token(sub=f"{org}/users/{user}", org=org, roles=list(roles))
+
+    def auth(self, user: str = "alice", **kw: Any) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token(user, **kw)}"),)
+
+
+@pytest.fixture(
+    params=[
+        "sqlite+memory",
+        pytest.param("postgresql+redis", marks=[pytest.mark.postgres, pytest.mark.redis]),
+    ]
+)
+async def stack(
+    request: pytest.FixtureRequest, tmp_path: Path, signing_key: SigningKey
+) -> AsyncIterator[Stack]:
+    hub: EventHub
+    redis_client = None
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    if request.param == "sqlite+memory":
+        url = f"sqlite+aiosqlite:///{tmp_path}/session.db"
+        hub = InMemoryHub()
+    else:
+        url = await require_postgres()
+        redis_client = create_redis(await require_redis())
+        hub = RedisStreamHub(redis_client, prefix=f"test:{schema}:")
+    engine = db.create_engine(url, schema=schema)
+    await db.migrate(engine, MIGRATIONS, schema=schema)
+    runtime, ledger, audit = FakeRuntime(), FakeLedger(), FakeAudit()
+
+    def make_service() -> SessionService:
+        return SessionService(
+            lambda: SessionUnitOfWork(engine), hub, runtime, ledger, audit, heartbeat_seconds=0.3
+        )
+
+    service = make_service()
+    api = SessionApi(service)
+    verifier = TokenVerifier(StaticJwksSource(signing_key.jwks()), issuer=ISSUER, audience=AUDIENCE)
+    server = CorralServer(
+        ServerConfig(name="session", hooks=[AuthenticationHook(verifier)], tracing=False),
+        [
+            ServiceRegistration(
+                SERVICE.full_name, lambda s: rpc.add_SessionServiceServicer_to_server(api, s)
+            )
+        ],
+    )
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.address)
+    try:
+        yield Stack(
+            server.address, service, runtime, ledger, audit, signing_key, channel, make_service
+        )
+    finally:
+        await channel.close()
+        await service.close()
+        await server.stop(0)
+        await hub.close()
+        if redis_client is not None:
+            await redis_client.aclose()
+        if request.param != "sqlite+memory":
+            from sqlalchemy import text
+
+            async with engine.begin() as connection:
+                await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        await engine.dispose()

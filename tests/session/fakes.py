@@ -1,0 +1,206 @@
+"""Fakes for the session service's ports: a runtime a test drives event by event, a ledger
+with limits, an audit log that remembers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from corral.libs.errors import QuotaViolation, ResourceExhausted
+from corral.runtime.v1 import runtime_event_pb2 as rt
+from corral.services.session.domain import Usage
+from corral.services.session.ports import TurnRequest
+
+
+def event(turn_id: str, **payload: Any) -> rt.RuntimeEvent:
+    """``event(t, text_delta={"text": "hi"})`` -> a RuntimeEvent with that payload."""
+    out = rt.RuntimeEvent(turn_id=turn_id)
+    out.create_time.GetCurrentTime()
+    for kind, fields in payload.items():
+        target = getattr(out, kind)
+        target.SetInParent()
+        for key, value in fields.items():
+            if isinstance(getattr(target, key), struct_pb2.Struct):
+                getattr(target, key).update(value)
+            elif hasattr(getattr(target, key), "CopyFrom") and not isinstance(value, (str, int)):
+                getattr(target, key).CopyFrom(value)
+            else:
+                setattr(target, key, value)
+    return out
+
+
+def result(
+    turn_id: str,
+    status: str = "SUCCEEDED",
+    *,
+    transcript: str = "tx-1",
+    tokens: int = 10,
+    cost: int = 500,
+) -> rt.RuntimeEvent:
+    out = event(
+        turn_id,
+        turn_result={
+            "status": rt.TurnResult.Status.Value(f"STATUS_{status}"),
+            "transcript_id": transcript,
+        },
+    )
+    out.turn_result.usage.input_tokens = tokens
+    out.turn_result.usage.output_tokens = tokens
+    out.turn_result.usage.cost_usd_micros = cost
+    return out
+
+
+class Crash(Exception):
+    """Put in a fake turn's queue to make the runtime stream fail like a dead runtime."""
+
+
+class _Unavailable(grpc.aio.AioRpcError):
+    def __init__(self) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "runtime died"
+        )
+
+
+@dataclass
+class FakeTurn:
+    request: TurnRequest
+    token: str
+    queue: asyncio.Queue[rt.RuntimeEvent | Exception | None] = field(default_factory=asyncio.Queue)
+
+    @property
+    def id(self) -> str:
+        return self.request.turn_id
+
+    def emit(self, **payload: Any) -> None:
+        self.queue.put_nowait(event(self.id, **payload))
+
+    def text(self, *chunks: str) -> None:
+        for chunk in chunks:
+            self.emit(text_delta={"text": chunk, "message_id": "m1"})
+        self.emit(text_block={"text": "".join(chunks), "message_id": "m1"})
+
+    def finish(self, status: str = "SUCCEEDED", **kw: Any) -> None:
+        self.queue.put_nowait(result(self.id, status, **kw))
+        self.queue.put_nowait(None)
+
+    def crash(self) -> None:
+        self.queue.put_nowait(Crash())
+
+
+class FakeRuntime:
+    """A runtime whose turns a test plays by hand (or automatically with ``auto_reply``)."""
+
+    def __init__(self) -> None:
+        self.turns: list[FakeTurn] = []
+        self._started: asyncio.Queue[FakeTurn] = asyncio.Queue()
+        self.interrupted: list[str] = []
+        self.decisions: list[tuple[str, bool, str]] = []
+        self.released: list[tuple[str, bool]] = []
+        self.auto_reply: str | None = None
+
+    async def next_turn(self, within: float = 5.0) -> FakeTurn:
+        return await asyncio.wait_for(self._started.get(), within)
+
+    async def run_turn(self, request: TurnRequest, *, token: str) -> AsyncIterator[rt.RuntimeEvent]:
+        turn = FakeTurn(request, token)
+        self.turns.append(turn)
+        turn.emit(
+            turn_started={
+                "model": "offline",
+                "transcript_id": request.resume_transcript_id or "tx-1",
+            }
+        )
+        if self.auto_reply is not None:
+            turn.text(self.auto_reply)
+            turn.finish(transcript=request.resume_transcript_id or "tx-1")
+        self._started.put_nowait(turn)
+        while True:
+            item = await turn.queue.get()
+            if item is None:
+                return
+            if isinstance(item, Crash):
+                raise _Unavailable()
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def _turn(self, turn_id: str) -> FakeTurn:
+        return next(t for t in self.turns if t.id == turn_id)
+
+    async def interrupt(self, session: str, turn_id: str, *, token: str) -> None:
+        self.interrupted.append(turn_id)
+        self._turn(turn_id).finish("INTERRUPTED")
+
+    async def decide(
+        self,
+        session: str,
+        turn_id: str,
+        request_id: str,
+        *,
+        allow: bool,
+        message: str,
+        updated_input: struct_pb2.Struct | None,
+        decided_by: str,
+        token: str,
+    ) -> None:
+        self.decisions.append((request_id, allow, decided_by))
+        behaviour = rt.PERMISSION_BEHAVIOR_ALLOW if allow else rt.PERMISSION_BEHAVIOR_DENY
+        self._turn(turn_id).emit(
+            permission_decision={
+                "permission_request_id": request_id,
+                "behavior": behaviour,
+                "source": rt.PermissionDecision.SOURCE_USER,
+                "decided_by": decided_by,
+                "message": message,
+            }
+        )
+
+    async def release(self, session: str, *, delete_transcript: bool, token: str) -> None:
+        self.released.append((session, delete_transcript))
+
+
+class FakeLedger:
+    """Concurrent-turn limit per organisation; records settlements."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self.limit = limit
+        self.held: dict[str, str] = {}
+        self.settled: list[tuple[str, Usage]] = []
+        self.released: list[str] = []
+        self._n = 0
+
+    async def reserve(self, *, organization: str, user: str, request_id: str, token: str) -> str:
+        if sum(1 for org in self.held.values() if org == organization) >= self.limit:
+            raise ResourceExhausted(
+                "the organisation's concurrent session quota is used up",
+                reason="QUOTA_EXCEEDED",
+                violations=[
+                    QuotaViolation(organization, "max_concurrent_sessions", "limit reached")
+                ],
+            )
+        self._n += 1
+        name = f"{organization}/usageReservations/r{self._n}"
+        self.held[name] = organization
+        return name
+
+    async def settle(self, reservation: str, usage: Usage, *, token: str) -> None:
+        self.settled.append((reservation, usage))
+        await self.release(reservation, token=token)
+
+    async def release(self, reservation: str, *, token: str) -> None:
+        self.held.pop(reservation, None)
+        self.released.append(reservation)
+
+
+class FakeAudit:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    async def record(self, **fields: Any) -> None:
+        fields.pop("token", None)
+        self.records.append(fields)

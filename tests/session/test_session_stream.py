@@ -1,0 +1,420 @@
+"""The session service as a client sees it: sessions, turns and the resumable event stream."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from corral.session.v1 import event_pb2, permission_pb2, session_pb2
+from corral.session.v1 import session_service_pb2 as pb
+from tests.session.conftest import GLOBEX, Stack
+
+Event = event_pb2.SessionEvent
+
+
+async def create(stack: Stack, user: str = "alice", **kw: Any) -> session_pb2.Session:
+    reply = await stack.stub.CreateSession(
+        pb.CreateSessionRequest(session=session_pb2.Session(display_name="demo")),
+        metadata=stack.auth(user, **kw),
+    )
+    return reply.session
+
+
+async def send(
+    stack: Stack, session: str, text: str = "hello", user: str = "alice", **kw: Any
+) -> pb.SendMessageResponse:
+    strategy = kw.pop("strategy", pb.SendMessageRequest.BUSY_STRATEGY_REJECT)
+    return await stack.stub.SendMessage(
+        pb.SendMessageRequest(
+            session=session, text=text, busy_strategy=strategy, request_id=kw.pop("request_id", "")
+        ),
+        metadata=stack.auth(user, **kw),
+    )
+
+
+async def collect(
+    stack: Stack,
+    session: str,
+    after: int = 0,
+    *,
+    until: str = "turn_result",
+    count: int = 1,
+    user: str = "alice",
+) -> list[Event]:
+    """Stream until ``count`` events of kind ``until`` arrived (heartbeats dropped)."""
+    seen: list[Event] = []
+    call = stack.stub.StreamSessionEvents(
+        pb.StreamSessionEventsRequest(session=session, after_sequence=after),
+        metadata=stack.auth(user),
+    )
+    async with asyncio.timeout(10):
+        async for response in call:
+            if response.event.HasField("heartbeat"):
+                continue
+            seen.append(response.event)
+            if sum(1 for e in seen if e.WhichOneof("payload") == until) >= count:
+                call.cancel()
+                break
+    return seen
+
+
+def kinds(events: list[Event]) -> list[str]:
+    return [e.WhichOneof("payload") or "" for e in events]
+
+
+def reason(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    raise AssertionError("no ErrorInfo")
+
+
+async def test_turn_streams_in_order_with_contiguous_sequences(stack: Stack) -> None:
+    session = await create(stack)
+    turn = (await send(stack, session.name, "say hello")).turn
+    assert turn.first_sequence == 1
+    fake = await stack.runtime.next_turn()
+    assert (
+        fake.request.prompt == "say hello" and fake.token
+    )  # the sender's token travels with the turn
+    fake.text("Hel", "lo", " world")
+    fake.finish()
+    events = await collect(stack, session.name)
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert kinds(events) == [
+        "user_message",
+        "state_changed",
+        "turn_started",
+        "text_delta",
+        "text_delta",
+        "text_delta",
+        "text_block",
+        "turn_result",
+    ]
+    assert "".join(e.text_delta.text for e in events if e.HasField("text_delta")) == "Hello world"
+    assert all(e.session == session.name and e.turn_id == fake.id for e in events)
+    done = await stack.stub.GetTurn(pb.GetTurnRequest(name=turn.name), metadata=stack.auth())
+    for _ in range(50):
+        if done.turn.state == done.turn.STATE_FINISHED:
+            break
+        await asyncio.sleep(0.05)
+        done = await stack.stub.GetTurn(pb.GetTurnRequest(name=turn.name), metadata=stack.auth())
+    assert done.turn.result.status == event_pb2.TurnResult.STATUS_SUCCEEDED
+    got = (
+        await stack.stub.GetSession(pb.GetSessionRequest(name=session.name), metadata=stack.auth())
+    ).session
+    assert got.state == session_pb2.Session.STATE_IDLE
+    assert got.usage.cost_usd_micros == 500 and got.turn_count == 1
+    assert stack.ledger.settled and not stack.ledger.held  # usage settled, the slot released
+
+
+async def test_two_watchers_see_identical_sequences(stack: Stack) -> None:
+    session = await create(stack)
+    first = asyncio.create_task(collect(stack, session.name))
+    second = asyncio.create_task(collect(stack, session.name))
+    await asyncio.sleep(0.2)
+    await send(stack, session.name)
+    fake = await stack.runtime.next_turn()
+    fake.text(*[f"part{i} " for i in range(50)])
+    fake.finish()
+    a, b = await first, await second
+    assert [e.SerializeToString() for e in a] == [e.SerializeToString() for e in b]
+    assert len(a) == 55  # user message, state, started, 50 deltas, block, result
+
+
+async def test_reconnect_with_last_sequence_misses_nothing_and_repeats_nothing(
+    stack: Stack,
+) -> None:
+    session = await create(stack)
+    await send(stack, session.name)
+    fake = await stack.runtime.next_turn()
+    fake.text("one ", "two ")
+    early = await collect(stack, session.name, until="text_delta", count=2)
+    last = early[-1].sequence
+    fake.text("three ", "four ")  # produced while the watcher is away
+    fake.finish()
+    later = await collect(stack, session.name, after=last)
+    assert later[0].sequence == last + 1
+    everything = early + later
+    assert [e.sequence for e in everything] == list(range(1, len(everything) + 1))
+    full = await collect(stack, session.name)
+    assert [e.SerializeToString() for e in full] == [e.SerializeToString() for e in everything]
+
+
+async def test_quiet_stream_gets_heartbeats(stack: Stack) -> None:
+    session = await create(stack)
+    call = stack.stub.StreamSessionEvents(
+        pb.StreamSessionEventsRequest(session=session.name), metadata=stack.auth()
+    )
+    async with asyncio.timeout(5):
+        response = await call.read()
+    call.cancel()
+    assert response.event.HasField("heartbeat") and response.event.sequence == 0
+
+
+async def test_history_pages_and_filter(stack: Stack) -> None:
+    session = await create(stack)
+    await send(stack, session.name)
+    fake = await stack.runtime.next_turn()
+    fake.text(*"abcdefgh")
+    fake.finish()
+    await collect(stack, session.name)
+    page = await stack.stub.ListSessionEvents(
+        pb.ListSessionEventsRequest(parent=session.name, page_size=3, filter="type != text_delta"),
+        metadata=stack.auth(),
+    )
+    rest = await stack.stub.ListSessionEvents(
+        pb.ListSessionEventsRequest(
+            parent=session.name,
+            page_size=3,
+            filter="type != text_delta",
+            page_token=page.next_page_token,
+        ),
+        metadata=stack.auth(),
+    )
+    assert kinds(list(page.session_events) + list(rest.session_events)) == [
+        "user_message",
+        "state_changed",
+        "turn_started",
+        "text_block",
+        "turn_result",
+        "state_changed",
+    ]
+    assert rest.next_page_token == ""
+
+
+async def test_busy_strategies(stack: Stack) -> None:
+    session = await create(stack)
+    await send(stack, session.name, "first")
+    first = await stack.runtime.next_turn()
+    with pytest.raises(grpc.aio.AioRpcError) as busy:
+        await send(stack, session.name, "rejected")
+    assert (
+        busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        and reason(busy.value) == "SESSION_BUSY"
+    )
+
+    queued = (
+        await send(
+            stack, session.name, "second", strategy=pb.SendMessageRequest.BUSY_STRATEGY_ENQUEUE
+        )
+    ).turn
+    assert queued.state == queued.STATE_QUEUED
+    first.finish()
+    second = await stack.runtime.next_turn()
+    assert second.request.prompt == "second"
+    assert second.request.resume_transcript_id == "tx-1"  # the conversation continues
+
+    await send(stack, session.name, "third", strategy=pb.SendMessageRequest.BUSY_STRATEGY_INTERRUPT)
+    third = await stack.runtime.next_turn()
+    assert stack.runtime.interrupted == [second.id]
+    assert third.request.prompt == "third"
+    third.finish()
+    events = await collect(stack, session.name, until="turn_result", count=3)
+    statuses = [e.turn_result.status for e in events if e.HasField("turn_result")]
+    assert statuses == [
+        event_pb2.TurnResult.STATUS_SUCCEEDED,
+        event_pb2.TurnResult.STATUS_INTERRUPTED,
+        event_pb2.TurnResult.STATUS_SUCCEEDED,
+    ]
+
+
+async def test_runtime_dying_mid_turn_fails_the_turn_keeps_events_and_next_turn_resumes(
+    stack: Stack,
+) -> None:
+    session = await create(stack)
+    await send(stack, session.name)
+    fake = await stack.runtime.next_turn()
+    fake.text("partial ")
+    fake.crash()
+    events = await collect(stack, session.name)
+    assert kinds(events)[-3:] == ["text_block", "error", "turn_result"]
+    assert events[-1].turn_result.status == event_pb2.TurnResult.STATUS_FAILED
+    assert events[-2].error.reason == "RUNTIME_UNAVAILABLE"
+    await asyncio.sleep(0.1)
+    got = (
+        await stack.stub.GetSession(pb.GetSessionRequest(name=session.name), metadata=stack.auth())
+    ).session
+    assert got.state == session_pb2.Session.STATE_FAILED
+    await send(stack, session.name, "again")
+    retry = await stack.runtime.next_turn()
+    assert retry.request.resume_transcript_id == "tx-1"
+    retry.finish()
+    await collect(stack, session.name, until="turn_result", count=2)
+
+
+async def test_permission_request_waits_for_the_owner(stack: Stack) -> None:
+    session = await create(stack)
+    await send(stack, session.name)
+    fake = await stack.runtime.next_turn()
+    fake.emit(
+        permission_request={"id": "p1", "tool_name": "Bash", "input": {"command": "rm -rf /tmp/x"}}
+    )
+    await collect(stack, session.name, until="permission_request")
+    got = (
+        await stack.stub.GetSession(pb.GetSessionRequest(name=session.name), metadata=stack.auth())
+    ).session
+    assert got.state == session_pb2.Session.STATE_AWAITING_PERMISSION
+    assert [p.id for p in got.pending_permission_requests] == ["p1"]
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await stack.stub.RespondToPermission(
+            pb.RespondToPermissionRequest(
+                session=session.name,
+                permission_request_id="nope",
+                decision=permission_pb2.PermissionDecision.DECISION_ALLOW,
+            ),
+            metadata=stack.auth(),
+        )
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    await stack.stub.RespondToPermission(
+        pb.RespondToPermissionRequest(
+            session=session.name,
+            permission_request_id="p1",
+            decision=permission_pb2.PermissionDecision.DECISION_DENY,
+            message="no",
+        ),
+        metadata=stack.auth(),
+    )
+    assert stack.runtime.decisions == [("p1", False, "organizations/acme/users/alice")]
+    events = await collect(stack, session.name, until="permission_decision")
+    assert (
+        events[-1].permission_decision.decision == permission_pb2.PermissionDecision.DECISION_DENY
+    )
+    fake.finish()
+    await collect(stack, session.name)
+    assert [r["action"] for r in stack.audit.records] == ["permission.deny"]
+
+
+async def test_quota_exhaustion_stops_the_turn_before_it_starts(stack: Stack) -> None:
+    stack.ledger.limit = 1
+    one, two = await create(stack), await create(stack)
+    await send(stack, one.name)
+    await stack.runtime.next_turn()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await send(stack, two.name)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert reason(refused.value) == "QUOTA_EXCEEDED"
+    history = await stack.stub.ListSessionEvents(
+        pb.ListSessionEventsRequest(parent=two.name), metadata=stack.auth()
+    )
+    assert list(history.session_events) == [] and len(stack.runtime.turns) == 1
+
+
+async def test_other_organisations_see_nothing_and_viewers_only_read(stack: Stack) -> None:
+    session = await create(stack)
+    stranger = stack.auth("mallory", org=GLOBEX, roles=("admin",))
+    for call in (
+        stack.stub.GetSession(pb.GetSessionRequest(name=session.name), metadata=stranger),
+        stack.stub.SendMessage(
+            pb.SendMessageRequest(session=session.name, text="hi"), metadata=stranger
+        ),
+        stack.stub.DeleteSession(pb.DeleteSessionRequest(name=session.name), metadata=stranger),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await call
+        assert denied.value.code() == grpc.StatusCode.NOT_FOUND
+    stream = stack.stub.StreamSessionEvents(
+        pb.StreamSessionEventsRequest(session=session.name), metadata=stranger
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as hidden:
+        await stream.read()
+    assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+    other_user = stack.auth("bob")
+    with pytest.raises(grpc.aio.AioRpcError) as private:
+        await stack.stub.GetSession(pb.GetSessionRequest(name=session.name), metadata=other_user)
+    assert private.value.code() == grpc.StatusCode.NOT_FOUND
+    viewer = stack.auth("victor", roles=("viewer",))
+    assert (
+        await stack.stub.GetSession(pb.GetSessionRequest(name=session.name), metadata=viewer)
+    ).session.name
+    with pytest.raises(grpc.aio.AioRpcError) as read_only:
+        await stack.stub.SendMessage(
+            pb.SendMessageRequest(session=session.name, text="hi"), metadata=viewer
+        )
+    assert read_only.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    listed = await stack.stub.ListSessions(pb.ListSessionsRequest(), metadata=stranger)
+    assert list(listed.sessions) == []
+
+
+async def test_idempotent_create_and_send(stack: Stack) -> None:
+    request = pb.CreateSessionRequest(
+        session=session_pb2.Session(display_name="x"), request_id="r-1"
+    )
+    a = await stack.stub.CreateSession(request, metadata=stack.auth())
+    b = await stack.stub.CreateSession(request, metadata=stack.auth())
+    assert a.session.name == b.session.name
+    t1 = await send(stack, a.session.name, request_id="m-1")
+    t2 = await send(stack, a.session.name, request_id="m-1")
+    assert t1.turn.name == t2.turn.name and len(stack.runtime.turns) <= 1
+
+
+async def test_invalid_requests_name_their_fields(stack: Stack) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await stack.stub.SendMessage(
+            pb.SendMessageRequest(session="nope", text=""), metadata=stack.auth()
+        )
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(bad.value)
+    fields = set()
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            request = error_details_pb2.BadRequest()
+            detail.Unpack(request)
+            fields = {v.field for v in request.field_violations}
+    assert fields == {"session", "text"}
+    with pytest.raises(grpc.aio.AioRpcError) as bad_filter:
+        await stack.stub.ListSessions(
+            pb.ListSessionsRequest(filter="colour = blue"), metadata=stack.auth()
+        )
+    assert bad_filter.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_restart_mid_turn_ends_it_failed_and_keeps_its_events(stack: Stack) -> None:
+    session = await create(stack)
+    await send(stack, session.name)
+    fake = await stack.runtime.next_turn()
+    fake.text("before the crash")
+    await collect(stack, session.name, until="text_block")
+    await stack.service.close()  # the process dies: its driver is gone mid-turn
+    restarted = stack.make_service()
+    await restarted.recover()
+    events = await collect(stack, session.name)
+    assert kinds(events)[:7] == [
+        "user_message",
+        "state_changed",
+        "turn_started",
+        "text_delta",
+        "text_block",
+        "error",
+        "turn_result",
+    ]
+    assert events[6].turn_result.status == event_pb2.TurnResult.STATUS_FAILED
+    await restarted.close()
+
+
+async def test_list_sessions_filters_orders_and_pages(stack: Stack) -> None:
+    names = [(await create(stack)).name for _ in range(5)]
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await stack.stub.ListSessions(
+            pb.ListSessionsRequest(
+                page_size=2, page_token=token, order_by="create_time", filter="state = IDLE"
+            ),
+            metadata=stack.auth(),
+        )
+        seen.extend(s.name for s in page.sessions)
+        assert page.total_size == 5
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == names
