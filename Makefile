@@ -76,6 +76,7 @@ test: setup lint typecheck buf-lint breaking check-protos pytest ## Everything C
 .PHONY: bench
 bench: setup ## Benchmarks, each a ratio against a baseline measured in the same run
 	$(PY) -m tests.bench.bench_kit
+	$(PY) -m tests.bench.bench_fanout
 
 .PHONY: run
 run: setup ## Bring the whole platform up on embedded defaults (SQLite, in-process hub)

@@ -97,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "admin", help="create-org|create-user|create-service-account|create-api-key|rotate-keys"
     )
     admin.add_argument("arguments", nargs=argparse.REMAINDER)
+    chat = commands.add_parser("chat", help="talk to an agent in the terminal (creates a session)")
+    chat.add_argument(
+        "--session", help="attach to this session (sessions/...) instead of a new one"
+    )
+    chat.add_argument("-m", "--message", help="send one message, print the answer, exit")
     args = parser.parse_args(argv)
 
     settings = Settings()
@@ -111,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_serve(settings, _services(args.services), banner=False))
     elif args.command == "migrate":
         asyncio.run(_migrate(settings, _services(args.services)))
+    elif args.command == "chat":
+        from corral.services.session.chat import main as chat_main
+
+        return asyncio.run(chat_main(args.session, args.message))
     elif args.command == "admin":
         from corral.services.identity.admin import main as admin_main
 

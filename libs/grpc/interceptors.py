@@ -87,6 +87,19 @@ def _code(context: Context, default: grpc.StatusCode) -> grpc.StatusCode:
     return code if isinstance(code, grpc.StatusCode) else default
 
 
+def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A server stream may yield a response already encoded (``bytes``): a fan-out that sends
+    one event to many watchers encodes it once instead of once per watcher."""
+    if serializer is None:
+        return None
+    encode = serializer
+
+    def serialize(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else encode(message)
+
+    return serialize
+
+
 def _status_name(code: grpc.StatusCode) -> str:
     return str(code.name)
 
@@ -114,7 +127,7 @@ class CorralServerInterceptor(_ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(method, handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=_passing_bytes(handler.response_serializer),
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(

@@ -96,6 +96,11 @@ async def bootstrap(identity: IdentityService, settings: IdentitySettings) -> No
     email = settings.bootstrap_admin_email or "admin@corral.local"
     generated = await identity.bootstrap(email, settings.bootstrap_admin_password)
     if generated is not None:
+        # Development only: `corral chat` and the start-up demo sign in with these.
+        credentials = settings.data_dir / "admin-credentials"
+        credentials.parent.mkdir(parents=True, exist_ok=True)
+        credentials.touch(mode=0o600)
+        credentials.write_text(f"{email}\n{generated}\n")
         print(
             f"\ncorral identity: created superuser {email} in organizations/default\n"
             f"  password: {generated}\n"

@@ -41,6 +41,18 @@ from corral.session.v1 import session_service_pb2 as pb
 from corral.session.v1 import session_service_pb2_grpc as rpc
 
 MAX_TEXT = 100_000
+_EVENT_FIELD = b"\x0a"  # StreamSessionEventsResponse.event: field 1, wire type 2
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 STATES = {
     s.removeprefix("STATE_"): s.removeprefix("STATE_") for s in session_pb2.Session.State.keys()[1:]
 }
@@ -460,9 +472,9 @@ class SessionApi(rpc.SessionServiceServicer):
             last_sequence=last,
         )
 
-    async def StreamSessionEvents(
+    async def StreamSessionEvents(  # type: ignore[override]  # yields encoded responses
         self, request: pb.StreamSessionEventsRequest, context: Any
-    ) -> AsyncIterator[pb.StreamSessionEventsResponse]:
+    ) -> AsyncIterator[bytes]:
         check = Validator()
         session_id = _session_id(request.session, "session", check)
         check.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
@@ -471,6 +483,6 @@ class SessionApi(rpc.SessionServiceServicer):
         async for _, payload in self._service.watch(
             require_caller(), session_id, after=request.after_sequence, event_filter=event_filter
         ):
-            response = pb.StreamSessionEventsResponse()
-            response.event.ParseFromString(payload)
-            yield response
+            # StreamSessionEventsResponse{event = payload}, encoded without a parse: field 1,
+            # length-delimited. The kit's interceptor passes bytes through unserialised.
+            yield _EVENT_FIELD + _varint(len(payload)) + payload

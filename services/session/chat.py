@@ -228,6 +228,9 @@ async def main(session: str | None, message: str | None) -> int:
         password = os.environ.get("CORRAL_PASSWORD") or os.environ.get(
             "CORRAL_BOOTSTRAP_ADMIN_PASSWORD", ""
         )
+        saved = settings.data_dir / "admin-credentials"  # written by `corral dev` on first start
+        if (not email or not password) and saved.exists():
+            email, password = saved.read_text().split("\n")[:2]
         if not email or not password:
             print("set CORRAL_TOKEN, or CORRAL_EMAIL and CORRAL_PASSWORD", file=sys.stderr)
             return 2
