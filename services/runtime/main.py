@@ -1,11 +1,124 @@
-"""Composition root of the runtime service (API published; behaviour comes with its own issue)."""
+"""Composition root of the agent runtime: the process pool, the model endpoint, the server.
+
+With no ``ANTHROPIC_API_KEY`` the runtime starts the offline model server (a local stand-in
+for the Messages API) in this process and points every agent at it, and says so loudly: its
+answers are scripted, not Claude's. With a key, none of it runs.
+"""
 
 from __future__ import annotations
 
-from corral.libs.app import ServiceApp
+import asyncio
+import logging
+import shutil
+import socket
+import warnings
+from contextlib import AsyncExitStack
+
+from claude_agent_sdk.types import CanUseToolShadowedWarning
+
+from corral.libs.app import Infrastructure, ServiceApp
+from corral.libs.auth.jwt import JwksSource
 from corral.libs.config import Settings
-from corral.services.unimplemented import build_unimplemented
+from corral.libs.grpc.server import ServiceRegistration
+from corral.runtime.v1 import runtime_service_pb2, runtime_service_pb2_grpc
+from corral.services.runtime.api import RuntimeApi
+from corral.services.runtime.service import RuntimeConfig, RuntimeService
+
+log = logging.getLogger("corral.runtime")
+
+OFFLINE_API_KEY = "offline-model-no-key"
 
 
-async def build(settings: Settings, *, port: int | None = None) -> ServiceApp:
-    return await build_unimplemented("runtime", "RuntimeService", settings, port)
+async def build(
+    settings: Settings, *, port: int | None = None, jwks_source: JwksSource | None = None
+) -> ServiceApp:
+    """``jwks_source`` replaces identity's JWKS endpoint (tests, or one-process deployments)."""
+    # The runtime gates tools with a PreToolUse hook and can_use_tool together, on purpose.
+    warnings.filterwarnings("ignore", category=CanUseToolShadowedWarning)
+    resources = AsyncExitStack()
+    try:
+        model_env = await _model_endpoint(settings, resources)
+        service = RuntimeService(
+            RuntimeConfig(
+                root=settings.runtime_dir(),
+                pool_size=settings.runtime_pool_size,
+                idle_seconds=settings.runtime_idle_seconds,
+                default_model=settings.runtime_model,
+                permission_timeout_seconds=settings.runtime_permission_timeout_seconds,
+                interrupt_grace_seconds=settings.runtime_interrupt_grace_seconds,
+                model_env=model_env,
+                replica_id=socket.gethostname(),
+                scrub_tool_env=_can_scrub_tool_env(model_env),
+            )
+        )
+        resources.push_async_callback(service.close)
+        infra = Infrastructure(settings, "runtime", resources)
+        api = RuntimeApi(service)
+        registration = ServiceRegistration(
+            runtime_service_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name,
+            lambda server: runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(
+                api, server
+            ),
+        )
+        server = infra.server([registration], verifier=infra.verifier(jwks_source), port=port)
+    except BaseException:
+        await resources.aclose()
+        raise
+
+    async def reap_idle_processes() -> None:
+        interval = max(0.5, min(settings.runtime_idle_seconds / 2, 30.0))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await service.reap_idle()
+            except Exception:
+                log.exception("reaping idle agent processes failed")
+
+    return ServiceApp("runtime", server, resources, background=[reap_idle_processes])
+
+
+async def _model_endpoint(settings: Settings, resources: AsyncExitStack) -> dict[str, str]:
+    """ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY for the agents."""
+    key = settings.anthropic_api_key.get_secret_value()
+    if key:
+        env = {"ANTHROPIC_API_KEY": key}
+        if settings.anthropic_base_url:
+            env["ANTHROPIC_BASE_URL"] = settings.anthropic_base_url
+        return env
+    if settings.anthropic_base_url:
+        log.warning(
+            "ANTHROPIC_API_KEY is not set: agents use the model server at %s without a key",
+            settings.anthropic_base_url,
+        )
+        return {
+            "ANTHROPIC_BASE_URL": settings.anthropic_base_url,
+            "ANTHROPIC_API_KEY": OFFLINE_API_KEY,
+        }
+    from corral.services.runtime.offline_model import start
+
+    server, bound = await start("127.0.0.1", 0)
+
+    async def close() -> None:
+        server.close()
+        await server.wait_closed()
+
+    resources.push_async_callback(close)
+    url = f"http://127.0.0.1:{bound}"
+    log.warning(
+        "ANTHROPIC_API_KEY is not set: agents talk to the OFFLINE MODEL server at %s, a local "
+        "scripted stand-in. Its answers are NOT from Claude. Set ANTHROPIC_API_KEY for real ones.",
+        url,
+    )
+    return {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": OFFLINE_API_KEY}
+
+
+def _can_scrub_tool_env(model_env: dict[str, str]) -> bool:
+    """The CLI strips credentials from its tools' environment only with bubblewrap installed."""
+    if shutil.which("bwrap"):
+        return True
+    if model_env.get("ANTHROPIC_API_KEY") != OFFLINE_API_KEY:
+        log.warning(
+            "bubblewrap (bwrap) is not installed: agents' tools can read ANTHROPIC_API_KEY from "
+            "their environment. Install bubblewrap to have the Claude CLI scrub it."
+        )
+    return False

@@ -99,6 +99,7 @@ class AgentOptions(_message.Message):
     MAX_THINKING_TOKENS_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     PERMISSION_TIMEOUT_FIELD_NUMBER: _builtins.int
+    PERMISSION_RULES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model id; never empty (the session service applies the default)."""
     system_prompt: _builtins.str
@@ -134,7 +135,19 @@ class AgentOptions(_message.Message):
     @_builtins.property
     def permission_timeout(self) -> _duration_pb2.Duration:
         """How long a PermissionRequest waits for SubmitPermissionDecision before
-        the runtime denies it (source TIMEOUT).
+        the runtime denies it (source TIMEOUT). Unset or zero: the runtime's
+        configured default.
+        """
+
+    @_builtins.property
+    def permission_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___PermissionRule]:
+        """The tool permission policy (the organisation's and the session's rules,
+        merged by the session service), checked in order before every tool call,
+        whatever the permission_mode: the first rule whose tool_pattern matches
+        the tool's name decides (allow, deny, or ask through a
+        PermissionRequest). A call that no rule matches is decided as the SDK
+        would decide it: by permission_mode, allowed_tools and disallowed_tools,
+        and where the SDK would ask a person, by a PermissionRequest.
         """
 
     def __init__(
@@ -152,14 +165,81 @@ class AgentOptions(_message.Message):
         max_thinking_tokens: _builtins.int = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         permission_timeout: _duration_pb2.Duration | None = ...,
+        permission_rules: _abc.Iterable[Global___PermissionRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["permission_timeout", b"permission_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "disallowed_tools", b"disallowed_tools", "env", b"env", "max_budget_usd_micros", b"max_budget_usd_micros", "max_thinking_tokens", b"max_thinking_tokens", "max_turns", b"max_turns", "mcp_servers", b"mcp_servers", "model", b"model", "permission_mode", b"permission_mode", "permission_timeout", b"permission_timeout", "system_prompt", b"system_prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "disallowed_tools", b"disallowed_tools", "env", b"env", "max_budget_usd_micros", b"max_budget_usd_micros", "max_thinking_tokens", b"max_thinking_tokens", "max_turns", b"max_turns", "mcp_servers", b"mcp_servers", "model", b"model", "permission_mode", b"permission_mode", "permission_rules", b"permission_rules", "permission_timeout", b"permission_timeout", "system_prompt", b"system_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentOptions: _TypeAlias = AgentOptions  # noqa: Y015
+
+@_typing.final
+class PermissionRule(_message.Message):
+    """One rule of the tool permission policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Action:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[PermissionRule._Action.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        ACTION_UNSPECIFIED: PermissionRule._Action.ValueType  # 0
+        """Never used; INVALID_ARGUMENT if sent."""
+        ACTION_ALLOW: PermissionRule._Action.ValueType  # 1
+        """Run the tool without asking (a PermissionDecision of source POLICY)."""
+        ACTION_DENY: PermissionRule._Action.ValueType  # 2
+        """Refuse the call: the agent gets an error tool result, also in
+        PERMISSION_MODE_BYPASS_PERMISSIONS (a PermissionDecision of source
+        POLICY).
+        """
+        ACTION_ASK: PermissionRule._Action.ValueType  # 3
+        """Ask a person: a PermissionRequest, answered by
+        SubmitPermissionDecision or denied when permission_timeout passes.
+        """
+
+    class Action(_Action, metaclass=_ActionEnumTypeWrapper):
+        """What happens to a tool call the rule matches."""
+
+    ACTION_UNSPECIFIED: PermissionRule.Action.ValueType  # 0
+    """Never used; INVALID_ARGUMENT if sent."""
+    ACTION_ALLOW: PermissionRule.Action.ValueType  # 1
+    """Run the tool without asking (a PermissionDecision of source POLICY)."""
+    ACTION_DENY: PermissionRule.Action.ValueType  # 2
+    """Refuse the call: the agent gets an error tool result, also in
+    PERMISSION_MODE_BYPASS_PERMISSIONS (a PermissionDecision of source
+    POLICY).
+    """
+    ACTION_ASK: PermissionRule.Action.ValueType  # 3
+    """Ask a person: a PermissionRequest, answered by
+    SubmitPermissionDecision or denied when permission_timeout passes.
+    """
+
+    TOOL_PATTERN_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    tool_pattern: _builtins.str
+    """A shell-style glob over the tool name, case-sensitive: `Bash`, `Write`,
+    `mcp__*` (every MCP tool), `mcp__github__*` (one MCP server's tools),
+    `*` (every tool).
+    """
+    action: Global___PermissionRule.Action.ValueType
+    """What a matching call gets."""
+    def __init__(
+        self,
+        *,
+        tool_pattern: _builtins.str = ...,
+        action: Global___PermissionRule.Action.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "tool_pattern", b"tool_pattern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermissionRule: _TypeAlias = PermissionRule  # noqa: Y015
 
 @_typing.final
 class McpServer(_message.Message):

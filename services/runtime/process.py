@@ -1,0 +1,197 @@
+"""The agent process: how the Claude CLI is launched, with which environment, and how it dies.
+
+The SDK starts the CLI with the runtime's whole environment plus ``options.env``. An agent must
+see only what its session allows, so the SDK is pointed (``cli_path``) at a small launcher that
+keeps the variables the runtime names in ``CORRAL_CLI_ENV`` (and those the SDK itself sets),
+starts a new session (``setsid``: the CLI leads its own process group, apart from the runtime's),
+and then ``exec``s the real CLI. The CLI stays the runtime's child with the same pid.
+
+Tools the CLI runs (Bash) live in sessions of their own and may outlive the CLI, so every
+process an agent starts is found by its tag (``TAG_VARIABLE``, inherited through the
+environment) as well as by descent, and whatever outlives its agent or its interrupted turn is
+killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import claude_agent_sdk
+
+log = logging.getLogger("corral.runtime.process")
+
+# Variables the runtime passes from its own environment to every agent.
+PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
+# Variables the SDK sets itself on the CLI's environment (it merges them over ours).
+SDK_VARIABLES = (
+    "CLAUDE_CODE_ENTRYPOINT",
+    "CLAUDE_AGENT_SDK_VERSION",
+    "CLAUDE_AGENT_SDK_CLIENT_APP",
+    "CLAUDE_AGENT_SDK_DERIVED_CLIENT_APP",
+    "CLAUDE_CODE_SDK_READS_SESSION_STATE",
+    "CLAUDE_CODE_ENABLE_SDK_FILE_CHECKPOINTING",
+    "PWD",
+    "TRACEPARENT",
+    "TRACESTATE",
+)
+KEEP_VARIABLE = "CORRAL_CLI_ENV"
+CLI_VARIABLE = "CORRAL_CLI_PATH"
+# Set to a fresh value for each agent process; everything it starts inherits it, so what it ran
+# is found again even after it was re-parented (a tool that outlived a crashed CLI).
+TAG_VARIABLE = "CORRAL_AGENT_TAG"
+
+_LAUNCHER = '''\
+"""Corral's Claude CLI launcher (written by the runtime; do not edit): keep only the
+environment variables named in {keep} and the SDK's own, start a new session, exec the CLI."""
+import os
+import sys
+
+SDK_VARIABLES = {sdk!r}
+keep = set(os.environ.get("{keep}", "").split(",")) | set(SDK_VARIABLES)
+keep.discard("")
+cli = os.environ["{cli}"]
+env = {{name: value for name, value in os.environ.items() if name in keep}}
+os.setsid()
+os.execve(cli, [cli, *sys.argv[1:]], env)
+'''
+
+
+def bundled_cli() -> Path:
+    """The Claude Code CLI the SDK ships (the one it would run itself)."""
+    return Path(claude_agent_sdk.__file__).resolve().parent / "_bundled" / "claude"
+
+
+def cli_version(cli: Path) -> str:
+    with contextlib.suppress(OSError):
+        return cli.with_name("claude.version").read_text().strip()
+    return ""
+
+
+def install_launcher(directory: Path) -> Path:
+    """Write the launcher (idempotent); returns its path, for ``ClaudeAgentOptions.cli_path``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "claude-launcher"
+    text = f"#!{sys.executable} -IS\n" + _LAUNCHER.format(
+        keep=KEEP_VARIABLE, cli=CLI_VARIABLE, sdk=SDK_VARIABLES
+    )
+    if not path.exists() or path.read_text() != text:
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(text)
+        temporary.chmod(0o755)
+        temporary.replace(path)
+    return path
+
+
+def cli_environment(
+    cli: Path, agent_env: Mapping[str, str], runtime_env: Mapping[str, str]
+) -> dict[str, str]:
+    """The CLI's whole environment: a few of the runtime's own (``PASSTHROUGH``), the session's
+    allowed variables, then the runtime's settings for the agent (which win)."""
+    env = {name: os.environ[name] for name in PASSTHROUGH if name in os.environ}
+    env.update(agent_env)
+    env.update(runtime_env)
+    env[KEEP_VARIABLE] = ",".join(sorted(env))
+    env[CLI_VARIABLE] = str(cli)
+    return env
+
+
+# --- process trees (Linux /proc) --------------------------------------------------------------
+
+ProcessId = tuple[int, int]  # (pid, start time in clock ticks): a pid alone may be reused
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time) of a live process, or None (also for a zombie: it is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    fields = text[text.rfind(")") + 2 :].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    try:
+        return int(fields[1]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def identify(pid: int) -> ProcessId | None:
+    stat = _stat(pid)
+    return None if stat is None else (pid, stat[1])
+
+
+def descendants(root: int) -> list[ProcessId]:
+    """Every live descendant of ``root`` (not ``root`` itself); empty where /proc is absent."""
+    children: dict[int, list[int]] = {}
+    started: dict[int, int] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        stat = _stat(int(entry))
+        if stat is not None:
+            children.setdefault(stat[0], []).append(int(entry))
+            started[int(entry)] = stat[1]
+    found: list[ProcessId] = []
+    stack = list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        if pid in started:
+            found.append((pid, started[pid]))
+        stack.extend(children.get(pid, []))
+    return found
+
+
+def tagged(tag: str) -> list[ProcessId]:
+    """Every live process whose environment carries ``TAG_VARIABLE=tag``."""
+    needle = f"{TAG_VARIABLE}={tag}".encode()
+    found: list[ProcessId] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                variables = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if needle in variables and (identity := identify(int(entry))) is not None:
+            found.append(identity)
+    return found
+
+
+def alive(process: ProcessId) -> bool:
+    stat = _stat(process[0])
+    return stat is not None and stat[1] == process[1]
+
+
+def kill_all(processes: list[ProcessId]) -> int:
+    """SIGKILL each process still alive (and the group it leads, if it leads one); returns how
+    many were killed."""
+    killed = 0
+    for process in processes:
+        pid = process[0]
+        if not alive(process):
+            continue
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+            killed += 1
+    if killed:
+        log.info("killed processes that outlived their agent", extra={"count": killed})
+    return killed

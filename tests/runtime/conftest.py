@@ -1,0 +1,210 @@
+"""A real RuntimeService on port 0 (its own composition root), the real SDK and CLI, and the
+offline model server the runtime starts itself when no API key is configured."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from corral.libs.app import ServiceApp
+from corral.libs.auth import StaticJwksSource
+from corral.libs.config import Settings
+from corral.runtime.v1 import agent_options_pb2 as options_pb
+from corral.runtime.v1 import runtime_event_pb2 as event_pb
+from corral.runtime.v1 import runtime_service_pb2 as pb
+from corral.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
+from corral.services.runtime.main import build
+from corral.services.runtime.offline_model import server as offline_server
+from tests.support.keys import SigningKey
+
+MODEL = "claude-sonnet-4-5"
+ORG = "organizations/acme"
+CLI_MARKER = "claude_agent_sdk/_bundled/claude"
+
+
+def directive(*steps: dict[str, Any]) -> str:
+    """A prompt that scripts the offline model (see offline_model.script)."""
+    return f"<<corral-model {json.dumps(list(steps))}>>"
+
+
+def cli_processes() -> list[int]:
+    """Claude CLI processes this test process started (the runtime's agents)."""
+    me, found = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if CLI_MARKER in cmdline and int(fields[1]) == me and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                if marker.encode() in handle.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
+
+
+def options(**fields: Any) -> options_pb.AgentOptions:
+    fields.setdefault("model", MODEL)
+    fields.setdefault("max_turns", 8)
+    return options_pb.AgentOptions(**fields)
+
+
+@dataclass
+class Runtime:
+    app: ServiceApp
+    root: Path
+    stub: pb_grpc.RuntimeServiceStub
+    token: str
+    signing_key: SigningKey
+    channel: grpc.aio.Channel
+    turns: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self, token: str | None = None) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {token or self.token}"),)
+
+    def request(
+        self,
+        session: str,
+        prompt: str,
+        *,
+        agent: options_pb.AgentOptions | None = None,
+        resume: str = "",
+        workspace: str | None = None,
+        turn_id: str | None = None,
+        organization: str = ORG,
+    ) -> pb.RunTurnRequest:
+        self.turns += 1
+        return pb.RunTurnRequest(
+            session=f"sessions/{session}",
+            turn_id=turn_id or f"turn-{self.turns}",
+            organization=organization,
+            actor="organizations/acme/users/alice",
+            workspace=f"workspaces/{workspace or session}",
+            options=agent or options(),
+            prompt=prompt,
+            resume_transcript_id=resume,
+        )
+
+    def stream(
+        self, request: pb.RunTurnRequest, token: str | None = None
+    ) -> grpc.aio.UnaryStreamCall[pb.RunTurnRequest, pb.RunTurnResponse]:
+        return self.stub.RunTurn(request, metadata=self.metadata(token), timeout=60)
+
+    async def turn(self, session: str, prompt: str, **kwargs: Any) -> list[event_pb.RuntimeEvent]:
+        call = self.stream(self.request(session, prompt, **kwargs))
+        return [response.event async for response in call]
+
+    def workspace(self, name: str) -> Path:
+        return self.root / "workspaces" / name
+
+
+RuntimeFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_runtime(
+    tmp_path: Path, signing_key: SigningKey
+) -> AsyncIterator[Callable[..., Any]]:
+    """Builds and starts runtimes with extra settings; stops them after the test."""
+    started: list[Runtime] = []
+
+    async def make(**settings: Any) -> Runtime:
+        root = settings.pop("runtime_root", tmp_path / f"runtime-{len(started)}")
+        app = await build(
+            Settings(
+                data_dir=tmp_path,
+                runtime_root=root,
+                anthropic_api_key="",
+                anthropic_base_url="",
+                rate_limit_burst=1000,
+                **settings,
+            ),
+            port=0,
+            jwks_source=StaticJwksSource(signing_key.jwks()),
+        )
+        await app.start()
+        channel = grpc.aio.insecure_channel(app.server.address)
+        runtime = Runtime(
+            app=app,
+            root=root,
+            stub=pb_grpc.RuntimeServiceStub(channel),
+            token=signing_key.token(),
+            signing_key=signing_key,
+            channel=channel,
+        )
+        started.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in started:
+        await runtime.channel.close()
+        await runtime.app.stop(0)
+
+
+@pytest.fixture
+async def runtime(make_runtime: Callable[..., Any]) -> Runtime:
+    result: Runtime = await make_runtime()
+    return result
+
+
+def payloads(events: Sequence[event_pb.RuntimeEvent]) -> list[str]:
+    return [str(event.WhichOneof("payload")) for event in events]
+
+
+def new_session() -> str:
+    return f"s-{uuid.uuid4().hex[:12]}"
+
+
+@contextlib.contextmanager
+def recorded_model_requests() -> Iterator[list[bytes]]:
+    """Every request body the offline model answers (it runs in this process)."""
+    bodies: list[bytes] = []
+    original = offline_server.plan_reply
+
+    def recording(body: Any, *args: Any, **kwargs: Any) -> Any:
+        bodies.append(body if isinstance(body, bytes) else str(body).encode())
+        return original(body, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(offline_server, "plan_reply", recording)
+        yield bodies
