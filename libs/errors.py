@@ -111,6 +111,10 @@ class Unavailable(CorralError):
     default_reason = "UNAVAILABLE"
 
 
+class Unimplemented(CorralError):
+    default_reason = "UNIMPLEMENTED"
+
+
 class DeadlineExceeded(CorralError):
     default_reason = "DEADLINE_EXCEEDED"
 

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from corral.libs import db
 from corral.libs.app import ServiceApp, run_until_signalled
 from corral.libs.config import SERVICE_NAMES, Settings
+from corral.libs.envoy import start_edge
 from corral.libs.observability import configure_logging, configure_tracing
 from corral.services import registry
 
@@ -47,6 +48,7 @@ async def _serve(settings: Settings, names: list[str], *, banner: bool) -> None:
         apps.append(await registry.build(name, settings))
 
     async def announce() -> None:
+        edge = await start_edge(settings, apps) if settings.edge_enabled else None
         status = await check_health({app.name: app.server.address for app in apps})
         width = max(len(n) for n in status)
         print(
@@ -59,6 +61,8 @@ async def _serve(settings: Settings, names: list[str], *, banner: bool) -> None:
                 f"  {app.name:<{width}}  {app.server.address:<16} health: {status[app.name]}",
                 file=sys.stderr,
             )
+        if edge is not None:
+            print(f"  {'edge':<{width}}  {edge.url}  (gRPC, grpc-web, REST)", file=sys.stderr)
         print(
             "\n  try:  grpcurl -plaintext"
             f" {apps[0].server.address} list    (server reflection)\n  stop:  Ctrl-C\n",

@@ -22,7 +22,7 @@ import grpc
 
 from corral.libs.auth.caller import Caller, set_caller
 from corral.libs.auth.jwt import TokenVerifier
-from corral.libs.errors import CorralError, Unauthenticated
+from corral.libs.errors import CorralError, Unauthenticated, Unimplemented
 from corral.libs.grpc.errors import code_for, internal_status, to_status
 from corral.libs.observability import current_trace_id
 
@@ -162,6 +162,9 @@ class CorralServerInterceptor(_ServerInterceptor):
         if isinstance(exc, CorralError):
             status = to_status(exc)
             code = code_for(exc)
+        elif isinstance(exc, NotImplementedError):  # a generated base servicer's method
+            status = to_status(Unimplemented("this method is not implemented yet"))
+            code = grpc.StatusCode.UNIMPLEMENTED
         else:
             log.exception(
                 "unhandled error", extra={"request_id": call.request_id, "method": call.method}
