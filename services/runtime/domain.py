@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import uuid4
 
 from corral.libs.errors import (
     AlreadyExists,
@@ -162,7 +163,6 @@ class PermissionBook:
 
     def __init__(self) -> None:
         self._requests: dict[str, PendingPermission] = {}
-        self._counter = 0
 
     def open(
         self,
@@ -171,9 +171,8 @@ class PermissionBook:
         tool_input: Mapping[str, Any],
         timeout_seconds: float,
     ) -> PendingPermission:
-        self._counter += 1
         request = PendingPermission(
-            request_id=f"perm-{self._counter}",
+            request_id=_request_id(),
             tool_name=tool_name,
             tool_use_id=tool_use_id,
             tool_input=tool_input,
@@ -184,8 +183,7 @@ class PermissionBook:
 
     def next_policy_id(self) -> str:
         """An id for a decision a policy rule made without a request."""
-        self._counter += 1
-        return f"perm-{self._counter}"
+        return _request_id()
 
     def decide(self, request_id: str, decision: Decision) -> None:
         request = self._requests.get(request_id)
@@ -241,3 +239,8 @@ class CostMeter:
         cost = max(0.0, reported_total_usd - self.total_usd)
         self.total_usd = max(self.total_usd, reported_total_usd)
         return cost
+
+
+def _request_id() -> str:
+    """Unique across turns and processes: the session keeps every request of its history."""
+    return f"perm-{uuid4().hex[:20]}"

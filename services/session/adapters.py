@@ -189,6 +189,7 @@ class IdentityAudit(_AsService):
         resource: str,
         metadata: dict[str, str],
         token: str,
+        outcome: str = "SUCCEEDED",
     ) -> None:
         import uuid
 
@@ -198,6 +199,7 @@ class IdentityAudit(_AsService):
             action=action,
             resource=resource,
             service="session",
+            outcome=audit_event_pb2.AuditEvent.Outcome.Value(f"OUTCOME_{outcome}"),
             metadata=metadata,
         )
         event.event_time.GetCurrentTime()

@@ -25,6 +25,17 @@ def validate(options: pb.AgentOptions, check: Validator, prefix: str) -> None:
     check.check(
         len(options.mcp_servers) <= MAX_MCP_SERVERS, f"{prefix}.mcp_servers", "at most 20 servers"
     )
+    check.check(
+        len(options.permission_rules) <= 50, f"{prefix}.permission_rules", "at most 50 rules"
+    )
+    for i, rule in enumerate(options.permission_rules):
+        path = f"{prefix}.permission_rules[{i}]"
+        check.check(0 < len(rule.tool_pattern) <= 200, f"{path}.tool_pattern", "1-200 characters")
+        check.check(
+            rule.action != pb.PermissionRule.ACTION_UNSPECIFIED,
+            f"{path}.action",
+            "ALLOW, DENY or ASK",
+        )
     names = set()
     for i, server in enumerate(options.mcp_servers):
         path = f"{prefix}.mcp_servers[{i}]"
@@ -80,6 +91,8 @@ def for_runtime(options: pb.AgentOptions) -> runtime_options.AgentOptions:
     )
     if options.HasField("permission_timeout"):
         out.permission_timeout.CopyFrom(options.permission_timeout)
+    for rule in options.permission_rules:
+        out.permission_rules.add(tool_pattern=rule.tool_pattern, action=int(rule.action))
     for server in options.mcp_servers:
         target = out.mcp_servers.add(name=server.name)
         if server.HasField("stdio"):

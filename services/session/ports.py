@@ -71,4 +71,5 @@ class AuditLog(Protocol):
         resource: str,
         metadata: dict[str, str],
         token: str,
+        outcome: str = "SUCCEEDED",  # SUCCEEDED, DENIED or FAILED
     ) -> None: ...

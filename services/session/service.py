@@ -547,6 +547,7 @@ class SessionService:
             "permission.allow" if allow else "permission.deny",
             name,
             {"permission_request": request_id, "message": message[:200]},
+            outcome="SUCCEEDED" if allow else "DENIED",
         )
 
     # -- running turns -------------------------------------------------------------------------
@@ -626,6 +627,7 @@ class SessionService:
         reader = asyncio.create_task(read())
         try:
             done = False
+            tail: list[event_pb2.SessionEvent] = []
             while not done:
                 items = [await queue.get()]
                 while not queue.empty() and len(items) < BATCH_MAX:
@@ -642,13 +644,21 @@ class SessionService:
                         if mapped is not None:
                             batch.append(mapped)
                             outcome.observe(item)
+                        if item.HasField("turn_result"):
+                            done = True  # the turn is over; the stream's close adds nothing
+                            break
                 if done and not outcome.result_seen:
                     batch.extend(outcome.failed(None))
-                await self._write_turn_events(session.id, turn, batch, outcome)
+                if done:
+                    tail = batch  # written with the turn's end, in one transaction
+                else:
+                    await self._write_turn_events(session.id, turn, batch, outcome)
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-        await self._finish_run(session.id, turn, outcome, time.monotonic() - started, live.token)
+        await self._finish_run(
+            session.id, turn, outcome, time.monotonic() - started, live.token, tail
+        )
 
     async def _write_turn_events(
         self,
@@ -688,8 +698,16 @@ class SessionService:
         await self._append(session_id, turn.id, batch, mutate)
 
     async def _finish_run(
-        self, session_id: str, turn: Turn, outcome: _TurnOutcome, seconds: float, token: str
+        self,
+        session_id: str,
+        turn: Turn,
+        outcome: _TurnOutcome,
+        seconds: float,
+        token: str,
+        tail: Sequence[event_pb2.SessionEvent] = (),
     ) -> None:
+        """Write the turn's last events and its end in one transaction: once a client sees the
+        turn_result, the session already accepts the next message."""
         failed = outcome.status in ("FAILED",)
         final_state = SessionState.FAILED if failed else SessionState.IDLE
 
@@ -697,7 +715,6 @@ class SessionService:
             current = await uow.sessions.get(session_id, for_update=True)
             if current is None:
                 return
-            previous = current.state
             current.move_to(final_state)
             current.current_turn = ""
             current.usage.add(outcome.usage)
@@ -715,11 +732,9 @@ class SessionService:
             turn.result = outcome.result
             turn.last_sequence = await uow.events.last_sequence(session_id)
             await uow.turns.save(turn)
-            outcome.previous_state = previous
 
-        await self._append(
-            session_id, turn.id, [self._state_event(final_state, SessionState.RUNNING)], finish
-        )
+        closing = [*tail, self._state_event(final_state, SessionState.RUNNING)]
+        await self._append(session_id, turn.id, closing, finish)
         self._live.pop(turn.id, None)
         if turn.reservation:
             try:
@@ -774,13 +789,8 @@ class SessionService:
                     )
                     continue
                 outcome = _TurnOutcome()
-                await self._write_turn_events(
-                    session_id,
-                    turn,
-                    outcome.failed(RuntimeError("the session service restarted")),
-                    outcome,
-                )
-                await self._finish_run(session_id, turn, outcome, 0.0, "")
+                tail = outcome.failed(RuntimeError("the session service restarted"))
+                await self._finish_run(session_id, turn, outcome, 0.0, "", tail)
 
     async def close(self) -> None:
         tasks = list(self._drivers.values())
@@ -890,7 +900,13 @@ class SessionService:
     # -- audit and ledger helpers ----------------------------------------------------------------
 
     async def _audit_quietly(
-        self, caller: Caller, action: str, resource: str, metadata: dict[str, str] | None = None
+        self,
+        caller: Caller,
+        action: str,
+        resource: str,
+        metadata: dict[str, str] | None = None,
+        *,
+        outcome: str = "SUCCEEDED",
     ) -> None:
         try:
             await self._audit.record(
@@ -900,6 +916,7 @@ class SessionService:
                 resource=resource,
                 metadata=metadata or {},
                 token=caller.token,
+                outcome=outcome,
             )
         except Exception:
             log.exception("audit write failed", extra={"action": action, "resource": resource})
@@ -932,7 +949,6 @@ class _TurnOutcome:
         self.transcript_id = ""
         self.error_reason = ""
         self.error_message = ""
-        self.previous_state: SessionState | None = None
 
     def observe(self, event: rt.RuntimeEvent) -> None:
         if event.HasField("turn_started") and event.turn_started.transcript_id:

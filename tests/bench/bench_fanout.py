@@ -131,9 +131,7 @@ async def run(watchers: int, deltas: int, workdir: Path, pace: float) -> tuple[f
 
 
 async def main(deltas: int, many: int, pace: float) -> None:
-    print(
-        "event fan-out: one turn's deltas to N watchers over real gRPC (SQLite + in-process hub)"
-    )
+    print("event fan-out: one turn's deltas to N watchers over real gRPC (SQLite + in-process hub)")
     for label, rate, count in (("at a model's pace", pace, deltas // 4), ("flat out", 0.0, deltas)):
         with tempfile.TemporaryDirectory() as tmp:
             one_rate, _ = await run(1, count, Path(tmp), rate)

@@ -26,7 +26,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%corral/session/v1/agent_options.proto\x12\x11\x63orral.session.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\"\xc7\x05\n\x0c\x41gentOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\x1c\n\x14\x61ppend_system_prompt\x18\x03 \x01(\t\x12\x1b\n\rallowed_tools\x18\x04 \x03(\tB\x04\xe2\x41\x01\x06\x12\x1e\n\x10\x64isallowed_tools\x18\x05 \x03(\tB\x04\xe2\x41\x01\x06\x12G\n\x0fpermission_mode\x18\x06 \x01(\x0e\x32..corral.session.v1.AgentOptions.PermissionMode\x12\x31\n\x0bmcp_servers\x18\x07 \x03(\x0b\x32\x1c.corral.session.v1.McpServer\x12\x11\n\tmax_turns\x18\x08 \x01(\x05\x12\x1d\n\x15max_budget_usd_micros\x18\t \x01(\x03\x12\x1b\n\x13max_thinking_tokens\x18\n \x01(\x05\x12\x35\n\x03\x65nv\x18\x0b \x03(\x0b\x32(.corral.session.v1.AgentOptions.EnvEntry\x12\x35\n\x12permission_timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd0\x01\n\x0ePermissionMode\x12\x1f\n\x1bPERMISSION_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PERMISSION_MODE_DEFAULT\x10\x01\x12 \n\x1cPERMISSION_MODE_ACCEPT_EDITS\x10\x02\x12\x18\n\x14PERMISSION_MODE_PLAN\x10\x03\x12\x1c\n\x18PERMISSION_MODE_DONT_ASK\x10\x04\x12&\n\"PERMISSION_MODE_BYPASS_PERMISSIONS\x10\x05\"\x98\x01\n\tMcpServer\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x35\n\x05stdio\x18\x02 \x01(\x0b\x32$.corral.session.v1.McpStdioTransportH\x00\x12\x33\n\x04http\x18\x03 \x01(\x0b\x32#.corral.session.v1.McpHttpTransportH\x00\x42\x0b\n\ttransport\"\xc0\x02\n\x11McpStdioTransport\x12\x15\n\x07\x63ommand\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12:\n\x03\x65nv\x18\x03 \x03(\x0b\x32-.corral.session.v1.McpStdioTransport.EnvEntry\x12M\n\nsecret_env\x18\x04 \x03(\x0b\x32\x33.corral.session.v1.McpStdioTransport.SecretEnvEntryB\x04\xe2\x41\x01\x04\x12\x1d\n\x0fsecret_env_keys\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eSecretEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdc\x03\n\x10McpHttpTransport\x12\x11\n\x03url\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12>\n\x08protocol\x18\x02 \x01(\x0e\x32,.corral.session.v1.McpHttpTransport.Protocol\x12\x41\n\x07headers\x18\x03 \x03(\x0b\x32\x30.corral.session.v1.McpHttpTransport.HeadersEntry\x12T\n\x0esecret_headers\x18\x04 \x03(\x0b\x32\x36.corral.session.v1.McpHttpTransport.SecretHeadersEntryB\x04\xe2\x41\x01\x04\x12 \n\x12secret_header_keys\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x34\n\x12SecretHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROTOCOL_STREAMABLE_HTTP\x10\x01\x12\x10\n\x0cPROTOCOL_SSE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%corral/session/v1/agent_options.proto\x12\x11\x63orral.session.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\"\x84\x06\n\x0c\x41gentOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12\x1c\n\x14\x61ppend_system_prompt\x18\x03 \x01(\t\x12\x1b\n\rallowed_tools\x18\x04 \x03(\tB\x04\xe2\x41\x01\x06\x12\x1e\n\x10\x64isallowed_tools\x18\x05 \x03(\tB\x04\xe2\x41\x01\x06\x12G\n\x0fpermission_mode\x18\x06 \x01(\x0e\x32..corral.session.v1.AgentOptions.PermissionMode\x12\x31\n\x0bmcp_servers\x18\x07 \x03(\x0b\x32\x1c.corral.session.v1.McpServer\x12\x11\n\tmax_turns\x18\x08 \x01(\x05\x12\x1d\n\x15max_budget_usd_micros\x18\t \x01(\x03\x12\x1b\n\x13max_thinking_tokens\x18\n \x01(\x05\x12\x35\n\x03\x65nv\x18\x0b \x03(\x0b\x32(.corral.session.v1.AgentOptions.EnvEntry\x12\x35\n\x12permission_timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12;\n\x10permission_rules\x18\r \x03(\x0b\x32!.corral.session.v1.PermissionRule\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd0\x01\n\x0ePermissionMode\x12\x1f\n\x1bPERMISSION_MODE_UNSPECIFIED\x10\x00\x12\x1b\n\x17PERMISSION_MODE_DEFAULT\x10\x01\x12 \n\x1cPERMISSION_MODE_ACCEPT_EDITS\x10\x02\x12\x18\n\x14PERMISSION_MODE_PLAN\x10\x03\x12\x1c\n\x18PERMISSION_MODE_DONT_ASK\x10\x04\x12&\n\"PERMISSION_MODE_BYPASS_PERMISSIONS\x10\x05\"\xb5\x01\n\x0ePermissionRule\x12\x14\n\x0ctool_pattern\x18\x01 \x01(\t\x12\x38\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32(.corral.session.v1.PermissionRule.Action\"S\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x10\n\x0c\x41\x43TION_ALLOW\x10\x01\x12\x0f\n\x0b\x41\x43TION_DENY\x10\x02\x12\x0e\n\nACTION_ASK\x10\x03\"\x98\x01\n\tMcpServer\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x35\n\x05stdio\x18\x02 \x01(\x0b\x32$.corral.session.v1.McpStdioTransportH\x00\x12\x33\n\x04http\x18\x03 \x01(\x0b\x32#.corral.session.v1.McpHttpTransportH\x00\x42\x0b\n\ttransport\"\xc0\x02\n\x11McpStdioTransport\x12\x15\n\x07\x63ommand\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12:\n\x03\x65nv\x18\x03 \x03(\x0b\x32-.corral.session.v1.McpStdioTransport.EnvEntry\x12M\n\nsecret_env\x18\x04 \x03(\x0b\x32\x33.corral.session.v1.McpStdioTransport.SecretEnvEntryB\x04\xe2\x41\x01\x04\x12\x1d\n\x0fsecret_env_keys\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x30\n\x0eSecretEnvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdc\x03\n\x10McpHttpTransport\x12\x11\n\x03url\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12>\n\x08protocol\x18\x02 \x01(\x0e\x32,.corral.session.v1.McpHttpTransport.Protocol\x12\x41\n\x07headers\x18\x03 \x03(\x0b\x32\x30.corral.session.v1.McpHttpTransport.HeadersEntry\x12T\n\x0esecret_headers\x18\x04 \x03(\x0b\x32\x36.corral.session.v1.McpHttpTransport.SecretHeadersEntryB\x04\xe2\x41\x01\x04\x12 \n\x12secret_header_keys\x18\x05 \x03(\tB\x04\xe2\x41\x01\x03\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x34\n\x12SecretHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x08Protocol\x12\x18\n\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x1c\n\x18PROTOCOL_STREAMABLE_HTTP\x10\x01\x12\x10\n\x0cPROTOCOL_SSE\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -62,25 +62,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MCPHTTPTRANSPORT'].fields_by_name['secret_header_keys']._loaded_options = None
   _globals['_MCPHTTPTRANSPORT'].fields_by_name['secret_header_keys']._serialized_options = b'\342A\001\003'
   _globals['_AGENTOPTIONS']._serialized_start=126
-  _globals['_AGENTOPTIONS']._serialized_end=837
-  _globals['_AGENTOPTIONS_ENVENTRY']._serialized_start=584
-  _globals['_AGENTOPTIONS_ENVENTRY']._serialized_end=626
-  _globals['_AGENTOPTIONS_PERMISSIONMODE']._serialized_start=629
-  _globals['_AGENTOPTIONS_PERMISSIONMODE']._serialized_end=837
-  _globals['_MCPSERVER']._serialized_start=840
-  _globals['_MCPSERVER']._serialized_end=992
-  _globals['_MCPSTDIOTRANSPORT']._serialized_start=995
-  _globals['_MCPSTDIOTRANSPORT']._serialized_end=1315
-  _globals['_MCPSTDIOTRANSPORT_ENVENTRY']._serialized_start=584
-  _globals['_MCPSTDIOTRANSPORT_ENVENTRY']._serialized_end=626
-  _globals['_MCPSTDIOTRANSPORT_SECRETENVENTRY']._serialized_start=1267
-  _globals['_MCPSTDIOTRANSPORT_SECRETENVENTRY']._serialized_end=1315
-  _globals['_MCPHTTPTRANSPORT']._serialized_start=1318
-  _globals['_MCPHTTPTRANSPORT']._serialized_end=1794
-  _globals['_MCPHTTPTRANSPORT_HEADERSENTRY']._serialized_start=1608
-  _globals['_MCPHTTPTRANSPORT_HEADERSENTRY']._serialized_end=1654
-  _globals['_MCPHTTPTRANSPORT_SECRETHEADERSENTRY']._serialized_start=1656
-  _globals['_MCPHTTPTRANSPORT_SECRETHEADERSENTRY']._serialized_end=1708
-  _globals['_MCPHTTPTRANSPORT_PROTOCOL']._serialized_start=1710
-  _globals['_MCPHTTPTRANSPORT_PROTOCOL']._serialized_end=1794
+  _globals['_AGENTOPTIONS']._serialized_end=898
+  _globals['_AGENTOPTIONS_ENVENTRY']._serialized_start=645
+  _globals['_AGENTOPTIONS_ENVENTRY']._serialized_end=687
+  _globals['_AGENTOPTIONS_PERMISSIONMODE']._serialized_start=690
+  _globals['_AGENTOPTIONS_PERMISSIONMODE']._serialized_end=898
+  _globals['_PERMISSIONRULE']._serialized_start=901
+  _globals['_PERMISSIONRULE']._serialized_end=1082
+  _globals['_PERMISSIONRULE_ACTION']._serialized_start=999
+  _globals['_PERMISSIONRULE_ACTION']._serialized_end=1082
+  _globals['_MCPSERVER']._serialized_start=1085
+  _globals['_MCPSERVER']._serialized_end=1237
+  _globals['_MCPSTDIOTRANSPORT']._serialized_start=1240
+  _globals['_MCPSTDIOTRANSPORT']._serialized_end=1560
+  _globals['_MCPSTDIOTRANSPORT_ENVENTRY']._serialized_start=645
+  _globals['_MCPSTDIOTRANSPORT_ENVENTRY']._serialized_end=687
+  _globals['_MCPSTDIOTRANSPORT_SECRETENVENTRY']._serialized_start=1512
+  _globals['_MCPSTDIOTRANSPORT_SECRETENVENTRY']._serialized_end=1560
+  _globals['_MCPHTTPTRANSPORT']._serialized_start=1563
+  _globals['_MCPHTTPTRANSPORT']._serialized_end=2039
+  _globals['_MCPHTTPTRANSPORT_HEADERSENTRY']._serialized_start=1853
+  _globals['_MCPHTTPTRANSPORT_HEADERSENTRY']._serialized_end=1899
+  _globals['_MCPHTTPTRANSPORT_SECRETHEADERSENTRY']._serialized_start=1901
+  _globals['_MCPHTTPTRANSPORT_SECRETHEADERSENTRY']._serialized_end=1953
+  _globals['_MCPHTTPTRANSPORT_PROTOCOL']._serialized_start=1955
+  _globals['_MCPHTTPTRANSPORT_PROTOCOL']._serialized_end=2039
 # @@protoc_insertion_point(module_scope)

@@ -111,6 +111,7 @@ class AgentOptions(_message.Message):
     MAX_THINKING_TOKENS_FIELD_NUMBER: _builtins.int
     ENV_FIELD_NUMBER: _builtins.int
     PERMISSION_TIMEOUT_FIELD_NUMBER: _builtins.int
+    PERMISSION_RULES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model id, for example `claude-sonnet-4-5`. Empty means the
     deployment's default. Must be on the deployment's model allow-list.
@@ -162,6 +163,14 @@ class AgentOptions(_message.Message):
         0 means the deployment's default (5 minutes). At most 24 hours.
         """
 
+    @_builtins.property
+    def permission_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___PermissionRule]:
+        """The tool permission policy, first match wins; a call no rule matches
+        follows permission_mode. ASK makes the agent wait for a person: the
+        session shows a PermissionRequest, answered with RespondToPermission.
+        At most 50 rules.
+        """
+
     def __init__(
         self,
         *,
@@ -177,14 +186,79 @@ class AgentOptions(_message.Message):
         max_thinking_tokens: _builtins.int = ...,
         env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         permission_timeout: _duration_pb2.Duration | None = ...,
+        permission_rules: _abc.Iterable[Global___PermissionRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["permission_timeout", b"permission_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "disallowed_tools", b"disallowed_tools", "env", b"env", "max_budget_usd_micros", b"max_budget_usd_micros", "max_thinking_tokens", b"max_thinking_tokens", "max_turns", b"max_turns", "mcp_servers", b"mcp_servers", "model", b"model", "permission_mode", b"permission_mode", "permission_timeout", b"permission_timeout", "system_prompt", b"system_prompt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_tools", b"allowed_tools", "append_system_prompt", b"append_system_prompt", "disallowed_tools", b"disallowed_tools", "env", b"env", "max_budget_usd_micros", b"max_budget_usd_micros", "max_thinking_tokens", b"max_thinking_tokens", "max_turns", b"max_turns", "mcp_servers", b"mcp_servers", "model", b"model", "permission_mode", b"permission_mode", "permission_rules", b"permission_rules", "permission_timeout", b"permission_timeout", "system_prompt", b"system_prompt"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentOptions: _TypeAlias = AgentOptions  # noqa: Y015
+
+@_typing.final
+class PermissionRule(_message.Message):
+    """One rule of the tool permission policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Action:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[PermissionRule._Action.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        ACTION_UNSPECIFIED: PermissionRule._Action.ValueType  # 0
+        """Never used; INVALID_ARGUMENT if sent."""
+        ACTION_ALLOW: PermissionRule._Action.ValueType  # 1
+        """Run the tool without asking."""
+        ACTION_DENY: PermissionRule._Action.ValueType  # 2
+        """Refuse the call: the agent gets an error tool result (also in
+        PERMISSION_MODE_BYPASS_PERMISSIONS).
+        """
+        ACTION_ASK: PermissionRule._Action.ValueType  # 3
+        """Ask a person (a PermissionRequest event); denied when
+        permission_timeout passes without an answer.
+        """
+
+    class Action(_Action, metaclass=_ActionEnumTypeWrapper):
+        """What happens to a tool call the rule matches."""
+
+    ACTION_UNSPECIFIED: PermissionRule.Action.ValueType  # 0
+    """Never used; INVALID_ARGUMENT if sent."""
+    ACTION_ALLOW: PermissionRule.Action.ValueType  # 1
+    """Run the tool without asking."""
+    ACTION_DENY: PermissionRule.Action.ValueType  # 2
+    """Refuse the call: the agent gets an error tool result (also in
+    PERMISSION_MODE_BYPASS_PERMISSIONS).
+    """
+    ACTION_ASK: PermissionRule.Action.ValueType  # 3
+    """Ask a person (a PermissionRequest event); denied when
+    permission_timeout passes without an answer.
+    """
+
+    TOOL_PATTERN_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    tool_pattern: _builtins.str
+    """A shell-style glob over the tool name, case-sensitive: `Bash`, `Write`,
+    `mcp__*` (every MCP tool), `mcp__github__*` (one MCP server's tools),
+    `*` (every tool). 1-200 characters.
+    """
+    action: Global___PermissionRule.Action.ValueType
+    """What a matching call gets."""
+    def __init__(
+        self,
+        *,
+        tool_pattern: _builtins.str = ...,
+        action: Global___PermissionRule.Action.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "tool_pattern", b"tool_pattern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PermissionRule: _TypeAlias = PermissionRule  # noqa: Y015
 
 @_typing.final
 class McpServer(_message.Message):
