@@ -77,6 +77,7 @@ test: setup lint typecheck buf-lint breaking check-protos pytest ## Everything C
 bench: setup ## Benchmarks, each a ratio against a baseline measured in the same run
 	$(PY) -m tests.bench.bench_kit
 	$(PY) -m tests.bench.bench_fanout
+	$(PY) -m tests.bench.bench_agent 2>/dev/null
 
 .PHONY: run
 run: setup ## Bring the whole platform up on embedded defaults (SQLite, in-process hub)
@@ -85,6 +86,10 @@ run: setup ## Bring the whole platform up on embedded defaults (SQLite, in-proce
 .PHONY: migrate
 migrate: setup ## Run every service's migrations against the configured databases
 	$(BIN)/corral migrate
+
+.PHONY: deploy-config
+deploy-config: setup ## Re-render the committed production Envoy files (deploy/envoy, deploy/k8s/envoy-config.yaml)
+	$(PY) deploy/envoy/render_production.py
 
 .PHONY: clean
 clean: ## Remove the virtualenv, caches and the local data folder

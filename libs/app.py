@@ -157,6 +157,8 @@ class Infrastructure:
                 checks=self.checks,
                 health_interval=settings.health_check_interval_seconds,
                 shutdown_grace=settings.shutdown_grace_seconds,
+                # Spans only when they go somewhere: no exporter, no per-call tracing cost.
+                tracing=bool(settings.otel_exporter_otlp_endpoint),
             ),
             services,
         )

@@ -44,6 +44,7 @@ async def build(
             [descriptor],
             default_timeout=settings.default_deadline_seconds,
             token_provider=None,  # every call passes the token it acts with
+            tracing=bool(settings.otel_exporter_otlp_endpoint),
         )
         resources.push_async_callback(channel.close, None)
         channels[name] = channel

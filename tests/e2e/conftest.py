@@ -1,96 +1,18 @@
-"""The platform as `corral dev` runs it, minus Envoy: identity, runtime and session on free
-ports, SQLite under a temporary data folder, the real Claude Agent SDK and CLI against the
-offline model server, signed in as the bootstrap admin."""
+"""Fixtures of the end-to-end suite: the running platform (tests/support/platform.py)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
 
-from corral.identity.v1 import identity_service_pb2 as ipb
-from corral.identity.v1 import identity_service_pb2_grpc as irpc
-from corral.libs.app import ServiceApp
-from corral.services import registry
-from corral.services.identity.config import IdentitySettings
-from corral.session.v1 import session_service_pb2_grpc as srpc
-from tests.support.grpc_tools import free_port
+from tests.support.platform import Platform, directive, running_platform
 
-ADMIN = ("admin@corral.local", "e2e-admin-password")
-E2E_SERVICES = ("identity", "runtime", "session")
-
-
-def directive(*steps: dict[str, Any]) -> str:
-    """A prompt that scripts the offline model (services/runtime/offline_model/script.py)."""
-    return f"<<corral-model {json.dumps(list(steps))}>>"
-
-
-@dataclass
-class Platform:
-    settings: IdentitySettings
-    apps: dict[str, ServiceApp]
-    token: str
-    channels: list[grpc.aio.Channel]
-
-    @property
-    def auth(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),)
-
-    def channel(self, service: str) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(self.settings.target_for(service))
-        self.channels.append(channel)
-        return channel
-
-    @property
-    def sessions(self) -> srpc.SessionServiceStub:
-        return srpc.SessionServiceStub(self.channel("session"))
-
-    @property
-    def identity(self) -> irpc.IdentityServiceStub:
-        return irpc.IdentityServiceStub(self.channel("identity"))
-
-    def workspace(self, session_name: str) -> Path:
-        root = self.settings.runtime_root or self.settings.data_dir / "runtime"
-        return Path(root) / "workspaces" / session_name.removeprefix("sessions/")
-
-    async def restart(self, name: str) -> None:
-        """Stop a service abruptly (its processes die with it) and start a new one in its place."""
-        await self.apps[name].stop(0)
-        self.apps[name] = await registry.build(name, self.settings)
-        await self.apps[name].start()
+__all__ = ["Platform", "directive"]
 
 
 @pytest.fixture
 async def platform(tmp_path: Path) -> AsyncIterator[Platform]:
-    settings = IdentitySettings(
-        data_dir=tmp_path,
-        identity_http_port=free_port(),
-        bootstrap_admin_email=ADMIN[0],
-        bootstrap_admin_password=ADMIN[1],
-        anthropic_api_key="",
-        anthropic_base_url="",
-        runtime_pool_size=2,
-        session_heartbeat_seconds=1.0,
-        **{f"{name}_port": free_port() for name in E2E_SERVICES},
-    )
-    apps: dict[str, ServiceApp] = {}
-    channels: list[grpc.aio.Channel] = []
-    try:
-        for name in E2E_SERVICES:  # identity first: the others need its JWKS and service key
-            apps[name] = await registry.build(name, settings)
-            await apps[name].start()
-        async with grpc.aio.insecure_channel(settings.target_for("identity")) as channel:
-            login = await irpc.IdentityServiceStub(channel).Login(
-                ipb.LoginRequest(email=ADMIN[0], password=ADMIN[1])
-            )
-        yield Platform(settings, apps, login.token.access_token, channels)
-    finally:
-        for channel in channels:
-            await channel.close()
-        for app in reversed(list(apps.values())):
-            await app.stop(0)
+    async with running_platform(tmp_path) as running:
+        yield running
