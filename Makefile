@@ -43,6 +43,31 @@ check-protos: setup ## Fail if the generated code under corral/<context>/v1 is s
 	  { echo "generated code in corral/$$c is stale: run 'make protos' and commit it"; exit 1; }; done; \
 	echo "generated code is fresh"
 
+TS_SDK := libs/ts-sdk
+CONSOLE := libs/web-console
+
+$(TS_SDK)/node_modules/.installed: $(TS_SDK)/package-lock.json
+	cd $(TS_SDK) && npm ci --no-audit --no-fund
+	@touch $@
+
+.PHONY: ts-sdk
+ts-sdk: setup $(TS_SDK)/node_modules/.installed ## TypeScript SDK: npm ci, buf generate into libs/ts-sdk/src/gen, build dist/
+	$(BIN)/buf generate --template buf.gen.ts.yaml
+	cd $(TS_SDK) && npm run --silent build
+
+.PHONY: check-ts-sdk
+check-ts-sdk: ts-sdk ## Fail if the committed libs/ts-sdk/src/gen is not what buf generates
+	@git diff --quiet -- $(TS_SDK)/src/gen && test -z "$$(git status --porcelain -- $(TS_SDK)/src/gen)" || \
+	  { echo "libs/ts-sdk/src/gen is stale: run 'make ts-sdk' and commit it"; exit 1; }
+
+$(CONSOLE)/node_modules/.installed: $(CONSOLE)/package-lock.json
+	cd $(CONSOLE) && npm ci --no-audit --no-fund
+	@touch $@
+
+.PHONY: console
+console: ts-sdk $(CONSOLE)/node_modules/.installed ## Web console: type-check and bundle into libs/web-console/dist
+	cd $(CONSOLE) && npm run --silent build
+
 .PHONY: buf-lint
 buf-lint: setup ## buf lint (STANDARD) on protos/
 	$(BIN)/buf lint
@@ -71,7 +96,7 @@ pytest: setup ## Run the test suite (PostgreSQL/Redis from CORRAL_TEST_POSTGRES_
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 .PHONY: test
-test: setup lint typecheck buf-lint breaking check-protos pytest ## Everything CI checks
+test: setup lint typecheck buf-lint breaking check-protos check-ts-sdk console pytest ## Everything CI checks
 
 .PHONY: bench
 bench: setup ## Benchmarks, each a ratio against a baseline measured in the same run
@@ -81,6 +106,8 @@ bench: setup ## Benchmarks, each a ratio against a baseline measured in the same
 
 .PHONY: run
 run: setup ## Bring the whole platform up on embedded defaults (SQLite, in-process hub)
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory console; \
+	  else echo "npm not found: starting without the web console (gRPC, grpc-web, REST and corral chat still work)"; fi
 	$(BIN)/corral dev
 
 .PHONY: migrate
@@ -93,4 +120,5 @@ deploy-config: setup ## Re-render the committed production Envoy files (deploy/e
 
 .PHONY: clean
 clean: ## Remove the virtualenv, caches and the local data folder
-	rm -rf $(VENV) .corral .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) .corral .mypy_cache .ruff_cache .pytest_cache build *.egg-info test-artifacts \
+		$(TS_SDK)/node_modules $(TS_SDK)/dist $(CONSOLE)/node_modules $(CONSOLE)/dist

@@ -81,8 +81,13 @@ class Settings(BaseSettings):
             "http://127.0.0.1:8080",
             "http://localhost:5173",
             "http://127.0.0.1:5173",
+            "http://localhost:8090",  # the web console (console_port)
+            "http://127.0.0.1:8090",
         ]
     )
+    # The web console (libs/web-console/dist): `corral dev` serves it on this port.
+    console_enabled: bool = True
+    console_port: int = 8090
 
     # Sessions: quiet streams get a heartbeat this often (keep it under proxies' idle timeouts).
     session_heartbeat_seconds: float = 15.0

@@ -15,6 +15,7 @@ from corral.libs.app import ServiceApp, run_until_signalled
 from corral.libs.config import SERVICE_NAMES, Settings
 from corral.libs.envoy import start_edge
 from corral.libs.observability import configure_logging, configure_tracing
+from corral.libs.web_console import start_console
 from corral.services import registry
 
 
@@ -49,6 +50,11 @@ async def _serve(settings: Settings, names: list[str], *, banner: bool) -> None:
 
     async def announce() -> None:
         edge = await start_edge(settings, apps) if settings.edge_enabled else None
+        console = (
+            await start_console(settings, apps, edge.url)
+            if edge and settings.console_enabled
+            else None
+        )
         status = await check_health({app.name: app.server.address for app in apps})
         width = max(len(n) for n in status)
         print(
@@ -63,6 +69,11 @@ async def _serve(settings: Settings, names: list[str], *, banner: bool) -> None:
             )
         if edge is not None:
             print(f"  {'edge':<{width}}  {edge.url}  (gRPC, grpc-web, REST)", file=sys.stderr)
+        if console is not None:
+            print(
+                f"  {'console':<{width}}  {console}  (web console: open it in a browser)",
+                file=sys.stderr,
+            )
         print(
             "\n  try:  grpcurl -plaintext"
             f" {apps[0].server.address} list    (server reflection)\n  stop:  Ctrl-C\n",

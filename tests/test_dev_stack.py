@@ -74,6 +74,7 @@ def test_corral_dev_starts_all_five_and_stops_cleanly(tmp_path: Path) -> None:
     env.update({f"CORRAL_{name.upper()}_PORT": str(free_port()) for name in SERVICE_NAMES})
     env["CORRAL_IDENTITY_HTTP_PORT"] = str(free_port())
     env["CORRAL_EDGE_PORT"] = str(free_port())
+    env["CORRAL_CONSOLE_PORT"] = str(free_port())
     corral = [sys.executable, "-m", "corral.services.cli"]
     process = subprocess.Popen([*corral, "dev"], env=env, stderr=subprocess.PIPE, text=True)
     try:

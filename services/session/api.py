@@ -480,6 +480,8 @@ class SessionApi(rpc.SessionServiceServicer):
         check.check(request.after_sequence >= 0, "after_sequence", "must not be negative")
         check.raise_if_any()
         event_filter = EventFilter.from_conditions(parse_filter(request.filter, EVENT_FIELDS))
+        # Headers now, not with the first event: a client (and a proxy) knows the stream is live.
+        await context.send_initial_metadata(())
         async for _, payload in self._service.watch(
             require_caller(), session_id, after=request.after_sequence, event_filter=event_filter
         ):

@@ -1,0 +1,11 @@
+export { createCorral } from "./client.js";
+export type { Corral, CorralOptions, StreamSessionEventsOptions, StreamState } from "./client.js";
+export { Code, ConnectError } from "@connectrpc/connect";
+export * as identityV1 from "./gen/corral/identity/v1/identity_service_pb.js";
+export * as sessionV1 from "./gen/corral/session/v1/session_service_pb.js";
+export * as eventV1 from "./gen/corral/session/v1/event_pb.js";
+export * as sessionResourceV1 from "./gen/corral/session/v1/session_pb.js";
+export * as permissionV1 from "./gen/corral/session/v1/permission_pb.js";
+export * as agentOptionsV1 from "./gen/corral/session/v1/agent_options_pb.js";
+export * as taskV1 from "./gen/corral/task/v1/task_service_pb.js";
+export * as storageV1 from "./gen/corral/storage/v1/storage_service_pb.js";

@@ -1,0 +1,139 @@
+"""The whole platform for browser and SDK tests: the five real services (SQLite, in-process hub,
+the offline model), the real Envoy in front (``start_edge``, as ``corral dev`` does) and the web
+console's static server, all in this process on free ports; Node and Debian's Chromium outside.
+
+The TypeScript SDK and the console are built from source first (``npm run build``: tsc and
+esbuild, a few seconds), so the tests never run a stale bundle. Node, Chromium or the npm
+packages missing skip these tests locally and fail them under CI=true (``make ts-sdk console``
+installs the packages; ``.ci/run`` installs Chromium).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from corral.libs.config import SERVICE_NAMES
+from corral.libs.envoy import start_edge
+from corral.libs.web_console import ConsoleServer
+from corral.services import registry
+from corral.services.identity.config import IdentitySettings
+from tests.conftest import _unavailable
+from tests.support.grpc_tools import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+SDK = ROOT / "libs" / "ts-sdk"
+CONSOLE = ROOT / "libs" / "web-console"
+ARTIFACTS = ROOT / "test-artifacts" / "web"
+CHROMIUM = os.environ.get("CORRAL_TEST_CHROMIUM", "/usr/bin/chromium")
+EMAIL = "admin@corral.local"
+PASSWORD = "web-test-password"
+
+
+@dataclass(frozen=True)
+class Stack:
+    edge_url: str
+    console_url: str
+    email: str
+    password: str
+    data_dir: Path
+
+
+def node() -> str:
+    found = shutil.which("node")
+    if found is None:
+        _unavailable("Node.js (node)", FileNotFoundError("node is not on PATH"))
+    assert found is not None
+    return found
+
+
+def require_packages(*packages: Path) -> None:
+    for package in packages:
+        if not (package / "node_modules").is_dir():
+            _unavailable(
+                f"npm packages of {package.relative_to(ROOT)}",
+                FileNotFoundError("node_modules missing: run `make ts-sdk console` (npm ci)"),
+            )
+
+
+def require_chromium() -> str:
+    if not (os.access(CHROMIUM, os.X_OK) or shutil.which(CHROMIUM)):
+        _unavailable(f"Chromium at {CHROMIUM}", FileNotFoundError("apt-get install -y chromium"))
+    return CHROMIUM
+
+
+async def run(
+    *command: str, cwd: Path, env: dict[str, str] | None = None, limit: float = 120
+) -> str:
+    """Run a command without blocking the event loop the services run on; fail with its output."""
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), limit)
+    except TimeoutError:
+        process.kill()
+        output, _ = await process.communicate()
+        pytest.fail(f"{' '.join(command)} timed out after {limit:g} s:\n{output.decode()}")
+    text = output.decode(errors="replace")
+    if process.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited with {process.returncode}:\n{text}")
+    return text
+
+
+@pytest.fixture
+def chromium() -> str:
+    return require_chromium()
+
+
+@pytest.fixture(scope="session")
+async def built() -> None:
+    """The SDK (tsc) and the console (esbuild) built from the current sources."""
+    node()
+    require_packages(SDK, CONSOLE)
+    npm = shutil.which("npm") or "npm"
+    await run(npm, "run", "--silent", "build", cwd=SDK)
+    await run(npm, "run", "--silent", "build", cwd=CONSOLE)
+
+
+@pytest.fixture(scope="session")
+async def stack(built: None, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    directory = tmp_path_factory.mktemp("web")
+    console_port = free_port()
+    console_origins = [f"http://127.0.0.1:{console_port}", f"http://localhost:{console_port}"]
+    settings = IdentitySettings(
+        data_dir=directory,
+        identity_http_port=free_port(),
+        edge_port=0,
+        console_port=console_port,
+        cors_origins=console_origins,
+        bootstrap_admin_email=EMAIL,
+        bootstrap_admin_password=PASSWORD,
+        log_level="WARNING",
+        # Real ports: services reach each other at target_for(name), built from these.
+        **{f"{name}_port": free_port() for name in SERVICE_NAMES},
+    )
+    apps = [await registry.build(name, settings) for name in SERVICE_NAMES]
+    console: ConsoleServer | None = None
+    try:
+        for app in apps:
+            await app.start()
+        envoy = await start_edge(settings, apps)
+        console = ConsoleServer(envoy.url, host="127.0.0.1", port=console_port)
+        console.start()
+        yield Stack(envoy.url, console.url, EMAIL, PASSWORD, directory)
+    finally:
+        if console is not None:
+            await console.stop()
+        await asyncio.gather(*(app.stop(0) for app in apps))
