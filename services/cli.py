@@ -17,6 +17,7 @@ from corral.libs.envoy import start_edge
 from corral.libs.observability import configure_logging, configure_tracing
 from corral.libs.web_console import start_console
 from corral.services import registry
+from corral.services.session.chat import demo
 
 
 def _services(names: Sequence[str]) -> list[str]:
@@ -74,8 +75,24 @@ async def _serve(settings: Settings, names: list[str], *, banner: bool) -> None:
                 f"  {'console':<{width}}  {console}  (web console: open it in a browser)",
                 file=sys.stderr,
             )
+        offline = not settings.anthropic_api_key.get_secret_value()
+        if offline and "session" in status and "runtime" in status:
+            print("\n  a first agent turn, streamed as a client sees it:\n", file=sys.stderr)
+            try:
+                demo_session = await demo(settings)
+                print(f"\n  (session {demo_session})", file=sys.stderr)
+            except Exception as exc:  # the platform still runs; say what went wrong
+                print(f"\n  the start-up demo failed: {exc!r}", file=sys.stderr)
+        credentials = settings.data_dir / "admin-credentials"
+        sign_in = (
+            f"sign in as the bootstrap admin: {credentials} (email, password)"
+            if credentials.exists()
+            else "sign in with CORRAL_BOOTSTRAP_ADMIN_EMAIL / _PASSWORD"
+        )
         print(
-            "\n  try:  grpcurl -plaintext"
+            f"\n  {sign_in}\n"
+            "  chat:  .venv/bin/corral chat        (Ctrl-C interrupts a turn)\n"
+            "  list:  grpcurl -plaintext"
             f" {apps[0].server.address} list    (server reflection)\n  stop:  Ctrl-C\n",
             file=sys.stderr,
             flush=True,
@@ -117,6 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--session", help="attach to this session (sessions/...) instead of a new one"
     )
     chat.add_argument("-m", "--message", help="send one message, print the answer, exit")
+    chat.add_argument(
+        "--allow", action="append", default=[], help="a tool the agent may use unasked"
+    )
+    chat.add_argument(
+        "--ask", action="append", default=[], help="a tool pattern to approve each time"
+    )
+    chat.add_argument(
+        "--mcp", action="append", default=[], help="a stdio MCP server: NAME='COMMAND'"
+    )
     args = parser.parse_args(argv)
 
     settings = Settings()
@@ -132,9 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "migrate":
         asyncio.run(_migrate(settings, _services(args.services)))
     elif args.command == "chat":
+        from corral.services.session.chat import agent_options
         from corral.services.session.chat import main as chat_main
 
-        return asyncio.run(chat_main(args.session, args.message))
+        options = agent_options(args.allow, args.ask, args.mcp)
+        return asyncio.run(chat_main(args.session, args.message, options))
     elif args.command == "admin":
         from corral.services.identity.admin import main as admin_main
 

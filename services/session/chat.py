@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
 import uuid
@@ -23,7 +24,7 @@ from google.protobuf import json_format
 from corral.identity.v1 import identity_service_pb2 as identity_pb
 from corral.identity.v1 import identity_service_pb2_grpc as identity_rpc
 from corral.libs.config import Settings
-from corral.session.v1 import event_pb2, permission_pb2, session_pb2
+from corral.session.v1 import agent_options_pb2, event_pb2, permission_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as pb
 from corral.session.v1 import session_service_pb2_grpc as rpc
 
@@ -165,14 +166,20 @@ class Chat:
             )
 
 
-async def run(settings: Settings, token: str, session: str | None, message: str | None) -> int:
+async def run(
+    settings: Settings,
+    token: str,
+    session: str | None,
+    message: str | None,
+    options: agent_options_pb2.AgentOptions | None = None,
+) -> int:
     async with grpc.aio.insecure_channel(settings.target_for("session")) as channel:
         stub = rpc.SessionServiceStub(channel)
         metadata = (("authorization", f"Bearer {token}"),)
         if session is None:
             created = await stub.CreateSession(
                 pb.CreateSessionRequest(
-                    session=session_pb2.Session(display_name="corral chat"),
+                    session=session_pb2.Session(display_name="corral chat", agent_options=options),
                     request_id=str(uuid.uuid4()),
                 ),
                 metadata=metadata,
@@ -220,19 +227,95 @@ async def run(settings: Settings, token: str, session: str | None, message: str 
             await asyncio.gather(follower, return_exceptions=True)
 
 
-async def main(session: str | None, message: str | None) -> int:
+def agent_options(
+    allow: list[str], ask: list[str], mcp: list[str]
+) -> agent_options_pb2.AgentOptions:
+    """Options for a new session from the command line: ``--allow Bash``, ``--ask 'mcp__*'``,
+    ``--mcp 'calc=python calc_server.py'`` (a stdio MCP server: name=command line)."""
+    options = agent_options_pb2.AgentOptions(allowed_tools=allow)
+    for pattern in ask:
+        options.permission_rules.add(
+            tool_pattern=pattern, action=agent_options_pb2.PermissionRule.ACTION_ASK
+        )
+    for spec in mcp:
+        name, _, command = spec.partition("=")
+        words = shlex.split(command)
+        if not name or not words:
+            raise SystemExit(f"--mcp wants NAME='COMMAND ARGS...', not {spec!r}")
+        options.mcp_servers.add(
+            name=name, stdio=agent_options_pb2.McpStdioTransport(command=words[0], args=words[1:])
+        )
+    return options
+
+
+async def main(
+    session: str | None,
+    message: str | None,
+    options: agent_options_pb2.AgentOptions | None = None,
+) -> int:
     settings = Settings()
     token = os.environ.get("CORRAL_TOKEN", "")
     if not token:
-        email = os.environ.get("CORRAL_EMAIL") or os.environ.get("CORRAL_BOOTSTRAP_ADMIN_EMAIL", "")
-        password = os.environ.get("CORRAL_PASSWORD") or os.environ.get(
-            "CORRAL_BOOTSTRAP_ADMIN_PASSWORD", ""
-        )
-        saved = settings.data_dir / "admin-credentials"  # written by `corral dev` on first start
-        if (not email or not password) and saved.exists():
-            email, password = saved.read_text().split("\n")[:2]
+        email, password = saved_credentials(settings)
         if not email or not password:
             print("set CORRAL_TOKEN, or CORRAL_EMAIL and CORRAL_PASSWORD", file=sys.stderr)
             return 2
         token = await login(settings, email, password)
-    return await run(settings, token, session, message)
+    return await run(settings, token, session, message, options)
+
+
+def saved_credentials(settings: Settings) -> tuple[str, str]:
+    """The bootstrap admin's sign-in: from the environment, else what `corral dev` saved."""
+    email = os.environ.get("CORRAL_EMAIL") or os.environ.get("CORRAL_BOOTSTRAP_ADMIN_EMAIL", "")
+    password = os.environ.get("CORRAL_PASSWORD") or os.environ.get(
+        "CORRAL_BOOTSTRAP_ADMIN_PASSWORD", ""
+    )
+    saved = settings.data_dir / "admin-credentials"
+    if (not email or not password) and saved.exists():
+        email, password = saved.read_text().split("\n")[:2]
+    return email, password
+
+
+DEMO_SCRIPT = [
+    {
+        "text": "Hello! I am an agent running in Corral, answered by the offline model. ",
+        "chunk": 6,
+        "delay": 0.02,
+    },
+    {
+        "tool": "Bash",
+        "input": {"command": "echo 'written by the Corral demo' > hello.txt && ls -l"},
+    },
+    {
+        "text": "I ran a shell command in my working directory: hello.txt is there now.",
+        "chunk": 6,
+        "delay": 0.02,
+    },
+]
+
+
+async def demo(settings: Settings, out: TextIO = sys.stderr) -> str:
+    """What `corral dev` shows at start-up: one turn of a real agent (SDK + CLI + a Bash tool)
+    against the offline model, streamed here as a client sees it. Returns the session's name."""
+    email, password = saved_credentials(settings)
+    token = await login(settings, email, password)
+    async with grpc.aio.insecure_channel(settings.target_for("session")) as channel:
+        stub = rpc.SessionServiceStub(channel)
+        metadata = (("authorization", f"Bearer {token}"),)
+        options = agent_options_pb2.AgentOptions(allowed_tools=["Bash"])
+        created = await stub.CreateSession(
+            pb.CreateSessionRequest(
+                session=session_pb2.Session(display_name="Welcome to Corral", agent_options=options)
+            ),
+            metadata=metadata,
+        )
+        chat = Chat(stub, token, created.session.name, out)
+        follower = asyncio.create_task(chat.follow())
+        try:
+            await chat.send(f"<<corral-model {json.dumps(DEMO_SCRIPT)}>> (the start-up demo)")
+            await asyncio.sleep(0.1)
+            await asyncio.wait_for(chat.idle.wait(), 60)
+        finally:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        return str(created.session.name)
