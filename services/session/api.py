@@ -23,6 +23,7 @@ from corral.libs.listing import (
 from corral.services.session import options as agent_options
 from corral.services.session.domain import (
     SESSION_PREFIX,
+    AgentPolicyRecord,
     BusyStrategy,
     Session,
     Turn,
@@ -31,6 +32,7 @@ from corral.services.session.domain import (
 from corral.services.session.service import EventFilter, SessionService
 from corral.session.v1 import (
     agent_options_pb2,
+    agent_policy_pb2,
     event_pb2,
     permission_pb2,
     session_pb2,
@@ -176,6 +178,20 @@ def _session_id(name: str, field: str, check: Validator) -> str:
         "must be a session name, `sessions/{session}`",
     )
     return session_id
+
+
+def _policy_org(name: str, field: str, check: Validator) -> str:
+    organization = name.removesuffix("/agentPolicy")
+    org_id = organization.removeprefix("organizations/")
+    check.check(
+        name.endswith("/agentPolicy")
+        and organization.startswith("organizations/")
+        and bool(org_id)
+        and "/" not in org_id,
+        field,
+        "must be `organizations/{organization}/agentPolicy`",
+    )
+    return organization
 
 
 def _request_id(value: str, check: Validator) -> None:
@@ -342,6 +358,61 @@ class SessionApi(rpc.SessionServiceServicer):
             request_id=request.request_id,
         )
         return pb.ForkSessionResponse(session=await self._proto(session))
+
+    @staticmethod
+    def _policy_proto(record: AgentPolicyRecord) -> agent_policy_pb2.AgentPolicy:
+        policy = agent_policy_pb2.AgentPolicy.FromString(record.payload)
+        policy.name = f"{record.organization}/agentPolicy"
+        policy.etag = record.etag
+        if record.version:
+            stamp = _ts(record.update_time)
+            assert stamp is not None
+            policy.update_time.CopyFrom(stamp)
+        return agent_options.redacted_policy(policy)
+
+    async def GetAgentPolicy(
+        self, request: pb.GetAgentPolicyRequest, context: Any
+    ) -> pb.GetAgentPolicyResponse:
+        check = Validator()
+        organization = _policy_org(request.name, "name", check)
+        check.raise_if_any()
+        record = await self._service.get_policy(require_caller(), organization)
+        return pb.GetAgentPolicyResponse(agent_policy=self._policy_proto(record))
+
+    async def UpdateAgentPolicy(
+        self, request: pb.UpdateAgentPolicyRequest, context: Any
+    ) -> pb.UpdateAgentPolicyResponse:
+        check = Validator()
+        sent = request.agent_policy
+        organization = _policy_org(sent.name, "agent_policy.name", check)
+        paths = set(request.update_mask.paths)
+        fields = {"mcp_servers", "permission_rules"}
+        if "*" in paths:
+            paths = fields
+        check.check(bool(paths), "update_mask", "name the fields to change")
+        for path in sorted(paths - fields):
+            check.add("update_mask", f"{path!r} cannot be changed: mcp_servers, permission_rules")
+        agent_options.validate(
+            agent_options_pb2.AgentOptions(
+                mcp_servers=sent.mcp_servers, permission_rules=sent.permission_rules
+            ),
+            check,
+            "agent_policy",
+        )
+        check.raise_if_any()
+
+        def change(policy: agent_policy_pb2.AgentPolicy) -> None:
+            if "mcp_servers" in paths:
+                del policy.mcp_servers[:]
+                policy.mcp_servers.extend(sent.mcp_servers)
+            if "permission_rules" in paths:
+                del policy.permission_rules[:]
+                policy.permission_rules.extend(sent.permission_rules)
+
+        record = await self._service.update_policy(
+            require_caller(), organization, etag=sent.etag, change=change
+        )
+        return pb.UpdateAgentPolicyResponse(agent_policy=self._policy_proto(record))
 
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: Any

@@ -149,6 +149,30 @@ class Turn:
         return f"{SESSION_PREFIX}{self.session_id}/turns/{self.id}"
 
 
+@dataclass
+class AgentPolicyRecord:
+    """An organisation's agent policy; the payload (servers, rules) is opaque to the domain."""
+
+    organization: str
+    payload: bytes
+    version: int
+    update_time: datetime
+
+    @property
+    def etag(self) -> str:
+        return hashlib.sha256(f"{self.organization}:{self.version}".encode()).hexdigest()[:16]
+
+
+def authorize_policy(caller: Caller, organization: str, *, write: bool) -> None:
+    """Members read their organisation's policy; its admins and superusers change it."""
+    if not caller.is_superuser and caller.organization != organization:
+        raise NotFound(f"{organization}/agentPolicy does not exist", reason="POLICY_NOT_FOUND")
+    if write and not caller.has_role("admin"):
+        raise PermissionDenied(
+            "only the organisation's admins change its agent policy", reason="ADMIN_REQUIRED"
+        )
+
+
 # -- who may see and change a session -------------------------------------------------------
 # The owner, admins of the session's organisation and superusers see a session; viewers of the
 # organisation read it. Nobody else learns that it exists (NOT_FOUND, never PERMISSION_DENIED).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from corral.libs.errors import Validator
 from corral.runtime.v1 import agent_options_pb2 as runtime_options
 from corral.session.v1 import agent_options_pb2 as pb
+from corral.session.v1 import agent_policy_pb2 as policy_pb
 
 MAX_MCP_SERVERS = 20
 
@@ -72,6 +73,32 @@ def redacted(options: pb.AgentOptions) -> pb.AgentOptions:
             keys = sorted(server.http.secret_headers)
             server.http.secret_headers.clear()
             server.http.secret_header_keys[:] = keys
+    return out
+
+
+def with_policy(options: pb.AgentOptions, policy: policy_pb.AgentPolicy | None) -> pb.AgentOptions:
+    """A session's options under its organisation's policy: the organisation's MCP servers
+    (its names win) and its permission rules first, then the session's own."""
+    if policy is None:
+        return options
+    merged = pb.AgentOptions()
+    merged.CopyFrom(options)
+    taken = {server.name for server in policy.mcp_servers}
+    del merged.mcp_servers[:]
+    merged.mcp_servers.extend(policy.mcp_servers)
+    merged.mcp_servers.extend(s for s in options.mcp_servers if s.name not in taken)
+    del merged.permission_rules[:]
+    merged.permission_rules.extend(policy.permission_rules)
+    merged.permission_rules.extend(options.permission_rules)
+    return merged
+
+
+def redacted_policy(policy: policy_pb.AgentPolicy) -> policy_pb.AgentPolicy:
+    shown = redacted(pb.AgentOptions(mcp_servers=policy.mcp_servers))
+    out = policy_pb.AgentPolicy()
+    out.CopyFrom(policy)
+    del out.mcp_servers[:]
+    out.mcp_servers.extend(shown.mcp_servers)
     return out
 
 

@@ -13,7 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.libs.db import UnitOfWork
 from corral.libs.listing import Condition
-from corral.services.session.domain import Session, SessionState, Turn, TurnState, Usage
+from corral.services.session.domain import (
+    AgentPolicyRecord,
+    Session,
+    SessionState,
+    Turn,
+    TurnState,
+    Usage,
+)
 
 metadata = sa.MetaData()
 
@@ -117,6 +124,16 @@ permission_requests = sa.Table(
     sa.Column("turn_id", sa.String(64), nullable=False),
     sa.Column("payload", sa.LargeBinary, nullable=False),  # the serialised PermissionRequest
     sa.Column("pending", sa.Boolean, nullable=False),
+)
+
+
+agent_policies = sa.Table(
+    "agent_policies",
+    metadata,
+    sa.Column("organization", sa.String(200), primary_key=True),
+    sa.Column("payload", sa.LargeBinary, nullable=False),  # the serialised AgentPolicy, secrets in
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
 )
 
 
@@ -474,14 +491,50 @@ class PermissionRepository:
         return [(row.id, row.turn_id, bytes(row.payload)) for row in await self._c.execute(query)]
 
 
+class PolicyRepository:
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._c = connection
+
+    async def get(self, organization: str) -> AgentPolicyRecord | None:
+        query = sa.select(agent_policies).where(agent_policies.c.organization == organization)
+        row = (await self._c.execute(query)).first()
+        if row is None:
+            return None
+        m = row._mapping
+        return AgentPolicyRecord(
+            organization=m["organization"],
+            payload=bytes(m["payload"]),
+            version=m["version"],
+            update_time=_aware(m["update_time"]),  # type: ignore[arg-type]
+        )
+
+    async def save(self, policy: AgentPolicyRecord) -> None:
+        values = {
+            "payload": policy.payload,
+            "version": policy.version,
+            "update_time": policy.update_time,
+        }
+        updated = await self._c.execute(
+            agent_policies.update()
+            .where(agent_policies.c.organization == policy.organization)
+            .values(**values)
+        )
+        if updated.rowcount == 0:
+            await self._c.execute(
+                agent_policies.insert().values(organization=policy.organization, **values)
+            )
+
+
 class SessionUnitOfWork(UnitOfWork):
     sessions: SessionRepository
     turns: TurnRepository
     events: EventLog
     permissions: PermissionRepository
+    policies: PolicyRepository
 
     def _bind(self) -> None:
         self.sessions = SessionRepository(self.connection)
         self.turns = TurnRepository(self.connection)
         self.events = EventLog(self.connection)
         self.permissions = PermissionRepository(self.connection)
+        self.policies = PolicyRepository(self.connection)

@@ -28,6 +28,7 @@ from corral.libs.listing import Condition, Page, next_token
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.services.session import domain, events
 from corral.services.session.domain import (
+    AgentPolicyRecord,
     BusyStrategy,
     Session,
     SessionState,
@@ -35,10 +36,10 @@ from corral.services.session.domain import (
     TurnState,
     Usage,
 )
-from corral.services.session.options import for_runtime
+from corral.services.session.options import for_runtime, with_policy
 from corral.services.session.ports import AuditLog, Runtime, TurnRequest, UsageLedger
 from corral.services.session.repository import SessionUnitOfWork, StoredEvent
-from corral.session.v1 import agent_options_pb2, event_pb2
+from corral.session.v1 import agent_options_pb2, agent_policy_pb2, event_pb2
 
 log = logging.getLogger("corral.session")
 
@@ -393,6 +394,40 @@ class SessionService:
             await uow.commit()
         return child
 
+    # -- organisation policy -------------------------------------------------------------------
+
+    async def get_policy(self, caller: Caller, organization: str) -> AgentPolicyRecord:
+        domain.authorize_policy(caller, organization, write=False)
+        async with self._uow() as uow:
+            policy = await uow.policies.get(organization)
+        return policy or AgentPolicyRecord(organization, b"", 0, now())
+
+    async def update_policy(
+        self,
+        caller: Caller,
+        organization: str,
+        *,
+        etag: str,
+        change: Callable[[agent_policy_pb2.AgentPolicy], None],
+    ) -> AgentPolicyRecord:
+        from corral.libs.errors import Aborted
+
+        domain.authorize_policy(caller, organization, write=True)
+        async with self._uow() as uow:
+            stored = await uow.policies.get(organization)
+            policy = stored or AgentPolicyRecord(organization, b"", 0, now())
+            if etag and etag != policy.etag:
+                raise Aborted("the policy changed since you read it", reason="ETAG_MISMATCH")
+            message = agent_policy_pb2.AgentPolicy.FromString(policy.payload)
+            change(message)
+            policy.payload = message.SerializeToString()
+            policy.version += 1
+            policy.update_time = now()
+            await uow.policies.save(policy)
+            await uow.commit()
+        await self._audit_quietly(caller, "agent_policy.update", f"{organization}/agentPolicy")
+        return policy
+
     # -- turns ---------------------------------------------------------------------------------
 
     async def send_message(
@@ -601,7 +636,12 @@ class SessionService:
         await self._append(
             session.id, turn.id, [self._state_event(SessionState.RUNNING, session.state)], start
         )
-        options = agent_options_pb2.AgentOptions.FromString(session.agent_options)
+        async with self._uow() as uow:
+            policy = await uow.policies.get(session.organization)
+        options = with_policy(
+            agent_options_pb2.AgentOptions.FromString(session.agent_options),
+            agent_policy_pb2.AgentPolicy.FromString(policy.payload) if policy else None,
+        )
         request = TurnRequest(
             session=session.name,
             turn_id=turn.id,
@@ -820,7 +860,7 @@ class SessionService:
     ) -> AsyncIterator[tuple[int, bytes]]:
         """Replay the log after ``after``, then tail live events; (sequence, SessionEvent bytes).
         A heartbeat (sequence = the cursor) is sent after every ``heartbeat_seconds`` of quiet."""
-        await self.get_session(caller, session_id)
+        session = await self.get_session(caller, session_id)
         subscription = await self._hub.subscribe(topic(session_id))
         cursor = after
         try:
@@ -828,6 +868,8 @@ class SessionService:
                 cursor = event.sequence
                 if event_filter.matches(event.type, event.turn_id):
                     yield event.sequence, event.payload
+            if session.state == SessionState.ARCHIVED:
+                return  # nothing more will happen: the stream ends with OK after the history
             while True:
                 try:
                     message = await subscription.get(self._heartbeat)
@@ -844,6 +886,12 @@ class SessionService:
                         if event_filter.matches(event.type, event.turn_id):
                             yield event.sequence, event.payload
                     if not delivered:
+                        async with self._uow() as uow:
+                            if await uow.sessions.get(session_id) is None:
+                                raise NotFound(
+                                    f"{domain.SESSION_PREFIX}{session_id} was deleted",
+                                    reason="SESSION_NOT_FOUND",
+                                )
                         heartbeat = event_pb2.SessionEvent(
                             session=domain.SESSION_PREFIX + session_id, sequence=cursor
                         )

@@ -244,3 +244,37 @@ async def test_quota_exhaustion_stops_a_turn_before_it_starts(platform: Platform
     assert (await events_until(platform, other))[
         -1
     ].turn_result.status == event_pb2.TurnResult.STATUS_SUCCEEDED
+
+
+async def test_organisation_policy_asks_even_when_the_session_allows(platform: Platform) -> None:
+    from google.protobuf import field_mask_pb2 as masks
+
+    from corral.session.v1 import agent_policy_pb2
+
+    await platform.sessions.UpdateAgentPolicy(
+        pb.UpdateAgentPolicyRequest(
+            agent_policy=agent_policy_pb2.AgentPolicy(
+                name="organizations/default/agentPolicy",
+                permission_rules=[
+                    opts.PermissionRule(tool_pattern="Bash", action=opts.PermissionRule.ACTION_ASK)
+                ],
+            ),
+            update_mask=masks.FieldMask(paths=["permission_rules"]),
+        ),
+        metadata=platform.auth,
+    )
+    session = await new_session(platform, allowed_tools=["Bash"])
+    await say(
+        platform, session, directive({"tool": "Bash", "input": {"command": "echo x > x.txt"}})
+    )
+    asked = await events_until(platform, session, "permission_request")
+    await platform.sessions.RespondToPermission(
+        pb.RespondToPermissionRequest(
+            session=session,
+            permission_request_id=asked[-1].permission_request.id,
+            decision=permission_pb2.PermissionDecision.DECISION_DENY,
+        ),
+        metadata=platform.auth,
+    )
+    await events_until(platform, session)
+    assert not (platform.workspace(session) / "x.txt").exists()

@@ -7,10 +7,12 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from corral.session.v1 import event_pb2, permission_pb2, session_pb2
+from corral.session.v1 import agent_options_pb2 as opts
+from corral.session.v1 import agent_policy_pb2, event_pb2, permission_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as pb
 from tests.session.conftest import GLOBEX, Stack
 
@@ -418,3 +420,107 @@ async def test_list_sessions_filters_orders_and_pages(stack: Stack) -> None:
         if not token:
             break
     assert seen == names
+
+
+async def test_archived_session_streams_its_history_then_ends(stack: Stack) -> None:
+    session = await create(stack)
+    await send(stack, session.name)
+    fake = await stack.runtime.next_turn()
+    fake.text("bye")
+    fake.finish()
+    await collect(stack, session.name)
+    await asyncio.sleep(0.1)
+    await stack.stub.ArchiveSession(
+        pb.ArchiveSessionRequest(name=session.name), metadata=stack.auth()
+    )
+    call = stack.stub.StreamSessionEvents(
+        pb.StreamSessionEventsRequest(session=session.name), metadata=stack.auth()
+    )
+    async with asyncio.timeout(5):
+        history = [r.event async for r in call]
+    assert kinds(history)[-1] == "state_changed"
+    assert history[-1].state_changed.state == session_pb2.Session.STATE_ARCHIVED
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_deleted_session_ends_its_watchers_with_not_found(stack: Stack) -> None:
+    session = await create(stack)
+    call = stack.stub.StreamSessionEvents(
+        pb.StreamSessionEventsRequest(session=session.name), metadata=stack.auth()
+    )
+    await stack.stub.DeleteSession(
+        pb.DeleteSessionRequest(name=session.name), metadata=stack.auth()
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        async with asyncio.timeout(5):
+            async for _ in call:
+                pass
+    assert ended.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_organisation_policy_comes_before_the_sessions_own_rules(stack: Stack) -> None:
+    admin = stack.auth("ada", roles=("admin",))
+    policy = pb.UpdateAgentPolicyRequest(
+        agent_policy=agent_policy_pb2.AgentPolicy(
+            name="organizations/acme/agentPolicy",
+            permission_rules=[
+                opts.PermissionRule(tool_pattern="Bash", action=opts.PermissionRule.ACTION_ASK)
+            ],
+            mcp_servers=[
+                opts.McpServer(
+                    name="tickets",
+                    http=opts.McpHttpTransport(
+                        url="https://mcp.example/tickets",
+                        secret_headers={"authorization": "Bearer s3cret"},
+                    ),
+                )
+            ],
+        ),
+        update_mask=field_mask_pb2.FieldMask(paths=["*"]),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as not_admin:
+        await stack.stub.UpdateAgentPolicy(policy, metadata=stack.auth())
+    assert not_admin.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    stored = (await stack.stub.UpdateAgentPolicy(policy, metadata=admin)).agent_policy
+    assert b"s3cret" not in stored.SerializeToString()
+    assert list(stored.mcp_servers[0].http.secret_header_keys) == ["authorization"]
+    read = (
+        await stack.stub.GetAgentPolicy(
+            pb.GetAgentPolicyRequest(name="organizations/acme/agentPolicy"), metadata=stack.auth()
+        )
+    ).agent_policy
+    assert read.etag == stored.etag
+    with pytest.raises(grpc.aio.AioRpcError) as foreign:
+        await stack.stub.GetAgentPolicy(
+            pb.GetAgentPolicyRequest(name="organizations/acme/agentPolicy"),
+            metadata=stack.auth("eve", org=GLOBEX),
+        )
+    assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+
+    session = (
+        await stack.stub.CreateSession(
+            pb.CreateSessionRequest(
+                session=session_pb2.Session(
+                    agent_options=opts.AgentOptions(
+                        allowed_tools=["Bash"],
+                        permission_rules=[
+                            opts.PermissionRule(
+                                tool_pattern="*", action=opts.PermissionRule.ACTION_ALLOW
+                            )
+                        ],
+                    )
+                )
+            ),
+            metadata=stack.auth(),
+        )
+    ).session
+    await send(stack, session.name)
+    fake = await stack.runtime.next_turn()
+    rules = [(r.tool_pattern, r.action) for r in fake.request.options.permission_rules]
+    assert rules == [
+        ("Bash", opts.PermissionRule.ACTION_ASK),
+        ("*", opts.PermissionRule.ACTION_ALLOW),
+    ]
+    [server] = fake.request.options.mcp_servers
+    assert server.http.headers["authorization"] == "Bearer s3cret"  # the runtime gets the secret
+    fake.finish()

@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from corral.session.v1 import agent_policy_pb2 as corral_dot_session_dot_v1_dot_agent__policy__pb2
 from corral.session.v1 import event_pb2 as corral_dot_session_dot_v1_dot_event__pb2
 from corral.session.v1 import permission_pb2 as corral_dot_session_dot_v1_dot_permission__pb2
 from corral.session.v1 import session_pb2 as corral_dot_session_dot_v1_dot_session__pb2
@@ -34,7 +35,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'corral/session/v1/session_service.proto\x12\x11\x63orral.session.v1\x1a\x1d\x63orral/session/v1/event.proto\x1a\"corral/session/v1/permission.proto\x1a\x1f\x63orral/session/v1/session.proto\x1a\x1c\x63orral/session/v1/turn.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/api/field_info.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\"F\n\x11GetSessionRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\"A\n\x12GetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.Session\"^\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"q\n\x14ListSessionsResponse\x12,\n\x08sessions\x18\x01 \x03(\x0b\x32\x1a.corral.session.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"g\n\x14\x43reateSessionRequest\x12\x31\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.SessionB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x02 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"D\n\x15\x43reateSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.Session\"\x80\x01\n\x14UpdateSessionRequest\x12\x31\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.SessionB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"D\n\x15UpdateSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.Session\"f\n\x14\x44\x65leteSessionRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x17\n\x15\x44\x65leteSessionResponse\"@\n\x0eGetTurnRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17session.corral.dev/Turn\"8\n\x0fGetTurnResponse\x12%\n\x04turn\x18\x01 \x01(\x0b\x32\x17.corral.session.v1.Turn\"\x8d\x01\n\x10ListTurnsRequest\x12\x30\n\x06parent\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\x12\x17session.corral.dev/Turn\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x10\n\x08order_by\x18\x05 \x01(\t\"T\n\x11ListTurnsResponse\x12&\n\x05turns\x18\x01 \x03(\x0b\x32\x17.corral.session.v1.Turn\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9e\x01\n\x18ListSessionEventsRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x05 \x01(\t\"\x84\x01\n\x19ListSessionEventsResponse\x12\x37\n\x0esession_events\x18\x01 \x03(\x0b\x32\x1f.corral.session.v1.SessionEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"\xc8\x02\n\x12SendMessageRequest\x12\x34\n\x07session\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x12\n\x04text\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x03 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\x12I\n\rbusy_strategy\x18\x04 \x01(\x0e\x32\x32.corral.session.v1.SendMessageRequest.BusyStrategy\"\x7f\n\x0c\x42usyStrategy\x12\x1d\n\x19\x42USY_STRATEGY_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42USY_STRATEGY_REJECT\x10\x01\x12\x19\n\x15\x42USY_STRATEGY_ENQUEUE\x10\x02\x12\x1b\n\x17\x42USY_STRATEGY_INTERRUPT\x10\x03\"<\n\x13SendMessageResponse\x12%\n\x04turn\x18\x01 \x01(\x0b\x32\x17.corral.session.v1.Turn\"t\n\x14InterruptTurnRequest\x12\x34\n\x07session\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x15\n\rcancel_queued\x18\x03 \x01(\x08\">\n\x15InterruptTurnResponse\x12%\n\x04turn\x18\x01 \x01(\x0b\x32\x17.corral.session.v1.Turn\"\x80\x02\n\x1aRespondToPermissionRequest\x12\x34\n\x07session\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12#\n\x15permission_request_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x46\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32..corral.session.v1.PermissionDecision.DecisionB\x04\xe2\x41\x01\x02\x12\x0f\n\x07message\x18\x04 \x01(\t\x12.\n\rupdated_input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"a\n\x1bRespondToPermissionResponse\x12\x42\n\x13permission_decision\x18\x01 \x01(\x0b\x32%.corral.session.v1.PermissionDecision\"X\n\x15\x41rchiveSessionRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"E\n\x16\x41rchiveSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.Session\"{\n\x12\x46orkSessionRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1c\n\nrequest_id\x18\x03 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"B\n\x13\x46orkSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.Session\"z\n\x1aStreamSessionEventsRequest\x12\x34\n\x07session\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"M\n\x1bStreamSessionEventsResponse\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.corral.session.v1.SessionEvent2\xdb\x0f\n\x0eSessionService\x12{\n\nGetSession\x12$.corral.session.v1.GetSessionRequest\x1a%.corral.session.v1.GetSessionResponse\" \x90\x02\x01\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/{name=sessions/*}\x12x\n\x0cListSessions\x12&.corral.session.v1.ListSessionsRequest\x1a\'.corral.session.v1.ListSessionsResponse\"\x17\x90\x02\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/sessions\x12\x81\x01\n\rCreateSession\x12\'.corral.session.v1.CreateSessionRequest\x1a(.corral.session.v1.CreateSessionResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x0c/v1/sessions:\x07session\x12\x92\x01\n\rUpdateSession\x12\'.corral.session.v1.UpdateSessionRequest\x1a(.corral.session.v1.UpdateSessionResponse\".\x82\xd3\xe4\x93\x02(2\x1d/v1/{session.name=sessions/*}:\x07session\x12\x81\x01\n\rDeleteSession\x12\'.corral.session.v1.DeleteSessionRequest\x1a(.corral.session.v1.DeleteSessionResponse\"\x1d\x82\xd3\xe4\x93\x02\x17*\x15/v1/{name=sessions/*}\x12z\n\x07GetTurn\x12!.corral.session.v1.GetTurnRequest\x1a\".corral.session.v1.GetTurnResponse\"(\x90\x02\x01\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/{name=sessions/*/turns/*}\x12\x80\x01\n\tListTurns\x12#.corral.session.v1.ListTurnsRequest\x1a$.corral.session.v1.ListTurnsResponse\"(\x90\x02\x01\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/{parent=sessions/*}/turns\x12\x99\x01\n\x11ListSessionEvents\x12+.corral.session.v1.ListSessionEventsRequest\x1a,.corral.session.v1.ListSessionEventsResponse\")\x90\x02\x01\x82\xd3\xe4\x93\x02 \x12\x1e/v1/{parent=sessions/*}/events\x12\x8d\x01\n\x0bSendMessage\x12%.corral.session.v1.SendMessageRequest\x1a&.corral.session.v1.SendMessageResponse\"/\x82\xd3\xe4\x93\x02)\"$/v1/{session=sessions/*}:sendMessage:\x01*\x12\x95\x01\n\rInterruptTurn\x12\'.corral.session.v1.InterruptTurnRequest\x1a(.corral.session.v1.InterruptTurnResponse\"1\x82\xd3\xe4\x93\x02+\"&/v1/{session=sessions/*}:interruptTurn:\x01*\x12\xad\x01\n\x13RespondToPermission\x12-.corral.session.v1.RespondToPermissionRequest\x1a..corral.session.v1.RespondToPermissionResponse\"7\x82\xd3\xe4\x93\x02\x31\",/v1/{session=sessions/*}:respondToPermission:\x01*\x12\x8f\x01\n\x0e\x41rchiveSession\x12(.corral.session.v1.ArchiveSessionRequest\x1a).corral.session.v1.ArchiveSessionResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=sessions/*}:archive:\x01*\x12\x83\x01\n\x0b\x46orkSession\x12%.corral.session.v1.ForkSessionRequest\x1a&.corral.session.v1.ForkSessionResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/{name=sessions/*}:fork:\x01*\x12\xa9\x01\n\x13StreamSessionEvents\x12-.corral.session.v1.StreamSessionEventsRequest\x1a..corral.session.v1.StreamSessionEventsResponse\"1\x90\x02\x01\x82\xd3\xe4\x93\x02(\x12&/v1/{session=sessions/*}/events:stream0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'corral/session/v1/session_service.proto\x12\x11\x63orral.session.v1\x1a$corral/session/v1/agent_policy.proto\x1a\x1d\x63orral/session/v1/event.proto\x1a\"corral/session/v1/permission.proto\x1a\x1f\x63orral/session/v1/session.proto\x1a\x1c\x63orral/session/v1/turn.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/api/field_info.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\"F\n\x11GetSessionRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\"A\n\x12GetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.Session\"^\n\x13ListSessionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"q\n\x14ListSessionsResponse\x12,\n\x08sessions\x18\x01 \x03(\x0b\x32\x1a.corral.session.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"g\n\x14\x43reateSessionRequest\x12\x31\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.SessionB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x02 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"D\n\x15\x43reateSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.Session\"\x80\x01\n\x14UpdateSessionRequest\x12\x31\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.SessionB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"D\n\x15UpdateSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.Session\"f\n\x14\x44\x65leteSessionRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x17\n\x15\x44\x65leteSessionResponse\"@\n\x0eGetTurnRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17session.corral.dev/Turn\"8\n\x0fGetTurnResponse\x12%\n\x04turn\x18\x01 \x01(\x0b\x32\x17.corral.session.v1.Turn\"\x8d\x01\n\x10ListTurnsRequest\x12\x30\n\x06parent\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\x12\x17session.corral.dev/Turn\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x10\n\x08order_by\x18\x05 \x01(\t\"T\n\x11ListTurnsResponse\x12&\n\x05turns\x18\x01 \x03(\x0b\x32\x17.corral.session.v1.Turn\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9e\x01\n\x18ListSessionEventsRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x05 \x01(\t\"\x84\x01\n\x19ListSessionEventsResponse\x12\x37\n\x0esession_events\x18\x01 \x03(\x0b\x32\x1f.corral.session.v1.SessionEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"\xc8\x02\n\x12SendMessageRequest\x12\x34\n\x07session\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x12\n\x04text\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x03 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\x12I\n\rbusy_strategy\x18\x04 \x01(\x0e\x32\x32.corral.session.v1.SendMessageRequest.BusyStrategy\"\x7f\n\x0c\x42usyStrategy\x12\x1d\n\x19\x42USY_STRATEGY_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42USY_STRATEGY_REJECT\x10\x01\x12\x19\n\x15\x42USY_STRATEGY_ENQUEUE\x10\x02\x12\x1b\n\x17\x42USY_STRATEGY_INTERRUPT\x10\x03\"<\n\x13SendMessageResponse\x12%\n\x04turn\x18\x01 \x01(\x0b\x32\x17.corral.session.v1.Turn\"t\n\x14InterruptTurnRequest\x12\x34\n\x07session\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x15\n\rcancel_queued\x18\x03 \x01(\x08\">\n\x15InterruptTurnResponse\x12%\n\x04turn\x18\x01 \x01(\x0b\x32\x17.corral.session.v1.Turn\"\x80\x02\n\x1aRespondToPermissionRequest\x12\x34\n\x07session\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12#\n\x15permission_request_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x46\n\x08\x64\x65\x63ision\x18\x03 \x01(\x0e\x32..corral.session.v1.PermissionDecision.DecisionB\x04\xe2\x41\x01\x02\x12\x0f\n\x07message\x18\x04 \x01(\t\x12.\n\rupdated_input\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"a\n\x1bRespondToPermissionResponse\x12\x42\n\x13permission_decision\x18\x01 \x01(\x0b\x32%.corral.session.v1.PermissionDecision\"X\n\x15\x41rchiveSessionRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"E\n\x16\x41rchiveSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.Session\"{\n\x12\x46orkSessionRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x1c\n\nrequest_id\x18\x03 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"B\n\x13\x46orkSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.corral.session.v1.Session\"z\n\x1aStreamSessionEventsRequest\x12\x34\n\x07session\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"M\n\x1bStreamSessionEventsResponse\x12.\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1f.corral.session.v1.SessionEvent\"N\n\x15GetAgentPolicyRequest\x12\x35\n\x04name\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1esession.corral.dev/AgentPolicy\"N\n\x16GetAgentPolicyResponse\x12\x34\n\x0c\x61gent_policy\x18\x01 \x01(\x0b\x32\x1e.corral.session.v1.AgentPolicy\"\x8d\x01\n\x18UpdateAgentPolicyRequest\x12:\n\x0c\x61gent_policy\x18\x01 \x01(\x0b\x32\x1e.corral.session.v1.AgentPolicyB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"Q\n\x19UpdateAgentPolicyResponse\x12\x34\n\x0c\x61gent_policy\x18\x01 \x01(\x0b\x32\x1e.corral.session.v1.AgentPolicy2\xb2\x12\n\x0eSessionService\x12{\n\nGetSession\x12$.corral.session.v1.GetSessionRequest\x1a%.corral.session.v1.GetSessionResponse\" \x90\x02\x01\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/{name=sessions/*}\x12x\n\x0cListSessions\x12&.corral.session.v1.ListSessionsRequest\x1a\'.corral.session.v1.ListSessionsResponse\"\x17\x90\x02\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/sessions\x12\x81\x01\n\rCreateSession\x12\'.corral.session.v1.CreateSessionRequest\x1a(.corral.session.v1.CreateSessionResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\"\x0c/v1/sessions:\x07session\x12\x92\x01\n\rUpdateSession\x12\'.corral.session.v1.UpdateSessionRequest\x1a(.corral.session.v1.UpdateSessionResponse\".\x82\xd3\xe4\x93\x02(2\x1d/v1/{session.name=sessions/*}:\x07session\x12\x81\x01\n\rDeleteSession\x12\'.corral.session.v1.DeleteSessionRequest\x1a(.corral.session.v1.DeleteSessionResponse\"\x1d\x82\xd3\xe4\x93\x02\x17*\x15/v1/{name=sessions/*}\x12z\n\x07GetTurn\x12!.corral.session.v1.GetTurnRequest\x1a\".corral.session.v1.GetTurnResponse\"(\x90\x02\x01\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/{name=sessions/*/turns/*}\x12\x80\x01\n\tListTurns\x12#.corral.session.v1.ListTurnsRequest\x1a$.corral.session.v1.ListTurnsResponse\"(\x90\x02\x01\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/{parent=sessions/*}/turns\x12\x99\x01\n\x11ListSessionEvents\x12+.corral.session.v1.ListSessionEventsRequest\x1a,.corral.session.v1.ListSessionEventsResponse\")\x90\x02\x01\x82\xd3\xe4\x93\x02 \x12\x1e/v1/{parent=sessions/*}/events\x12\x8d\x01\n\x0bSendMessage\x12%.corral.session.v1.SendMessageRequest\x1a&.corral.session.v1.SendMessageResponse\"/\x82\xd3\xe4\x93\x02)\"$/v1/{session=sessions/*}:sendMessage:\x01*\x12\x95\x01\n\rInterruptTurn\x12\'.corral.session.v1.InterruptTurnRequest\x1a(.corral.session.v1.InterruptTurnResponse\"1\x82\xd3\xe4\x93\x02+\"&/v1/{session=sessions/*}:interruptTurn:\x01*\x12\xad\x01\n\x13RespondToPermission\x12-.corral.session.v1.RespondToPermissionRequest\x1a..corral.session.v1.RespondToPermissionResponse\"7\x82\xd3\xe4\x93\x02\x31\",/v1/{session=sessions/*}:respondToPermission:\x01*\x12\x8f\x01\n\x0e\x41rchiveSession\x12(.corral.session.v1.ArchiveSessionRequest\x1a).corral.session.v1.ArchiveSessionResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=sessions/*}:archive:\x01*\x12\x83\x01\n\x0b\x46orkSession\x12%.corral.session.v1.ForkSessionRequest\x1a&.corral.session.v1.ForkSessionResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/{name=sessions/*}:fork:\x01*\x12\x98\x01\n\x0eGetAgentPolicy\x12(.corral.session.v1.GetAgentPolicyRequest\x1a).corral.session.v1.GetAgentPolicyResponse\"1\x90\x02\x01\x82\xd3\xe4\x93\x02(\x12&/v1/{name=organizations/*/agentPolicy}\x12\xb9\x01\n\x11UpdateAgentPolicy\x12+.corral.session.v1.UpdateAgentPolicyRequest\x1a,.corral.session.v1.UpdateAgentPolicyResponse\"I\x82\xd3\xe4\x93\x02\x43\x32\x33/v1/{agent_policy.name=organizations/*/agentPolicy}:\x0c\x61gent_policy\x12\xa9\x01\n\x13StreamSessionEvents\x12-.corral.session.v1.StreamSessionEventsRequest\x1a..corral.session.v1.StreamSessionEventsResponse\"1\x90\x02\x01\x82\xd3\xe4\x93\x02(\x12&/v1/{session=sessions/*}/events:stream0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -81,6 +82,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORKSESSIONREQUEST'].fields_by_name['request_id']._serialized_options = b'\342\214\317\327\010\002\010\001'
   _globals['_STREAMSESSIONEVENTSREQUEST'].fields_by_name['session']._loaded_options = None
   _globals['_STREAMSESSIONEVENTSREQUEST'].fields_by_name['session']._serialized_options = b'\342A\001\002\372A\034\n\032session.corral.dev/Session'
+  _globals['_GETAGENTPOLICYREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETAGENTPOLICYREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A \n\036session.corral.dev/AgentPolicy'
+  _globals['_UPDATEAGENTPOLICYREQUEST'].fields_by_name['agent_policy']._loaded_options = None
+  _globals['_UPDATEAGENTPOLICYREQUEST'].fields_by_name['agent_policy']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEAGENTPOLICYREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATEAGENTPOLICYREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\002'
   _globals['_SESSIONSERVICE'].methods_by_name['GetSession']._loaded_options = None
   _globals['_SESSIONSERVICE'].methods_by_name['GetSession']._serialized_options = b'\220\002\001\202\323\344\223\002\027\022\025/v1/{name=sessions/*}'
   _globals['_SESSIONSERVICE'].methods_by_name['ListSessions']._loaded_options = None
@@ -107,66 +114,78 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONSERVICE'].methods_by_name['ArchiveSession']._serialized_options = b'\202\323\344\223\002\"\"\035/v1/{name=sessions/*}:archive:\001*'
   _globals['_SESSIONSERVICE'].methods_by_name['ForkSession']._loaded_options = None
   _globals['_SESSIONSERVICE'].methods_by_name['ForkSession']._serialized_options = b'\202\323\344\223\002\037\"\032/v1/{name=sessions/*}:fork:\001*'
+  _globals['_SESSIONSERVICE'].methods_by_name['GetAgentPolicy']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['GetAgentPolicy']._serialized_options = b'\220\002\001\202\323\344\223\002(\022&/v1/{name=organizations/*/agentPolicy}'
+  _globals['_SESSIONSERVICE'].methods_by_name['UpdateAgentPolicy']._loaded_options = None
+  _globals['_SESSIONSERVICE'].methods_by_name['UpdateAgentPolicy']._serialized_options = b'\202\323\344\223\002C23/v1/{agent_policy.name=organizations/*/agentPolicy}:\014agent_policy'
   _globals['_SESSIONSERVICE'].methods_by_name['StreamSessionEvents']._loaded_options = None
   _globals['_SESSIONSERVICE'].methods_by_name['StreamSessionEvents']._serialized_options = b'\220\002\001\202\323\344\223\002(\022&/v1/{session=sessions/*}/events:stream'
-  _globals['_GETSESSIONREQUEST']._serialized_start=375
-  _globals['_GETSESSIONREQUEST']._serialized_end=445
-  _globals['_GETSESSIONRESPONSE']._serialized_start=447
-  _globals['_GETSESSIONRESPONSE']._serialized_end=512
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=514
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=608
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=610
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=723
-  _globals['_CREATESESSIONREQUEST']._serialized_start=725
-  _globals['_CREATESESSIONREQUEST']._serialized_end=828
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=830
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=898
-  _globals['_UPDATESESSIONREQUEST']._serialized_start=901
-  _globals['_UPDATESESSIONREQUEST']._serialized_end=1029
-  _globals['_UPDATESESSIONRESPONSE']._serialized_start=1031
-  _globals['_UPDATESESSIONRESPONSE']._serialized_end=1099
-  _globals['_DELETESESSIONREQUEST']._serialized_start=1101
-  _globals['_DELETESESSIONREQUEST']._serialized_end=1203
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1205
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1228
-  _globals['_GETTURNREQUEST']._serialized_start=1230
-  _globals['_GETTURNREQUEST']._serialized_end=1294
-  _globals['_GETTURNRESPONSE']._serialized_start=1296
-  _globals['_GETTURNRESPONSE']._serialized_end=1352
-  _globals['_LISTTURNSREQUEST']._serialized_start=1355
-  _globals['_LISTTURNSREQUEST']._serialized_end=1496
-  _globals['_LISTTURNSRESPONSE']._serialized_start=1498
-  _globals['_LISTTURNSRESPONSE']._serialized_end=1582
-  _globals['_LISTSESSIONEVENTSREQUEST']._serialized_start=1585
-  _globals['_LISTSESSIONEVENTSREQUEST']._serialized_end=1743
-  _globals['_LISTSESSIONEVENTSRESPONSE']._serialized_start=1746
-  _globals['_LISTSESSIONEVENTSRESPONSE']._serialized_end=1878
-  _globals['_SENDMESSAGEREQUEST']._serialized_start=1881
-  _globals['_SENDMESSAGEREQUEST']._serialized_end=2209
-  _globals['_SENDMESSAGEREQUEST_BUSYSTRATEGY']._serialized_start=2082
-  _globals['_SENDMESSAGEREQUEST_BUSYSTRATEGY']._serialized_end=2209
-  _globals['_SENDMESSAGERESPONSE']._serialized_start=2211
-  _globals['_SENDMESSAGERESPONSE']._serialized_end=2271
-  _globals['_INTERRUPTTURNREQUEST']._serialized_start=2273
-  _globals['_INTERRUPTTURNREQUEST']._serialized_end=2389
-  _globals['_INTERRUPTTURNRESPONSE']._serialized_start=2391
-  _globals['_INTERRUPTTURNRESPONSE']._serialized_end=2453
-  _globals['_RESPONDTOPERMISSIONREQUEST']._serialized_start=2456
-  _globals['_RESPONDTOPERMISSIONREQUEST']._serialized_end=2712
-  _globals['_RESPONDTOPERMISSIONRESPONSE']._serialized_start=2714
-  _globals['_RESPONDTOPERMISSIONRESPONSE']._serialized_end=2811
-  _globals['_ARCHIVESESSIONREQUEST']._serialized_start=2813
-  _globals['_ARCHIVESESSIONREQUEST']._serialized_end=2901
-  _globals['_ARCHIVESESSIONRESPONSE']._serialized_start=2903
-  _globals['_ARCHIVESESSIONRESPONSE']._serialized_end=2972
-  _globals['_FORKSESSIONREQUEST']._serialized_start=2974
-  _globals['_FORKSESSIONREQUEST']._serialized_end=3097
-  _globals['_FORKSESSIONRESPONSE']._serialized_start=3099
-  _globals['_FORKSESSIONRESPONSE']._serialized_end=3165
-  _globals['_STREAMSESSIONEVENTSREQUEST']._serialized_start=3167
-  _globals['_STREAMSESSIONEVENTSREQUEST']._serialized_end=3289
-  _globals['_STREAMSESSIONEVENTSRESPONSE']._serialized_start=3291
-  _globals['_STREAMSESSIONEVENTSRESPONSE']._serialized_end=3368
-  _globals['_SESSIONSERVICE']._serialized_start=3371
-  _globals['_SESSIONSERVICE']._serialized_end=5382
+  _globals['_GETSESSIONREQUEST']._serialized_start=413
+  _globals['_GETSESSIONREQUEST']._serialized_end=483
+  _globals['_GETSESSIONRESPONSE']._serialized_start=485
+  _globals['_GETSESSIONRESPONSE']._serialized_end=550
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=552
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=646
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=648
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=761
+  _globals['_CREATESESSIONREQUEST']._serialized_start=763
+  _globals['_CREATESESSIONREQUEST']._serialized_end=866
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=868
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=936
+  _globals['_UPDATESESSIONREQUEST']._serialized_start=939
+  _globals['_UPDATESESSIONREQUEST']._serialized_end=1067
+  _globals['_UPDATESESSIONRESPONSE']._serialized_start=1069
+  _globals['_UPDATESESSIONRESPONSE']._serialized_end=1137
+  _globals['_DELETESESSIONREQUEST']._serialized_start=1139
+  _globals['_DELETESESSIONREQUEST']._serialized_end=1241
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1243
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1266
+  _globals['_GETTURNREQUEST']._serialized_start=1268
+  _globals['_GETTURNREQUEST']._serialized_end=1332
+  _globals['_GETTURNRESPONSE']._serialized_start=1334
+  _globals['_GETTURNRESPONSE']._serialized_end=1390
+  _globals['_LISTTURNSREQUEST']._serialized_start=1393
+  _globals['_LISTTURNSREQUEST']._serialized_end=1534
+  _globals['_LISTTURNSRESPONSE']._serialized_start=1536
+  _globals['_LISTTURNSRESPONSE']._serialized_end=1620
+  _globals['_LISTSESSIONEVENTSREQUEST']._serialized_start=1623
+  _globals['_LISTSESSIONEVENTSREQUEST']._serialized_end=1781
+  _globals['_LISTSESSIONEVENTSRESPONSE']._serialized_start=1784
+  _globals['_LISTSESSIONEVENTSRESPONSE']._serialized_end=1916
+  _globals['_SENDMESSAGEREQUEST']._serialized_start=1919
+  _globals['_SENDMESSAGEREQUEST']._serialized_end=2247
+  _globals['_SENDMESSAGEREQUEST_BUSYSTRATEGY']._serialized_start=2120
+  _globals['_SENDMESSAGEREQUEST_BUSYSTRATEGY']._serialized_end=2247
+  _globals['_SENDMESSAGERESPONSE']._serialized_start=2249
+  _globals['_SENDMESSAGERESPONSE']._serialized_end=2309
+  _globals['_INTERRUPTTURNREQUEST']._serialized_start=2311
+  _globals['_INTERRUPTTURNREQUEST']._serialized_end=2427
+  _globals['_INTERRUPTTURNRESPONSE']._serialized_start=2429
+  _globals['_INTERRUPTTURNRESPONSE']._serialized_end=2491
+  _globals['_RESPONDTOPERMISSIONREQUEST']._serialized_start=2494
+  _globals['_RESPONDTOPERMISSIONREQUEST']._serialized_end=2750
+  _globals['_RESPONDTOPERMISSIONRESPONSE']._serialized_start=2752
+  _globals['_RESPONDTOPERMISSIONRESPONSE']._serialized_end=2849
+  _globals['_ARCHIVESESSIONREQUEST']._serialized_start=2851
+  _globals['_ARCHIVESESSIONREQUEST']._serialized_end=2939
+  _globals['_ARCHIVESESSIONRESPONSE']._serialized_start=2941
+  _globals['_ARCHIVESESSIONRESPONSE']._serialized_end=3010
+  _globals['_FORKSESSIONREQUEST']._serialized_start=3012
+  _globals['_FORKSESSIONREQUEST']._serialized_end=3135
+  _globals['_FORKSESSIONRESPONSE']._serialized_start=3137
+  _globals['_FORKSESSIONRESPONSE']._serialized_end=3203
+  _globals['_STREAMSESSIONEVENTSREQUEST']._serialized_start=3205
+  _globals['_STREAMSESSIONEVENTSREQUEST']._serialized_end=3327
+  _globals['_STREAMSESSIONEVENTSRESPONSE']._serialized_start=3329
+  _globals['_STREAMSESSIONEVENTSRESPONSE']._serialized_end=3406
+  _globals['_GETAGENTPOLICYREQUEST']._serialized_start=3408
+  _globals['_GETAGENTPOLICYREQUEST']._serialized_end=3486
+  _globals['_GETAGENTPOLICYRESPONSE']._serialized_start=3488
+  _globals['_GETAGENTPOLICYRESPONSE']._serialized_end=3566
+  _globals['_UPDATEAGENTPOLICYREQUEST']._serialized_start=3569
+  _globals['_UPDATEAGENTPOLICYREQUEST']._serialized_end=3710
+  _globals['_UPDATEAGENTPOLICYRESPONSE']._serialized_start=3712
+  _globals['_UPDATEAGENTPOLICYRESPONSE']._serialized_end=3793
+  _globals['_SESSIONSERVICE']._serialized_start=3796
+  _globals['_SESSIONSERVICE']._serialized_end=6150
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from corral.session.v1 import agent_policy_pb2 as _agent_policy_pb2
 from corral.session.v1 import event_pb2 as _event_pb2
 from corral.session.v1 import permission_pb2 as _permission_pb2
 from corral.session.v1 import session_pb2 as _session_pb2
@@ -895,3 +896,105 @@ class StreamSessionEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamSessionEventsResponse: _TypeAlias = StreamSessionEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetAgentPolicyRequest(_message.Message):
+    """Request for GetAgentPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `organizations/{organization}/agentPolicy`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentPolicyRequest: _TypeAlias = GetAgentPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetAgentPolicyResponse(_message.Message):
+    """Response for GetAgentPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent_policy(self) -> _agent_policy_pb2.AgentPolicy:
+        """The policy, secrets redacted."""
+
+    def __init__(
+        self,
+        *,
+        agent_policy: _agent_policy_pb2.AgentPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_policy", b"agent_policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_policy", b"agent_policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentPolicyResponse: _TypeAlias = GetAgentPolicyResponse  # noqa: Y015
+
+@_typing.final
+class UpdateAgentPolicyRequest(_message.Message):
+    """Request for UpdateAgentPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_POLICY_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent_policy(self) -> _agent_policy_pb2.AgentPolicy:
+        """Required. The policy with its name and the new values of the fields in
+        update_mask. Its etag, if set, must match.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Required. `mcp_servers`, `permission_rules`, or `*`."""
+
+    def __init__(
+        self,
+        *,
+        agent_policy: _agent_policy_pb2.AgentPolicy | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_policy", b"agent_policy", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_policy", b"agent_policy", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAgentPolicyRequest: _TypeAlias = UpdateAgentPolicyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateAgentPolicyResponse(_message.Message):
+    """Response for UpdateAgentPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent_policy(self) -> _agent_policy_pb2.AgentPolicy:
+        """The policy as stored, secrets redacted."""
+
+    def __init__(
+        self,
+        *,
+        agent_policy: _agent_policy_pb2.AgentPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_policy", b"agent_policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_policy", b"agent_policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAgentPolicyResponse: _TypeAlias = UpdateAgentPolicyResponse  # noqa: Y015

@@ -112,6 +112,16 @@ class SessionServiceStub:
                 request_serializer=corral_dot_session_dot_v1_dot_session__service__pb2.ForkSessionRequest.SerializeToString,
                 response_deserializer=corral_dot_session_dot_v1_dot_session__service__pb2.ForkSessionResponse.FromString,
                 _registered_method=True)
+        self.GetAgentPolicy = channel.unary_unary(
+                '/corral.session.v1.SessionService/GetAgentPolicy',
+                request_serializer=corral_dot_session_dot_v1_dot_session__service__pb2.GetAgentPolicyRequest.SerializeToString,
+                response_deserializer=corral_dot_session_dot_v1_dot_session__service__pb2.GetAgentPolicyResponse.FromString,
+                _registered_method=True)
+        self.UpdateAgentPolicy = channel.unary_unary(
+                '/corral.session.v1.SessionService/UpdateAgentPolicy',
+                request_serializer=corral_dot_session_dot_v1_dot_session__service__pb2.UpdateAgentPolicyRequest.SerializeToString,
+                response_deserializer=corral_dot_session_dot_v1_dot_session__service__pb2.UpdateAgentPolicyResponse.FromString,
+                _registered_method=True)
         self.StreamSessionEvents = channel.unary_stream(
                 '/corral.session.v1.SessionService/StreamSessionEvents',
                 request_serializer=corral_dot_session_dot_v1_dot_session__service__pb2.StreamSessionEventsRequest.SerializeToString,
@@ -315,6 +325,29 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAgentPolicy(self, request, context):
+        """Returns an organisation's agent policy (MCP servers and permission rules
+        every session of it gets; secrets redacted). An organisation without one
+        has an empty policy. Any member of the organisation may read it.
+        Errors: NOT_FOUND for another organisation (superusers see all);
+        INVALID_ARGUMENT if name is malformed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateAgentPolicy(self, request, context):
+        """Changes the fields of an organisation's agent policy named in
+        update_mask (`mcp_servers`, `permission_rules`, or `*`). Admins of the
+        organisation and superusers only. Applies to turns that start afterwards.
+        Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
+        organisation; ABORTED if etag is stale; INVALID_ARGUMENT for a bad
+        server or rule (with field violations).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StreamSessionEvents(self, request, context):
         """Streams a session's events: first every persisted event after
         after_sequence, then live events as they happen, with no gap and no
@@ -401,6 +434,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ForkSession,
                     request_deserializer=corral_dot_session_dot_v1_dot_session__service__pb2.ForkSessionRequest.FromString,
                     response_serializer=corral_dot_session_dot_v1_dot_session__service__pb2.ForkSessionResponse.SerializeToString,
+            ),
+            'GetAgentPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAgentPolicy,
+                    request_deserializer=corral_dot_session_dot_v1_dot_session__service__pb2.GetAgentPolicyRequest.FromString,
+                    response_serializer=corral_dot_session_dot_v1_dot_session__service__pb2.GetAgentPolicyResponse.SerializeToString,
+            ),
+            'UpdateAgentPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAgentPolicy,
+                    request_deserializer=corral_dot_session_dot_v1_dot_session__service__pb2.UpdateAgentPolicyRequest.FromString,
+                    response_serializer=corral_dot_session_dot_v1_dot_session__service__pb2.UpdateAgentPolicyResponse.SerializeToString,
             ),
             'StreamSessionEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamSessionEvents,
@@ -772,6 +815,60 @@ class SessionService:
             '/corral.session.v1.SessionService/ForkSession',
             corral_dot_session_dot_v1_dot_session__service__pb2.ForkSessionRequest.SerializeToString,
             corral_dot_session_dot_v1_dot_session__service__pb2.ForkSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgentPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.session.v1.SessionService/GetAgentPolicy',
+            corral_dot_session_dot_v1_dot_session__service__pb2.GetAgentPolicyRequest.SerializeToString,
+            corral_dot_session_dot_v1_dot_session__service__pb2.GetAgentPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAgentPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.session.v1.SessionService/UpdateAgentPolicy',
+            corral_dot_session_dot_v1_dot_session__service__pb2.UpdateAgentPolicyRequest.SerializeToString,
+            corral_dot_session_dot_v1_dot_session__service__pb2.UpdateAgentPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

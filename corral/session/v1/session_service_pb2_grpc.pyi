@@ -174,6 +174,21 @@ class SessionServiceStub:
     copy would exceed the storage quota; INVALID_ARGUMENT
     (REQUEST_ID_REUSED).
     """
+    GetAgentPolicy: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.GetAgentPolicyRequest, _session_service_pb2.GetAgentPolicyResponse]
+    """Returns an organisation's agent policy (MCP servers and permission rules
+    every session of it gets; secrets redacted). An organisation without one
+    has an empty policy. Any member of the organisation may read it.
+    Errors: NOT_FOUND for another organisation (superusers see all);
+    INVALID_ARGUMENT if name is malformed.
+    """
+    UpdateAgentPolicy: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.UpdateAgentPolicyRequest, _session_service_pb2.UpdateAgentPolicyResponse]
+    """Changes the fields of an organisation's agent policy named in
+    update_mask (`mcp_servers`, `permission_rules`, or `*`). Admins of the
+    organisation and superusers only. Applies to turns that start afterwards.
+    Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
+    organisation; ABORTED if etag is stale; INVALID_ARGUMENT for a bad
+    server or rule (with field violations).
+    """
     StreamSessionEvents: _grpc.UnaryStreamMultiCallable[_session_service_pb2.StreamSessionEventsRequest, _session_service_pb2.StreamSessionEventsResponse]
     """Streams a session's events: first every persisted event after
     after_sequence, then live events as they happen, with no gap and no
@@ -335,6 +350,21 @@ class SessionServiceAsyncStub(SessionServiceStub):
     (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the workspace
     copy would exceed the storage quota; INVALID_ARGUMENT
     (REQUEST_ID_REUSED).
+    """
+    GetAgentPolicy: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetAgentPolicyRequest, _session_service_pb2.GetAgentPolicyResponse]  # type: ignore[assignment]
+    """Returns an organisation's agent policy (MCP servers and permission rules
+    every session of it gets; secrets redacted). An organisation without one
+    has an empty policy. Any member of the organisation may read it.
+    Errors: NOT_FOUND for another organisation (superusers see all);
+    INVALID_ARGUMENT if name is malformed.
+    """
+    UpdateAgentPolicy: _aio.UnaryUnaryMultiCallable[_session_service_pb2.UpdateAgentPolicyRequest, _session_service_pb2.UpdateAgentPolicyResponse]  # type: ignore[assignment]
+    """Changes the fields of an organisation's agent policy named in
+    update_mask (`mcp_servers`, `permission_rules`, or `*`). Admins of the
+    organisation and superusers only. Applies to turns that start afterwards.
+    Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
+    organisation; ABORTED if etag is stale; INVALID_ARGUMENT for a bad
+    server or rule (with field violations).
     """
     StreamSessionEvents: _aio.UnaryStreamMultiCallable[_session_service_pb2.StreamSessionEventsRequest, _session_service_pb2.StreamSessionEventsResponse]  # type: ignore[assignment]
     """Streams a session's events: first every persisted event after
@@ -572,6 +602,33 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the workspace
         copy would exceed the storage quota; INVALID_ARGUMENT
         (REQUEST_ID_REUSED).
+        """
+
+    @_abc_1.abstractmethod
+    def GetAgentPolicy(
+        self,
+        request: _session_service_pb2.GetAgentPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_service_pb2.GetAgentPolicyResponse, _abc.Awaitable[_session_service_pb2.GetAgentPolicyResponse]]:
+        """Returns an organisation's agent policy (MCP servers and permission rules
+        every session of it gets; secrets redacted). An organisation without one
+        has an empty policy. Any member of the organisation may read it.
+        Errors: NOT_FOUND for another organisation (superusers see all);
+        INVALID_ARGUMENT if name is malformed.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateAgentPolicy(
+        self,
+        request: _session_service_pb2.UpdateAgentPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_session_service_pb2.UpdateAgentPolicyResponse, _abc.Awaitable[_session_service_pb2.UpdateAgentPolicyResponse]]:
+        """Changes the fields of an organisation's agent policy named in
+        update_mask (`mcp_servers`, `permission_rules`, or `*`). Admins of the
+        organisation and superusers only. Applies to turns that start afterwards.
+        Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
+        organisation; ABORTED if etag is stale; INVALID_ARGUMENT for a bad
+        server or rule (with field violations).
         """
 
     @_abc_1.abstractmethod
