@@ -186,7 +186,10 @@ class StaticLimits:
         self.anonymous_per_minute = anonymous_per_minute
 
     async def requests_per_minute(self, caller: Caller | None) -> int | None:
-        return self.anonymous_per_minute if caller is None else self.default_per_minute
+        """The caller's own quota when their token carries one, else the default."""
+        if caller is None:
+            return self.anonymous_per_minute
+        return caller.requests_per_minute or self.default_per_minute
 
 
 def client_network(peer: str) -> str:
@@ -238,32 +241,38 @@ class RateLimitHook:
     async def before(self, call: CallInfo) -> None:
         if call.method.startswith(self._exempt):
             return
-        limit = await self._limits.requests_per_minute(call.caller)
-        if limit is None:
-            return
-        subject = call.caller.subject if call.caller else f"anon:{client_network(call.peer)}"
-        burst = min(self._burst, limit)  # never more than a minute's worth at once
-        try:
-            decision = await self._limiter.acquire(self._scope + subject, limit, burst)
-        except RateLimiterUnavailable as exc:
-            self._fail_open(call, exc)
-            return
-        if decision.allowed:
-            return
-        raise ResourceExhausted(
-            f"too many requests: {limit} per minute allowed; "
-            f"retry in {decision.retry_after_seconds:.1f} s",
-            reason="RATE_LIMITED",
-            violations=[
-                QuotaViolation(
-                    subject,
-                    "requests_per_minute",
-                    f"{limit} requests per minute, bursts of up to {burst}",
+        caller = call.caller
+        buckets: list[tuple[str, int]] = []  # (subject, requests per minute)
+        limit = await self._limits.requests_per_minute(caller)
+        if limit is not None:
+            buckets.append(
+                (caller.subject if caller else f"anon:{client_network(call.peer)}", limit)
+            )
+        if caller is not None and caller.organization_requests_per_minute:
+            # the organisation's quota is one allowance shared by all of its callers
+            buckets.append((caller.organization, caller.organization_requests_per_minute))
+        for subject, per_minute in buckets:
+            burst = min(self._burst, per_minute)  # never more than a minute's worth at once
+            try:
+                decision = await self._limiter.acquire(self._scope + subject, per_minute, burst)
+            except RateLimiterUnavailable as exc:
+                self._fail_open(call, exc)
+                return
+            if not decision.allowed:
+                raise ResourceExhausted(
+                    f"too many requests: {per_minute} per minute allowed for {subject}; "
+                    f"retry in {decision.retry_after_seconds:.1f} s",
+                    reason="RATE_LIMITED",
+                    violations=[
+                        QuotaViolation(
+                            subject,
+                            "requests_per_minute",
+                            f"{per_minute} requests per minute, bursts of up to {burst}",
+                        )
+                    ],
+                    retry_after_seconds=decision.retry_after_seconds,
+                    metadata={"requests_per_minute": str(per_minute), "burst": str(burst)},
                 )
-            ],
-            retry_after_seconds=decision.retry_after_seconds,
-            metadata={"requests_per_minute": str(limit), "burst": str(burst)},
-        )
 
     def _fail_open(self, call: CallInfo, exc: RateLimiterUnavailable) -> None:
         self._unchecked += 1

@@ -24,6 +24,10 @@ class Caller:
     token_id: str = ""
     token: str = field(default="", repr=False)
     expires_at: float = 0.0
+    # Request-rate quotas the token carries (identity puts the caller's and the organisation's
+    # requests_per_minute there); None: the deployment's default applies.
+    requests_per_minute: int | None = None
+    organization_requests_per_minute: int | None = None
 
     @property
     def is_superuser(self) -> bool:

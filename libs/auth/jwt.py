@@ -190,4 +190,10 @@ class TokenVerifier:
             token_id=str(claims["jti"]),
             token=token,
             expires_at=float(claims["exp"]),
+            requests_per_minute=_positive(claims.get("rpm")),
+            organization_requests_per_minute=_positive(claims.get("org_rpm")),
         )
+
+
+def _positive(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -385,12 +385,30 @@ class IdentityService:
         pem = self._cipher.open(key.kid, key.private_key)
         return tokens.sign_access_token(pem, key.kid, body), float(expires)
 
+    async def _rate_claims(
+        self, uow: IdentityUnitOfWork, org_id: str, subject: str | None
+    ) -> dict[str, int]:
+        """The caller's request-rate quotas, carried in the token so every service's rate
+        limiter applies them without asking identity: ``rpm`` (the caller's own, from their
+        quota) and ``org_rpm`` (shared by the whole organisation)."""
+        org = org_name(org_id)
+        found = await uow.quotas.get_many([org, *([subject] if subject else [])])
+        claims: dict[str, int] = {}
+        org_limit = found[org].limits.get("requests_per_minute") if org in found else None
+        own = found[subject].limits.get("requests_per_minute") if subject in found else None
+        if org_limit:
+            claims["org_rpm"] = int(org_limit)
+        if own:
+            claims["rpm"] = int(own)
+        return claims
+
     async def _user_access(
         self, uow: IdentityUnitOfWork, user: User, family_id: str
     ) -> tuple[str, float]:
         return await self._sign(
             uow,
             {
+                **await self._rate_claims(uow, user.organization_id, user.name),
                 "sub": user.name,
                 "org": org_name(user.organization_id),
                 "roles": user.token_roles,
@@ -1065,6 +1083,7 @@ class IdentityService:
             access, expires = await self._sign(
                 uow,
                 {
+                    **await self._rate_claims(uow, account.organization_id, None),
                     "sub": account.name,
                     "org": org_name(account.organization_id),
                     "roles": [account.role.value, *([SERVICE_ROLE] if account.internal else [])],

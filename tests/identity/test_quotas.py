@@ -201,3 +201,19 @@ async def test_quota_update_mask_and_etag(identity: Identity) -> None:
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
+
+
+async def test_tokens_carry_the_request_rate_quotas(identity: Identity) -> None:
+    """What every service's rate limiter applies: the user's requests_per_minute as `rpm`,
+    the organisation's as `org_rpm` (read from the token, so no service asks identity)."""
+    import jwt
+
+    root = await identity.root()
+    before = jwt.decode(root, options={"verify_signature": False})
+    assert "rpm" not in before and "org_rpm" not in before  # no quota: the default applies
+    await _limit(identity, root, f"{ORG}/quota", requests_per_minute=1200)
+    user = await create_user(identity, root, ORG, role_pb2.ROLE_USER, "rate")
+    await _limit(identity, root, f"{user.name}/quota", requests_per_minute=30)
+    grant = await identity.login(user.email)
+    claims = jwt.decode(grant.token.access_token, options={"verify_signature": False})
+    assert (claims["rpm"], claims["org_rpm"]) == (30, 1200)

@@ -233,3 +233,23 @@ async def test_redis_outage_lets_calls_through_and_warns(
     [warning] = [r for r in caplog.records if r.name == "corral.ratelimit"]  # one, not one a call
     assert warning.levelno == logging.WARNING
     assert "unavailable" in warning.getMessage()
+
+
+async def test_quotas_carried_by_the_token_set_the_limits(signing_key: SigningKey) -> None:
+    """Identity puts the caller's requests_per_minute quota (rpm) and the organisation's
+    (org_rpm, one allowance for all of its callers) in the token; the default (600) is then
+    not what applies."""
+    hook = RateLimitHook(InMemoryRateLimiter(), StaticLimits(600, 60), burst=50)
+    own = signing_key.token(sub="organizations/acme/users/carol", rpm=3)
+    alice = signing_key.token(sub="organizations/acme/users/alice", org_rpm=4)
+    bob = signing_key.token(sub="organizations/acme/users/bob", org_rpm=4)
+    async with _servers(signing_key, hook) as [server]:
+        assert [await _attempt(server.address, "Whoami", own) for _ in range(4)] == [
+            *[grpc.StatusCode.OK] * 3,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ]
+        shared = [
+            await _attempt(server.address, "Whoami", t) for t in (alice, bob, alice, bob, alice)
+        ]
+        assert shared.count(grpc.StatusCode.OK) == 4
+        assert shared[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
