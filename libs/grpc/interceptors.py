@@ -10,6 +10,7 @@ interceptors keeps the per-call overhead to a single extra coroutine frame.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -198,23 +199,29 @@ class CorralServerInterceptor(_ServerInterceptor):
             },
         )
 
+    @contextlib.asynccontextmanager
+    async def _served(self, method: str, context: Context) -> AsyncIterator[None]:
+        """Around one call: admit it (hooks), then log how it ended; expected errors become
+        their rich status, anything else INTERNAL."""
+        call = self._begin(method, context)
+        try:
+            await self._admit(call)
+            yield
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            self._log(call, _code(context, grpc.StatusCode.UNKNOWN))
+            raise
+        except asyncio.CancelledError:
+            self._log(call, grpc.StatusCode.CANCELLED)
+            raise
+        except Exception as exc:
+            await self._fail(call, context, exc)
+        else:
+            self._log(call, _code(context, grpc.StatusCode.OK))
+
     def _wrap_unary(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         async def behavior(request: Any, context: Context) -> Any:
-            call = self._begin(method, context)
-            try:
-                await self._admit(call)
-                response = await inner(request, context)
-            except (grpc.aio.AbortError, grpc.aio.UsageError):
-                self._log(call, _code(context, grpc.StatusCode.UNKNOWN))
-                raise
-            except asyncio.CancelledError:
-                self._log(call, grpc.StatusCode.CANCELLED)
-                raise
-            except Exception as exc:
-                await self._fail(call, context, exc)
-            else:
-                self._log(call, _code(context, grpc.StatusCode.OK))
-                return response
+            async with self._served(method, context):
+                return await inner(request, context)
 
         return behavior
 
@@ -224,20 +231,8 @@ class CorralServerInterceptor(_ServerInterceptor):
             return self._wrap_unary(method, inner)
 
         async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
-            call = self._begin(method, context)
-            try:
-                await self._admit(call)
+            async with self._served(method, context):
                 async for response in inner(request, context):
                     yield response
-            except (grpc.aio.AbortError, grpc.aio.UsageError):
-                self._log(call, _code(context, grpc.StatusCode.UNKNOWN))
-                raise
-            except asyncio.CancelledError:
-                self._log(call, grpc.StatusCode.CANCELLED)
-                raise
-            except Exception as exc:
-                await self._fail(call, context, exc)
-            else:
-                self._log(call, _code(context, grpc.StatusCode.OK))
 
         return behavior
