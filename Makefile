@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 PROTO_SRC := $(shell find protos/corral -name '*.proto' 2>/dev/null | sort)
-CONTEXTS := identity session task runtime storage
+CONTEXTS := common identity session task runtime storage
 
 .DEFAULT_GOAL := help
 

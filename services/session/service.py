@@ -529,7 +529,7 @@ class SessionService:
         current = [t for t in active if t.state != TurnState.QUEUED]
         target = current[0] if current else (active[0] if active else None)
         if target is None or (turn_id and target.id != turn_id):
-            raise FailedPrecondition("no such turn is in progress", reason="NO_TURN_IN_PROGRESS")
+            raise FailedPrecondition("no such turn is in progress", reason="TURN_NOT_IN_PROGRESS")
         await self._interrupt_active(caller, session_id, active, cancel_queued=cancel_queued)
         await self._audit_quietly(caller, "session.interrupt", target.name)
         return target

@@ -78,6 +78,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the reservation expired before it was settled."""
     ERROR_REASON_RESERVATION_RELEASED: _ErrorReason.ValueType  # 21
     """FAILED_PRECONDITION: the reservation was already released."""
+    ERROR_REASON_LOGIN_THROTTLED: _ErrorReason.ValueType  # 22
+    """RESOURCE_EXHAUSTED: too many failed sign-ins for the account or the source; RetryInfo says when to retry."""
+    ERROR_REASON_ALREADY_SETTLED: _ErrorReason.ValueType  # 23
+    """FAILED_PRECONDITION: the reservation was already settled."""
+    ERROR_REASON_SERVICE_REQUIRED: _ErrorReason.ValueType  # 24
+    """PERMISSION_DENIED: only Corral's internal services (or superusers) may call this."""
+    ERROR_REASON_CONFLICT: _ErrorReason.ValueType  # 25
+    """ABORTED: a concurrent change won; re-read and retry."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable, machine-readable reasons for errors returned by the identity
@@ -144,4 +152,12 @@ ERROR_REASON_RESERVATION_EXPIRED: ErrorReason.ValueType  # 20
 """FAILED_PRECONDITION: the reservation expired before it was settled."""
 ERROR_REASON_RESERVATION_RELEASED: ErrorReason.ValueType  # 21
 """FAILED_PRECONDITION: the reservation was already released."""
+ERROR_REASON_LOGIN_THROTTLED: ErrorReason.ValueType  # 22
+"""RESOURCE_EXHAUSTED: too many failed sign-ins for the account or the source; RetryInfo says when to retry."""
+ERROR_REASON_ALREADY_SETTLED: ErrorReason.ValueType  # 23
+"""FAILED_PRECONDITION: the reservation was already settled."""
+ERROR_REASON_SERVICE_REQUIRED: ErrorReason.ValueType  # 24
+"""PERMISSION_DENIED: only Corral's internal services (or superusers) may call this."""
+ERROR_REASON_CONFLICT: ErrorReason.ValueType  # 25
+"""ABORTED: a concurrent change won; re-read and retry."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$corral/runtime/v1/error_reason.proto\x12\x11\x63orral.runtime.v1*\xaf\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_REASON_POOL_EXHAUSTED\x10\x01\x12\x19\n\x15\x45RROR_REASON_DRAINING\x10\x02\x12%\n!ERROR_REASON_TURN_ALREADY_RUNNING\x10\x03\x12\x1f\n\x1b\x45RROR_REASON_TURN_NOT_FOUND\x10\x04\x12/\n+ERROR_REASON_PERMISSION_REQUEST_NOT_PENDING\x10\x05\x12%\n!ERROR_REASON_TRANSCRIPT_NOT_FOUND\x10\x06\x12&\n\"ERROR_REASON_WORKSPACE_UNAVAILABLE\x10\x07\x12 \n\x1c\x45RROR_REASON_PROCESS_CRASHED\x10\x08\x12\x1c\n\x18\x45RROR_REASON_MODEL_ERROR\x10\t\x12\"\n\x1e\x45RROR_REASON_MCP_SERVER_FAILED\x10\n\x12\x1a\n\x16\x45RROR_REASON_SDK_ERROR\x10\x0b\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$corral/runtime/v1/error_reason.proto\x12\x11\x63orral.runtime.v1*\xd7\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45RROR_REASON_POOL_EXHAUSTED\x10\x01\x12\x19\n\x15\x45RROR_REASON_DRAINING\x10\x02\x12%\n!ERROR_REASON_TURN_ALREADY_RUNNING\x10\x03\x12\x1f\n\x1b\x45RROR_REASON_TURN_NOT_FOUND\x10\x04\x12/\n+ERROR_REASON_PERMISSION_REQUEST_NOT_PENDING\x10\x05\x12%\n!ERROR_REASON_TRANSCRIPT_NOT_FOUND\x10\x06\x12&\n\"ERROR_REASON_WORKSPACE_UNAVAILABLE\x10\x07\x12 \n\x1c\x45RROR_REASON_PROCESS_CRASHED\x10\x08\x12\x1c\n\x18\x45RROR_REASON_MODEL_ERROR\x10\t\x12\"\n\x1e\x45RROR_REASON_MCP_SERVER_FAILED\x10\n\x12\x1a\n\x16\x45RROR_REASON_SDK_ERROR\x10\x0b\x12&\n\"ERROR_REASON_ORGANIZATION_MISMATCH\x10\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corral.runtime.v1.error_rea
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=60
-  _globals['_ERRORREASON']._serialized_end=491
+  _globals['_ERRORREASON']._serialized_end=531
 # @@protoc_insertion_point(module_scope)

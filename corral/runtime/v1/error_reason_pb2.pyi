@@ -48,6 +48,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Event error: an MCP server could not be started or reached."""
     ERROR_REASON_SDK_ERROR: _ErrorReason.ValueType  # 11
     """Event error: the SDK raised an error not covered above."""
+    ERROR_REASON_ORGANIZATION_MISMATCH: _ErrorReason.ValueType  # 12
+    """PERMISSION_DENIED: the request's organization is not the caller's."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable, machine-readable reasons for errors returned by the runtime
@@ -82,4 +84,6 @@ ERROR_REASON_MCP_SERVER_FAILED: ErrorReason.ValueType  # 10
 """Event error: an MCP server could not be started or reached."""
 ERROR_REASON_SDK_ERROR: ErrorReason.ValueType  # 11
 """Event error: the SDK raised an error not covered above."""
+ERROR_REASON_ORGANIZATION_MISMATCH: ErrorReason.ValueType  # 12
+"""PERMISSION_DENIED: the request's organization is not the caller's."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -72,6 +72,28 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Event error: the model API failed."""
     ERROR_REASON_MCP_SERVER_FAILED: _ErrorReason.ValueType  # 19
     """Event error: an MCP server could not be started or reached."""
+    ERROR_REASON_SESSION_NOT_FOUND: _ErrorReason.ValueType  # 20
+    """NOT_FOUND: the session does not exist or the caller may not see it."""
+    ERROR_REASON_TURN_NOT_FOUND: _ErrorReason.ValueType  # 21
+    """NOT_FOUND: the turn does not exist in the session."""
+    ERROR_REASON_PERMISSION_REQUEST_NOT_FOUND: _ErrorReason.ValueType  # 22
+    """NOT_FOUND: no pending permission request has that id."""
+    ERROR_REASON_POLICY_NOT_FOUND: _ErrorReason.ValueType  # 23
+    """NOT_FOUND: another organisation's agent policy."""
+    ERROR_REASON_SESSION_READ_ONLY: _ErrorReason.ValueType  # 24
+    """PERMISSION_DENIED: the caller may read the session but not change it."""
+    ERROR_REASON_ROLE_READ_ONLY: _ErrorReason.ValueType  # 25
+    """PERMISSION_DENIED: viewers cannot create sessions."""
+    ERROR_REASON_ADMIN_REQUIRED: _ErrorReason.ValueType  # 26
+    """PERMISSION_DENIED: only the organisation's admins change its agent policy."""
+    ERROR_REASON_SESSION_STATE: _ErrorReason.ValueType  # 27
+    """FAILED_PRECONDITION: the session's state does not allow the change."""
+    ERROR_REASON_NOTHING_TO_FORK: _ErrorReason.ValueType  # 28
+    """FAILED_PRECONDITION: the session has no conversation to fork yet."""
+    ERROR_REASON_TURN_NOT_RUN: _ErrorReason.ValueType  # 29
+    """Event error: the turn ended before it reached a runtime (interrupted while queued, or the service restarted)."""
+    ERROR_REASON_TURN_ABORTED: _ErrorReason.ValueType  # 30
+    """Event error: the turn was abandoned by the session service."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable, machine-readable reasons for errors returned by the session
@@ -131,4 +153,26 @@ ERROR_REASON_MODEL_ERROR: ErrorReason.ValueType  # 18
 """Event error: the model API failed."""
 ERROR_REASON_MCP_SERVER_FAILED: ErrorReason.ValueType  # 19
 """Event error: an MCP server could not be started or reached."""
+ERROR_REASON_SESSION_NOT_FOUND: ErrorReason.ValueType  # 20
+"""NOT_FOUND: the session does not exist or the caller may not see it."""
+ERROR_REASON_TURN_NOT_FOUND: ErrorReason.ValueType  # 21
+"""NOT_FOUND: the turn does not exist in the session."""
+ERROR_REASON_PERMISSION_REQUEST_NOT_FOUND: ErrorReason.ValueType  # 22
+"""NOT_FOUND: no pending permission request has that id."""
+ERROR_REASON_POLICY_NOT_FOUND: ErrorReason.ValueType  # 23
+"""NOT_FOUND: another organisation's agent policy."""
+ERROR_REASON_SESSION_READ_ONLY: ErrorReason.ValueType  # 24
+"""PERMISSION_DENIED: the caller may read the session but not change it."""
+ERROR_REASON_ROLE_READ_ONLY: ErrorReason.ValueType  # 25
+"""PERMISSION_DENIED: viewers cannot create sessions."""
+ERROR_REASON_ADMIN_REQUIRED: ErrorReason.ValueType  # 26
+"""PERMISSION_DENIED: only the organisation's admins change its agent policy."""
+ERROR_REASON_SESSION_STATE: ErrorReason.ValueType  # 27
+"""FAILED_PRECONDITION: the session's state does not allow the change."""
+ERROR_REASON_NOTHING_TO_FORK: ErrorReason.ValueType  # 28
+"""FAILED_PRECONDITION: the session has no conversation to fork yet."""
+ERROR_REASON_TURN_NOT_RUN: ErrorReason.ValueType  # 29
+"""Event error: the turn ended before it reached a runtime (interrupted while queued, or the service restarted)."""
+ERROR_REASON_TURN_ABORTED: ErrorReason.ValueType  # 30
+"""Event error: the turn was abandoned by the session service."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
