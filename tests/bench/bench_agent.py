@@ -142,8 +142,8 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def tree_rss_kib() -> tuple[int, int]:
-    """RSS of this process and every descendant (the CLI processes), and how many CLIs."""
+def tree_rss_kib() -> tuple[int, int, int]:
+    """RSS of this process, of its descendants (the CLI processes), and how many CLIs."""
     me = os.getpid()
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -168,7 +168,7 @@ def tree_rss_kib() -> tuple[int, int]:
                 clis += b"claude" in cmd.read()
         except OSError:
             continue
-    return sum(rss_kib(pid) for pid in family), clis
+    return rss_kib(me), sum(rss_kib(pid) for pid in family - {me}), clis
 
 
 async def open_sessions(platform: Platform, count: int, with_turns: int) -> None:
@@ -215,11 +215,11 @@ async def main(turns: int, deltas: int, pace: float, sessions: int, with_turns: 
             rate_limit_burst=10**5,
         ) as platform:
             through = await platform_turns(platform, turns, prompt)
-            before, _ = tree_rss_kib()
+            before, _, _ = tree_rss_kib()
             started = time.perf_counter()
             await open_sessions(platform, sessions, with_turns)
             opened = time.perf_counter() - started
-            after, clis = tree_rss_kib()
+            after, children, clis = tree_rss_kib()
             status = json.dumps({"sessions": sessions, "turned": with_turns})
     overhead = LATENCY  # the runtime's stamp on each delta -> its arrival at the platform client
     ttfe_direct = statistics.median(t[0] for t in direct) * 1000
@@ -235,9 +235,10 @@ async def main(turns: int, deltas: int, pace: float, sessions: int, with_turns: 
         f"  time to first text: direct SDK {ttfe_direct:.1f} ms   platform {ttfe_platform:.1f} ms"
         f"   ratio {ttfe_platform / ttfe_direct:.2f}x   added {ttfe_platform - ttfe_direct:.1f} ms",
         f"  turn start, after SendMessage was called: {stages}",
-        f"  open sessions {status}: pool of 8, {clis} CLI processes alive;"
-        f" RSS {before / 1024:.0f} MiB -> {after / 1024:.0f} MiB"
-        f" ({(after - before) / sessions:.0f} KiB per open session, opened in {opened:.1f} s)",
+        f"  open sessions {status}: pool of 8 -> {clis} CLI processes alive"
+        f" ({children / 1024:.0f} MiB, {children / 1024 / max(clis, 1):.0f} MiB each);"
+        f" the platform process {before / 1024:.0f} -> {after / 1024:.0f} MiB"
+        f" ({(after - before) / sessions:.0f} KiB per open session; opened in {opened:.1f} s)",
     ]
     print("\n".join(lines))
 
