@@ -717,7 +717,10 @@ class RuntimeService:
         )
 
     def _forget(self, state: SessionState) -> None:
+        """A deleted session: its transcript and its working directory go."""
         shutil.rmtree(state.config_dir, ignore_errors=True)
+        if state.workspace_id:
+            shutil.rmtree(self._workspaces_dir / state.workspace_id, ignore_errors=True)
         self._sessions.pop(state.session_id, None)
         self._known.discard(state.session_id)
 

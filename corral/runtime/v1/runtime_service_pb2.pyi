@@ -238,9 +238,9 @@ class ReleaseSessionRequest(_message.Message):
     session: _builtins.str
     """Required. The session, `sessions/{session}`."""
     delete_transcript: _builtins.bool
-    """Also delete the session's transcript files from this replica (the
-    session was deleted). A later RunTurn for it then fails with
-    TRANSCRIPT_NOT_FOUND if it tries to resume.
+    """Also delete the session's transcript files and its working directory
+    from this replica (the session was deleted). A later RunTurn for it then
+    fails with TRANSCRIPT_NOT_FOUND if it tries to resume.
     """
     def __init__(
         self,

@@ -267,9 +267,9 @@ export type ReleaseSessionRequest = Message<"corral.runtime.v1.ReleaseSessionReq
   session: string;
 
   /**
-   * Also delete the session's transcript files from this replica (the
-   * session was deleted). A later RunTurn for it then fails with
-   * TRANSCRIPT_NOT_FOUND if it tries to resume.
+   * Also delete the session's transcript files and its working directory
+   * from this replica (the session was deleted). A later RunTurn for it then
+   * fails with TRANSCRIPT_NOT_FOUND if it tries to resume.
    *
    * @generated from field: bool delete_transcript = 2;
    */
