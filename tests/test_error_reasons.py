@@ -18,7 +18,7 @@ IMPLEMENTED = ("identity", "session", "runtime")
 
 
 def _names(enum: EnumTypeWrapper) -> set[str]:
-    return {name.removeprefix("ERROR_REASON_") for name in enum.keys()}
+    return {value.name.removeprefix("ERROR_REASON_") for value in enum.DESCRIPTOR.values}
 
 
 def _used(paths: list[Path]) -> dict[str, list[str]]:

@@ -103,7 +103,9 @@ async def test_agent_answers_streams_runs_bash_and_calls_an_mcp_tool(platform: P
     assert "2 + 40 is 42" in deltas
     assert events[-1].turn_result.status == event_pb2.TurnResult.STATUS_SUCCEEDED
     assert (platform.workspace(session) / "out.txt").read_text().strip() == "hello-from-the-agent"
-    await platform.sessions.DeleteSession(pb.DeleteSessionRequest(name=session), metadata=platform.auth)
+    await platform.sessions.DeleteSession(
+        pb.DeleteSessionRequest(name=session), metadata=platform.auth
+    )
     assert not platform.workspace(session).exists()  # the working directory goes with it
 
 
