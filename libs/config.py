@@ -91,6 +91,9 @@ class Settings(BaseSettings):
 
     # Sessions: quiet streams get a heartbeat this often (keep it under proxies' idle timeouts).
     session_heartbeat_seconds: float = 15.0
+    # A turn whose session-service process stops renewing its lease this long is ended as
+    # FAILED by any replica (the process is gone, and the sender's token with it).
+    session_turn_lease_seconds: float = 30.0
 
     # Behaviour of the gRPC servers.
     shutdown_grace_seconds: float = 10.0

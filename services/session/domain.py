@@ -143,6 +143,8 @@ class Turn:
     usage: Usage = field(default_factory=Usage)
     result: bytes = b""  # the serialised TurnResult once finished
     reservation: str = ""  # the usage reservation held with identity while the turn runs
+    driver: str = ""  # the session-service process that runs it (it holds the sender's token)
+    lease_time: datetime | None = None  # renewed by that process while it lives
 
     @property
     def name(self) -> str:

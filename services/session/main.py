@@ -56,6 +56,7 @@ async def build(
         IdentityLedger(channels["identity"], credentials),
         IdentityAudit(channels["identity"], credentials),
         heartbeat_seconds=settings.session_heartbeat_seconds,
+        lease_seconds=settings.session_turn_lease_seconds,
     )
     resources.push_async_callback(service.close)
     await service.recover()
@@ -70,4 +71,4 @@ async def build(
         verifier=infra.verifier(jwks),
         port=port,
     )
-    return ServiceApp("session", server, resources)
+    return ServiceApp("session", server, resources, background=[service.maintain])

@@ -92,6 +92,8 @@ turns = sa.Table(
     *_usage(),
     sa.Column("result", sa.LargeBinary, nullable=False),
     sa.Column("reservation", sa.String(300), nullable=False),
+    sa.Column("driver", sa.String(64), nullable=False, server_default=""),
+    sa.Column("lease_time", sa.DateTime(timezone=True)),
     sa.Index("ix_turns_session_ordinal", "session_id", "ordinal", unique=True),
     sa.Index("ix_turns_session_state", "session_id", "state"),
 )
@@ -225,6 +227,8 @@ def _turn_row(turn: Turn) -> dict[str, Any]:
         **{name: getattr(turn.usage, name) for name in _usage_columns},
         "result": turn.result,
         "reservation": turn.reservation,
+        "driver": turn.driver,
+        "lease_time": turn.lease_time,
     }
 
 
@@ -246,6 +250,8 @@ def _to_turn(row: sa.Row[Any]) -> Turn:
         usage=Usage(**{name: m[name] for name in _usage_columns}),
         result=bytes(m["result"]),
         reservation=m["reservation"],
+        driver=m["driver"],
+        lease_time=_aware(m["lease_time"]),
     )
 
 
@@ -367,10 +373,22 @@ class TurnRepository:
         )
         return [_to_turn(row) for row in await self._c.execute(query)]
 
-    async def unfinished_sessions(self) -> list[str]:
+    async def renew_leases(self, driver: str, at: datetime) -> None:
+        """The process ``driver`` is alive: extend the lease of every unfinished turn it runs."""
+        await self._c.execute(
+            turns.update()
+            .where(turns.c.driver == driver, turns.c.state != TurnState.FINISHED.value)
+            .values(lease_time=at)
+        )
+
+    async def orphaned_sessions(self, lease_before: datetime) -> list[str]:
+        """Sessions with an unfinished turn whose process stopped renewing its lease."""
         query = (
             sa.select(turns.c.session_id)
-            .where(turns.c.state != TurnState.FINISHED.value)
+            .where(
+                turns.c.state != TurnState.FINISHED.value,
+                sa.or_(turns.c.lease_time.is_(None), turns.c.lease_time < lease_before),
+            )
             .distinct()
         )
         return [row[0] for row in await self._c.execute(query)]

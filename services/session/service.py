@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import struct_pb2
@@ -113,6 +113,7 @@ class SessionService:
         audit: AuditLog,
         *,
         heartbeat_seconds: float = 15.0,
+        lease_seconds: float = 30.0,
     ) -> None:
         self._uow = uow
         self._hub = hub
@@ -123,6 +124,11 @@ class SessionService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._live: dict[str, _LiveTurn] = {}  # turn id -> the credentials it runs with
+        # This process's turns carry its id and a lease it renews; a turn whose lease runs out
+        # belongs to a process that died, and any replica's sweep ends it as FAILED.
+        self._instance = uuid.uuid4().hex[:16]
+        self._lease = timedelta(seconds=lease_seconds)
+        self._keeper: asyncio.Task[None] | None = None
 
     # -- the event log -------------------------------------------------------------------------
 
@@ -483,6 +489,8 @@ class SessionService:
                     first_sequence=first,
                     last_sequence=first,
                     reservation=reservation,
+                    driver=self._instance,
+                    lease_time=now(),
                 )
                 await uow.turns.add(turn)
                 await uow.sessions.save(current)
@@ -493,6 +501,7 @@ class SessionService:
             await self._release_quietly(reservation, caller.token)
             raise
         self._live[turn_id] = _LiveTurn(token=caller.token, actor=caller.subject)
+        self._ensure_keeper()
         self._ensure_driver(session_id)
         return created[0]
 
@@ -595,15 +604,27 @@ class SessionService:
             )
 
     async def _drive(self, session_id: str) -> None:
-        """Run the session's queued turns one after another, then stop."""
+        """Run this process's queued turns of the session one after another, in turn order
+        (a turn another replica accepted earlier runs first, there), then stop."""
         try:
             while True:
                 async with self._uow() as uow:
                     session = await uow.sessions.get(session_id)
-                    queued = await uow.turns.in_state(session_id, TurnState.QUEUED)
-                if session is None or not queued:
+                    active = await uow.turns.in_state(
+                        session_id,
+                        TurnState.QUEUED,
+                        TurnState.RUNNING,
+                        TurnState.AWAITING_PERMISSION,
+                    )
+                mine = [
+                    t for t in active if t.driver == self._instance and t.state == TurnState.QUEUED
+                ]
+                if session is None or not mine:
                     return
-                await self._run_turn(session, queued[0])
+                if active[0].id != mine[0].id:
+                    await asyncio.sleep(0.2)  # an earlier turn, run by another replica, goes first
+                    continue
+                await self._run_turn(session, mine[0])
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -809,11 +830,28 @@ class SessionService:
         if turn.reservation:
             await self._release_quietly(turn.reservation, live.token if live else "")
 
+    def _ensure_keeper(self) -> None:
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep_leases(), name="turn-leases")
+
+    async def _keep_leases(self) -> None:
+        interval = self._lease.total_seconds() / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with self._uow() as uow:
+                    await uow.turns.renew_leases(self._instance, now())
+                    await uow.commit()
+            except Exception:
+                log.exception("could not renew turn leases")
+
     async def recover(self) -> None:
-        """After a restart: turns that were running here can no longer finish; end them as
-        FAILED (their events so far stay) so the session accepts the next message."""
+        """End the turns whose process is gone (their lease ran out: a crash, a restart, a lost
+        replica) as FAILED; their events so far stay, and the session takes the next message.
+        Turns of live processes, this one or other replicas, are left alone."""
+        cutoff = now() - self._lease
         async with self._uow() as uow:
-            session_ids = await uow.turns.unfinished_sessions()
+            session_ids = await uow.turns.orphaned_sessions(cutoff)
         for session_id in session_ids:
             async with self._uow() as uow:
                 session = await uow.sessions.get(session_id)
@@ -823,17 +861,29 @@ class SessionService:
             if session is None:
                 continue
             for turn in unfinished:
+                if turn.driver == self._instance or (turn.lease_time and turn.lease_time >= cutoff):
+                    continue
+                reason = "the session service that ran this turn stopped"
                 if turn.state == TurnState.QUEUED:
-                    await self._finish_unrun(
-                        session_id, turn, "FAILED", "the session service restarted"
-                    )
+                    await self._finish_unrun(session_id, turn, "FAILED", reason)
                     continue
                 outcome = _TurnOutcome()
-                tail = outcome.failed(RuntimeError("the session service restarted"))
+                tail = outcome.failed(RuntimeError(reason))
                 await self._finish_run(session_id, turn, outcome, 0.0, "", tail)
+
+    async def maintain(self) -> None:
+        """Sweep for orphaned turns every half lease (run as the service's background job)."""
+        while True:
+            await asyncio.sleep(self._lease.total_seconds() / 2)
+            try:
+                await self.recover()
+            except Exception:
+                log.exception("orphaned-turn sweep failed")
 
     async def close(self) -> None:
         tasks = list(self._drivers.values())
+        if self._keeper is not None:
+            tasks.append(self._keeper)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -80,7 +80,13 @@ async def stack(
 
     def make_service() -> SessionService:
         return SessionService(
-            lambda: SessionUnitOfWork(engine), hub, runtime, ledger, audit, heartbeat_seconds=0.3
+            lambda: SessionUnitOfWork(engine),
+            hub,
+            runtime,
+            ledger,
+            audit,
+            heartbeat_seconds=0.3,
+            lease_seconds=0.6,
         )
 
     service = make_service()

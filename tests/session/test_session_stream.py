@@ -386,9 +386,15 @@ async def test_restart_mid_turn_ends_it_failed_and_keeps_its_events(stack: Stack
     fake = await stack.runtime.next_turn()
     fake.text("before the crash")
     await collect(stack, session.name, until="text_block")
-    await stack.service.close()  # the process dies: its driver is gone mid-turn
-    restarted = stack.make_service()
-    await restarted.recover()
+    replica = stack.make_service()  # another replica, alive all along
+    await replica.recover()
+    got = (
+        await stack.stub.GetSession(pb.GetSessionRequest(name=session.name), metadata=stack.auth())
+    ).session
+    assert got.state == session_pb2.Session.STATE_RUNNING  # a live process's turn is left alone
+    await stack.service.close()  # the process dies: its driver and its lease renewals stop
+    await asyncio.sleep(0.8)  # past the lease
+    await replica.recover()
     events = await collect(stack, session.name)
     assert kinds(events)[:7] == [
         "user_message",
@@ -400,7 +406,7 @@ async def test_restart_mid_turn_ends_it_failed_and_keeps_its_events(stack: Stack
         "turn_result",
     ]
     assert events[6].turn_result.status == event_pb2.TurnResult.STATUS_FAILED
-    await restarted.close()
+    await replica.close()
 
 
 async def test_list_sessions_filters_orders_and_pages(stack: Stack) -> None:
