@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from corral.libs import db
 from corral.libs.app import ServiceApp, run_until_signalled
 from corral.libs.config import SERVICE_NAMES, Settings
-from corral.libs.envoy import start_edge
+from corral.libs.envoy import EdgeError, start_edge
 from corral.libs.observability import configure_logging, configure_tracing
 from corral.libs.web_console import start_console
 from corral.services import registry
@@ -50,7 +50,16 @@ async def _serve(settings: Settings, names: list[str], *, banner: bool) -> None:
         apps.append(await registry.build(name, settings))
 
     async def announce() -> None:
-        edge = await start_edge(settings, apps) if settings.edge_enabled else None
+        edge = None
+        if settings.edge_enabled:
+            try:
+                edge = await start_edge(settings, apps)
+            except EdgeError as exc:  # e.g. the port is taken: the services still run
+                print(
+                    f"\nthe edge (Envoy) did not start: {exc}. Is port {settings.edge_port} in use?"
+                    " Set CORRAL_EDGE_PORT, or CORRAL_EDGE_ENABLED=false.",
+                    file=sys.stderr,
+                )
         console = (
             await start_console(settings, apps, edge.url)
             if edge and settings.console_enabled
