@@ -26,12 +26,15 @@ import time
 import uuid
 from pathlib import Path
 
+import grpc
 from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient
 from claude_agent_sdk.types import StreamEvent
 
+from corral.libs.envoy import start_edge
 from corral.services.runtime.offline_model import start as start_model
 from corral.session.v1 import session_pb2
 from corral.session.v1 import session_service_pb2 as pb
+from corral.session.v1 import session_service_pb2_grpc as srpc
 from tests.support.platform import Platform, directive, running_platform
 
 MODEL = "claude-sonnet-4-5"
@@ -83,8 +86,19 @@ async def direct_turns(turns: int, prompt: str, workdir: Path) -> list[list[floa
 STAGES: dict[str, list[float]] = {}
 
 
-async def platform_turns(platform: Platform, turns: int, prompt: str) -> list[list[float]]:
-    stub = platform.sessions
+async def platform_turns(
+    platform: Platform,
+    turns: int,
+    prompt: str,
+    *,
+    via: str = "",
+    latency: list[float] | None = None,
+) -> list[list[float]]:
+    """Turns as a client sees them, straight to the session service or ``via`` the edge."""
+    stub = srpc.SessionServiceStub(
+        platform.channel("session") if not via else _edge_channel(platform, via)
+    )
+    latency = LATENCY if latency is None else latency
     session = (
         await stub.CreateSession(
             pb.CreateSessionRequest(session=session_pb2.Session(display_name="bench")),
@@ -116,7 +130,7 @@ async def platform_turns(platform: Platform, turns: int, prompt: str) -> list[li
             if turn and (kind in ("user_message", "turn_started") or first_delta):
                 STAGES.setdefault(f"{kind} created", []).append((stamp - wall) * 1000)
             if turn and kind == "text_delta":
-                LATENCY.append((time.time() - stamp) * 1000)
+                latency.append((time.time() - stamp) * 1000)
             if event.HasField("text_delta"):
                 seen.append(time.perf_counter() - started)
             if (
@@ -132,6 +146,12 @@ async def platform_turns(platform: Platform, turns: int, prompt: str) -> list[li
 
 
 LATENCY: list[float] = []
+
+
+def _edge_channel(platform: Platform, address: str) -> grpc.aio.Channel:
+    channel = grpc.aio.insecure_channel(address)
+    platform.channels.append(channel)
+    return channel
 
 
 def rss_kib(pid: int) -> int:
@@ -215,6 +235,11 @@ async def main(turns: int, deltas: int, pace: float, sessions: int, with_turns: 
             rate_limit_burst=10**5,
         ) as platform:
             through = await platform_turns(platform, turns, prompt)
+            edge = await start_edge(platform.settings, list(platform.apps.values()))
+            via_edge: list[float] = []
+            await platform_turns(
+                platform, turns, prompt, via=f"127.0.0.1:{edge.port}", latency=via_edge
+            )
             before, _, _ = tree_rss_kib()
             started = time.perf_counter()
             await open_sessions(platform, sessions, with_turns)
@@ -226,12 +251,15 @@ async def main(turns: int, deltas: int, pace: float, sessions: int, with_turns: 
     ttfe_platform = statistics.median(t[0] for t in through) * 1000
     gap = statistics.median((t[-1] - t[0]) / max(1, len(t) - 1) for t in direct) * 1000
     p50, p99 = percentile(overhead, 0.5), percentile(overhead, 0.99)
+    e50, e99 = percentile(via_edge, 0.5), percentile(via_edge, 0.99)
     stages = "   ".join(f"{k} +{statistics.median(v):.1f} ms" for k, v in STAGES.items())
     lines = [
         f"agent path: {turns} warm turns of {deltas} text deltas at {pace:.0f}/s,"
         " real SDK + CLI, offline model",
         f"  per-event overhead, runtime -> platform client: p50 {p50:.2f} ms   p99 {p99:.2f} ms"
         f"   (the direct SDK sees a delta every {gap:.1f} ms: p50 = {p50 / gap:.2f} of that)",
+        f"  the same through Envoy (the edge): p50 {e50:.2f} ms   p99 {e99:.2f} ms"
+        f"   (budget: p99 <= 5 ms)",
         f"  time to first text: direct SDK {ttfe_direct:.1f} ms   platform {ttfe_platform:.1f} ms"
         f"   ratio {ttfe_platform / ttfe_direct:.2f}x   added {ttfe_platform - ttfe_direct:.1f} ms",
         f"  turn start, after SendMessage was called: {stages}",
