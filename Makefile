@@ -102,7 +102,7 @@ test: setup lint typecheck buf-lint breaking check-protos check-ts-sdk console p
 bench: setup ## Benchmarks, each a ratio against a baseline measured in the same run
 	$(PY) -m tests.bench.bench_kit
 	$(PY) -m tests.bench.bench_fanout
-	$(PY) -m tests.bench.bench_agent 2>/dev/null
+	@log=$$(mktemp); $(PY) -m tests.bench.bench_agent 2>$$log || { tail -20 $$log; rm -f $$log; exit 1; }; rm -f $$log
 
 .PHONY: run
 run: setup ## Bring the whole platform up on embedded defaults (SQLite, in-process hub)

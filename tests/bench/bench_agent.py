@@ -68,14 +68,15 @@ async def direct_turns(turns: int, prompt: str, workdir: Path) -> list[list[floa
                 started = time.perf_counter()
                 seen: list[float] = []
                 await client.query(prompt)
-                async for message in client.receive_response():
-                    if isinstance(message, StreamEvent):
-                        delta = message.event.get("delta", {})
-                        if (
-                            message.event.get("type") == "content_block_delta"
-                            and delta.get("type") == "text_delta"
-                        ):
-                            seen.append(time.perf_counter() - started)
+                async with asyncio.timeout(TURN_LIMIT_SECONDS):
+                    async for message in client.receive_response():
+                        if isinstance(message, StreamEvent):
+                            delta = message.event.get("delta", {})
+                            if (
+                                message.event.get("type") == "content_block_delta"
+                                and delta.get("type") == "text_delta"
+                            ):
+                                seen.append(time.perf_counter() - started)
                 if turn:
                     arrivals.append(seen)
     finally:
@@ -84,6 +85,7 @@ async def direct_turns(turns: int, prompt: str, workdir: Path) -> list[list[floa
 
 
 STAGES: dict[str, list[float]] = {}
+TURN_LIMIT_SECONDS = 120.0  # a turn that takes longer fails the benchmark rather than hanging it
 
 
 async def platform_turns(
@@ -119,26 +121,27 @@ async def platform_turns(
             pb.SendMessageRequest(session=session, text=prompt), metadata=platform.auth
         )
         sent = time.time()
-        async for response in call:
-            event = response.event
-            if event.HasField("heartbeat"):
-                continue
-            cursor = event.sequence
-            kind = event.WhichOneof("payload")
-            stamp = event.create_time.ToNanoseconds() / 1e9
-            first_delta = kind == "text_delta" and not seen
-            if turn and (kind in ("user_message", "turn_started") or first_delta):
-                STAGES.setdefault(f"{kind} created", []).append((stamp - wall) * 1000)
-            if turn and kind == "text_delta":
-                latency.append((time.time() - stamp) * 1000)
-            if event.HasField("text_delta"):
-                seen.append(time.perf_counter() - started)
-            if (
-                event.HasField("state_changed")
-                and event.state_changed.state == session_pb2.Session.STATE_IDLE
-            ):
-                call.cancel()
-                break
+        async with asyncio.timeout(TURN_LIMIT_SECONDS):  # bounded: never hangs
+            async for response in call:
+                event = response.event
+                if event.HasField("heartbeat"):
+                    continue
+                cursor = event.sequence
+                kind = event.WhichOneof("payload")
+                stamp = event.create_time.ToNanoseconds() / 1e9
+                first_delta = kind == "text_delta" and not seen
+                if turn and (kind in ("user_message", "turn_started") or first_delta):
+                    STAGES.setdefault(f"{kind} created", []).append((stamp - wall) * 1000)
+                if turn and kind == "text_delta":
+                    latency.append((time.time() - stamp) * 1000)
+                if event.HasField("text_delta"):
+                    seen.append(time.perf_counter() - started)
+                if (
+                    event.HasField("state_changed")
+                    and event.state_changed.state == session_pb2.Session.STATE_IDLE
+                ):
+                    call.cancel()
+                    break
         if turn:
             arrivals.append(seen)
             STAGES.setdefault("SendMessage returned", []).append((sent - wall) * 1000)
@@ -213,10 +216,11 @@ async def open_sessions(platform: Platform, count: int, with_turns: int) -> None
         await stub.SendMessage(
             pb.SendMessageRequest(session=name, text="hello"), metadata=platform.auth
         )
-        async for response in call:
-            if response.event.HasField("turn_result"):
-                call.cancel()
-                break
+        async with asyncio.timeout(TURN_LIMIT_SECONDS):  # bounded: never hangs
+            async for response in call:
+                if response.event.HasField("turn_result"):
+                    call.cancel()
+                    break
 
 
 def percentile(values: list[float], q: float) -> float:
