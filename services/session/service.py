@@ -123,6 +123,7 @@ class SessionService:
         self._heartbeat = heartbeat_seconds
         self._locks: dict[str, asyncio.Lock] = {}
         self._drivers: dict[str, asyncio.Task[None]] = {}
+        self._wake: set[str] = set()  # sessions given a turn since their driver last looked
         self._live: dict[str, _LiveTurn] = {}  # turn id -> the credentials it runs with
         # This process's turns carry its id and a lease it renews; a turn whose lease runs out
         # belongs to a process that died, and any replica's sweep ends it as FAILED.
@@ -597,6 +598,9 @@ class SessionService:
     # -- running turns -------------------------------------------------------------------------
 
     def _ensure_driver(self, session_id: str) -> None:
+        # Say there is work before looking at the driver: a driver that is just finding its
+        # queue empty sees this and looks again instead of exiting (no lost wake-up).
+        self._wake.add(session_id)
         task = self._drivers.get(session_id)
         if task is None or task.done():
             self._drivers[session_id] = asyncio.create_task(
@@ -608,6 +612,7 @@ class SessionService:
         (a turn another replica accepted earlier runs first, there), then stop."""
         try:
             while True:
+                self._wake.discard(session_id)
                 async with self._uow() as uow:
                     session = await uow.sessions.get(session_id)
                     active = await uow.turns.in_state(
@@ -620,7 +625,9 @@ class SessionService:
                     t for t in active if t.driver == self._instance and t.state == TurnState.QUEUED
                 ]
                 if session is None or not mine:
-                    return
+                    if session is not None and session_id in self._wake:
+                        continue  # a turn arrived while we looked: look again
+                    return  # no await between this check and leaving _drivers (finally)
                 if active[0].id != mine[0].id:
                     await asyncio.sleep(0.2)  # an earlier turn, run by another replica, goes first
                     continue

@@ -25,6 +25,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import grpc
 from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient
@@ -121,31 +122,65 @@ async def platform_turns(
             pb.SendMessageRequest(session=session, text=prompt), metadata=platform.auth
         )
         sent = time.time()
-        async with asyncio.timeout(TURN_LIMIT_SECONDS):  # bounded: never hangs
-            async for response in call:
-                event = response.event
-                if event.HasField("heartbeat"):
-                    continue
-                cursor = event.sequence
-                kind = event.WhichOneof("payload")
-                stamp = event.create_time.ToNanoseconds() / 1e9
-                first_delta = kind == "text_delta" and not seen
-                if turn and (kind in ("user_message", "turn_started") or first_delta):
-                    STAGES.setdefault(f"{kind} created", []).append((stamp - wall) * 1000)
-                if turn and kind == "text_delta":
-                    latency.append((time.time() - stamp) * 1000)
-                if event.HasField("text_delta"):
-                    seen.append(time.perf_counter() - started)
-                if (
-                    event.HasField("state_changed")
-                    and event.state_changed.state == session_pb2.Session.STATE_IDLE
-                ):
-                    call.cancel()
-                    break
+        kinds: list[str] = []
+        try:
+            async with asyncio.timeout(TURN_LIMIT_SECONDS):  # bounded: never hangs
+                cursor = await _turn_events(call, kinds, seen, started, wall, turn, latency)
+        except TimeoutError as exc:
+            history = await stub.ListSessionEvents(
+                pb.ListSessionEventsRequest(parent=session, after_sequence=max(0, cursor - 5)),
+                metadata=platform.auth,
+            )
+            state = await stub.GetSession(
+                pb.GetSessionRequest(name=session), metadata=platform.auth
+            )
+            logged = [(e.sequence, e.WhichOneof("payload")) for e in history.session_events]
+            raise TimeoutError(
+                f"turn {turn} stalled: cursor {cursor}, streamed {kinds[:6]}..., log {logged},"
+                f" session {session_pb2.Session.State.Name(state.session.state)}"
+                f" last_sequence {state.session.last_sequence}"
+            ) from exc
         if turn:
             arrivals.append(seen)
             STAGES.setdefault("SendMessage returned", []).append((sent - wall) * 1000)
     return arrivals
+
+
+async def _turn_events(
+    call: Any,
+    kinds: list[str],
+    seen: list[float],
+    started: float,
+    wall: float,
+    turn: int,
+    latency: list[float],
+) -> int:
+    """Read one turn's events until the session is idle again; returns the last sequence."""
+    cursor = 0
+    async for response in call:
+        event = response.event
+        kind = event.WhichOneof("payload") or ""
+        kinds.append(kind)
+        if kind == "heartbeat":
+            continue
+        cursor = event.sequence
+        stamp = event.create_time.ToNanoseconds() / 1e9
+        first_delta = kind == "text_delta" and not seen
+        if turn and (kind in ("user_message", "turn_started") or first_delta):
+            STAGES.setdefault(f"{kind} created", []).append((stamp - wall) * 1000)
+        if kind == "text_delta":
+            if turn:
+                latency.append((time.time() - stamp) * 1000)
+            seen.append(time.perf_counter() - started)
+        if kind == "turn_result" and event.turn_result.status != event.turn_result.STATUS_SUCCEEDED:
+            raise RuntimeError(f"a benchmark turn did not succeed: {event.turn_result}")
+        if kind == "state_changed" and event.state_changed.state in (
+            session_pb2.Session.STATE_IDLE,
+            session_pb2.Session.STATE_FAILED,
+        ):
+            call.cancel()
+            break
+    return cursor
 
 
 LATENCY: list[float] = []
