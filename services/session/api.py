@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from corral.libs.auth.caller import require_caller
 from corral.libs.errors import Validator
@@ -15,6 +15,7 @@ from corral.libs.listing import (
     FieldSpec,
     enum_value,
     fingerprint,
+    next_token,
     page_from,
     parse_filter,
     parse_order,
@@ -304,8 +305,6 @@ class SessionApi(rpc.SessionServiceServicer):
             if "agent_options" in paths or not option_paths:
                 merged = request.session.agent_options
             else:
-                from google.protobuf import field_mask_pb2
-
                 mask = field_mask_pb2.FieldMask(paths=option_paths)
                 mask.MergeMessage(
                     request.session.agent_options, merged, replace_repeated_field=True
@@ -534,8 +533,6 @@ class SessionApi(rpc.SessionServiceServicer):
         )
         more = len(rows) > page.size
         rows = rows[: page.size]
-        from corral.libs.listing import next_token
-
         token = next_token(page, (rows[-1].sequence, "") if more and rows else None)
         return pb.ListSessionEventsResponse(
             session_events=[event_pb2.SessionEvent.FromString(r.payload) for r in rows],

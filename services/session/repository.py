@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -175,8 +175,6 @@ def _session_row(session: Session) -> dict[str, Any]:
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    from datetime import UTC
-
     if value is not None and value.tzinfo is None:  # SQLite returns naive datetimes
         return value.replace(tzinfo=UTC)
     return value

@@ -22,7 +22,14 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2
 
 from corral.libs.auth.caller import Caller
-from corral.libs.errors import CorralError, FailedPrecondition, NotFound, PermissionDenied
+from corral.libs.errors import (
+    Aborted,
+    CorralError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from corral.libs.eventhub import EventHub, HubClosed, HubMessage, Lagged
 from corral.libs.listing import Condition, Page, next_token
 from corral.runtime.v1 import runtime_event_pb2 as rt
@@ -39,7 +46,7 @@ from corral.services.session.domain import (
 from corral.services.session.options import for_runtime, with_policy
 from corral.services.session.ports import AuditLog, Runtime, TurnRequest, UsageLedger
 from corral.services.session.repository import SessionUnitOfWork, StoredEvent
-from corral.session.v1 import agent_options_pb2, agent_policy_pb2, event_pb2
+from corral.session.v1 import agent_options_pb2, agent_policy_pb2, event_pb2, session_pb2
 
 log = logging.getLogger("corral.session")
 
@@ -76,8 +83,6 @@ class EventFilter:
             elif c.column == "turn_id" and c.op == "=":
                 turn_id = c.value
             else:
-                from corral.libs.errors import InvalidArgument
-
                 raise InvalidArgument(
                     f"{c.column} {c.op} is not supported", reason="INVALID_FILTER"
                 )
@@ -188,8 +193,6 @@ class SessionService:
 
     @staticmethod
     def _state_event(state: SessionState, previous: SessionState) -> event_pb2.SessionEvent:
-        from corral.session.v1 import session_pb2
-
         event = event_pb2.SessionEvent()
         event.state_changed.state = session_pb2.Session.State.Value(f"STATE_{state.value}")
         event.state_changed.previous_state = session_pb2.Session.State.Value(
@@ -292,8 +295,6 @@ class SessionService:
         labels: dict[str, str] | None,
         options: agent_options_pb2.AgentOptions | None,
     ) -> Session:
-        from corral.libs.errors import Aborted
-
         async with self._uow() as uow:
             session = domain.authorize_write(
                 caller,
@@ -301,8 +302,7 @@ class SessionService:
                 domain.SESSION_PREFIX + session_id,
             )
             session.require_active()
-            if etag and etag != session.etag:
-                raise Aborted("the session changed since you read it", reason="ETAG_MISMATCH")
+            _check_etag(etag, session.etag, "session")
             if display_name is not None:
                 session.display_name = display_name
             if labels is not None:
@@ -316,13 +316,10 @@ class SessionService:
         return session
 
     async def archive_session(self, caller: Caller, session_id: str, *, etag: str) -> Session:
-        from corral.libs.errors import Aborted
-
         name = domain.SESSION_PREFIX + session_id
         async with self._uow() as uow:
             session = domain.authorize_write(caller, await uow.sessions.get(session_id), name)
-        if etag and etag != session.etag:
-            raise Aborted("the session changed since you read it", reason="ETAG_MISMATCH")
+        _check_etag(etag, session.etag, "session")
         if session.state in (SessionState.RUNNING, SessionState.AWAITING_PERMISSION):
             raise FailedPrecondition("interrupt the running turn first", reason="SESSION_BUSY")
         previous = session.move_to(SessionState.ARCHIVED)
@@ -343,13 +340,10 @@ class SessionService:
     async def delete_session(
         self, caller: Caller, session_id: str, *, etag: str, force: bool
     ) -> None:
-        from corral.libs.errors import Aborted
-
         name = domain.SESSION_PREFIX + session_id
         async with self._uow() as uow:
             session = domain.authorize_write(caller, await uow.sessions.get(session_id), name)
-        if etag and etag != session.etag:
-            raise Aborted("the session changed since you read it", reason="ETAG_MISMATCH")
+        _check_etag(etag, session.etag, "session")
         busy = session.state in (SessionState.RUNNING, SessionState.AWAITING_PERMISSION)
         if busy and not force:
             raise FailedPrecondition(
@@ -417,14 +411,11 @@ class SessionService:
         etag: str,
         change: Callable[[agent_policy_pb2.AgentPolicy], None],
     ) -> AgentPolicyRecord:
-        from corral.libs.errors import Aborted
-
         domain.authorize_policy(caller, organization, write=True)
         async with self._uow() as uow:
             stored = await uow.policies.get(organization)
             policy = stored or AgentPolicyRecord(organization, b"", 0, now())
-            if etag and etag != policy.etag:
-                raise Aborted("the policy changed since you read it", reason="ETAG_MISMATCH")
+            _check_etag(etag, policy.etag, "policy")
             message = agent_policy_pb2.AgentPolicy.FromString(policy.payload)
             change(message)
             policy.payload = message.SerializeToString()
@@ -1033,6 +1024,12 @@ class SessionService:
             log.exception(
                 "could not release a usage reservation", extra={"reservation": reservation}
             )
+
+
+def _check_etag(sent: str, current: str, what: str) -> None:
+    """An etag sent with a change must still be the resource's (else ABORTED: re-read)."""
+    if sent and sent != current:
+        raise Aborted(f"the {what} changed since you read it", reason="ETAG_MISMATCH")
 
 
 def _types(event_filter: EventFilter) -> tuple[frozenset[str], bool] | None:
