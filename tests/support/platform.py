@@ -18,8 +18,8 @@ from corral.identity.v1 import identity_service_pb2_grpc as irpc
 from corral.libs.app import ServiceApp
 from corral.services import registry
 from corral.services.identity.config import IdentitySettings
+from corral.services.identity.main import IdentityApp
 from corral.session.v1 import session_service_pb2_grpc as srpc
-from tests.support.grpc_tools import free_port
 
 ADMIN = ("admin@corral.local", "e2e-admin-password")
 E2E_SERVICES = ("identity", "runtime", "session")
@@ -69,22 +69,28 @@ class Platform:
 async def running_platform(data_dir: Path, **overrides: Any) -> AsyncIterator[Platform]:
     values: dict[str, Any] = {
         "data_dir": data_dir,
-        "identity_http_port": free_port(),
+        "identity_http_port": 0,
         "bootstrap_admin_email": ADMIN[0],
         "bootstrap_admin_password": ADMIN[1],
         "anthropic_api_key": "",
         "anthropic_base_url": "",
         "runtime_pool_size": 2,
         "session_heartbeat_seconds": 1.0,
-        **{f"{name}_port": free_port() for name in E2E_SERVICES},
+        **{f"{name}_port": 0 for name in E2E_SERVICES},
     }
     settings = IdentitySettings(**{**values, **overrides})
     apps: dict[str, ServiceApp] = {}
     channels: list[grpc.aio.Channel] = []
     try:
-        for name in E2E_SERVICES:  # identity first: the others need its JWKS and service key
-            apps[name] = await registry.build(name, settings)
-            await apps[name].start()
+        # Each binds port 0 (no guessed port another process can take first) and the next is
+        # built with the addresses the earlier ones got: identity first (its JWKS and service
+        # key), then the runtime, then the session service that calls both.
+        for name in E2E_SERVICES:
+            app = apps[name] = await registry.build(name, settings)
+            bound: dict[str, int] = {f"{name}_port": await app.start()}
+            if isinstance(app, IdentityApp) and app.jwks_http is not None:
+                bound["identity_http_port"] = app.jwks_http.port
+            settings = settings.model_copy(update=bound)
         async with grpc.aio.insecure_channel(settings.target_for("identity")) as channel:
             login = await irpc.IdentityServiceStub(channel).Login(
                 ipb.LoginRequest(email=ADMIN[0], password=ADMIN[1])
