@@ -13,12 +13,14 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, TypeVar
 
 from corral.libs.errors import InvalidArgument, Validator
 
+T = TypeVar("T")
 OPERATORS = ("<=", ">=", "!=", "=", "<", ">")
 _TOKEN = re.compile(
     r'\s*(?:(AND)\b|([A-Za-z_][A-Za-z0-9_.]*)|(<=|>=|!=|=|<|>)|"((?:[^"\\]|\\.)*)"|(\S+))'
@@ -137,20 +139,36 @@ class Page:
     fingerprint: str
 
 
+MAX_PAGE_SIZE = 1000
+
+
 def fingerprint(*parts: object) -> str:
+    """Binds a page token to its query: the caller, the filter, the order, the parent."""
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 
 
+def _encode(value: Any) -> Any:
+    return {"dt": value.isoformat()} if isinstance(value, datetime) else value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        return datetime.fromisoformat(value["dt"])
+    return value
+
+
 def page_from(size: int, token: str, query_fingerprint: str, *, default: int = 50) -> Page:
+    """The page a List request asks for: the size clamped to 1-1000 (0 means ``default``),
+    and the position its ``page_token`` names, which must come from the same query."""
     check = Validator()
     check.check(size >= 0, "page_size", "must not be negative")
     check.raise_if_any()
-    size = default if size == 0 else min(size, 1000)
+    size = default if size == 0 else min(size, MAX_PAGE_SIZE)
     if not token:
         return Page(size, None, query_fingerprint)
     try:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after = (data["v"], data["i"])
+        after = (_decode(data["v"]), data["i"])
         same = data["f"] == query_fingerprint
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidArgument(
@@ -166,5 +184,17 @@ def page_from(size: int, token: str, query_fingerprint: str, *, default: int = 5
 def next_token(page: Page, last: tuple[Any, Any] | None) -> str:
     if last is None:
         return ""
-    raw = json.dumps({"v": last[0], "i": last[1], "f": page.fingerprint}).encode()
+    raw = json.dumps({"v": _encode(last[0]), "i": last[1], "f": page.fingerprint}).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def finish_page(
+    rows: Sequence[T], page: Page, key: Callable[[T], tuple[Any, Any]]
+) -> tuple[list[T], str]:
+    """The tail of every keyset query: ``rows`` were fetched with ``page.size + 1`` as limit;
+    keep ``page.size`` of them and, when there was one more, the token of the next page
+    (``key`` gives a row's ``(sort value, id)``)."""
+    kept = list(rows[: page.size])
+    if len(rows) <= page.size or not kept:
+        return kept, ""
+    return kept, next_token(page, key(kept[-1]))

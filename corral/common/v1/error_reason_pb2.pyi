@@ -86,6 +86,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """DEADLINE_EXCEEDED: a generic reason, when no more specific one applies."""
     ERROR_REASON_ERROR: _ErrorReason.ValueType  # 27
     """UNKNOWN: an error of no known category."""
+    ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 28
+    """ABORTED: the `etag` sent with a change is not the resource's current one;
+    re-read the resource and retry.
+    """
+    ERROR_REASON_REQUEST_ID_REUSED: _ErrorReason.ValueType  # 29
+    """INVALID_ARGUMENT: a `request_id` was reused, within its retention window,
+    for a request with a different payload.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Reasons every Corral service may return, whatever its context: they come
@@ -160,4 +168,12 @@ ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 26
 """DEADLINE_EXCEEDED: a generic reason, when no more specific one applies."""
 ERROR_REASON_ERROR: ErrorReason.ValueType  # 27
 """UNKNOWN: an error of no known category."""
+ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 28
+"""ABORTED: the `etag` sent with a change is not the resource's current one;
+re-read the resource and retry.
+"""
+ERROR_REASON_REQUEST_ID_REUSED: ErrorReason.ValueType  # 29
+"""INVALID_ARGUMENT: a `request_id` was reused, within its retention window,
+for a request with a different payload.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
