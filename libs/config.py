@@ -89,6 +89,13 @@ class Settings(BaseSettings):
     console_enabled: bool = True
     console_port: int = 8090
 
+    # Files of the repository the edge and the console read (relative paths are from the working
+    # directory: the repository root, where `make run` runs). The Python package ships none of
+    # them; set these when running from elsewhere.
+    protos_dir: Path = Path("protos")
+    envoy_template: Path = Path("deploy/envoy/envoy.yaml.template")
+    console_dir: Path = Path("libs/web-console/dist")
+
     # Sessions: quiet streams get a heartbeat this often (keep it under proxies' idle timeouts).
     session_heartbeat_seconds: float = 15.0
     # A turn whose session-service process stops renewing its lease this long is ended as

@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("corral.edge")
 
-ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE = ROOT / "deploy" / "envoy" / "envoy.yaml.template"
-PROTOS = ROOT / "protos"
 # The services the edge routes to; the runtime is internal (called by the session service only).
 EDGE_SERVICES = ("identity", "session", "task", "storage")
 # Longer than any heartbeat we send, so quiet streams survive; never below five minutes.
@@ -62,22 +59,34 @@ def envoy_binary() -> Path:
     return Path(found)
 
 
-def build_descriptor_set(out: Path) -> Path:
-    """Every Corral proto and its imports (googleapis, well-known types) as one FileDescriptorSet,
-    the form the gRPC-JSON transcoder reads (``protoc --include_imports``)."""
+def _repository_file(path: Path, setting: str) -> Path:
+    """A file of the repository named by a setting; a clear error when it is not there."""
+    if not path.exists():
+        raise EdgeError(
+            f"{path} does not exist (working directory {Path.cwd()}): run from the repository"
+            f" root or set CORRAL_{setting.upper()}"
+        )
+    return path
+
+
+def build_descriptor_set(out: Path, protos: Path) -> Path:
+    """Every Corral proto under ``protos`` and its imports (googleapis, well-known types) as one
+    FileDescriptorSet, the form the gRPC-JSON transcoder reads (``protoc --include_imports``)."""
     from grpc_tools import protoc  # type: ignore[import-untyped]
+
+    protos = _repository_file(protos, "protos_dir").resolve()
 
     well_known = Path(protoc.__file__).parent / "_proto"
     error_details = importlib.util.find_spec("google.rpc.error_details_pb2")
     if error_details is None or error_details.origin is None:
         raise EdgeError("googleapis-common-protos is not installed")
     googleapis = Path(error_details.origin).parents[2]
-    files = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "corral").rglob("*.proto"))
+    files = sorted(str(p.relative_to(protos)) for p in (protos / "corral").rglob("*.proto"))
     out.parent.mkdir(parents=True, exist_ok=True)
     status = protoc.main(
         [
             "protoc",
-            f"-I{PROTOS}",
+            f"-I{protos}",
             f"-I{well_known}",
             f"-I{googleapis}",
             "--include_imports",
@@ -181,7 +190,9 @@ def render(
     for name in EDGE_SERVICES:
         targets = (upstreams or {}).get(name) or [settings.target_for(name)]
         values[f"{name}_endpoints"] = _endpoints(targets)
-    template = string.Template(TEMPLATE.read_text())
+    template = string.Template(
+        _repository_file(settings.envoy_template, "envoy_template").read_text()
+    )
     return template.substitute({key: json.dumps(value) for key, value in values.items()})
 
 
@@ -196,7 +207,7 @@ def write_config(
     """Build ``corral.pb`` and render ``envoy.yaml`` into ``directory``; returns the config.
     ``descriptor_path`` is where Envoy will find ``corral.pb`` if not here (a container path)."""
     directory.mkdir(parents=True, exist_ok=True)
-    descriptor = build_descriptor_set(directory / "corral.pb")
+    descriptor = build_descriptor_set(directory / "corral.pb", settings.protos_dir)
     config = directory / "envoy.yaml"
     text = render(
         settings,

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("corral.console")
 
-DIST = Path(__file__).resolve().parent / "web-console" / "dist"
 NOT_BUILT = (
     b"<!doctype html><title>Corral console</title><p>The web console is not built yet: run"
     b" <code>make console</code> (npm ci and esbuild), then reload.</p>"
@@ -67,7 +66,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 class ConsoleServer:
     """``dist/`` and ``/config.json`` on ``host:port`` (port 0 picks a free one), in a thread."""
 
-    def __init__(self, edge_url: str, *, host: str, port: int, directory: Path = DIST) -> None:
+    def __init__(self, edge_url: str, *, host: str, port: int, directory: Path) -> None:
         class Handler(_Handler):
             config = json.dumps({"edgeUrl": edge_url}).encode()
 
@@ -103,7 +102,9 @@ async def start_console(
     the first of ``apps`` stops. Returns the console's URL, or None (with a warning) when the
     port is taken: the console is a convenience, not a reason to refuse to start."""
     try:
-        console = ConsoleServer(edge_url, host=settings.host, port=settings.console_port)
+        console = ConsoleServer(
+            edge_url, host=settings.host, port=settings.console_port, directory=settings.console_dir
+        )
     except OSError as exc:
         log.warning(
             "the web console cannot listen on %s:%s (%s): set CORRAL_CONSOLE_PORT",
@@ -114,6 +115,9 @@ async def start_console(
         return None
     console.start()
     apps[0].resources.push_async_callback(console.stop)
-    if not (DIST / "index.html").exists():
-        log.warning("the web console is not built: run `make console`")
+    if not (settings.console_dir / "index.html").exists():
+        log.warning(
+            "the web console is not built at %s: run `make console` (or set CORRAL_CONSOLE_DIR)",
+            settings.console_dir,
+        )
     return console.url

@@ -32,6 +32,7 @@ from corral.libs import envoy
 from corral.libs.config import DEFAULT_PORTS, Settings
 
 DEPLOY = Path(__file__).resolve().parents[1]
+REPOSITORY = DEPLOY.parent
 CONFIG = DEPLOY / "envoy" / "envoy.production.yaml"
 DESCRIPTOR = DEPLOY / "envoy" / "corral.pb"
 CONFIGMAP = DEPLOY / "k8s" / "envoy-config.yaml"
@@ -53,6 +54,9 @@ PRODUCTION: dict[str, Any] = {
     "jwt_audience": "corral",
     "session_heartbeat_seconds": 15.0,
     "cors_origins": ["http://localhost:8080", "http://127.0.0.1:8080"],
+    # This script lives in the repository, so it names the repository's files itself.
+    "protos_dir": REPOSITORY / "protos",
+    "envoy_template": DEPLOY / "envoy" / "envoy.yaml.template",
 }
 
 
@@ -67,7 +71,8 @@ def render_config() -> str:
 
 def build_descriptor() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
-        return envoy.build_descriptor_set(Path(tmp) / "corral.pb").read_bytes()
+        settings = production_settings()
+        return envoy.build_descriptor_set(Path(tmp) / "corral.pb", settings.protos_dir).read_bytes()
 
 
 def render_configmap(config: str, descriptor: bytes) -> str:
