@@ -70,6 +70,36 @@ async def events_until(
     raise AssertionError("the stream ended")
 
 
+async def until_turn_over(platform: Platform, session: str) -> None:
+    """Until the session has no turn running (IDLE, or FAILED after a failed turn), within
+    30 s."""
+    async with asyncio.timeout(30):
+        while True:
+            got = await platform.sessions.GetSession(
+                pb.GetSessionRequest(name=session), metadata=platform.auth
+            )
+            if got.session.state in (
+                session_pb2.Session.STATE_IDLE,
+                session_pb2.Session.STATE_FAILED,
+            ):
+                return
+            await asyncio.sleep(0.05)
+
+
+async def say_when_allowed(platform: Platform, session: str, text: str) -> None:
+    """Send ``text`` as soon as quotas allow (a finished turn gives its slot back just after
+    its result event), within 30 s; any other refusal fails at once."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                await say(platform, session, text)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+            await asyncio.sleep(0.05)
+
+
 def kinds(events: list[Event]) -> list[str]:
     return [e.WhichOneof("payload") or "" for e in events]
 
@@ -211,7 +241,7 @@ async def test_runtime_killed_mid_turn_fails_the_turn_loses_nothing_and_the_next
     events = await events_until(platform, session, count=2)
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))  # nothing lost
     assert events[-1].turn_result.status == event_pb2.TurnResult.STATUS_FAILED
-    await asyncio.sleep(0.2)
+    await until_turn_over(platform, session)
     await say(platform, session, "what word did I ask you to remember?")
     after = await events_until(platform, session, count=3)
     assert after[-1].turn_result.status == event_pb2.TurnResult.STATUS_SUCCEEDED
@@ -243,8 +273,7 @@ async def test_quota_exhaustion_stops_a_turn_before_it_starts(platform: Platform
     )
     assert list(history.session_events) == []
     await events_until(platform, busy)  # the running turn finishes and gives the slot back
-    await asyncio.sleep(0.3)
-    await say(platform, other, "now it fits")
+    await say_when_allowed(platform, other, "now it fits")
     assert (await events_until(platform, other))[
         -1
     ].turn_result.status == event_pb2.TurnResult.STATUS_SUCCEEDED

@@ -48,6 +48,7 @@ class Probe:
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
+        self.slow_started = asyncio.Event()
         self.address = ""
 
     async def Public(self, request: struct_pb2.Struct, context: Any) -> struct_pb2.Struct:
@@ -89,6 +90,7 @@ class Probe:
         raise RuntimeError("database password is hunter2")
 
     async def Slow(self, request: struct_pb2.Struct, context: Any) -> struct_pb2.Struct:
+        self.slow_started.set()
         await self.release.wait()
         return _struct(finished=True)
 
@@ -411,10 +413,15 @@ async def test_graceful_shutdown_drains_in_flight_calls(
         in_flight = asyncio.ensure_future(
             _call(ch, "Slow")(_struct(), metadata=_bearer(signing_key.token()))
         )
-        await asyncio.sleep(0.2)
+        await asyncio.wait_for(probe.slow_started.wait(), 10)
         stopping = asyncio.create_task(server.stop(5.0))
-        await asyncio.sleep(0.2)
-        assert server.health._server_status[""] == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def not_serving() -> bool:
+            status = server.health._server_status[""]
+            return bool(status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        await _until(not_serving)
+        assert not in_flight.done()  # draining: the call in flight is still being served
         probe.release.set()
         assert (await in_flight).fields["finished"].bool_value
         await stopping
