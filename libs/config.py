@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from corral.libs.crypto import KeyRing, load_key_ring
+
 SERVICE_NAMES: tuple[str, ...] = ("identity", "session", "task", "runtime", "storage")
 DEFAULT_PORTS: dict[str, int] = {
     "identity": 50051,
@@ -70,6 +72,11 @@ class Settings(BaseSettings):
     # makes as itself: the usage ledger and the audit log. In development identity creates one
     # on first start and leaves it in <data_dir>/service-api-key.
     service_api_key: str = ""
+
+    # Secrets at rest (MCP secrets, policy secrets): AES-256-GCM keys, `id:base64key,...`, the
+    # first one encrypts. Production refuses to start without; development makes one under
+    # data_dir (libs/crypto.py).
+    encryption_keys: SecretStr = SecretStr("")
 
     # The edge (Envoy): one port in front of every service; `corral dev` starts it when enabled.
     edge_enabled: bool = True
@@ -160,6 +167,13 @@ class Settings(BaseSettings):
             return self.service_api_key
         path = self.data_dir / "service-api-key"
         return path.read_text().strip() if path.exists() else ""
+
+    def key_ring(self) -> KeyRing:
+        return load_key_ring(
+            self.encryption_keys.get_secret_value(),
+            production=not self.is_development,
+            data_dir=self.data_dir,
+        )
 
     def jwks_endpoint(self) -> str:
         return (
