@@ -17,7 +17,7 @@ from corral.libs.envoy import EdgeError, start_edge
 from corral.libs.observability import configure_logging, configure_tracing
 from corral.libs.web_console import start_console
 from corral.services import registry
-from corral.services.session.chat import demo
+from corral.services.chat import demo
 
 
 def _services(names: Sequence[str]) -> list[str]:
@@ -167,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "migrate":
         asyncio.run(_migrate(settings, _services(args.services)))
     elif args.command == "chat":
-        from corral.services.session.chat import agent_options
-        from corral.services.session.chat import main as chat_main
+        from corral.services.chat import agent_options
+        from corral.services.chat import main as chat_main
 
         options = agent_options(args.allow, args.ask, args.mcp)
         return asyncio.run(chat_main(args.session, args.message, options))

@@ -1,8 +1,13 @@
-"""Adapters for the session service's ports: the runtime and identity over gRPC."""
+"""Adapters for the session service's ports: the runtime and identity over gRPC.
+
+Every call's ``grpc.aio.AioRpcError`` leaves here as the :mod:`corral.libs.errors` category the
+other service raised (its reason and details kept): the service layer never sees gRPC.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
@@ -11,7 +16,9 @@ from corral.identity.v1 import audit_event_pb2, usage_pb2
 from corral.identity.v1 import identity_service_pb2 as identity_pb
 from corral.identity.v1 import identity_service_pb2_grpc as identity_rpc
 from corral.libs.auth.service_token import CachedToken
+from corral.libs.errors import CorralError, Unavailable
 from corral.libs.grpc.errors import from_rpc_error
+from corral.libs.names import new_id
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.runtime.v1 import runtime_service_pb2 as runtime_pb
 from corral.runtime.v1 import runtime_service_pb2_grpc as runtime_rpc
@@ -21,6 +28,26 @@ from corral.services.session.ports import TurnRequest
 
 def _auth(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+@contextlib.contextmanager
+def _domain_errors() -> Iterator[None]:
+    """A failed call raises what the callee meant, as a domain error."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from exc
+
+
+def _turn_error(exc: grpc.aio.AioRpcError) -> CorralError:
+    """A turn's stream that broke off: the runtime's own error when it sent one, else
+    RUNTIME_UNAVAILABLE (it died, or the connection did)."""
+    error = from_rpc_error(exc)
+    if error.reason in (exc.code().name, "DEPENDENCY_FAILED"):
+        return Unavailable(
+            f"the agent runtime failed: {exc.code().name}", reason="RUNTIME_UNAVAILABLE"
+        )
+    return error
 
 
 class GrpcRuntime:
@@ -45,17 +72,18 @@ class GrpcRuntime:
             ),
             metadata=_auth(token),
         )
-        async for response in call:
-            yield response.event
+        try:
+            async for response in call:
+                yield response.event
+        except grpc.aio.AioRpcError as exc:
+            raise _turn_error(exc) from exc
 
     async def interrupt(self, session: str, turn_id: str, *, token: str) -> None:
-        try:
+        with _domain_errors():
             await self._stub.InterruptTurn(
                 runtime_pb.InterruptTurnRequest(session=session, turn_id=turn_id),
                 metadata=_auth(token),
             )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
 
     async def decide(
         self,
@@ -79,16 +107,17 @@ class GrpcRuntime:
         )
         if updated_input is not None:
             request.updated_input.CopyFrom(updated_input)
-        try:
+        with _domain_errors():
             await self._stub.SubmitPermissionDecision(request, metadata=_auth(token))
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
 
     async def release(self, session: str, *, delete_transcript: bool, token: str) -> None:
-        await self._stub.ReleaseSession(
-            runtime_pb.ReleaseSessionRequest(session=session, delete_transcript=delete_transcript),
-            metadata=_auth(token),
-        )
+        with _domain_errors():
+            await self._stub.ReleaseSession(
+                runtime_pb.ReleaseSessionRequest(
+                    session=session, delete_transcript=delete_transcript
+                ),
+                metadata=_auth(token),
+            )
 
 
 def service_credentials(channel: grpc.aio.Channel, api_key: str) -> CachedToken | None:
@@ -98,10 +127,8 @@ def service_credentials(channel: grpc.aio.Channel, api_key: str) -> CachedToken 
     stub = identity_rpc.IdentityServiceStub(channel)
 
     async def exchange() -> tuple[str, float]:
-        try:
+        with _domain_errors():
             reply = await stub.ExchangeApiKey(identity_pb.ExchangeApiKeyRequest(api_key=api_key))
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
         grant = reply.token
         return grant.access_token, grant.access_token_expire_time.ToSeconds()
 
@@ -147,32 +174,30 @@ class IdentityLedger(_AsService):
             ttl=duration_pb2.Duration(seconds=self._ttl),
             request_id=request_id,
         )
-        try:
+        with _domain_errors():
             reply = await self._stub.ReserveUsage(request, metadata=await self._auth(token))
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
         return str(reply.usage_reservation.name)
 
     async def settle(self, reservation: str, usage: Usage, *, token: str) -> None:
-        await self._stub.SettleUsage(
-            identity_pb.SettleUsageRequest(
-                name=reservation,
-                actual_amounts=[
-                    usage_pb2.UsageAmount(kind=usage_pb2.USAGE_KIND_SESSIONS, amount=1),
-                    usage_pb2.UsageAmount(kind=usage_pb2.USAGE_KIND_TOKENS, amount=usage.tokens),
-                    usage_pb2.UsageAmount(
-                        kind=usage_pb2.USAGE_KIND_COST_USD_MICROS, amount=usage.cost_usd_micros
-                    ),
-                ],
-            ),
-            metadata=await self._auth(token),
+        request = identity_pb.SettleUsageRequest(
+            name=reservation,
+            actual_amounts=[
+                usage_pb2.UsageAmount(kind=usage_pb2.USAGE_KIND_SESSIONS, amount=1),
+                usage_pb2.UsageAmount(kind=usage_pb2.USAGE_KIND_TOKENS, amount=usage.tokens),
+                usage_pb2.UsageAmount(
+                    kind=usage_pb2.USAGE_KIND_COST_USD_MICROS, amount=usage.cost_usd_micros
+                ),
+            ],
         )
+        with _domain_errors():
+            await self._stub.SettleUsage(request, metadata=await self._auth(token))
         await self.release(reservation, token=token)
 
     async def release(self, reservation: str, *, token: str) -> None:
-        await self._stub.ReleaseUsage(
-            identity_pb.ReleaseUsageRequest(name=reservation), metadata=await self._auth(token)
-        )
+        with _domain_errors():
+            await self._stub.ReleaseUsage(
+                identity_pb.ReleaseUsageRequest(name=reservation), metadata=await self._auth(token)
+            )
 
 
 class IdentityAudit(_AsService):
@@ -191,8 +216,6 @@ class IdentityAudit(_AsService):
         token: str,
         outcome: str = "SUCCEEDED",
     ) -> None:
-        import uuid
-
         event = audit_event_pb2.AuditEvent(
             actor=actor,
             organization=organization,
@@ -203,9 +226,10 @@ class IdentityAudit(_AsService):
             metadata=metadata,
         )
         event.event_time.GetCurrentTime()
-        await self._stub.WriteAuditEvents(
-            identity_pb.WriteAuditEventsRequest(
-                parent=organization, audit_events=[event], request_id=str(uuid.uuid4())
-            ),
-            metadata=await self._auth(token),
-        )
+        with _domain_errors():
+            await self._stub.WriteAuditEvents(
+                identity_pb.WriteAuditEventsRequest(
+                    parent=organization, audit_events=[event], request_id=new_id()
+                ),
+                metadata=await self._auth(token),
+            )

@@ -1,4 +1,5 @@
-"""The SessionService servicer: proto <-> domain, request validation, no business rules."""
+"""The SessionService servicer: proto <-> Python and the shape of requests; the rules live in
+the service layer."""
 
 from __future__ import annotations
 
@@ -6,31 +7,37 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import grpc
 from google.protobuf import field_mask_pb2, timestamp_pb2
+from google.rpc import code_pb2
 
+from corral.libs import agent_options
 from corral.libs.auth.caller import require_caller
-from corral.libs.errors import Validator
+from corral.libs.errors import InvalidArgument, Validator
 from corral.libs.listing import (
     FieldSpec,
     enum_value,
     fingerprint,
-    next_token,
     page_from,
     parse_filter,
     parse_order,
     parse_time,
 )
-from corral.services.session import options as agent_options
+from corral.libs.names import ResourcePattern
+from corral.libs.validation import check_labels, check_request_id, check_text
+from corral.services.session import options
 from corral.services.session.domain import (
-    SESSION_PREFIX,
+    ORGANIZATION,
+    POLICY,
+    SESSION,
+    TURN,
     AgentPolicyRecord,
     BusyStrategy,
     Session,
     Turn,
     Usage,
 )
-from corral.services.session.service import EventFilter, SessionService
+from corral.services.session.event_log import EventFilter
+from corral.services.session.service import POLICY_FIELDS, SessionService
 from corral.session.v1 import (
     agent_options_pb2,
     agent_policy_pb2,
@@ -44,6 +51,8 @@ from corral.session.v1 import session_service_pb2 as pb
 from corral.session.v1 import session_service_pb2_grpc as rpc
 
 MAX_TEXT = 100_000
+MAX_DISPLAY_NAME = 200
+MAX_PERMISSION_MESSAGE = 2000
 _EVENT_FIELD = b"\x0a"  # StreamSessionEventsResponse.event: field 1, wire type 2
 
 
@@ -101,7 +110,7 @@ SESSION_ORDER = {
     "display_name": "display_name",
 }
 EVENT_FIELDS = {"type": FieldSpec("type", enum_value(EVENT_TYPES)), "turn_id": FieldSpec("turn_id")}
-UPDATABLE = {"display_name", "labels", "agent_options"}
+UPDATABLE = frozenset({"display_name", "labels", "agent_options"})
 
 
 def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -129,7 +138,7 @@ def session_to_proto(session: Session, pending: list[bytes] = ()) -> session_pb2
         owner=session.owner,
         display_name=session.display_name,
         state=session_pb2.Session.State.Value(f"STATE_{session.state.value}"),
-        agent_options=agent_options.redacted(
+        agent_options=options.redacted(
             agent_options_pb2.AgentOptions.FromString(session.agent_options)
         ),
         labels=session.labels,
@@ -148,7 +157,7 @@ def session_to_proto(session: Session, pending: list[bytes] = ()) -> session_pb2
     for payload in pending:
         out.pending_permission_requests.append(permission_pb2.PermissionRequest.FromString(payload))
     if session.failure_reason:
-        out.failure.code = grpc.StatusCode.UNAVAILABLE.value[0]
+        out.failure.code = code_pb2.UNAVAILABLE
         out.failure.message = session.failure_message
     return out
 
@@ -171,43 +180,39 @@ def turn_to_proto(turn: Turn) -> turn_pb2.Turn:
     return out
 
 
+def _ids(pattern: ResourcePattern, name: str, field: str, check: Validator) -> tuple[str, ...]:
+    """The ids of a resource name, or (with a violation added) empty ones."""
+    try:
+        return pattern.parse_field(name, field)
+    except InvalidArgument as exc:
+        check.violations.extend(exc.violations)
+        return ("",) * len(pattern.variables)
+
+
 def _session_id(name: str, field: str, check: Validator) -> str:
-    session_id = name.removeprefix(SESSION_PREFIX)
-    check.check(
-        name.startswith(SESSION_PREFIX) and session_id.isalnum() and len(session_id) <= 64,
-        field,
-        "must be a session name, `sessions/{session}`",
-    )
-    return session_id
+    return _ids(SESSION, name, field, check)[0]
 
 
-def _policy_org(name: str, field: str, check: Validator) -> str:
-    organization = name.removesuffix("/agentPolicy")
-    org_id = organization.removeprefix("organizations/")
-    check.check(
-        name.endswith("/agentPolicy")
-        and organization.startswith("organizations/")
-        and bool(org_id)
-        and "/" not in org_id,
-        field,
-        "must be `organizations/{organization}/agentPolicy`",
-    )
-    return organization
+def _display_name(value: str, field: str, check: Validator) -> None:
+    check_text(value, check, field, max_length=MAX_DISPLAY_NAME, lines=False)
 
 
-def _request_id(value: str, check: Validator) -> None:
-    check.check(len(value) <= 100, "request_id", "at most 100 characters")
-
-
-def _labels(labels: Mapping[str, str], check: Validator, field: str) -> None:
-    check.check(len(labels) <= 64, field, "at most 64 labels")
-    for key, value in labels.items():
+def _mask(
+    sent: field_mask_pb2.FieldMask, allowed: frozenset[str], check: Validator
+) -> frozenset[str]:
+    """The paths of an update mask (``*``: every field in ``allowed``); each must start with
+    an allowed field."""
+    paths = frozenset(sent.paths)
+    check.check(bool(paths), "update_mask", "name the fields to change")
+    if "*" in paths:
+        return allowed
+    for path in sorted(paths):
         check.check(
-            0 < len(key) <= 63 and key.replace("-", "_").replace(".", "_").isidentifier(),
-            f"{field}.{key}",
-            "keys are 1-63 letters, digits, '_', '-' or '.'",
+            path.split(".", 1)[0] in allowed,
+            "update_mask",
+            f"{path!r} cannot be changed; updatable: {', '.join(sorted(allowed))}",
         )
-        check.check(len(value) <= 256, f"{field}.{key}", "values are at most 256 characters")
+    return paths
 
 
 class SessionApi(rpc.SessionServiceServicer):
@@ -227,12 +232,10 @@ class SessionApi(rpc.SessionServiceServicer):
     ) -> pb.CreateSessionResponse:
         check = Validator()
         session = request.session
-        check.check(
-            len(session.display_name) <= 200, "session.display_name", "at most 200 characters"
-        )
+        _display_name(session.display_name, "session.display_name", check)
         agent_options.validate(session.agent_options, check, "session.agent_options")
-        _labels(session.labels, check, "session.labels")
-        _request_id(request.request_id, check)
+        check_labels(session.labels, check, "session.labels")
+        check_request_id(request.request_id, check)
         check.raise_if_any()
         created = await self._service.create_session(
             require_caller(),
@@ -277,46 +280,33 @@ class SessionApi(rpc.SessionServiceServicer):
         self, request: pb.UpdateSessionRequest, context: Any
     ) -> pb.UpdateSessionResponse:
         check = Validator()
-        session_id = _session_id(request.session.name, "session.name", check)
-        paths = set(request.update_mask.paths)
-        check.check(bool(paths), "update_mask", "name the fields to change")
-        if "*" in paths:
-            paths = set(UPDATABLE)
-        top = {p.split(".", 1)[0] for p in paths}
-        for path in sorted(top - UPDATABLE):
-            check.add(
-                "update_mask",
-                f"{path!r} cannot be changed; updatable: {', '.join(sorted(UPDATABLE))}",
-            )
-        if "agent_options" in top:
-            agent_options.validate(request.session.agent_options, check, "session.agent_options")
-        _labels(request.session.labels, check, "session.labels")
+        sent = request.session
+        session_id = _session_id(sent.name, "session.name", check)
+        paths = _mask(request.update_mask, UPDATABLE, check)
+        option_paths = [p.split(".", 1)[1] for p in paths if p.startswith("agent_options.")]
         check.check(
-            len(request.session.display_name) <= 200,
-            "session.display_name",
-            "at most 200 characters",
+            field_mask_pb2.FieldMask(paths=option_paths).IsValidForDescriptor(
+                agent_options_pb2.AgentOptions.DESCRIPTOR
+            ),
+            "update_mask",
+            "names a field agent options do not have",
         )
-        check.raise_if_any()
-        new_options = None
+        top = {p.split(".", 1)[0] for p in paths}
+        if "display_name" in top:
+            _display_name(sent.display_name, "session.display_name", check)
+        if "labels" in top:
+            check_labels(sent.labels, check, "session.labels")
         if "agent_options" in top:
-            current = await self._service.get_session(require_caller(), session_id)
-            merged = agent_options_pb2.AgentOptions.FromString(current.agent_options)
-            option_paths = [p.split(".", 1)[1] for p in paths if p.startswith("agent_options.")]
-            if "agent_options" in paths or not option_paths:
-                merged = request.session.agent_options
-            else:
-                mask = field_mask_pb2.FieldMask(paths=option_paths)
-                mask.MergeMessage(
-                    request.session.agent_options, merged, replace_repeated_field=True
-                )
-            new_options = merged
+            agent_options.validate(sent.agent_options, check, "session.agent_options")
+        check.raise_if_any()
         session = await self._service.update_session(
             require_caller(),
             session_id,
-            etag=request.session.etag,
-            display_name=request.session.display_name if "display_name" in top else None,
-            labels=dict(request.session.labels) if "labels" in top else None,
-            options=new_options,
+            etag=sent.etag,
+            paths=paths,
+            display_name=sent.display_name,
+            labels=dict(sent.labels),
+            options=sent.agent_options,
         )
         return pb.UpdateSessionResponse(session=await self._proto(session))
 
@@ -347,8 +337,8 @@ class SessionApi(rpc.SessionServiceServicer):
     ) -> pb.ForkSessionResponse:
         check = Validator()
         session_id = _session_id(request.name, "name", check)
-        check.check(len(request.display_name) <= 200, "display_name", "at most 200 characters")
-        _request_id(request.request_id, check)
+        _display_name(request.display_name, "display_name", check)
+        check_request_id(request.request_id, check)
         check.raise_if_any()
         session = await self._service.fork_session(
             require_caller(),
@@ -361,20 +351,21 @@ class SessionApi(rpc.SessionServiceServicer):
     @staticmethod
     def _policy_proto(record: AgentPolicyRecord) -> agent_policy_pb2.AgentPolicy:
         policy = agent_policy_pb2.AgentPolicy.FromString(record.payload)
-        policy.name = f"{record.organization}/agentPolicy"
+        policy.name = record.name
         policy.etag = record.etag
         if record.version:
             stamp = _ts(record.update_time)
             assert stamp is not None
             policy.update_time.CopyFrom(stamp)
-        return agent_options.redacted_policy(policy)
+        return options.redacted_policy(policy)
 
     async def GetAgentPolicy(
         self, request: pb.GetAgentPolicyRequest, context: Any
     ) -> pb.GetAgentPolicyResponse:
         check = Validator()
-        organization = _policy_org(request.name, "name", check)
+        (org_id,) = _ids(POLICY, request.name, "name", check)
         check.raise_if_any()
+        organization = ORGANIZATION.format(org_id)
         record = await self._service.get_policy(require_caller(), organization)
         return pb.GetAgentPolicyResponse(agent_policy=self._policy_proto(record))
 
@@ -383,14 +374,11 @@ class SessionApi(rpc.SessionServiceServicer):
     ) -> pb.UpdateAgentPolicyResponse:
         check = Validator()
         sent = request.agent_policy
-        organization = _policy_org(sent.name, "agent_policy.name", check)
-        paths = set(request.update_mask.paths)
-        fields = {"mcp_servers", "permission_rules"}
-        if "*" in paths:
-            paths = fields
-        check.check(bool(paths), "update_mask", "name the fields to change")
-        for path in sorted(paths - fields):
-            check.add("update_mask", f"{path!r} cannot be changed: mcp_servers, permission_rules")
+        (org_id,) = _ids(POLICY, sent.name, "agent_policy.name", check)
+        paths = _mask(request.update_mask, POLICY_FIELDS, check)
+        check.check(
+            all("." not in p for p in paths), "update_mask", "name whole fields of the policy"
+        )
         agent_options.validate(
             agent_options_pb2.AgentOptions(
                 mcp_servers=sent.mcp_servers, permission_rules=sent.permission_rules
@@ -399,17 +387,8 @@ class SessionApi(rpc.SessionServiceServicer):
             "agent_policy",
         )
         check.raise_if_any()
-
-        def change(policy: agent_policy_pb2.AgentPolicy) -> None:
-            if "mcp_servers" in paths:
-                del policy.mcp_servers[:]
-                policy.mcp_servers.extend(sent.mcp_servers)
-            if "permission_rules" in paths:
-                del policy.permission_rules[:]
-                policy.permission_rules.extend(sent.permission_rules)
-
         record = await self._service.update_policy(
-            require_caller(), organization, etag=sent.etag, change=change
+            require_caller(), ORGANIZATION.format(org_id), etag=sent.etag, paths=paths, sent=sent
         )
         return pb.UpdateAgentPolicyResponse(agent_policy=self._policy_proto(record))
 
@@ -418,8 +397,8 @@ class SessionApi(rpc.SessionServiceServicer):
     ) -> pb.SendMessageResponse:
         check = Validator()
         session_id = _session_id(request.session, "session", check)
-        check.check(0 < len(request.text) <= MAX_TEXT, "text", "must be 1-100,000 characters")
-        _request_id(request.request_id, check)
+        check_text(request.text, check, "text", max_length=MAX_TEXT, required=True)
+        check_request_id(request.request_id, check)
         check.raise_if_any()
         strategy = {
             pb.SendMessageRequest.BUSY_STRATEGY_ENQUEUE: BusyStrategy.ENQUEUE,
@@ -436,9 +415,7 @@ class SessionApi(rpc.SessionServiceServicer):
 
     async def GetTurn(self, request: pb.GetTurnRequest, context: Any) -> pb.GetTurnResponse:
         check = Validator()
-        session_name, _, turn_id = request.name.partition("/turns/")
-        session_id = _session_id(session_name, "name", check)
-        check.check(turn_id.isalnum(), "name", "must be `sessions/{session}/turns/{turn}`")
+        session_id, turn_id = _ids(TURN, request.name, "name", check)
         check.raise_if_any()
         return pb.GetTurnResponse(
             turn=turn_to_proto(await self._service.get_turn(require_caller(), session_id, turn_id))
@@ -482,7 +459,7 @@ class SessionApi(rpc.SessionServiceServicer):
             "decision",
             "must be DECISION_ALLOW or DECISION_DENY",
         )
-        check.check(len(request.message) <= 2000, "message", "at most 2,000 characters")
+        check_text(request.message, check, "message", max_length=MAX_PERMISSION_MESSAGE)
         check.check(
             allow or not request.HasField("updated_input"),
             "updated_input",
@@ -523,17 +500,13 @@ class SessionApi(rpc.SessionServiceServicer):
             fingerprint(request.parent, request.after_sequence, request.filter),
             default=100,
         )
-        after = int(page.after[0]) if page.after is not None else request.after_sequence
-        rows, last = await self._service.list_events(
+        rows, token, last = await self._service.list_events(
             require_caller(),
             session_id,
-            after=after,
-            limit=page.size + 1,
+            after=request.after_sequence,
             event_filter=event_filter,
+            page=page,
         )
-        more = len(rows) > page.size
-        rows = rows[: page.size]
-        token = next_token(page, (rows[-1].sequence, "") if more and rows else None)
         return pb.ListSessionEventsResponse(
             session_events=[event_pb2.SessionEvent.FromString(r.payload) for r in rows],
             next_page_token=token,

@@ -6,15 +6,23 @@ the domain decides *when* things happen, the event mapper decides how they are w
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from corral.libs.auth.caller import Caller
 from corral.libs.errors import FailedPrecondition, NotFound, PermissionDenied
+from corral.libs.etags import etag_of
+from corral.libs.names import ResourcePattern
 
-SESSION_PREFIX = "sessions/"
+SESSION = ResourcePattern("sessions/{session}")
+TURN = ResourcePattern("sessions/{session}/turns/{turn}")
+POLICY = ResourcePattern("organizations/{organization}/agentPolicy")
+ORGANIZATION = ResourcePattern("organizations/{organization}")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
 
 
 class SessionState(StrEnum):
@@ -97,15 +105,18 @@ class Session:
     failure_reason: str = ""
     failure_message: str = ""
     version: int = 1
-    request_id: str = ""
 
     @property
     def name(self) -> str:
-        return SESSION_PREFIX + self.id
+        return SESSION.format(self.id)
 
     @property
     def etag(self) -> str:
-        return hashlib.sha256(f"{self.id}:{self.version}".encode()).hexdigest()[:16]
+        return etag_of(self.name, self.version)
+
+    @property
+    def busy(self) -> bool:
+        return self.state in (SessionState.RUNNING, SessionState.AWAITING_PERMISSION)
 
     def can_move_to(self, state: SessionState) -> bool:
         return state == self.state or state in TRANSITIONS[self.state]
@@ -135,7 +146,6 @@ class Turn:
     sender: str
     create_time: datetime
     state: TurnState = TurnState.QUEUED
-    request_id: str = ""
     start_time: datetime | None = None
     end_time: datetime | None = None
     first_sequence: int = 0
@@ -148,7 +158,7 @@ class Turn:
 
     @property
     def name(self) -> str:
-        return f"{SESSION_PREFIX}{self.session_id}/turns/{self.id}"
+        return TURN.format(self.session_id, self.id)
 
 
 @dataclass
@@ -161,8 +171,23 @@ class AgentPolicyRecord:
     update_time: datetime
 
     @property
+    def name(self) -> str:
+        return f"{self.organization}/agentPolicy"
+
+    @property
     def etag(self) -> str:
-        return hashlib.sha256(f"{self.organization}:{self.version}".encode()).hexdigest()[:16]
+        return etag_of(self.name, self.version)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One entry of a session's event log: the serialised ``SessionEvent`` and what filters
+    look at."""
+
+    sequence: int
+    turn_id: str
+    type: str
+    payload: bytes
 
 
 def authorize_policy(caller: Caller, organization: str, *, write: bool) -> None:

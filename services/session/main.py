@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from corral.identity.v1 import identity_service_pb2
 from corral.libs.app import Infrastructure, ServiceApp
 from corral.libs.auth.jwt import JwksSource
 from corral.libs.config import Settings
+from corral.libs.eventhub import EventHub
 from corral.libs.grpc.client import create_channel
 from corral.libs.grpc.server import ServiceRegistration
 from corral.runtime.v1 import runtime_service_pb2
@@ -19,12 +25,51 @@ from corral.services.session.adapters import (
     service_credentials,
 )
 from corral.services.session.api import SessionApi
+from corral.services.session.domain import now
+from corral.services.session.ports import AuditLog, Runtime, UsageLedger
 from corral.services.session.repository import SessionUnitOfWork
 from corral.services.session.service import SessionService
 from corral.session.v1 import session_service_pb2, session_service_pb2_grpc
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICE = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"]
+
+
+@dataclass(frozen=True)
+class Wiring:
+    service: SessionService
+    registration: ServiceRegistration
+
+
+def wire(
+    engine: AsyncEngine,
+    hub: EventHub,
+    runtime: Runtime,
+    ledger: UsageLedger,
+    audit: AuditLog,
+    *,
+    heartbeat_seconds: float,
+    lease_seconds: float,
+    clock: Callable[[], datetime] = now,
+) -> Wiring:
+    """The session service from its dependencies: the one place it is put together (``build``
+    and the tests both use it)."""
+    service = SessionService(
+        lambda: SessionUnitOfWork(engine),
+        hub,
+        runtime,
+        ledger,
+        audit,
+        heartbeat_seconds=heartbeat_seconds,
+        lease_seconds=lease_seconds,
+        clock=clock,
+    )
+    api = SessionApi(service)
+    registration = ServiceRegistration(
+        SERVICE.full_name,
+        lambda server: session_service_pb2_grpc.add_SessionServiceServicer_to_server(api, server),
+    )
+    return Wiring(service, registration)
 
 
 async def build(
@@ -49,8 +94,8 @@ async def build(
         resources.push_async_callback(channel.close, None)
         channels[name] = channel
     credentials = service_credentials(channels["identity"], settings.resolved_service_api_key())
-    service = SessionService(
-        lambda: SessionUnitOfWork(engine),
+    wired = wire(
+        engine,
         hub,
         GrpcRuntime(channels["runtime"]),
         IdentityLedger(channels["identity"], credentials),
@@ -58,17 +103,7 @@ async def build(
         heartbeat_seconds=settings.session_heartbeat_seconds,
         lease_seconds=settings.session_turn_lease_seconds,
     )
-    resources.push_async_callback(service.close)
-    await service.recover()
-    api = SessionApi(service)
-    server = infra.server(
-        [
-            ServiceRegistration(
-                SERVICE.full_name,
-                lambda s: session_service_pb2_grpc.add_SessionServiceServicer_to_server(api, s),
-            )
-        ],
-        verifier=infra.verifier(jwks),
-        port=port,
-    )
-    return ServiceApp("session", server, resources, background=[service.maintain])
+    resources.push_async_callback(wired.service.close)
+    await wired.service.recover()
+    server = infra.server([wired.registration], verifier=infra.verifier(jwks), port=port)
+    return ServiceApp("session", server, resources, background=[wired.service.maintain])

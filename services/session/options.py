@@ -1,63 +1,11 @@
-"""Agent options: what a client may set, what is echoed back, what the runtime receives."""
+"""Agent options: what is echoed back, and what the runtime receives. What a client may set
+is checked by the one validator both contexts share, :func:`corral.libs.agent_options.validate`."""
 
 from __future__ import annotations
 
-from corral.libs.errors import Validator
 from corral.runtime.v1 import agent_options_pb2 as runtime_options
 from corral.session.v1 import agent_options_pb2 as pb
 from corral.session.v1 import agent_policy_pb2 as policy_pb
-
-MAX_MCP_SERVERS = 20
-
-
-def validate(options: pb.AgentOptions, check: Validator, prefix: str) -> None:
-    check.check(len(options.model) <= 100, f"{prefix}.model", "at most 100 characters")
-    check.check(
-        len(options.system_prompt) <= 100_000,
-        f"{prefix}.system_prompt",
-        "at most 100,000 characters",
-    )
-    check.check(options.max_turns >= 0, f"{prefix}.max_turns", "must not be negative")
-    check.check(
-        options.max_budget_usd_micros >= 0,
-        f"{prefix}.max_budget_usd_micros",
-        "must not be negative",
-    )
-    check.check(
-        len(options.mcp_servers) <= MAX_MCP_SERVERS, f"{prefix}.mcp_servers", "at most 20 servers"
-    )
-    check.check(
-        len(options.permission_rules) <= 50, f"{prefix}.permission_rules", "at most 50 rules"
-    )
-    for i, rule in enumerate(options.permission_rules):
-        path = f"{prefix}.permission_rules[{i}]"
-        check.check(0 < len(rule.tool_pattern) <= 200, f"{path}.tool_pattern", "1-200 characters")
-        check.check(
-            rule.action != pb.PermissionRule.ACTION_UNSPECIFIED,
-            f"{path}.action",
-            "ALLOW, DENY or ASK",
-        )
-    names = set()
-    for i, server in enumerate(options.mcp_servers):
-        path = f"{prefix}.mcp_servers[{i}]"
-        check.check(
-            bool(server.name) and server.name.replace("-", "_").isidentifier(),
-            f"{path}.name",
-            "letters, digits, '_' and '-' only",
-        )
-        check.check(server.name not in names, f"{path}.name", "must be unique")
-        names.add(server.name)
-        transport = server.WhichOneof("transport")
-        if transport is None:
-            check.add(f"{path}.transport", "give stdio or http")
-        elif transport == "stdio":
-            check.require(server.stdio.command, f"{path}.stdio.command")
-        else:
-            check.check(
-                server.http.url.startswith(("http://", "https://")),
-                f"{path}.http.url",
-                "must be an http(s) URL",
-            )
 
 
 def redacted(options: pb.AgentOptions) -> pb.AgentOptions:

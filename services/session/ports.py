@@ -1,16 +1,155 @@
-"""What the session service needs from the outside, as ports (adapters in ``adapters.py``)."""
+"""What the session service needs from the outside, as ports: its unit of work (adapters in
+``repository.py``), the runtime and identity (adapters in ``adapters.py``).
+
+Ports speak Python: an adapter turns its transport's failures into the categories of
+:mod:`corral.libs.errors` before they reach the service layer.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import datetime
+from types import TracebackType
+from typing import Protocol, Self
 
 from google.protobuf import struct_pb2
 
+from corral.libs.errors import Aborted
+from corral.libs.idempotency import IdempotencyStore
+from corral.libs.listing import Condition, Page
 from corral.runtime.v1 import agent_options_pb2 as runtime_options
 from corral.runtime.v1 import runtime_event_pb2 as rt
-from corral.services.session.domain import Usage
+from corral.services.session.domain import (
+    AgentPolicyRecord,
+    Session,
+    StoredEvent,
+    Turn,
+    TurnState,
+    Usage,
+)
+
+# -- the unit of work ---------------------------------------------------------------------------
+
+
+class DuplicateRequest(Aborted):
+    """Another request with the same ``request_id`` committed first (the idempotency record's
+    key is taken): replay it."""
+
+    default_reason = "REQUEST_IN_PROGRESS"
+
+
+class Sessions(Protocol):
+    async def add(self, session: Session) -> None: ...
+
+    async def get(self, session_id: str, *, for_update: bool = False) -> Session | None: ...
+
+    async def save(self, session: Session) -> None: ...
+
+    async def delete(self, session_id: str) -> None: ...
+
+    async def list(
+        self, conditions: Sequence[Condition], *, order: str, descending: bool, page: Page
+    ) -> list[Session]:
+        """One page (with one row to spare) in (``order``, id) order."""
+        ...
+
+    async def count(self, conditions: Sequence[Condition]) -> int: ...
+
+
+class Turns(Protocol):
+    async def add(self, turn: Turn) -> None: ...
+
+    async def save(self, turn: Turn) -> None: ...
+
+    async def get(self, session_id: str, turn_id: str) -> Turn | None: ...
+
+    async def in_state(self, session_id: str, *states: TurnState) -> list[Turn]: ...
+
+    async def renew_leases(self, driver: str, at: datetime) -> None: ...
+
+    async def orphaned_sessions(self, lease_before: datetime) -> list[str]: ...
+
+    async def list(self, session_id: str, page: Page) -> list[Turn]:
+        """One page (with one row to spare) in turn order."""
+        ...
+
+
+class Events(Protocol):
+    async def reserve(self, session_id: str, count: int) -> int: ...
+
+    async def insert(self, session_id: str, events: Sequence[StoredEvent]) -> None: ...
+
+    async def read(
+        self, session_id: str, *, after: int, limit: int, until: int | None = None
+    ) -> list[StoredEvent]: ...
+
+    async def page(
+        self,
+        session_id: str,
+        *,
+        after: int,
+        types: tuple[frozenset[str], bool] | None,
+        turn_id: str | None,
+        page: Page,
+    ) -> list[StoredEvent]:
+        """One page of history (with one row to spare); ``types`` = (names, include)."""
+        ...
+
+    async def last_sequence(self, session_id: str) -> int: ...
+
+
+class Permissions(Protocol):
+    async def add(self, session_id: str, request_id: str, turn_id: str, payload: bytes) -> None: ...
+
+    async def resolve(self, session_id: str, request_id: str) -> None: ...
+
+    async def resolve_turn(self, session_id: str, turn_id: str) -> None: ...
+
+    async def pending(self, session_id: str) -> list[tuple[str, str, bytes]]: ...
+
+
+class Policies(Protocol):
+    async def get(self, organization: str) -> AgentPolicyRecord | None: ...
+
+    async def save(self, policy: AgentPolicyRecord) -> None: ...
+
+
+class UnitOfWork(Protocol):
+    """One transaction: ``async with uow: ...; await uow.commit()``; no commit, no change.
+    ``idempotency.put`` raises :class:`DuplicateRequest` when the key is taken."""
+
+    @property
+    def sessions(self) -> Sessions: ...
+
+    @property
+    def turns(self) -> Turns: ...
+
+    @property
+    def events(self) -> Events: ...
+
+    @property
+    def permissions(self) -> Permissions: ...
+
+    @property
+    def policies(self) -> Policies: ...
+
+    @property
+    def idempotency(self) -> IdempotencyStore: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def commit(self) -> None: ...
+
+
+# -- other services -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -27,7 +166,7 @@ class TurnRequest:
 
 
 class Runtime(Protocol):
-    """The agent-runtime service."""
+    """The agent-runtime service. Failures arrive as :mod:`corral.libs.errors` categories."""
 
     def run_turn(self, request: TurnRequest, *, token: str) -> AsyncIterator[rt.RuntimeEvent]: ...
 

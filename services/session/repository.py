@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from corral.libs import keyset
 from corral.libs.db import UnitOfWork
-from corral.libs.listing import Condition
+from corral.libs.idempotency import SqlIdempotencyStore, idempotency_table
+from corral.libs.listing import Condition, Page
 from corral.services.session.domain import (
     AgentPolicyRecord,
     Session,
     SessionState,
+    StoredEvent,
     Turn,
     TurnState,
     Usage,
 )
+from corral.services.session.ports import DuplicateRequest
 
 metadata = sa.MetaData()
 
@@ -64,9 +67,7 @@ sessions = sa.Table(
     sa.Column("failure_reason", sa.String(100), nullable=False),
     sa.Column("failure_message", sa.Text, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("request_id", sa.String(100), nullable=False),
     sa.Index("ix_sessions_org_create", "organization", "create_time"),
-    sa.Index("ix_sessions_owner_request", "owner", "request_id"),
 )
 
 turns = sa.Table(
@@ -83,7 +84,6 @@ turns = sa.Table(
     sa.Column("state", sa.String(32), nullable=False),
     sa.Column("text", sa.Text, nullable=False),
     sa.Column("sender", sa.String(300), nullable=False),
-    sa.Column("request_id", sa.String(100), nullable=False),
     sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("start_time", sa.DateTime(timezone=True)),
     sa.Column("end_time", sa.DateTime(timezone=True)),
@@ -138,13 +138,7 @@ agent_policies = sa.Table(
     sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
 )
 
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    sequence: int
-    turn_id: str
-    type: str
-    payload: bytes
+idempotency_keys = idempotency_table(metadata)
 
 
 def _session_row(session: Session) -> dict[str, Any]:
@@ -170,7 +164,6 @@ def _session_row(session: Session) -> dict[str, Any]:
         "failure_reason": session.failure_reason,
         "failure_message": session.failure_message,
         "version": session.version,
-        "request_id": session.request_id,
     }
 
 
@@ -204,7 +197,6 @@ def _to_session(row: sa.Row[Any]) -> Session:
         failure_reason=m["failure_reason"],
         failure_message=m["failure_message"],
         version=m["version"],
-        request_id=m["request_id"],
     )
 
 
@@ -216,7 +208,6 @@ def _turn_row(turn: Turn) -> dict[str, Any]:
         "state": turn.state.value,
         "text": turn.text,
         "sender": turn.sender,
-        "request_id": turn.request_id,
         "create_time": turn.create_time,
         "start_time": turn.start_time,
         "end_time": turn.end_time,
@@ -240,7 +231,6 @@ def _to_turn(row: sa.Row[Any]) -> Turn:
         sender=m["sender"],
         create_time=_aware(m["create_time"]),  # type: ignore[arg-type]
         state=TurnState(m["state"]),
-        request_id=m["request_id"],
         start_time=_aware(m["start_time"]),
         end_time=_aware(m["end_time"]),
         first_sequence=m["first_sequence"],
@@ -267,13 +257,6 @@ class SessionRepository:
         row = (await self._c.execute(query)).first()
         return None if row is None else _to_session(row)
 
-    async def by_request_id(self, owner: str, request_id: str) -> Session | None:
-        query = sa.select(sessions).where(
-            sessions.c.owner == owner, sessions.c.request_id == request_id
-        )
-        row = (await self._c.execute(query)).first()
-        return None if row is None else _to_session(row)
-
     async def save(self, session: Session) -> None:
         """Write back every field (last_sequence is owned by the event log and left alone)."""
         row = _session_row(session)
@@ -286,55 +269,34 @@ class SessionRepository:
         await self._c.execute(sessions.delete().where(sessions.c.id == session_id))
 
     async def list(
-        self,
-        conditions: Sequence[Condition],
-        *,
-        order: str,
-        descending: bool,
-        after: tuple[Any, str] | None,
-        limit: int,
+        self, conditions: Sequence[Condition], *, order: str, descending: bool, page: Page
     ) -> list[Session]:
-        """One page in (``order``, id) order; ``after`` is the key of the previous page's last row.
-        Conditions name columns of ``sessions`` or ``labels.<key>``."""
-        query = sa.select(sessions)
-        for condition in conditions:
-            query = query.where(_condition(condition))
-        column, tiebreak = sessions.c[order], sessions.c.id
-        if after is not None:
-            key = sa.tuple_(column, tiebreak)
-            query = query.where(key < sa.tuple_(*after) if descending else key > sa.tuple_(*after))
-        ordering = (
-            (column.desc(), tiebreak.desc()) if descending else (column.asc(), tiebreak.asc())
+        """One page (with one row to spare) in (``order``, id) order. Conditions name columns
+        of ``sessions`` or ``labels.<key>``."""
+        query = sa.select(sessions).where(*keyset.where(sessions, conditions, _label_condition))
+        query = keyset.page_query(
+            query, sessions.c[order], sessions.c.id, descending=descending, page=page
         )
-        query = query.order_by(*ordering).limit(limit)
         return [_to_session(row) for row in await self._c.execute(query)]
 
     async def count(self, conditions: Sequence[Condition]) -> int:
-        query = sa.select(sa.func.count()).select_from(sessions)
-        for condition in conditions:
-            query = query.where(_condition(condition))
+        query = (
+            sa.select(sa.func.count())
+            .select_from(sessions)
+            .where(*keyset.where(sessions, conditions, _label_condition))
+        )
         return int((await self._c.execute(query)).scalar_one())
 
 
-def _condition(condition: Condition) -> sa.ColumnElement[bool]:
-    if condition.column.startswith("labels."):
-        # labels are stored as sorted JSON with standard separators: match the exact pair.
-        pair = json.dumps({condition.column.removeprefix("labels."): condition.value})[1:-1]
-        escaped = pair.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        matched = sessions.c.labels.like(f"%{escaped}%", escape="\\")
-        return matched if condition.op == "=" else sa.not_(matched)
-    column = sessions.c[condition.column]
-    if condition.prefix:
-        return column.startswith(condition.value, autoescape=True)
-    operators = {
-        "=": column.__eq__,
-        "!=": column.__ne__,
-        "<": column.__lt__,
-        "<=": column.__le__,
-        ">": column.__gt__,
-        ">=": column.__ge__,
-    }
-    return operators[condition.op](condition.value)
+def _label_condition(condition: Condition) -> sa.ColumnElement[bool] | None:
+    """``labels.<key> = value`` (or ``!=``); None for the plain columns."""
+    if not condition.column.startswith("labels."):
+        return None
+    # labels are stored as sorted JSON with standard separators: match the exact pair.
+    pair = json.dumps({condition.column.removeprefix("labels."): condition.value})[1:-1]
+    escaped = pair.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    matched = sessions.c.labels.like(f"%{escaped}%", escape="\\")
+    return matched if condition.op == "=" else sa.not_(matched)
 
 
 class TurnRepository:
@@ -353,13 +315,6 @@ class TurnRepository:
 
     async def get(self, session_id: str, turn_id: str) -> Turn | None:
         query = sa.select(turns).where(turns.c.session_id == session_id, turns.c.id == turn_id)
-        row = (await self._c.execute(query)).first()
-        return None if row is None else _to_turn(row)
-
-    async def by_request_id(self, session_id: str, request_id: str) -> Turn | None:
-        query = sa.select(turns).where(
-            turns.c.session_id == session_id, turns.c.request_id == request_id
-        )
         row = (await self._c.execute(query)).first()
         return None if row is None else _to_turn(row)
 
@@ -391,17 +346,19 @@ class TurnRepository:
         )
         return [row[0] for row in await self._c.execute(query)]
 
-    async def list(self, session_id: str, *, after_ordinal: int, limit: int) -> list[Turn]:
-        query = (
-            sa.select(turns)
-            .where(turns.c.session_id == session_id, turns.c.ordinal > after_ordinal)
-            .order_by(turns.c.ordinal)
-            .limit(limit)
+    async def list(self, session_id: str, page: Page) -> list[Turn]:
+        """One page (with one row to spare) in turn order."""
+        query = keyset.page_query(
+            sa.select(turns).where(turns.c.session_id == session_id),
+            turns.c.ordinal,
+            turns.c.id,
+            descending=False,
+            page=page,
         )
         return [_to_turn(row) for row in await self._c.execute(query)]
 
 
-class EventLog:
+class EventRepository:
     """The durable, ordered history of each session: sequences are assigned once, in order."""
 
     def __init__(self, connection: AsyncConnection) -> None:
@@ -435,28 +392,42 @@ class EventLog:
         )
 
     async def read(
-        self,
-        session_id: str,
-        *,
-        after: int,
-        limit: int,
-        until: int | None = None,
-        types: tuple[frozenset[str], bool] | None = None,
-        turn_id: str | None = None,
+        self, session_id: str, *, after: int, limit: int, until: int | None = None
     ) -> list[StoredEvent]:
-        """Events with ``after < sequence (<= until)``, in order. ``types`` = (names, include)."""
+        """Events with ``after < sequence (<= until)``, in order (the replay's hot path)."""
         c = session_events.c
         query = sa.select(c.sequence, c.turn_id, c.type, c.payload).where(
             c.session_id == session_id, c.sequence > after
         )
         if until is not None:
             query = query.where(c.sequence <= until)
+        return await self._fetch(query.order_by(c.sequence).limit(limit))
+
+    async def page(
+        self,
+        session_id: str,
+        *,
+        after: int,
+        types: tuple[frozenset[str], bool] | None,
+        turn_id: str | None,
+        page: Page,
+    ) -> list[StoredEvent]:
+        """One page of history after ``after`` (with one row to spare); ``types`` is
+        (names, include)."""
+        c = session_events.c
+        query = sa.select(c.sequence, c.turn_id, c.type, c.payload).where(
+            c.session_id == session_id, c.sequence > after
+        )
         if types is not None:
             names, include = types
             query = query.where(c.type.in_(names) if include else c.type.not_in(names))
         if turn_id is not None:
             query = query.where(c.turn_id == turn_id)
-        query = query.order_by(c.sequence).limit(limit)
+        return await self._fetch(
+            keyset.page_query(query, c.sequence, c.sequence, descending=False, page=page)
+        )
+
+    async def _fetch(self, query: sa.Select[Any]) -> list[StoredEvent]:
         return [
             StoredEvent(row.sequence, row.turn_id, row.type, bytes(row.payload))
             for row in await self._c.execute(query)
@@ -541,16 +512,31 @@ class PolicyRepository:
             )
 
 
+class IdempotencyRecords(SqlIdempotencyStore):
+    """The kit's store on session's table; a key another request took first is a
+    :class:`DuplicateRequest` (the caller replays it)."""
+
+    async def put(
+        self, scope: str, request_id: str, fingerprint: str, result: str, at: float
+    ) -> None:
+        try:
+            await super().put(scope, request_id, fingerprint, result, at)
+        except sa.exc.IntegrityError as exc:
+            raise DuplicateRequest("a request with this request_id is being made") from exc
+
+
 class SessionUnitOfWork(UnitOfWork):
     sessions: SessionRepository
     turns: TurnRepository
-    events: EventLog
+    events: EventRepository
     permissions: PermissionRepository
     policies: PolicyRepository
+    idempotency: IdempotencyRecords
 
     def _bind(self) -> None:
         self.sessions = SessionRepository(self.connection)
         self.turns = TurnRepository(self.connection)
-        self.events = EventLog(self.connection)
+        self.events = EventRepository(self.connection)
         self.permissions = PermissionRepository(self.connection)
         self.policies = PolicyRepository(self.connection)
+        self.idempotency = IdempotencyRecords(self.connection, idempotency_keys)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,10 @@ from corral.libs import db
 from corral.libs.auth import StaticJwksSource, TokenVerifier
 from corral.libs.eventhub import EventHub, InMemoryHub, RedisStreamHub
 from corral.libs.grpc.interceptors import AuthenticationHook
-from corral.libs.grpc.server import CorralServer, ServerConfig, ServiceRegistration
+from corral.libs.grpc.server import CorralServer, ServerConfig
 from corral.libs.redis import create_redis
-from corral.services.session.api import SessionApi
-from corral.services.session.main import MIGRATIONS, SERVICE
-from corral.services.session.repository import SessionUnitOfWork
+from corral.services.session.domain import now
+from corral.services.session.main import MIGRATIONS, Wiring, wire
 from corral.services.session.service import SessionService
 from corral.session.v1 import session_service_pb2_grpc as rpc
 from tests.conftest import require_postgres, require_redis
@@ -29,6 +29,7 @@ from tests.support.keys import AUDIENCE, ISSUER, SigningKey
 
 ACME = "organizations/acme"
 GLOBEX = "organizations/globex"
+LEASE_SECONDS = 30.0
 
 
 @dataclass
@@ -40,7 +41,7 @@ class Stack:
     audit: FakeAudit
     key: SigningKey
     channel: grpc.aio.Channel
-    make_service: Callable[[], SessionService]
+    make_service: Callable[..., SessionService]
 
     @property
     def stub(self) -> rpc.SessionServiceStub:
@@ -78,27 +79,28 @@ async def stack(
     await db.migrate(engine, MIGRATIONS, schema=schema)
     runtime, ledger, audit = FakeRuntime(), FakeLedger(), FakeAudit()
 
-    def make_service() -> SessionService:
-        return SessionService(
-            lambda: SessionUnitOfWork(engine),
+    def make(clock: Callable[[], datetime] = now) -> Wiring:
+        """Another replica of the service (``clock``: the time as it sees it)."""
+        return wire(
+            engine,
             hub,
             runtime,
             ledger,
             audit,
             heartbeat_seconds=0.3,
-            lease_seconds=0.6,
+            lease_seconds=LEASE_SECONDS,
+            clock=clock,
         )
 
-    service = make_service()
-    api = SessionApi(service)
+    def make_service(clock: Callable[[], datetime] = now) -> SessionService:
+        return make(clock).service
+
+    wired = make()
+    service = wired.service
     verifier = TokenVerifier(StaticJwksSource(signing_key.jwks()), issuer=ISSUER, audience=AUDIENCE)
     server = CorralServer(
         ServerConfig(name="session", hooks=[AuthenticationHook(verifier)], tracing=False),
-        [
-            ServiceRegistration(
-                SERVICE.full_name, lambda s: rpc.add_SessionServiceServicer_to_server(api, s)
-            )
-        ],
+        [wired.registration],
     )
     await server.start()
     channel = grpc.aio.insecure_channel(server.address)

@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from google.protobuf import struct_pb2
 
-from corral.libs.errors import QuotaViolation, ResourceExhausted
+from corral.libs.errors import QuotaViolation, ResourceExhausted, Unavailable
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.services.session.domain import Usage
 from corral.services.session.ports import TurnRequest
@@ -59,11 +58,9 @@ class Crash(Exception):
     """Put in a fake turn's queue to make the runtime stream fail like a dead runtime."""
 
 
-class _Unavailable(grpc.aio.AioRpcError):
-    def __init__(self) -> None:
-        super().__init__(
-            grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "runtime died"
-        )
+def runtime_died() -> Unavailable:
+    """What the runtime adapter raises when the runtime's stream breaks off."""
+    return Unavailable("the agent runtime failed: UNAVAILABLE", reason="RUNTIME_UNAVAILABLE")
 
 
 @dataclass
@@ -124,7 +121,7 @@ class FakeRuntime:
             if item is None:
                 return
             if isinstance(item, Crash):
-                raise _Unavailable()
+                raise runtime_died()
             if isinstance(item, Exception):
                 raise item
             yield item
@@ -173,6 +170,12 @@ class FakeLedger:
         self.settled: list[tuple[str, Usage]] = []
         self.released: list[str] = []
         self._n = 0
+        self._changed = asyncio.Condition()
+
+    async def wait_settled(self, count: int = 1, within: float = 5.0) -> None:
+        """Until ``count`` reservations were settled (a turn settles after its result event)."""
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(lambda: len(self.settled) >= count)
 
     async def reserve(self, *, organization: str, user: str, request_id: str, token: str) -> str:
         if sum(1 for org in self.held.values() if org == organization) >= self.limit:
@@ -195,6 +198,8 @@ class FakeLedger:
     async def release(self, reservation: str, *, token: str) -> None:
         self.held.pop(reservation, None)
         self.released.append(reservation)
+        async with self._changed:
+            self._changed.notify_all()
 
 
 class FakeAudit:

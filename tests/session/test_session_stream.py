@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -11,10 +12,11 @@ from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from corral.services.session.domain import now
 from corral.session.v1 import agent_options_pb2 as opts
 from corral.session.v1 import agent_policy_pb2, event_pb2, permission_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as pb
-from tests.session.conftest import GLOBEX, Stack
+from tests.session.conftest import GLOBEX, LEASE_SECONDS, Stack
 
 Event = event_pb2.SessionEvent
 
@@ -47,8 +49,10 @@ async def collect(
     until: str = "turn_result",
     count: int = 1,
     user: str = "alice",
+    live: asyncio.Event | None = None,
 ) -> list[Event]:
-    """Stream until ``count`` events of kind ``until`` arrived (heartbeats dropped)."""
+    """Stream until ``count`` events of kind ``until`` arrived (heartbeats dropped). ``live``
+    is set at the first heartbeat: the watcher has replayed the history and tails live events."""
     seen: list[Event] = []
     call = stack.stub.StreamSessionEvents(
         pb.StreamSessionEventsRequest(session=session, after_sequence=after),
@@ -57,6 +61,8 @@ async def collect(
     async with asyncio.timeout(10):
         async for response in call:
             if response.event.HasField("heartbeat"):
+                if live is not None:
+                    live.set()
                 continue
             seen.append(response.event)
             if sum(1 for e in seen if e.WhichOneof("payload") == until) >= count:
@@ -104,26 +110,26 @@ async def test_turn_streams_in_order_with_contiguous_sequences(stack: Stack) -> 
     ]
     assert "".join(e.text_delta.text for e in events if e.HasField("text_delta")) == "Hello world"
     assert all(e.session == session.name and e.turn_id == fake.id for e in events)
+    # The turn ends in the transaction that writes its result: no waiting for it.
     done = await stack.stub.GetTurn(pb.GetTurnRequest(name=turn.name), metadata=stack.auth())
-    for _ in range(50):
-        if done.turn.state == done.turn.STATE_FINISHED:
-            break
-        await asyncio.sleep(0.05)
-        done = await stack.stub.GetTurn(pb.GetTurnRequest(name=turn.name), metadata=stack.auth())
+    assert done.turn.state == done.turn.STATE_FINISHED
     assert done.turn.result.status == event_pb2.TurnResult.STATUS_SUCCEEDED
     got = (
         await stack.stub.GetSession(pb.GetSessionRequest(name=session.name), metadata=stack.auth())
     ).session
     assert got.state == session_pb2.Session.STATE_IDLE
     assert got.usage.cost_usd_micros == 500 and got.turn_count == 1
-    assert stack.ledger.settled and not stack.ledger.held  # usage settled, the slot released
+    await stack.ledger.wait_settled()  # settled after the result is written
+    assert not stack.ledger.held  # usage settled, the slot released
 
 
 async def test_two_watchers_see_identical_sequences(stack: Stack) -> None:
     session = await create(stack)
-    first = asyncio.create_task(collect(stack, session.name))
-    second = asyncio.create_task(collect(stack, session.name))
-    await asyncio.sleep(0.2)
+    live = [asyncio.Event(), asyncio.Event()]
+    first = asyncio.create_task(collect(stack, session.name, live=live[0]))
+    second = asyncio.create_task(collect(stack, session.name, live=live[1]))
+    async with asyncio.timeout(5):
+        await asyncio.gather(*(e.wait() for e in live))  # both tail live events now
     await send(stack, session.name)
     fake = await stack.runtime.next_turn()
     fake.text(*[f"part{i} " for i in range(50)])
@@ -242,7 +248,6 @@ async def test_runtime_dying_mid_turn_fails_the_turn_keeps_events_and_next_turn_
     assert kinds(events)[-3:] == ["text_block", "error", "turn_result"]
     assert events[-1].turn_result.status == event_pb2.TurnResult.STATUS_FAILED
     assert events[-2].error.reason == "RUNTIME_UNAVAILABLE"
-    await asyncio.sleep(0.1)
     got = (
         await stack.stub.GetSession(pb.GetSessionRequest(name=session.name), metadata=stack.auth())
     ).session
@@ -347,18 +352,6 @@ async def test_other_organisations_see_nothing_and_viewers_only_read(stack: Stac
     assert list(listed.sessions) == []
 
 
-async def test_idempotent_create_and_send(stack: Stack) -> None:
-    request = pb.CreateSessionRequest(
-        session=session_pb2.Session(display_name="x"), request_id="r-1"
-    )
-    a = await stack.stub.CreateSession(request, metadata=stack.auth())
-    b = await stack.stub.CreateSession(request, metadata=stack.auth())
-    assert a.session.name == b.session.name
-    t1 = await send(stack, a.session.name, request_id="m-1")
-    t2 = await send(stack, a.session.name, request_id="m-1")
-    assert t1.turn.name == t2.turn.name and len(stack.runtime.turns) <= 1
-
-
 async def test_invalid_requests_name_their_fields(stack: Stack) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as bad:
         await stack.stub.SendMessage(
@@ -393,7 +386,9 @@ async def test_restart_mid_turn_ends_it_failed_and_keeps_its_events(stack: Stack
     ).session
     assert got.state == session_pb2.Session.STATE_RUNNING  # a live process's turn is left alone
     await stack.service.close()  # the process dies: its driver and its lease renewals stop
-    await asyncio.sleep(0.8)  # past the lease
+    await replica.close()
+    later = now() + timedelta(seconds=2 * LEASE_SECONDS)
+    replica = stack.make_service(clock=lambda: later)  # a replica whose time is past the lease
     await replica.recover()
     events = await collect(stack, session.name)
     assert kinds(events)[:7] == [
@@ -435,7 +430,6 @@ async def test_archived_session_streams_its_history_then_ends(stack: Stack) -> N
     fake.text("bye")
     fake.finish()
     await collect(stack, session.name)
-    await asyncio.sleep(0.1)
     await stack.stub.ArchiveSession(
         pb.ArchiveSessionRequest(name=session.name), metadata=stack.auth()
     )
