@@ -1,7 +1,7 @@
-"""The runtime's rules, in plain Python: names, permission policy, pending decisions, cost.
+"""The runtime's rules, in plain Python: tool names, permission policy, pending decisions, cost.
 
-Nothing here imports grpc, protobuf or the SDK. The service layer (``service``) drives the SDK
-and maps what happens onto events; this module decides what is allowed and keeps the books.
+Nothing here imports grpc, protobuf or the SDK. The turn (``turn``) drives the SDK and maps what
+happens onto events; this module decides what is allowed and keeps the books.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import fnmatch
-import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,16 +22,6 @@ from corral.libs.errors import (
     ResourceExhausted,
     Unavailable,
 )
-
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def resource_id(name: str, collection: str) -> str | None:
-    """``sessions/abc`` -> ``abc`` (a safe file name); None if ``name`` is not in ``collection``."""
-    prefix, _, rest = name.partition("/")
-    if prefix != collection or not _ID.match(rest) or ".." in rest:
-        return None
-    return rest
 
 
 def mcp_server_of(tool_name: str) -> str:

@@ -1,4 +1,5 @@
-"""Composition root of the agent runtime: the process pool, the model endpoint, the server.
+"""Composition root of the agent runtime: the model endpoint, the SDK, the store, the pool,
+the service and its server (``compose`` wires them; ``build`` adds the real SDK).
 
 With no ``ANTHROPIC_API_KEY`` the runtime starts the offline model server (a local stand-in
 for the Messages API) in this process and points every agent at it, and says so loudly: its
@@ -22,7 +23,11 @@ from corral.libs.config import Settings
 from corral.libs.grpc.server import ServiceRegistration
 from corral.runtime.v1 import runtime_service_pb2, runtime_service_pb2_grpc
 from corral.services.runtime.api import RuntimeApi
+from corral.services.runtime.claude import ClaudeSdk
+from corral.services.runtime.pool import ProcessPool
+from corral.services.runtime.sdk import AgentSdk
 from corral.services.runtime.service import RuntimeConfig, RuntimeService
+from corral.services.runtime.store import SessionStore
 
 log = logging.getLogger("corral.runtime")
 
@@ -32,38 +37,56 @@ OFFLINE_API_KEY = "offline-model-no-key"
 async def build(
     settings: Settings, *, port: int | None = None, jwks_source: JwksSource | None = None
 ) -> ServiceApp:
-    """``jwks_source`` replaces identity's JWKS endpoint (tests, or one-process deployments)."""
+    """The runtime with the Claude Agent SDK. ``jwks_source`` replaces identity's JWKS endpoint
+    (tests, or one-process deployments)."""
     # The runtime gates tools with a PreToolUse hook and can_use_tool together, on purpose.
     warnings.filterwarnings("ignore", category=CanUseToolShadowedWarning)
     resources = AsyncExitStack()
     try:
         model_env = await _model_endpoint(settings, resources)
-        service = RuntimeService(
-            RuntimeConfig(
-                root=settings.runtime_dir(),
-                pool_size=settings.runtime_pool_size,
-                idle_seconds=settings.runtime_idle_seconds,
-                default_model=settings.runtime_model,
-                permission_timeout_seconds=settings.runtime_permission_timeout_seconds,
-                interrupt_grace_seconds=settings.runtime_interrupt_grace_seconds,
-                model_env=model_env,
-                replica_id=socket.gethostname(),
-                scrub_tool_env=_can_scrub_tool_env(model_env),
-            )
+        sdk = ClaudeSdk(
+            settings.runtime_dir(), model_env, scrub_tool_env=_can_scrub_tool_env(model_env)
         )
-        resources.push_async_callback(service.close)
-        infra = Infrastructure(settings, "runtime", resources)
-        api = RuntimeApi(service)
-        registration = ServiceRegistration(
-            runtime_service_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name,
-            lambda server: runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(
-                api, server
-            ),
-        )
-        server = infra.server([registration], verifier=infra.verifier(jwks_source), port=port)
+        app, _ = await compose(settings, sdk, resources, port=port, jwks_source=jwks_source)
     except BaseException:
         await resources.aclose()
         raise
+    return app
+
+
+async def compose(
+    settings: Settings,
+    sdk: AgentSdk,
+    resources: AsyncExitStack,
+    *,
+    port: int | None = None,
+    jwks_source: JwksSource | None = None,
+) -> tuple[ServiceApp, RuntimeService]:
+    """Wires the runtime around ``sdk``: the session store, the process pool, the service
+    (started: its directories exist), its servicer and server, the idle-process reaper. What it
+    opens is closed by ``resources``. The service is returned too, for tests that drive it."""
+    service = RuntimeService(
+        RuntimeConfig(
+            pool_size=settings.runtime_pool_size,
+            idle_seconds=settings.runtime_idle_seconds,
+            default_model=settings.runtime_model,
+            permission_timeout_seconds=settings.runtime_permission_timeout_seconds,
+            interrupt_grace_seconds=settings.runtime_interrupt_grace_seconds,
+            replica_id=socket.gethostname(),
+        ),
+        sdk,
+        SessionStore(settings.runtime_dir()),
+        ProcessPool(settings.runtime_pool_size, settings.runtime_idle_seconds),
+    )
+    await service.start()
+    resources.push_async_callback(service.close)
+    infra = Infrastructure(settings, "runtime", resources)
+    api = RuntimeApi(service)
+    registration = ServiceRegistration(
+        runtime_service_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name,
+        lambda server: runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(api, server),
+    )
+    server = infra.server([registration], verifier=infra.verifier(jwks_source), port=port)
 
     async def reap_idle_processes() -> None:
         interval = max(0.5, min(settings.runtime_idle_seconds / 2, 30.0))
@@ -74,7 +97,8 @@ async def build(
             except Exception:
                 log.exception("reaping idle agent processes failed")
 
-    return ServiceApp("runtime", server, resources, background=[reap_idle_processes])
+    app = ServiceApp("runtime", server, resources, background=[reap_idle_processes])
+    return app, service
 
 
 async def _model_endpoint(settings: Settings, resources: AsyncExitStack) -> dict[str, str]:

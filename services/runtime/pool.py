@@ -1,4 +1,4 @@
-"""A bounded pool of agent processes: one ``ClaudeSDKClient`` (one CLI process) per live session.
+"""A bounded pool of agent processes: one client (one CLI process) per live session.
 
 At most ``size`` processes exist at any moment, counting those being started and those being
 stopped. A session that needs a process when the pool is full takes the slot of the least
@@ -15,10 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from claude_agent_sdk import ClaudeSDKClient
-
 from corral.services.runtime import process
 from corral.services.runtime.domain import PoolExhausted
+from corral.services.runtime.sdk import AgentClient
 
 log = logging.getLogger("corral.runtime.pool")
 
@@ -32,21 +31,25 @@ class AgentProcess:
 
     session_id: str
     key: str
-    client: ClaudeSDKClient
-    pid: int | None
+    client: AgentClient
     tag: str
+    last_used: float
     busy: bool = True
-    last_used: float = field(default_factory=time.monotonic)
     stopped: bool = False
     # What it runs between turns (MCP servers, background tools): an interrupt spares these.
     resident: set[process.ProcessId] = field(default_factory=set)
     _identity: process.ProcessId | None = None
 
     def __post_init__(self) -> None:
-        self._identity = None if self.pid is None else process.identify(self.pid)
+        pid = self.client.pid
+        self._identity = None if pid is None else process.identify(pid)
 
     def alive(self) -> bool:
-        return self._identity is not None and process.alive(self._identity)
+        """Whether its process still runs; one whose pid is unknown is taken on trust until it
+        is stopped (a dead one then fails its next turn, which stops it)."""
+        if self._identity is None:
+            return not self.stopped
+        return process.alive(self._identity)
 
     async def survey(self) -> set[process.ProcessId]:
         """``processes()`` off the event loop (it reads /proc)."""
@@ -85,21 +88,18 @@ class AgentProcess:
             process.kill_all([*before, *await asyncio.to_thread(process.tagged, self.tag)])
 
 
-def client_pid(client: ClaudeSDKClient) -> int | None:
-    """The CLI's pid. The SDK keeps its subprocess private; read it defensively."""
-    transport = getattr(client, "_transport", None)
-    child = getattr(transport, "_process", None)
-    pid = getattr(child, "pid", None)
-    return pid if isinstance(pid, int) else None
-
-
-Starter = Callable[[], Awaitable[ClaudeSDKClient]]
+Starter = Callable[[], Awaitable[AgentClient]]
 
 
 class ProcessPool:
-    def __init__(self, size: int, idle_seconds: float) -> None:
+    """``clock`` (monotonic seconds) orders evictions and measures idleness."""
+
+    def __init__(
+        self, size: int, idle_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.size = size
         self.idle_seconds = idle_seconds
+        self._clock = clock
         self._live: dict[str, AgentProcess] = {}  # session id -> process, started or idle
         self._in_transit = 0  # slots held by processes being started or stopped
         self._closed = False
@@ -127,7 +127,7 @@ class ProcessPool:
         if agent is None or agent.busy or agent.key != key or not agent.alive():
             return None
         agent.busy = True
-        agent.last_used = time.monotonic()
+        agent.last_used = self._clock()
         return agent
 
     async def start(self, session_id: str, key: str, tag: str, start: Starter) -> AgentProcess:
@@ -160,7 +160,7 @@ class ProcessPool:
             client = await start()
         finally:
             self._in_transit -= 1
-        agent = AgentProcess(session_id, key, client, client_pid(client), tag)
+        agent = AgentProcess(session_id, key, client, tag, self._clock())
         await agent.settle_residents()
         if self.closing():  # close() ran while this process was starting
             await agent.stop()
@@ -171,7 +171,7 @@ class ProcessPool:
     def checkin(self, agent: AgentProcess) -> None:
         """The turn is over and the process stays warm for the session's next turn."""
         agent.busy = False
-        agent.last_used = time.monotonic()
+        agent.last_used = self._clock()
 
     async def discard(self, agent: AgentProcess) -> None:
         """Stop the process now (a failed or cancelled turn, a release)."""
@@ -195,7 +195,7 @@ class ProcessPool:
 
     async def reap(self) -> int:
         """Stop processes idle for longer than ``idle_seconds``; returns how many."""
-        deadline = time.monotonic() - self.idle_seconds
+        deadline = self._clock() - self.idle_seconds
         idle = [p for p in self._live.values() if not p.busy and p.last_used < deadline]
         for agent in idle:
             log.info("stopping an idle agent process", extra={"session": agent.session_id})

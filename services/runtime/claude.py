@@ -1,0 +1,239 @@
+"""The Claude Agent SDK behind the runtime's port (``sdk``): one ``ClaudeSDKClient`` per process.
+
+It turns an :class:`~corral.services.runtime.sdk.AgentSpec` into ``ClaudeAgentOptions`` (the
+CLI runs through ``process``'s launcher, with only the environment the session allows), wires
+the PreToolUse hook and ``can_use_tool`` to a :class:`~corral.services.runtime.sdk.ToolGate`,
+and turns the SDK's errors into the runtime's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import claude_agent_sdk
+from claude_agent_sdk import (
+    ClaudeAgentOptions,
+    ClaudeSDKClient,
+    ClaudeSDKError,
+    CLIConnectionError,
+    HookContext,
+    HookInput,
+    HookJSONOutput,
+    HookMatcher,
+    PermissionResult,
+    PermissionResultAllow,
+    PermissionResultDeny,
+    ProcessError,
+    ResultError,
+    ToolPermissionContext,
+)
+from claude_agent_sdk.types import McpServerConfig, PermissionMode
+
+from corral.runtime.v1 import agent_options_pb2 as options_pb
+from corral.services.runtime import process
+from corral.services.runtime.domain import (
+    Behavior,
+    DecisionSource,
+    ProcessFailed,
+    TranscriptNotFound,
+)
+from corral.services.runtime.sdk import AgentProcessLost, AgentSpec, ToolGate
+
+log = logging.getLogger("corral.runtime")
+
+_MODES: dict[int, PermissionMode] = {
+    options_pb.AgentOptions.PERMISSION_MODE_UNSPECIFIED: "default",
+    options_pb.AgentOptions.PERMISSION_MODE_DEFAULT: "default",
+    options_pb.AgentOptions.PERMISSION_MODE_ACCEPT_EDITS: "acceptEdits",
+    options_pb.AgentOptions.PERMISSION_MODE_PLAN: "plan",
+    options_pb.AgentOptions.PERMISSION_MODE_DONT_ASK: "dontAsk",
+    options_pb.AgentOptions.PERMISSION_MODE_BYPASS_PERMISSIONS: "bypassPermissions",
+}
+
+
+class ClaudeClient:
+    """A connected ``ClaudeSDKClient``, as an :class:`~corral.services.runtime.sdk.AgentClient`."""
+
+    def __init__(self, client: ClaudeSDKClient) -> None:
+        self._client = client
+
+    @property
+    def pid(self) -> int | None:
+        """The CLI's pid. The SDK keeps its subprocess private; read it defensively."""
+        transport = getattr(self._client, "_transport", None)
+        child = getattr(transport, "_process", None)
+        pid = getattr(child, "pid", None)
+        return pid if isinstance(pid, int) else None
+
+    async def query(self, prompt: str) -> None:
+        with _lost():
+            await self._client.query(prompt)
+
+    async def receive_messages(self) -> AsyncIterator[Any]:
+        with _lost():
+            async for message in self._client.receive_messages():
+                yield message
+
+    async def interrupt(self) -> None:
+        await self._client.interrupt()
+
+    async def disconnect(self) -> None:
+        await self._client.disconnect()
+
+
+@contextlib.contextmanager
+def _lost() -> Iterator[None]:
+    """The SDK's "the process is gone" errors as :class:`AgentProcessLost`, with a message that
+    says what happened and never what the CLI printed."""
+    try:
+        yield
+    except ResultError:
+        raise
+    except ProcessError as exc:
+        raise AgentProcessLost(
+            f"the agent process exited unexpectedly (exit code {exc.exit_code})"
+        ) from exc
+    except CLIConnectionError as exc:
+        raise AgentProcessLost("the agent process went away") from exc
+
+
+class ClaudeSdk:
+    """Starts CLI processes for the runtime. ``model_env``: ANTHROPIC_BASE_URL / _API_KEY;
+    ``scrub_tool_env``: have the CLI keep them from its tools (it needs bubblewrap for it)."""
+
+    def __init__(self, root: Path, model_env: Mapping[str, str], *, scrub_tool_env: bool) -> None:
+        self._bin = root / "bin"
+        self._model_env = dict(model_env)
+        self._scrub = scrub_tool_env
+        self._cli = process.bundled_cli()
+        self._launcher: Path | None = None
+        self.sdk_version: str = claude_agent_sdk.__version__
+        self.cli_version = ""
+
+    async def start(self) -> None:
+        self._launcher = await asyncio.to_thread(process.install_launcher, self._bin)
+        self.cli_version = await asyncio.to_thread(process.cli_version, self._cli)
+
+    async def connect(self, spec: AgentSpec, gate: ToolGate) -> ClaudeClient:
+        options = self.options(spec, gate)
+        client = ClaudeSDKClient(options)
+        try:
+            await client.connect()
+        except ClaudeSDKError as exc:
+            log.warning(
+                "agent process failed to start", extra={"session": spec.session_id}, exc_info=True
+            )
+            if "No conversation found" in str(exc):
+                raise TranscriptNotFound(f"the transcript {spec.resume!r} was not found") from exc
+            raise ProcessFailed("the agent process could not be started") from exc
+        return ClaudeClient(client)
+
+    def options(self, spec: AgentSpec, gate: ToolGate) -> ClaudeAgentOptions:
+        if self._launcher is None:
+            raise RuntimeError("ClaudeSdk.start() was not awaited")
+        opts = spec.options
+        mode = _MODES.get(opts.permission_mode, "default")
+        runtime_env = {
+            **self._model_env,
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            # Keeps the model credentials from the CLI's tools; the CLI needs bubblewrap for it.
+            "CLAUDE_CODE_SUBPROCESS_ENV_SCRUB": "1" if self._scrub else "0",
+            "CLAUDE_CONFIG_DIR": str(spec.config_dir),
+            "HOME": str(spec.config_dir),
+            process.TAG_VARIABLE: spec.tag,
+        }
+        if mode == "bypassPermissions":
+            runtime_env["IS_SANDBOX"] = "1"
+        resume, new_id = spec.resume, spec.new_transcript_id
+        return ClaudeAgentOptions(
+            model=spec.model,
+            system_prompt=_system_prompt(opts),
+            allowed_tools=list(opts.allowed_tools),
+            disallowed_tools=list(opts.disallowed_tools),
+            permission_mode=mode,
+            mcp_servers={server.name: _mcp_config(server) for server in opts.mcp_servers},
+            strict_mcp_config=True,
+            setting_sources=[],
+            max_turns=opts.max_turns or None,
+            max_budget_usd=opts.max_budget_usd_micros / 1e6 if opts.max_budget_usd_micros else None,
+            thinking=(
+                {"type": "enabled", "budget_tokens": opts.max_thinking_tokens}
+                if opts.max_thinking_tokens > 0
+                else {"type": "disabled"}
+            ),
+            env=process.cli_environment(self._cli, dict(opts.env), runtime_env),
+            cwd=spec.workspace,
+            cli_path=self._launcher,
+            include_partial_messages=True,
+            can_use_tool=_can_use_tool(gate),
+            hooks={"PreToolUse": [HookMatcher(matcher=None, hooks=[_pre_tool_use(gate)])]},
+            resume=resume or None,
+            fork_session=bool(resume and new_id),
+            session_id=new_id or None,
+            stderr=lambda line: log.debug(
+                "agent stderr: %s", line, extra={"session": spec.session_id}
+            ),
+        )
+
+
+def _can_use_tool(gate: ToolGate) -> Any:
+    async def can_use_tool(
+        tool_name: str, tool_input: dict[str, Any], context: ToolPermissionContext
+    ) -> PermissionResult:
+        reason = context.decision_reason or context.title or f"{tool_name} needs approval"
+        decision = await gate.ask(tool_name, tool_input, context.tool_use_id or "", reason)
+        if decision.behavior is Behavior.ALLOW:
+            updated = dict(decision.updated_input) if decision.updated_input is not None else None
+            return PermissionResultAllow(updated_input=updated)
+        return PermissionResultDeny(
+            message=decision.message or f"{tool_name} was denied",
+            interrupt=decision.source is DecisionSource.INTERRUPT,
+        )
+
+    return can_use_tool
+
+
+def _pre_tool_use(gate: ToolGate) -> Any:
+    async def pre_tool_use(
+        hook_input: HookInput, tool_use_id: str | None, context: HookContext
+    ) -> HookJSONOutput:
+        tool_name = hook_input.get("tool_name")
+        verdict = gate.rule_for(tool_name) if isinstance(tool_name, str) else None
+        if verdict is None:
+            return {}
+        return {
+            "hookSpecificOutput": {
+                "hookEventName": "PreToolUse",
+                "permissionDecision": verdict.action.value,
+                "permissionDecisionReason": verdict.reason,
+            }
+        }
+
+    return pre_tool_use
+
+
+def _system_prompt(opts: options_pb.AgentOptions) -> Any:
+    """A system prompt of its own replaces Claude Code's; an append alone extends it."""
+    if opts.system_prompt:
+        return "\n\n".join(p for p in (opts.system_prompt, opts.append_system_prompt) if p)
+    if opts.append_system_prompt:
+        return {"type": "preset", "preset": "claude_code", "append": opts.append_system_prompt}
+    return None
+
+
+def _mcp_config(server: options_pb.McpServer) -> McpServerConfig:
+    if server.WhichOneof("transport") == "stdio":
+        return {
+            "type": "stdio",
+            "command": server.stdio.command,
+            "args": list(server.stdio.args),
+            "env": dict(server.stdio.env),
+        }
+    if server.http.protocol == options_pb.McpHttpTransport.PROTOCOL_SSE:
+        return {"type": "sse", "url": server.http.url, "headers": dict(server.http.headers)}
+    return {"type": "http", "url": server.http.url, "headers": dict(server.http.headers)}
