@@ -3,6 +3,8 @@ is checked by the one validator both contexts share, :func:`corral.libs.agent_op
 
 from __future__ import annotations
 
+from google.protobuf import field_mask_pb2
+
 from corral.runtime.v1 import agent_options_pb2 as runtime_options
 from corral.session.v1 import agent_options_pb2 as pb
 from corral.session.v1 import agent_policy_pb2 as policy_pb
@@ -81,3 +83,18 @@ def for_runtime(options: pb.AgentOptions) -> runtime_options.AgentOptions:
             target.http.headers.update(server.http.headers)
             target.http.headers.update(server.http.secret_headers)
     return out
+
+
+def options_with(
+    current: pb.AgentOptions, sent: pb.AgentOptions, paths: frozenset[str]
+) -> pb.AgentOptions:
+    """UpdateSession's field mask on agent options: ``agent_options`` (alone, or with no
+    ``agent_options.<field>`` path) replaces them all; ``agent_options.<field>`` paths replace
+    just those fields (lists and maps replaced, not appended)."""
+    fields = sorted(p.split(".", 1)[1] for p in paths if p.startswith("agent_options."))
+    if "agent_options" in paths or not fields:
+        return sent
+    merged = pb.AgentOptions()
+    merged.CopyFrom(current)
+    field_mask_pb2.FieldMask(paths=fields).MergeMessage(sent, merged, replace_repeated_field=True)
+    return merged

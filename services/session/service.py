@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
 
-from google.protobuf import field_mask_pb2, struct_pb2
+from google.protobuf import struct_pb2
 
-from corral.libs import idempotency
 from corral.libs.auth.caller import Caller
 from corral.libs.errors import CorralError, FailedPrecondition, NotFound, PermissionDenied
 from corral.libs.etags import check_etag, mismatch
@@ -38,37 +34,15 @@ from corral.services.session.domain import (
     now,
 )
 from corral.services.session.event_log import EventFilter, EventLog, state_event
-from corral.services.session.ports import (
-    AuditLog,
-    DuplicateRequest,
-    Runtime,
-    UnitOfWork,
-    UsageLedger,
-)
+from corral.services.session.idempotent import Create, once
+from corral.services.session.options import options_with
+from corral.services.session.ports import AuditLog, Runtime, UnitOfWork, UsageLedger
 from corral.services.session.runner import UNFINISHED, TurnRunner
 from corral.session.v1 import agent_options_pb2, agent_policy_pb2, event_pb2
 
 log = logging.getLogger("corral.session")
 
-T = TypeVar("T")
-OPTIONS = "agent_options"
 POLICY_FIELDS = frozenset({"mcp_servers", "permission_rules"})
-
-
-@dataclass(frozen=True)
-class _Create:
-    """One create request under idempotency: its key and what it must remember."""
-
-    scope: str
-    request_id: str
-    fingerprint: str
-
-    async def remember(self, uow: UnitOfWork, result: str) -> None:
-        """Record the created resource's name, in the create's own transaction."""
-        if self.request_id:
-            await uow.idempotency.put(
-                self.scope, self.request_id, self.fingerprint, result, time.time()
-            )
 
 
 class SessionService:
@@ -102,40 +76,6 @@ class SessionService:
     async def close(self) -> None:
         await self.runner.close()
 
-    # -- idempotent creates --------------------------------------------------------------------
-
-    async def _once(
-        self,
-        caller: Caller,
-        method: str,
-        request_id: str,
-        payload: Any,
-        create: Callable[[_Create], Awaitable[T]],
-        replayed: Callable[[str], Awaitable[T]],
-    ) -> T:
-        """``create`` once per (caller, request_id); a retry gets ``replayed(name)`` of what
-        the first call created, a different payload REQUEST_ID_REUSED."""
-        request = _Create(
-            idempotency.scope(method, caller.subject), request_id, idempotency.fingerprint(payload)
-        )
-
-        async def earlier() -> str | None:
-            async with self._uow() as uow:
-                return await idempotency.replay(
-                    uow.idempotency, request.scope, request_id, request.fingerprint
-                )
-
-        found = await earlier()
-        if found is not None:
-            return await replayed(found)
-        try:
-            return await create(request)
-        except DuplicateRequest:  # a concurrent twin committed first: answer as it did
-            found = await earlier()
-            if found is None:
-                raise
-            return await replayed(found)
-
     # -- sessions ------------------------------------------------------------------------------
 
     async def create_session(
@@ -152,7 +92,7 @@ class SessionService:
             raise PermissionDenied("viewers cannot create sessions", reason="ROLE_READ_ONLY")
         org = organization if (organization and caller.is_superuser) else caller.organization
 
-        async def create(request: _Create) -> Session:
+        async def create(request: Create) -> Session:
             session = self._new_session(caller, org, display_name, options, labels)
             async with self._uow() as uow:
                 await uow.sessions.add(session)
@@ -167,8 +107,14 @@ class SessionService:
             "labels": labels,
             "organization": organization,
         }
-        return await self._once(
-            caller, "CreateSession", request_id, payload, create, self._session_named(caller)
+        return await once(
+            self._uow,
+            caller,
+            "CreateSession",
+            request_id,
+            payload,
+            create,
+            self._session_named(caller),
         )
 
     @staticmethod
@@ -258,8 +204,8 @@ class SessionService:
                 session.display_name = display_name
             if "labels" in top:
                 session.labels = labels
-            if OPTIONS in top:
-                session.agent_options = merge_options(
+            if "agent_options" in top:
+                session.agent_options = options_with(
                     agent_options_pb2.AgentOptions.FromString(session.agent_options),
                     options,
                     paths,
@@ -325,7 +271,7 @@ class SessionService:
         if not domain.can_create(caller):
             raise PermissionDenied("viewers cannot create sessions", reason="ROLE_READ_ONLY")
 
-        async def create(request: _Create) -> Session:
+        async def create(request: Create) -> Session:
             parent = await self.get_session(caller, session_id)
             if not parent.transcript_id:
                 raise FailedPrecondition(
@@ -348,8 +294,14 @@ class SessionService:
             return child
 
         payload = {"parent": session_id, "display_name": display_name}
-        return await self._once(
-            caller, "ForkSession", request_id, payload, create, self._session_named(caller)
+        return await once(
+            self._uow,
+            caller,
+            "ForkSession",
+            request_id,
+            payload,
+            create,
+            self._session_named(caller),
         )
 
     # -- organisation policy -------------------------------------------------------------------
@@ -397,7 +349,7 @@ class SessionService:
         """Accept a turn: queued behind the session's current one, or (``strategy``) refused
         or run in its place. Usage is reserved with identity before anything is written."""
 
-        async def create(request: _Create) -> Turn:
+        async def create(request: Create) -> Turn:
             return await self._accept_turn(caller, session_id, text, strategy, request)
 
         async def replayed(name: str) -> Turn:
@@ -405,7 +357,7 @@ class SessionService:
             return await self.get_turn(caller, session, turn)
 
         payload = {"session": session_id, "text": text, "strategy": strategy.value}
-        return await self._once(caller, "SendMessage", request_id, payload, create, replayed)
+        return await once(self._uow, caller, "SendMessage", request_id, payload, create, replayed)
 
     async def _accept_turn(
         self,
@@ -413,7 +365,7 @@ class SessionService:
         session_id: str,
         text: str,
         strategy: BusyStrategy,
-        request: _Create,
+        request: Create,
     ) -> Turn:
         name = SESSION.format(session_id)
         async with self._uow() as uow:
@@ -618,20 +570,3 @@ class SessionService:
             )
         except Exception:
             log.exception("audit write failed", extra={"action": action, "resource": resource})
-
-
-def merge_options(
-    current: agent_options_pb2.AgentOptions,
-    sent: agent_options_pb2.AgentOptions,
-    paths: frozenset[str],
-) -> agent_options_pb2.AgentOptions:
-    """UpdateSession's field mask on agent options: ``agent_options`` (alone, or with no
-    ``agent_options.<field>`` path) replaces them all; ``agent_options.<field>`` paths replace
-    just those fields (lists and maps replaced, not appended)."""
-    fields = sorted(p.split(".", 1)[1] for p in paths if p.startswith(f"{OPTIONS}."))
-    if OPTIONS in paths or not fields:
-        return sent
-    merged = agent_options_pb2.AgentOptions()
-    merged.CopyFrom(current)
-    field_mask_pb2.FieldMask(paths=fields).MergeMessage(sent, merged, replace_repeated_field=True)
-    return merged
