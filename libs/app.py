@@ -16,6 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from corral.libs import db
 from corral.libs.auth.jwt import HttpJwksSource, JwksSource, TokenVerifier
+from corral.libs.auth.revocation import (
+    LOCAL,
+    RedisRevocations,
+    RevocationList,
+    RevocationStore,
+)
 from corral.libs.config import Settings
 from corral.libs.grpc.health import DependencyCheck
 from corral.libs.grpc.interceptors import AuthenticationHook, CallHook
@@ -123,6 +129,12 @@ class Infrastructure:
             scope=self.name,
         )
 
+    def revocation_store(self) -> RevocationStore:
+        """Where identity publishes revocations and every verifier reads them: Redis (shared by
+        every replica) when configured, else this process's own feed."""
+        redis = self.redis()
+        return LOCAL if redis is None else RedisRevocations(redis)
+
     def verifier(self, source: JwksSource | None = None) -> TokenVerifier:
         settings = self.settings
         return TokenVerifier(
@@ -131,6 +143,9 @@ class Infrastructure:
             audience=settings.jwt_audience,
             algorithms=settings.jwt_algorithms,
             cache_seconds=settings.jwks_cache_seconds,
+            revocations=RevocationList(
+                self.revocation_store(), refresh_seconds=settings.revocation_refresh_seconds
+            ),
         )
 
     def server(

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     jwt_algorithms: list[str] = Field(default_factory=lambda: ["ES256", "EdDSA"])
     jwks_url: str = ""  # empty: http://<host>:<identity http port>/.well-known/jwks.json
     jwks_cache_seconds: float = 300.0
+    # How often each service re-reads the revocation feed (disabled users, revoked keys, ...).
+    revocation_refresh_seconds: float = 1.0
     identity_http_port: int = 8081
 
     # This service's own credentials (an internal service account's API key), for the calls it

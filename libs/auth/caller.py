@@ -24,6 +24,12 @@ class Caller:
     token_id: str = ""
     token: str = field(default="", repr=False)
     expires_at: float = 0.0
+    # What a revocation can name (libs/auth/revocation.py): when the token was issued, the
+    # sign-in it belongs to (``sid``), the API key it was exchanged for (``akid``), its signing key.
+    issued_at: float = 0.0
+    session_id: str = ""
+    api_key_id: str = ""
+    key_id: str = ""
     # Request-rate quotas the token carries (identity puts the caller's and the organisation's
     # requests_per_minute there); None: the deployment's default applies.
     requests_per_minute: int | None = None

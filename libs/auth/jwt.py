@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import jwt
 
 from corral.libs.auth.caller import Caller
+from corral.libs.auth.revocation import RevocationList
 from corral.libs.errors import Unauthenticated
 
 # Asymmetric algorithms only: a symmetric (HS*) or "none" token is never accepted.
@@ -70,6 +71,7 @@ class TokenVerifier:
         leeway_seconds: float = 5.0,
         verified_cache_size: int = 10_000,
         clock: Any = time.time,
+        revocations: RevocationList | None = None,
     ) -> None:
         pinned = set(algorithms or ["ES256", "EdDSA"])
         if not pinned <= ALLOWED_ALGORITHMS:
@@ -84,6 +86,7 @@ class TokenVerifier:
         self._min_refresh_seconds = min_refresh_seconds
         self._leeway = leeway_seconds
         self._clock = clock
+        self._revocations = revocations
         self._keys: dict[str, jwt.PyJWK] = {}
         self._fetched_at = float("-inf")
         self._lock = asyncio.Lock()
@@ -129,17 +132,20 @@ class TokenVerifier:
         return key
 
     async def verify(self, token: str) -> Caller:
-        cached = self._verified.get(token)
-        if cached is not None:
-            if cached.expires_at + self._leeway > self._clock() and (
-                self._clock() - self._fetched_at < self._cache_seconds
-            ):
-                return cached
+        caller = self._verified.get(token)
+        if caller is not None and not (
+            caller.expires_at + self._leeway > self._clock()
+            and self._clock() - self._fetched_at < self._cache_seconds
+        ):
             del self._verified[token]
-        caller = await self._verify(token)
-        self._verified[token] = caller
-        if len(self._verified) > self._verified_max:
-            self._verified.popitem(last=False)
+            caller = None
+        if caller is None:
+            caller = await self._verify(token)
+            self._verified[token] = caller
+            if len(self._verified) > self._verified_max:
+                self._verified.popitem(last=False)
+        if self._revocations is not None:
+            await self._revocations.check(caller)
         return caller
 
     async def _verify(self, token: str) -> Caller:
@@ -190,6 +196,10 @@ class TokenVerifier:
             token_id=str(claims["jti"]),
             token=token,
             expires_at=float(claims["exp"]),
+            issued_at=float(claims["iat"]),
+            session_id=str(claims.get("sid") or ""),
+            api_key_id=str(claims.get("akid") or ""),
+            key_id=kid,
             requests_per_minute=_positive(claims.get("rpm")),
             organization_requests_per_minute=_positive(claims.get("org_rpm")),
         )

@@ -94,6 +94,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT: a `request_id` was reused, within its retention window,
     for a request with a different payload.
     """
+    ERROR_REASON_TOKEN_REVOKED: _ErrorReason.ValueType  # 30
+    """UNAUTHENTICATED: the token was revoked (its user or organization disabled,
+    signed out everywhere, its API key or signing key revoked); sign in again.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Reasons every Corral service may return, whatever its context: they come
@@ -175,5 +179,9 @@ re-read the resource and retry.
 ERROR_REASON_REQUEST_ID_REUSED: ErrorReason.ValueType  # 29
 """INVALID_ARGUMENT: a `request_id` was reused, within its retention window,
 for a request with a different payload.
+"""
+ERROR_REASON_TOKEN_REVOKED: ErrorReason.ValueType  # 30
+"""UNAUTHENTICATED: the token was revoked (its user or organization disabled,
+signed out everywhere, its API key or signing key revoked); sign in again.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
