@@ -118,6 +118,7 @@ class Infrastructure:
             RateLimitHook,
             RedisRateLimiter,
             StaticLimits,
+            trusted_networks,
         )
 
         settings = self.settings
@@ -127,6 +128,7 @@ class Infrastructure:
             StaticLimits(settings.rate_limit_per_minute, settings.rate_limit_anonymous_per_minute),
             burst=settings.rate_limit_burst,
             scope=self.name,
+            trusted_proxies=trusted_networks(settings.trusted_proxies),
         )
 
     def revocation_store(self) -> RevocationStore:

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = 600
     rate_limit_anonymous_per_minute: int = 60
     rate_limit_burst: int = 50
+    # Who may tell a service the real client address (the edge): the last x-forwarded-for
+    # entry is believed only from these networks. Set it to the edge's addresses in production.
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
 
     # Ports (0 picks a free one) and addresses other services are reached at.
     identity_port: int = DEFAULT_PORTS["identity"]

@@ -21,9 +21,9 @@ import math
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
@@ -192,24 +192,66 @@ class StaticLimits:
         return caller.requests_per_minute or self.default_per_minute
 
 
-def client_network(peer: str) -> str:
-    """The address part of a gRPC peer (``ipv4:10.0.0.7:5000`` -> ``10.0.0.7``); IPv6 as its
-    /64, since one client usually holds a whole /64; anything else (unix sockets) as is."""
+def peer_address(peer: str) -> str:
+    """The address part of a gRPC peer (``ipv4:10.0.0.7:5000`` -> ``10.0.0.7``); anything else
+    (unix sockets) as is."""
     kind, _, rest = urllib.parse.unquote(peer).partition(":")
     if kind not in ("ipv4", "ipv6"):
         return peer or "unknown"
-    host = rest.rpartition(":")[0].strip("[]")
-    if kind == "ipv6":
-        return str(ipaddress.ip_network(f"{host}/64", strict=False))
-    return host
+    return rest.rpartition(":")[0].strip("[]")
+
+
+Networks: TypeAlias = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
+
+
+def trusted_networks(cidrs: Sequence[str]) -> Networks:
+    return [ipaddress.ip_network(cidr, strict=False) for cidr in cidrs]
+
+
+def client_address(peer: str, metadata: Mapping[str, str], trusted: Networks) -> str:
+    """Who is really calling. A forwarded address is believed only from a trusted proxy (the
+    edge): then it is the last ``x-forwarded-for`` entry, the one Envoy appended itself
+    (``use_remote_address``); entries before it are whatever the client sent. From anyone
+    else, the connection's own address."""
+    direct = peer_address(peer)
+    forwarded = metadata.get("x-forwarded-for", "")
+    if not forwarded or not _within(direct, trusted):
+        return direct
+    last = forwarded.rsplit(",", 1)[-1].strip()
+    try:
+        return str(ipaddress.ip_address(last))
+    except ValueError:
+        return direct
+
+
+def _within(address: str, networks: Networks) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def client_network(address: str) -> str:
+    """The unit an anonymous allowance belongs to: an IPv4 address, or an IPv6 /64 (one
+    client usually holds a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class RateLimitHook:
     """Refuses calls beyond the caller's requests-per-minute with ``RESOURCE_EXHAUSTED``.
 
     Placed after authentication: an authenticated call is keyed by the caller's subject, an
-    anonymous (public-method) call by its client address (``anon:<ip>``). Behind Envoy that is
-    Envoy's address, so every anonymous client shares one allowance there. ``scope`` (the
+    anonymous (public-method) call by its client address (``anon:<ip>``): behind the edge, the
+    address Envoy saw, which is believed only from ``trusted_proxies`` (see
+    :func:`client_address`), so one anonymous client cannot use up everyone's allowance and
+    nobody can pose as another address by sending a header. ``scope`` (the
     service name) keeps each service's allowances apart, so one request relayed to another
     service with the caller's token is not counted twice against one allowance.
 
@@ -228,6 +270,7 @@ class RateLimitHook:
         burst: int = 50,
         scope: str = "",
         warn_every: float = 10.0,
+        trusted_proxies: Networks = (),
     ) -> None:
         self._limiter = limiter
         self._limits = limits
@@ -235,6 +278,7 @@ class RateLimitHook:
         self._burst = burst
         self._scope = f"{scope}:" if scope else ""
         self._warn_every = warn_every
+        self._trusted = trusted_proxies
         self._warned_at = -math.inf
         self._unchecked = 0
 
@@ -245,9 +289,7 @@ class RateLimitHook:
         buckets: list[tuple[str, int]] = []  # (subject, requests per minute)
         limit = await self._limits.requests_per_minute(caller)
         if limit is not None:
-            buckets.append(
-                (caller.subject if caller else f"anon:{client_network(call.peer)}", limit)
-            )
+            buckets.append((caller.subject if caller else f"anon:{self._anonymous(call)}", limit))
         if caller is not None and caller.organization_requests_per_minute:
             # the organisation's quota is one allowance shared by all of its callers
             buckets.append((caller.organization, caller.organization_requests_per_minute))
@@ -273,6 +315,9 @@ class RateLimitHook:
                     retry_after_seconds=decision.retry_after_seconds,
                     metadata={"requests_per_minute": str(per_minute), "burst": str(burst)},
                 )
+
+    def _anonymous(self, call: CallInfo) -> str:
+        return client_network(client_address(call.peer, call.metadata, self._trusted))
 
     def _fail_open(self, call: CallInfo, exc: RateLimiterUnavailable) -> None:
         self._unchecked += 1

@@ -30,6 +30,8 @@ from corral.libs.ratelimit import (
     RateLimitHook,
     RedisRateLimiter,
     StaticLimits,
+    client_address,
+    trusted_networks,
 )
 from corral.libs.redis import create_redis
 from tests.conftest import require_redis
@@ -173,6 +175,61 @@ async def test_anonymous_calls_are_limited_by_client_address(signing_key: Signin
         # The same client with a token is limited as its subject, not as its address.
         token = signing_key.token()
         assert await _attempt(server.address, "Public", token) == grpc.StatusCode.OK
+
+
+async def _anonymous(address: str, forwarded: str) -> grpc.StatusCode:
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            await _call(channel, "Public")(_struct(), metadata=(("x-forwarded-for", forwarded),))
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+    return grpc.StatusCode.OK
+
+
+async def test_a_forwarded_address_from_an_untrusted_peer_is_ignored(
+    signing_key: SigningKey,
+) -> None:
+    """A client that reaches the service directly cannot dodge its anonymous limit (or spend
+    someone else's) by sending x-forwarded-for: only the edge is believed."""
+    hook = RateLimitHook(InMemoryRateLimiter(), StaticLimits(600, 2), burst=50)
+    async with _servers(signing_key, hook) as [server]:
+        codes = [await _anonymous(server.address, f"203.0.113.{n}") for n in range(3)]
+    assert codes == [grpc.StatusCode.OK, grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED]
+
+
+async def test_behind_a_trusted_edge_each_client_has_its_own_anonymous_allowance(
+    signing_key: SigningKey,
+) -> None:
+    """Through the edge (here: loopback is trusted), the address Envoy appended last counts:
+    one client using up its allowance does not block another, and what a client itself puts
+    first in x-forwarded-for changes nothing."""
+    hook = RateLimitHook(
+        InMemoryRateLimiter(),
+        StaticLimits(600, 2),
+        burst=50,
+        trusted_proxies=trusted_networks(["127.0.0.1/32"]),
+    )
+    async with _servers(signing_key, hook) as [server]:
+        noisy = [await _anonymous(server.address, f"10.9.9.{n}, 198.51.100.7") for n in range(3)]
+        other = await _anonymous(server.address, "198.51.100.8")
+    assert noisy == [grpc.StatusCode.OK, grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert other == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        ("ipv4:127.0.0.1:5000", "198.51.100.7", "198.51.100.7"),
+        ("ipv4:127.0.0.1:5000", "1.2.3.4, 198.51.100.7", "198.51.100.7"),
+        ("ipv4:127.0.0.1:5000", "not-an-address", "127.0.0.1"),
+        ("ipv4:10.0.0.5:5000", "198.51.100.7", "10.0.0.5"),
+        ("ipv6:%5B::1%5D:5000", "2001:db8::1", "2001:db8::1"),
+        ("unix:/tmp/s", "198.51.100.7", "unix:/tmp/s"),
+    ],
+)
+def test_client_address(peer: str, forwarded: str, expected: str) -> None:
+    trusted = trusted_networks(["127.0.0.1/32", "::1/128"])
+    assert client_address(peer, {"x-forwarded-for": forwarded}, trusted) == expected
 
 
 @pytest.mark.redis
