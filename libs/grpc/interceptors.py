@@ -23,7 +23,7 @@ import grpc
 
 from corral.libs.auth.caller import Caller, set_caller
 from corral.libs.auth.jwt import TokenVerifier
-from corral.libs.errors import CorralError, Unauthenticated, Unimplemented
+from corral.libs.errors import CorralError, InvalidArgument, Unauthenticated, Unimplemented
 from corral.libs.grpc.errors import code_for, internal_status, to_status
 from corral.libs.observability import current_trace_id
 
@@ -101,6 +101,25 @@ def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any],
     return serialize
 
 
+class Undecodable:
+    """Stands in for a request whose bytes are not a message of the method's type, so the call
+    still passes authentication and then fails INVALID_ARGUMENT (grpc itself would answer
+    INTERNAL before any of our code ran)."""
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:
+            return Undecodable()
+
+    return deserialize
+
+
 def _status_name(code: grpc.StatusCode) -> str:
     return str(code.name)
 
@@ -121,13 +140,13 @@ class CorralServerInterceptor(_ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=_passing_bytes(handler.response_serializer),
             )
         if handler.stream_unary:
@@ -200,12 +219,16 @@ class CorralServerInterceptor(_ServerInterceptor):
         )
 
     @contextlib.asynccontextmanager
-    async def _served(self, method: str, context: Context) -> AsyncIterator[None]:
+    async def _served(self, method: str, context: Context, request: Any) -> AsyncIterator[None]:
         """Around one call: admit it (hooks), then log how it ended; expected errors become
         their rich status, anything else INTERNAL."""
         call = self._begin(method, context)
         try:
             await self._admit(call)
+            if isinstance(request, Undecodable):
+                raise InvalidArgument(
+                    "the request message cannot be decoded (is it of this method's type?)"
+                )
             yield
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             self._log(call, _code(context, grpc.StatusCode.UNKNOWN))
@@ -220,7 +243,7 @@ class CorralServerInterceptor(_ServerInterceptor):
 
     def _wrap_unary(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         async def behavior(request: Any, context: Context) -> Any:
-            async with self._served(method, context):
+            async with self._served(method, context, request):
                 return await inner(request, context)
 
         return behavior
@@ -231,7 +254,7 @@ class CorralServerInterceptor(_ServerInterceptor):
             return self._wrap_unary(method, inner)
 
         async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
-            async with self._served(method, context):
+            async with self._served(method, context, request):
                 async for response in inner(request, context):
                     yield response
 

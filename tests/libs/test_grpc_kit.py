@@ -220,6 +220,28 @@ async def test_unexpected_exception_is_internal_without_leaking(
     assert _details(caught.value)[0].reason == "INTERNAL"
 
 
+def _raw(channel: grpc.aio.Channel, method: str) -> Callable[..., Any]:
+    """A call that sends bytes as they are (what a broken or hostile client can send)."""
+    return channel.unary_unary(f"/{SERVICE}/{method}")
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xff\xff", b"\x0a\x05ab", b"\x0a\x04\x0a\x02\xc3\x28"])
+async def test_an_undecodable_message_is_invalid_argument_without_internals(
+    channel: grpc.aio.Channel, signing_key: SigningKey, garbage: bytes
+) -> None:
+    """Bytes that are not a message of the method's type (truncated, a wrong wire type,
+    invalid UTF-8 in a string) get INVALID_ARGUMENT with ErrorInfo, not grpc's INTERNAL."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _raw(channel, "Whoami")(garbage, metadata=_bearer(signing_key.token()))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Exception" not in (caught.value.details() or "")
+    assert _details(caught.value)[0].reason == "INVALID_ARGUMENT"
+    # Authentication still comes first: without a token the same bytes are UNAUTHENTICATED.
+    with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+        await _raw(channel, "Whoami")(garbage)
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_stream_error_after_messages(
     channel: grpc.aio.Channel, signing_key: SigningKey
 ) -> None:
