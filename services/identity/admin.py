@@ -10,16 +10,16 @@ import argparse
 import asyncio
 import secrets
 import sys
-import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 
 from corral.libs.config import Settings
 from corral.libs.errors import CorralError
+from corral.services.identity.base import SYSTEM_CONTEXT
 from corral.services.identity.config import identity_settings
-from corral.services.identity.domain import Role, parse_name
+from corral.services.identity.domain import SERVICE_ACCOUNT, Role
 from corral.services.identity.main import build_service, open_database
-from corral.services.identity.service import SYSTEM_CONTEXT, IdentityService
+from corral.services.identity.service import IdentityService
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,20 +63,20 @@ async def _run(settings: Settings, args: argparse.Namespace) -> None:
     async with AsyncExitStack() as resources:
         engine = await open_database(config, None, resources)
         identity = build_service(config, engine)
-        await identity.ensure_signing_keys()
+        await identity.keys.ensure_signing_keys()
         await _command(identity, args)
 
 
 async def _command(identity: IdentityService, args: argparse.Namespace) -> None:
     ctx = SYSTEM_CONTEXT
     if args.command == "create-org":
-        org, _ = await identity.create_organization(
+        org, _ = await identity.accounts.create_organization(
             ctx, args.organization_id, args.display_name or args.organization_id, None, "", ""
         )
         print(org.name)
     elif args.command == "create-user":
         password = args.password or secrets.token_urlsafe(18)
-        user = await identity.create_user(
+        user = await identity.accounts.create_user(
             ctx,
             args.org,
             args.email,
@@ -90,7 +90,7 @@ async def _command(identity: IdentityService, args: argparse.Namespace) -> None:
         if not args.password:
             print(f"password: {password}  (shown once)")
     elif args.command == "create-service-account":
-        account = await identity.create_service_account(
+        account = await identity.service_accounts.create_service_account(
             ctx,
             args.org,
             args.display_name,
@@ -101,19 +101,21 @@ async def _command(identity: IdentityService, args: argparse.Namespace) -> None:
         )
         print(account.name)
     elif args.command == "create-api-key":
-        ids = parse_name("service_account", args.service_account)
+        ids = SERVICE_ACCOUNT.parse(args.service_account)
         if ids is None:
             raise SystemExit("service_account must be organizations/{org}/serviceAccounts/{id}")
         expires = (
-            time.time() + args.expires_in_days * 86400 if args.expires_in_days is not None else None
+            identity.clock() + args.expires_in_days * 86400
+            if args.expires_in_days is not None
+            else None
         )
-        key, plaintext = await identity.create_api_key(
+        key, plaintext = await identity.service_accounts.create_api_key(
             ctx, ids[0], ids[1], args.display_name, expires, ""
         )
         print(key.name)
         print(f"api key: {plaintext}  (shown once)")
     elif args.command == "rotate-keys":
-        rotation = await identity.rotate_signing_keys(ctx, args.revoke_previous)
+        rotation = await identity.keys.rotate_signing_keys(ctx, args.revoke_previous)
         previous = rotation.previous
         print(f"active:   signingKeys/{rotation.active.kid}")
         print(f"pending:  signingKeys/{rotation.pending.kid}")

@@ -8,11 +8,14 @@ from __future__ import annotations
 import calendar
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from corral.libs.auth.caller import SUPERUSER_ROLE, Caller
 from corral.libs.errors import FailedPrecondition, NotFound, PermissionDenied
+from corral.libs.etags import etag_of
+from corral.libs.names import ResourcePattern
 
 SERVICE_ROLE = "service"  # internal Corral services (the usage ledger, audit writers)
 MIN_PASSWORD_LENGTH = 12
@@ -35,49 +38,25 @@ class State(StrEnum):
     DISABLED = "disabled"
 
 
-def etag_of(version: int) -> str:
-    return f'W/"{version}"'
+# ---- resource names (one pattern per resource in protos/corral/identity/v1) ----
 
-
-# ---- resource names ----
+ORGANIZATION = ResourcePattern("organizations/{organization}")
+USER = ResourcePattern("organizations/{organization}/users/{user}")
+SERVICE_ACCOUNT = ResourcePattern("organizations/{organization}/serviceAccounts/{service_account}")
+API_KEY = ResourcePattern(
+    "organizations/{organization}/serviceAccounts/{service_account}/keys/{key}"
+)
+ORGANIZATION_QUOTA = ResourcePattern("organizations/{organization}/quota")
+USER_QUOTA = ResourcePattern("organizations/{organization}/users/{user}/quota")
+ORGANIZATION_USAGE_REPORT = ResourcePattern("organizations/{organization}/usageReport")
+USER_USAGE_REPORT = ResourcePattern("organizations/{organization}/users/{user}/usageReport")
+RESERVATION = ResourcePattern("organizations/{organization}/usageReservations/{usage_reservation}")
+AUDIT_EVENT = ResourcePattern("organizations/{organization}/auditEvents/{audit_event}")
+SIGNING_KEY = ResourcePattern("signingKeys/{signing_key}")
 
 
 def org_name(org_id: str) -> str:
-    return f"organizations/{org_id}"
-
-
-def user_name(org_id: str, user_id: str) -> str:
-    return f"organizations/{org_id}/users/{user_id}"
-
-
-def service_account_name(org_id: str, sa_id: str) -> str:
-    return f"organizations/{org_id}/serviceAccounts/{sa_id}"
-
-
-def api_key_name(org_id: str, sa_id: str, key_id: str) -> str:
-    return f"organizations/{org_id}/serviceAccounts/{sa_id}/keys/{key_id}"
-
-
-_SEGMENT = r"([A-Za-z0-9_-]{1,64})"
-_NAMES: dict[str, re.Pattern[str]] = {
-    "organization": re.compile(rf"^organizations/{_SEGMENT}$"),
-    "user": re.compile(rf"^organizations/{_SEGMENT}/users/{_SEGMENT}$"),
-    "service_account": re.compile(rf"^organizations/{_SEGMENT}/serviceAccounts/{_SEGMENT}$"),
-    "api_key": re.compile(
-        rf"^organizations/{_SEGMENT}/serviceAccounts/{_SEGMENT}/keys/{_SEGMENT}$"
-    ),
-    "org_quota": re.compile(rf"^organizations/{_SEGMENT}/quota$"),
-    "user_quota": re.compile(rf"^organizations/{_SEGMENT}/users/{_SEGMENT}/quota$"),
-    "org_report": re.compile(rf"^organizations/{_SEGMENT}/usageReport$"),
-    "user_report": re.compile(rf"^organizations/{_SEGMENT}/users/{_SEGMENT}/usageReport$"),
-    "reservation": re.compile(rf"^organizations/{_SEGMENT}/usageReservations/{_SEGMENT}$"),
-}
-
-
-def parse_name(kind: str, name: str) -> tuple[str, ...] | None:
-    """The id segments of a resource name of ``kind``, or None if it is not one."""
-    match = _NAMES[kind].match(name)
-    return match.groups() if match else None
+    return ORGANIZATION.format(org_id)
 
 
 # ---- entities ----
@@ -94,11 +73,11 @@ class Organization:
 
     @property
     def name(self) -> str:
-        return org_name(self.id)
+        return ORGANIZATION.format(self.id)
 
     @property
     def etag(self) -> str:
-        return etag_of(self.version)
+        return etag_of(self.name, self.version)
 
 
 @dataclass
@@ -119,11 +98,11 @@ class User:
 
     @property
     def name(self) -> str:
-        return user_name(self.organization_id, self.id)
+        return USER.format(self.organization_id, self.id)
 
     @property
     def etag(self) -> str:
-        return etag_of(self.version)
+        return etag_of(self.name, self.version)
 
     @property
     def token_roles(self) -> list[str]:
@@ -146,11 +125,11 @@ class ServiceAccount:
 
     @property
     def name(self) -> str:
-        return service_account_name(self.organization_id, self.id)
+        return SERVICE_ACCOUNT.format(self.organization_id, self.id)
 
     @property
     def etag(self) -> str:
-        return etag_of(self.version)
+        return etag_of(self.name, self.version)
 
 
 class ApiKeyState(StrEnum):
@@ -174,7 +153,7 @@ class ApiKey:
 
     @property
     def name(self) -> str:
-        return api_key_name(self.organization_id, self.service_account_id, self.id)
+        return API_KEY.format(self.organization_id, self.service_account_id, self.id)
 
     @property
     def key_prefix(self) -> str:
@@ -261,7 +240,7 @@ class Principal:
     def see_org(self, org_id: str) -> None:
         """Another organisation's resources do not exist for this caller."""
         if not self.member_of(org_id):
-            raise NotFound(f"organizations/{org_id} was not found", reason="NOT_FOUND")
+            raise NotFound(f"{org_name(org_id)} was not found", reason="NOT_FOUND")
 
     def is_admin_of(self, org_id: str) -> bool:
         return self.superuser or (self.organization_id == org_id and self.role is Role.ADMIN)
@@ -344,7 +323,7 @@ class Quota:
 
     @property
     def etag(self) -> str:
-        return etag_of(self.version)
+        return etag_of(self.name, self.version)
 
 
 def month_period(at: float) -> tuple[str, float, float]:
@@ -386,13 +365,24 @@ class Reservation:
 
     @property
     def name(self) -> str:
-        return f"organizations/{self.organization_id}/usageReservations/{self.id}"
+        return RESERVATION.format(self.organization_id, self.id)
+
+
+def settled_amounts(
+    held: Mapping[UsageKind, int], actual: Mapping[UsageKind, int]
+) -> dict[UsageKind, int]:
+    """What settling a hold of ``held`` debits: the ``actual`` amounts; a gauge it does not
+    mention (concurrent sessions, runs, stored bytes) stays used as held, a counter it does
+    not mention (tokens, cost) was not used at all."""
+    settled = {k: actual.get(k, v if k.is_gauge else 0) for k, v in held.items()}
+    settled.update(actual)
+    return settled
 
 
 def debited_subjects(org_id: str, subject: str) -> list[str]:
     """A user's usage counts against the user and the organization; others against the org."""
     org = org_name(org_id)
-    return [org, subject] if parse_name("user", subject) else [org]
+    return [org, subject] if USER.matches(subject) else [org]
 
 
 # ---- audit ----
@@ -423,4 +413,4 @@ class AuditEvent:
 
     @property
     def name(self) -> str:
-        return f"organizations/{self.organization_id}/auditEvents/{self.seq:020d}"
+        return AUDIT_EVENT.format(self.organization_id, f"{self.seq:020d}")

@@ -22,11 +22,12 @@ from corral.libs.grpc.health import DependencyCheck
 from corral.libs.grpc.server import ServiceRegistration
 from corral.services.identity import tokens
 from corral.services.identity.api import PUBLIC_METHODS, SERVICE_NAME, IdentityApi, TokenCheckHook
+from corral.services.identity.base import SYSTEM_CONTEXT, Clock, Config
 from corral.services.identity.config import IdentitySettings, identity_settings
-from corral.services.identity.domain import Role
+from corral.services.identity.domain import Role, now
 from corral.services.identity.jwks_http import JwksHttpServer
 from corral.services.identity.repository import IdentityUnitOfWork
-from corral.services.identity.service import SYSTEM_CONTEXT, Config, IdentityService
+from corral.services.identity.service import IdentityService
 from corral.services.identity.throttle import LoginThrottle
 
 log = logging.getLogger("corral.identity")
@@ -39,6 +40,16 @@ OWN_KEYS_CACHE_SECONDS = 1.0  # identity reads its own key store: cheap, so re-r
 @dataclass
 class IdentityApp(ServiceApp):
     jwks_http: JwksHttpServer | None = None
+    identity: IdentityService | None = None
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    """What the identity server is built from: its settings, and the clock every use case,
+    token and key check reads (tests drive it instead of sleeping)."""
+
+    settings: IdentitySettings
+    clock: Clock = now
 
 
 class LocalJwksSource:
@@ -48,7 +59,7 @@ class LocalJwksSource:
         self._identity = identity
 
     async def fetch(self) -> dict[str, Any]:
-        return {"keys": await self._identity.jwks()}
+        return {"keys": await self._identity.keys.jwks()}
 
 
 async def open_database(
@@ -67,7 +78,9 @@ async def open_database(
     return engine
 
 
-def build_service(settings: IdentitySettings, engine: AsyncEngine) -> IdentityService:
+def build_service(
+    settings: IdentitySettings, engine: AsyncEngine, clock: Clock = now
+) -> IdentityService:
     return IdentityService(
         lambda: IdentityUnitOfWork(engine),
         Config(
@@ -88,13 +101,14 @@ def build_service(settings: IdentitySettings, engine: AsyncEngine) -> IdentitySe
             settings.identity_login_max_failures_per_source,
             settings.identity_login_window_seconds,
         ),
+        clock,
     )
 
 
 async def bootstrap(identity: IdentityService, settings: IdentitySettings) -> None:
     """First start in development: the default organization and a superuser."""
     email = settings.bootstrap_admin_email or "admin@corral.local"
-    generated = await identity.bootstrap(email, settings.bootstrap_admin_password)
+    generated = await identity.accounts.bootstrap(email, settings.bootstrap_admin_password)
     if generated is not None:
         # Development only: `corral chat` and the start-up demo sign in with these.
         credentials = settings.data_dir / "admin-credentials"
@@ -122,11 +136,11 @@ async def bootstrap_service_credentials(
         return
     if path.exists():
         try:
-            await identity.exchange_api_key(SYSTEM_CONTEXT, path.read_text().strip())
+            await identity.auth.exchange_api_key(SYSTEM_CONTEXT, path.read_text().strip())
             return
         except Unauthenticated:  # left over from an older database: make a new one
             pass
-    account = await identity.create_service_account(
+    account = await identity.service_accounts.create_service_account(
         SYSTEM_CONTEXT,
         "default",
         "Corral services",
@@ -135,7 +149,7 @@ async def bootstrap_service_credentials(
         "",
         internal=True,
     )
-    _, plaintext = await identity.create_api_key(
+    _, plaintext = await identity.service_accounts.create_api_key(
         SYSTEM_CONTEXT, "default", account.id, "development", None, ""
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,20 +162,26 @@ async def sweep(identity: IdentityService, every: float) -> None:
     while True:
         await asyncio.sleep(every)
         try:
-            await identity.expire_reservations()
-            await identity.prune_login_failures()
+            await identity.housekeeping()
         except Exception:
             log.exception("identity housekeeping failed")
 
 
 async def build(settings: Settings, *, port: int | None = None) -> ServiceApp:
-    config = identity_settings(settings)
+    """The identity server as ``corral serve identity`` runs it."""
+    return await build_server(Dependencies(identity_settings(settings)), port=port)
+
+
+async def build_server(deps: Dependencies, *, port: int | None = None) -> IdentityApp:
+    """The composition root: every adapter, the use cases, the servicer, the gRPC server and
+    the HTTP JWKS endpoint (the tests build their servers here too)."""
+    config = deps.settings
     resources = AsyncExitStack()
     try:
         infra = Infrastructure(config, NAME, resources)
         engine = await open_database(config, infra, resources)
-        identity = build_service(config, engine)
-        await identity.ensure_signing_keys()
+        identity = build_service(config, engine, deps.clock)
+        await identity.keys.ensure_signing_keys()
         if config.is_development:
             await bootstrap(identity, config)
             await bootstrap_service_credentials(identity, config)
@@ -172,6 +192,7 @@ async def build(settings: Settings, *, port: int | None = None) -> ServiceApp:
             algorithms=config.jwt_algorithms,
             cache_seconds=OWN_KEYS_CACHE_SECONDS,
             min_refresh_seconds=OWN_KEYS_CACHE_SECONDS,
+            clock=deps.clock,
         )
         api = IdentityApi(identity)
         registration = ServiceRegistration(
@@ -188,7 +209,7 @@ async def build(settings: Settings, *, port: int | None = None) -> ServiceApp:
             port=port,
         )
         http = JwksHttpServer(
-            identity.jwks,
+            identity.keys.jwks,
             host=config.host,
             port=config.identity_http_port,
             max_age=int(config.jwks_cache_seconds),
@@ -198,6 +219,6 @@ async def build(settings: Settings, *, port: int | None = None) -> ServiceApp:
     except BaseException:
         await resources.aclose()
         raise
-    app = IdentityApp(NAME, server, resources, jwks_http=http)
+    app = IdentityApp(NAME, server, resources, jwks_http=http, identity=identity)
     app.background.append(lambda: sweep(identity, config.identity_reservation_sweep_seconds))
     return app

@@ -15,7 +15,6 @@ import logging
 import os
 import secrets
 import string
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from corral.libs.auth.jwt import ACCESS_TOKEN_TYPE
+from corral.libs.names import new_id
 
 log = logging.getLogger("corral.identity.tokens")
 
@@ -80,7 +80,7 @@ class GeneratedKey:
 
 def generate_signing_key() -> GeneratedKey:
     private = ec.generate_private_key(ec.SECP256R1())
-    kid = uuid.uuid4().hex[:16]
+    kid = new_id()[:16]
     pem = private.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

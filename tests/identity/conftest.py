@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,24 @@ from grpc_status import rpc_status
 from corral.identity.v1 import identity_service_pb2 as pb
 from corral.identity.v1 import identity_service_pb2_grpc
 from corral.services.identity.config import IdentitySettings
-from corral.services.identity.main import IdentityApp, build
+from corral.services.identity.main import Dependencies, IdentityApp, build_server
 
 ADMIN_EMAIL = "root@corral.test"
 ADMIN_PASSWORD = "correct horse battery staple"
 PASSWORD = "a perfectly fine password"
+
+
+class Clock:
+    """The clock the server reads: real time plus however far a test has moved it on."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
 
 
 @dataclass
@@ -27,6 +41,7 @@ class Identity:
     app: IdentityApp
     stub: identity_service_pb2_grpc.IdentityServiceAsyncStub
     settings: IdentitySettings
+    clock: Clock
 
     @property
     def jwks_url(self) -> str:
@@ -108,12 +123,13 @@ async def make_identity(
         }
         values.update(overrides)
         settings = IdentitySettings(**values)
-        app = await build(settings, port=0)
-        assert isinstance(app, IdentityApp)
+        clock = Clock()
+        app = await build_server(Dependencies(settings, clock), port=0)
         await app.start()
         channel = grpc.aio.insecure_channel(app.server.address)
         started.append((app, channel))
-        return Identity(app, identity_service_pb2_grpc.IdentityServiceStub(channel), settings)  # type: ignore[arg-type]
+        stub = identity_service_pb2_grpc.IdentityServiceStub(channel)
+        return Identity(app, stub, settings, clock)  # type: ignore[arg-type]
 
     yield make
     for app, channel in reversed(started):

@@ -3,6 +3,6 @@
 from alembic import context
 
 from corral.libs.db import run_alembic_env
-from corral.services.identity.repository import metadata
+from corral.services.identity.tables import metadata
 
 run_alembic_env(context, metadata)

@@ -1,0 +1,188 @@
+"""What identity's use-case modules share: who is calling (:class:`Context`), the one audit-event
+helper, ``NOT_FOUND`` for a missing resource, and idempotent creates by ``request_id``.
+
+Each use-case module (:mod:`.accounts`, :mod:`.service_accounts`, :mod:`.signing`,
+:mod:`.authentication`, :mod:`.ledger`, :mod:`.audit`) subclasses :class:`UseCases`; every use
+case is one async method that owns its unit of work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from corral.libs import idempotency
+from corral.libs.errors import Aborted, AlreadyExists, NotFound, Unauthenticated
+from corral.services.identity.domain import AuditEvent, Outcome, Principal
+from corral.services.identity.repository import DuplicateKey, IdentityUnitOfWork
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+UnitOfWorkFactory = Callable[[], IdentityUnitOfWork]
+
+PLATFORM = "-"  # the "organization" of events that belong to none (key rotation, unknown emails)
+SYSTEM = Principal(subject="services/identity", organization_id="", role=None, superuser=True)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who is calling and from where (for authorization and the audit log)."""
+
+    principal: Principal | None = None
+    source_ip: str = ""
+    user_agent: str = ""
+    request_id: str = ""
+    family_id: str = ""  # the caller's refresh-token family (``sid`` claim), if any
+
+    def require(self) -> Principal:
+        if self.principal is None:
+            raise Unauthenticated("this method needs a bearer token", reason="TOKEN_MISSING")
+        return self.principal
+
+
+SYSTEM_CONTEXT = Context(principal=SYSTEM, request_id="admin-cli")
+
+
+@dataclass(frozen=True)
+class Config:
+    issuer: str
+    audience: str
+    access_ttl: float = 900.0
+    refresh_ttl: float = 30 * 86400.0
+    key_retirement: float = 960.0  # how long a retired key stays published
+
+
+@dataclass(frozen=True)
+class ListResult(Generic[T]):
+    items: list[T]
+    next_page_token: str
+    total_size: int
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """A create's idempotency key: its method and caller (the scope), ``request_id`` and the
+    fingerprint of its payload."""
+
+    scope: str
+    request_id: str
+    fingerprint: str
+
+
+class RequestRaced(Exception):
+    """A concurrent request with the same ``request_id`` recorded its result first."""
+
+
+def found(value: T | None, name: str) -> T:
+    """``value``, or NOT_FOUND naming the resource that does not exist."""
+    if value is None:
+        raise NotFound(f"{name} was not found", reason="NOT_FOUND")
+    return value
+
+
+class UseCases:
+    def __init__(self, uow: UnitOfWorkFactory, config: Config, clock: Clock) -> None:
+        self._uow = uow
+        self.config = config
+        self._clock = clock
+
+    # ---- the audit log ----
+
+    def _event(
+        self,
+        ctx: Context,
+        org_id: str,
+        action: str,
+        resource: str = "",
+        outcome: Outcome = Outcome.SUCCEEDED,
+        status_code: int = 0,
+        actor: str | None = None,
+        **metadata: str,
+    ) -> AuditEvent:
+        """One of identity's own audit events (``identity.<action>``), by ``ctx``'s caller
+        unless ``actor`` says otherwise."""
+        at = self._clock()
+        return AuditEvent(
+            organization_id=org_id,
+            actor=actor or (ctx.principal.subject if ctx.principal else "anonymous"),
+            action=f"identity.{action}",
+            resource=resource,
+            outcome=outcome,
+            status_code=status_code,
+            source_ip=ctx.source_ip,
+            user_agent=ctx.user_agent[:256],
+            request_id=ctx.request_id,
+            metadata=dict(metadata),
+            event_time=at,
+            create_time=at,
+        )
+
+    async def _audit(
+        self, uow: IdentityUnitOfWork, ctx: Context, org_id: str, action: str, *args: Any, **kw: Any
+    ) -> None:
+        """Record an event in ``uow``'s transaction (it commits with the change it tells of)."""
+        await uow.audit.append([self._event(ctx, org_id, action, *args, **kw)])
+
+    async def _audit_apart(
+        self, ctx: Context, org_id: str, action: str, *args: Any, **kw: Any
+    ) -> None:
+        """Record an event in its own transaction (for refusals, whose main one rolls back)."""
+        async with self._uow() as uow:
+            await self._audit(uow, ctx, org_id, action, *args, **kw)
+            await uow.commit()
+
+    # ---- idempotent creates (AIP-155, the shared kit's mechanism) ----
+
+    def _create_request(
+        self, ctx: Context, method: str, request_id: str, payload: Any
+    ) -> CreateRequest:
+        caller = ctx.require().subject
+        return CreateRequest(
+            idempotency.scope(method, caller), request_id, idempotency.fingerprint(payload)
+        )
+
+    async def _replayed(self, request: CreateRequest) -> str | None:
+        """The name of what an earlier identical request created, if there was one."""
+        if not request.request_id:
+            return None
+        async with self._uow() as uow:
+            return await idempotency.replay(
+                uow.idempotency, request.scope, request.request_id, request.fingerprint
+            )
+
+    async def _remember(
+        self, uow: IdentityUnitOfWork, request: CreateRequest, name: str, at: float
+    ) -> None:
+        """Record a create's result in its own transaction."""
+        if not request.request_id:
+            return
+        try:
+            await uow.idempotency.put(
+                request.scope, request.request_id, request.fingerprint, name, at
+            )
+        except DuplicateKey as exc:
+            raise RequestRaced(request.request_id) from exc
+
+    async def _create_once(
+        self,
+        request: CreateRequest,
+        create: Callable[[], Awaitable[T]],
+        replay: Callable[[str], Awaitable[T]],
+    ) -> T:
+        """``create()`` unless an earlier request with this ``request_id`` did: then
+        ``replay(name)`` answers as that one did. A concurrent duplicate that wins the race
+        makes ours fail (on the idempotency key, or on the resource's own unique key): then its
+        result is looked up once more."""
+        name = await self._replayed(request)
+        if name is not None:
+            return await replay(name)
+        try:
+            return await create()
+        except (RequestRaced, AlreadyExists) as exc:
+            name = await self._replayed(request)
+            if name is not None:
+                return await replay(name)
+            if isinstance(exc, RequestRaced):
+                raise Aborted("a concurrent request won; retry", reason="CONFLICT") from exc
+            raise
