@@ -524,3 +524,40 @@ async def test_organisation_policy_comes_before_the_sessions_own_rules(stack: St
     [server] = fake.request.options.mcp_servers
     assert server.http.headers["authorization"] == "Bearer s3cret"  # the runtime gets the secret
     fake.finish()
+
+
+def violated_fields(error: grpc.aio.AioRpcError) -> set[str]:
+    status = rpc_status.from_call(error)
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            request = error_details_pb2.BadRequest()
+            detail.Unpack(request)
+            return {v.field for v in request.field_violations}
+    return set()
+
+
+async def test_labels_follow_the_documented_rule_and_filter_sessions(stack: Stack) -> None:
+    for labels, field in (
+        ({"Env": "prod"}, "session.labels.Env"),  # keys start with a lowercase letter
+        ({"team.name": "x"}, "session.labels.team.name"),  # no dots
+        ({"env": "x" * 64}, "session.labels.env"),  # values at most 63 characters
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await stack.stub.CreateSession(
+                pb.CreateSessionRequest(session=session_pb2.Session(labels=labels)),
+                metadata=stack.auth(),
+            )
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violated_fields(bad.value) == {field}
+    tagged = await stack.stub.CreateSession(
+        pb.CreateSessionRequest(
+            session=session_pb2.Session(labels={"env": "prod", "team_1": "x" * 63})
+        ),
+        metadata=stack.auth(),
+    )
+    await create(stack)
+    found = await stack.stub.ListSessions(
+        pb.ListSessionsRequest(filter='labels.env = "prod"'), metadata=stack.auth()
+    )
+    assert [s.name for s in found.sessions] == [tagged.session.name]
