@@ -151,7 +151,7 @@ async def test_unsettled_reservations_expire_and_give_back(identity: Identity) -
         identity.stub.ReserveUsage(_reserve(ORG, (SESSIONS, 1)), metadata=bearer(root)),
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     )
-    await asyncio.sleep(1.2)
+    identity.clock.advance(2)
     await identity.stub.ReserveUsage(_reserve(ORG, (SESSIONS, 1)), metadata=bearer(root))
     await fails(
         identity.stub.SettleUsage(

@@ -4,7 +4,6 @@ disabling, throttling, API keys, and forged tokens."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import grpc
@@ -294,13 +293,13 @@ async def test_expired_api_key_is_refused(identity: Identity) -> None:
         )
     ).service_account
     soon = timestamp_pb2.Timestamp()
-    soon.FromNanoseconds(int((time.time() + 1.0) * 1e9))
+    soon.FromNanoseconds(int((identity.clock() + 1.0) * 1e9))
     created = await identity.stub.CreateApiKey(
         pb.CreateApiKeyRequest(parent=account.name, api_key=api_key_pb2.ApiKey(expire_time=soon)),
         metadata=bearer(root),
     )
     await identity.stub.ExchangeApiKey(pb.ExchangeApiKeyRequest(api_key=created.plaintext_key))
-    await asyncio.sleep(1.2)
+    identity.clock.advance(2)
     await fails(
         identity.stub.ExchangeApiKey(pb.ExchangeApiKeyRequest(api_key=created.plaintext_key)),
         UA,
