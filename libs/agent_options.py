@@ -11,9 +11,11 @@ documents.
 from __future__ import annotations
 
 import re
+import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
-from corral.libs.errors import Validator
+from corral.libs.errors import FieldViolation, InvalidArgument, Validator
 from corral.libs.validation import check_text
 
 MAX_MODEL = 100
@@ -129,3 +131,132 @@ def _check_headers(headers: Any, check: Validator, path: str) -> None:
             check.add(path, f"{key[:40]!r} is not a header name")
             continue
         check_text(value, check, f"{path}[{key}]", max_length=MAX_ENV_VALUE, lines=False)
+
+
+# ---- what an organisation's admins allow (the agent policy's allow-lists) -------------------
+
+BYPASS_PERMISSIONS = 5
+# Variables no session may set, whatever its organisation allows: they change what programs
+# load or where they connect (loaders, interpreters' search paths, proxies, CA bundles, the
+# model endpoint and the CLI's own configuration).
+DENIED_ENV_PREFIXES = ("LD_", "DYLD_", "ANTHROPIC_", "CLAUDE_", "CORRAL_", "OTEL_", "GIT_")
+DENIED_ENV = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "SHELL",
+        "ENV",
+        "BASH_ENV",
+        "IS_SANDBOX",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "NODE_EXTRA_CA_CERTS",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONUSERBASE",
+        "PERL5LIB",
+        "PERL5OPT",
+        "RUBYOPT",
+        "RUBYLIB",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "NO_PROXY",
+        "TMPDIR",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Allowances:
+    """An organisation's allow-lists (AgentPolicy). The defaults are the safe ones: no stdio
+    MCP command, HTTP MCP servers on any host over https only, any model, every permission mode
+    but bypass, any environment variable not on the platform's deny-list."""
+
+    mcp_commands: frozenset[str] = frozenset()
+    mcp_hosts: frozenset[str] = frozenset()  # `host` or `*.domain`; empty: any host, https only
+    models: frozenset[str] = frozenset()  # empty: any
+    permission_modes: frozenset[int] = frozenset()  # empty: all but BYPASS_PERMISSIONS
+    env_keys: frozenset[str] = frozenset()  # `NAME` or `PREFIX*`; empty: any not denied
+
+
+def env_denied(name: str) -> bool:
+    upper = name.upper()
+    return upper in DENIED_ENV or upper.startswith(DENIED_ENV_PREFIXES) or upper.endswith("_PROXY")
+
+
+def _host_allowed(host: str, allowed: frozenset[str]) -> bool:
+    host = host.lower().rstrip(".")
+    return any(
+        host == entry or (entry.startswith("*.") and host.endswith(entry[1:])) for entry in allowed
+    )
+
+
+def _env_allowed(name: str, allowed: frozenset[str]) -> bool:
+    if env_denied(name):
+        return False
+    if not allowed:
+        return True
+    return any(
+        name == entry or (entry.endswith("*") and name.startswith(entry[:-1])) for entry in allowed
+    )
+
+
+def check_allowed(options: Any, allowances: Allowances, prefix: str) -> None:
+    """Raise INVALID_ARGUMENT when ``options`` use anything ``allowances`` do not allow; the
+    reason is the first rule broken (MODEL_NOT_ALLOWED, PERMISSION_MODE_NOT_ALLOWED,
+    ENV_NOT_ALLOWED, MCP_COMMAND_NOT_ALLOWED, MCP_HOST_NOT_ALLOWED) and every broken field is
+    listed."""
+    broken: list[tuple[str, FieldViolation]] = []
+
+    def refuse(reason: str, path: str, description: str) -> None:
+        broken.append((reason, FieldViolation(path, description)))
+
+    if options.model and allowances.models and options.model not in allowances.models:
+        refuse("MODEL_NOT_ALLOWED", f"{prefix}.model", "is not allowed by the organisation")
+    mode = int(options.permission_mode)
+    modes = allowances.permission_modes
+    if (modes and mode and mode not in modes) or (not modes and mode == BYPASS_PERMISSIONS):
+        refuse(
+            "PERMISSION_MODE_NOT_ALLOWED",
+            f"{prefix}.permission_mode",
+            "is not allowed by the organisation",
+        )
+    for name in options.env:
+        if not _env_allowed(name, allowances.env_keys):
+            refuse("ENV_NOT_ALLOWED", f"{prefix}.env[{name[:40]}]", "may not be set")
+    for i, server in enumerate(options.mcp_servers):
+        where = f"{prefix}.mcp_servers[{i}]"
+        transport = server.WhichOneof("transport")
+        if transport == "stdio":
+            if server.stdio.command not in allowances.mcp_commands:
+                refuse(
+                    "MCP_COMMAND_NOT_ALLOWED",
+                    f"{where}.stdio.command",
+                    "is not on the organisation's list of MCP commands",
+                )
+            for name in server.stdio.env:
+                if not _env_allowed(name, allowances.env_keys):
+                    refuse("ENV_NOT_ALLOWED", f"{where}.stdio.env[{name[:40]}]", "may not be set")
+        elif transport == "http":
+            url = urllib.parse.urlsplit(server.http.url)
+            host = url.hostname or ""
+            listed = _host_allowed(host, allowances.mcp_hosts)
+            if not (listed or (not allowances.mcp_hosts and url.scheme == "https")):
+                refuse(
+                    "MCP_HOST_NOT_ALLOWED",
+                    f"{where}.http.url",
+                    "is not an allowed MCP host (https to any host unless the organisation "
+                    "lists hosts; plain http only to listed ones)",
+                )
+    if broken:
+        raise InvalidArgument(
+            "the agent options use what the organisation does not allow",
+            reason=broken[0][0],
+            violations=[violation for _, violation in broken],
+        )

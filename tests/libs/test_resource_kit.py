@@ -321,3 +321,75 @@ def test_agent_options_are_judged_alike_in_both_contexts(module: object) -> None
             "o.mcp_servers[2].transport",
         ]
     )
+
+
+# ---- what an organisation allows ----
+
+
+def _refusal(options: object, allowances: agent_options.Allowances) -> tuple[str, list[str]]:
+    with pytest.raises(InvalidArgument) as raised:
+        agent_options.check_allowed(options, allowances, "o")
+    return raised.value.reason, [v.field for v in raised.value.violations]
+
+
+@pytest.mark.parametrize("module", [session_pb, runtime_pb], ids=["session", "runtime"])
+def test_the_safe_defaults(module: object) -> None:
+    defaults = agent_options.Allowances()
+    fine = _options(
+        module,
+        model="any-model",
+        permission_mode=2,
+        env={"LANG": "C", "MY_TOOL_TOKEN": "x"},
+        mcp_servers=[{"name": "web", "http": {"url": "https://mcp.example.com/mcp"}}],
+    )
+    agent_options.check_allowed(fine, defaults, "o")
+    assert _refusal(_options(module, permission_mode=5), defaults) == (
+        "PERMISSION_MODE_NOT_ALLOWED",
+        ["o.permission_mode"],
+    )
+    stdio = [{"name": "x", "stdio": {"command": "/bin/sh", "env": {"LD_PRELOAD": "/x.so"}}}]
+    assert _refusal(_options(module, mcp_servers=stdio), defaults) == (
+        "MCP_COMMAND_NOT_ALLOWED",
+        ["o.mcp_servers[0].stdio.command", "o.mcp_servers[0].stdio.env[LD_PRELOAD]"],
+    )
+    plain = [{"name": "x", "http": {"url": "http://169.254.169.254/latest"}}]
+    assert _refusal(_options(module, mcp_servers=plain), defaults)[0] == "MCP_HOST_NOT_ALLOWED"
+    for name in ("LD_PRELOAD", "ANTHROPIC_BASE_URL", "https_proxy", "NODE_OPTIONS", "PATH"):
+        assert _refusal(_options(module, env={name: "x"}), defaults) == (
+            "ENV_NOT_ALLOWED",
+            [f"o.env[{name}]"],
+        )
+
+
+def test_an_organisation_narrows_or_widens_within_the_platform_rules() -> None:
+    policy = agent_options.Allowances(
+        mcp_commands=frozenset({"calc-mcp"}),
+        mcp_hosts=frozenset({"*.corp.example", "tools.example"}),
+        models=frozenset({"claude-sonnet-4-5"}),
+        permission_modes=frozenset({1, 5}),
+        env_keys=frozenset({"TEAM_*", "LD_LIBRARY_PATH"}),
+    )
+    allowed = session_pb.AgentOptions(
+        model="claude-sonnet-4-5",
+        permission_mode=5,
+        env={"TEAM_NAME": "infra"},
+        mcp_servers=[
+            {"name": "calc", "stdio": {"command": "calc-mcp"}},
+            {"name": "a", "http": {"url": "http://wiki.corp.example/mcp"}},
+            {"name": "b", "http": {"url": "https://tools.example/mcp"}},
+        ],
+    )
+    agent_options.check_allowed(allowed, policy, "o")
+    assert _refusal(session_pb.AgentOptions(model="claude-opus-5-5"), policy)[0] == (
+        "MODEL_NOT_ALLOWED"
+    )
+    assert _refusal(session_pb.AgentOptions(permission_mode=2), policy)[0] == (
+        "PERMISSION_MODE_NOT_ALLOWED"
+    )
+    # Not on the organisation's list, or on the platform's deny-list even when listed.
+    for name in ("OTHER", "LD_LIBRARY_PATH"):
+        assert _refusal(session_pb.AgentOptions(env={name: "x"}), policy)[0] == "ENV_NOT_ALLOWED"
+    evil = session_pb.AgentOptions(
+        mcp_servers=[{"name": "x", "http": {"url": "https://corp.example.evil.test/mcp"}}]
+    )
+    assert _refusal(evil, policy)[0] == "MCP_HOST_NOT_ALLOWED"

@@ -98,6 +98,25 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAUTHENTICATED: the token was revoked (its user or organization disabled,
     signed out everywhere, its API key or signing key revoked); sign in again.
     """
+    ERROR_REASON_MODEL_NOT_ALLOWED: _ErrorReason.ValueType  # 31
+    """INVALID_ARGUMENT: agent options name a model the organisation's agent
+    policy does not allow.
+    """
+    ERROR_REASON_ENV_NOT_ALLOWED: _ErrorReason.ValueType  # 32
+    """INVALID_ARGUMENT: agent options set an environment variable the platform
+    forbids (loader, interpreter, proxy, endpoint variables) or the
+    organisation's agent policy does not allow.
+    """
+    ERROR_REASON_MCP_COMMAND_NOT_ALLOWED: _ErrorReason.ValueType  # 33
+    """INVALID_ARGUMENT: an MCP stdio command is not on the organisation's list."""
+    ERROR_REASON_MCP_HOST_NOT_ALLOWED: _ErrorReason.ValueType  # 34
+    """INVALID_ARGUMENT: an MCP HTTP server's host is not allowed (https to any
+    host unless the organisation lists hosts; plain http only to listed ones).
+    """
+    ERROR_REASON_PERMISSION_MODE_NOT_ALLOWED: _ErrorReason.ValueType  # 35
+    """INVALID_ARGUMENT: the permission mode is not allowed by the organisation
+    (bypass-permissions is off unless its agent policy allows it).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Reasons every Corral service may return, whatever its context: they come
@@ -183,5 +202,24 @@ for a request with a different payload.
 ERROR_REASON_TOKEN_REVOKED: ErrorReason.ValueType  # 30
 """UNAUTHENTICATED: the token was revoked (its user or organization disabled,
 signed out everywhere, its API key or signing key revoked); sign in again.
+"""
+ERROR_REASON_MODEL_NOT_ALLOWED: ErrorReason.ValueType  # 31
+"""INVALID_ARGUMENT: agent options name a model the organisation's agent
+policy does not allow.
+"""
+ERROR_REASON_ENV_NOT_ALLOWED: ErrorReason.ValueType  # 32
+"""INVALID_ARGUMENT: agent options set an environment variable the platform
+forbids (loader, interpreter, proxy, endpoint variables) or the
+organisation's agent policy does not allow.
+"""
+ERROR_REASON_MCP_COMMAND_NOT_ALLOWED: ErrorReason.ValueType  # 33
+"""INVALID_ARGUMENT: an MCP stdio command is not on the organisation's list."""
+ERROR_REASON_MCP_HOST_NOT_ALLOWED: ErrorReason.ValueType  # 34
+"""INVALID_ARGUMENT: an MCP HTTP server's host is not allowed (https to any
+host unless the organisation lists hosts; plain http only to listed ones).
+"""
+ERROR_REASON_PERMISSION_MODE_NOT_ALLOWED: ErrorReason.ValueType  # 35
+"""INVALID_ARGUMENT: the permission mode is not allowed by the organisation
+(bypass-permissions is off unless its agent policy allows it).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -94,6 +94,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Event error: the turn ended before it reached a runtime (interrupted while queued, or the service restarted)."""
     ERROR_REASON_TURN_ABORTED: _ErrorReason.ValueType  # 30
     """Event error: the turn was abandoned by the session service."""
+    ERROR_REASON_MCP_HOST_NOT_ALLOWED: _ErrorReason.ValueType  # 31
+    """INVALID_ARGUMENT: an MCP HTTP server's host is not allowed by the
+    organisation's agent policy.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable, machine-readable reasons for errors returned by the session
@@ -175,4 +179,8 @@ ERROR_REASON_TURN_NOT_RUN: ErrorReason.ValueType  # 29
 """Event error: the turn ended before it reached a runtime (interrupted while queued, or the service restarted)."""
 ERROR_REASON_TURN_ABORTED: ErrorReason.ValueType  # 30
 """Event error: the turn was abandoned by the session service."""
+ERROR_REASON_MCP_HOST_NOT_ALLOWED: ErrorReason.ValueType  # 31
+"""INVALID_ARGUMENT: an MCP HTTP server's host is not allowed by the
+organisation's agent policy.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
