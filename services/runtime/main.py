@@ -12,7 +12,9 @@ import asyncio
 import logging
 import shutil
 import socket
+import time
 import warnings
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 from claude_agent_sdk.types import CanUseToolShadowedWarning
@@ -37,56 +39,42 @@ OFFLINE_API_KEY = "offline-model-no-key"
 async def build(
     settings: Settings, *, port: int | None = None, jwks_source: JwksSource | None = None
 ) -> ServiceApp:
-    """The runtime with the Claude Agent SDK. ``jwks_source`` replaces identity's JWKS endpoint
-    (tests, or one-process deployments)."""
-    # The runtime gates tools with a PreToolUse hook and can_use_tool together, on purpose.
-    warnings.filterwarnings("ignore", category=CanUseToolShadowedWarning)
-    resources = AsyncExitStack()
-    try:
-        model_env = await _model_endpoint(settings, resources)
-        sdk = ClaudeSdk(
-            settings.runtime_dir(), model_env, scrub_tool_env=_can_scrub_tool_env(model_env)
-        )
-        app, _ = await compose(settings, sdk, resources, port=port, jwks_source=jwks_source)
-    except BaseException:
-        await resources.aclose()
-        raise
+    """The runtime, with the Claude Agent SDK. ``jwks_source`` replaces identity's JWKS
+    endpoint (tests, or one-process deployments)."""
+    app, _ = await compose(settings, port=port, jwks_source=jwks_source)
     return app
 
 
 async def compose(
     settings: Settings,
-    sdk: AgentSdk,
-    resources: AsyncExitStack,
+    sdk: AgentSdk | None = None,
     *,
     port: int | None = None,
     jwks_source: JwksSource | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[ServiceApp, RuntimeService]:
-    """Wires the runtime around ``sdk``: the session store, the process pool, the service
-    (started: its directories exist), its servicer and server, the idle-process reaper. What it
-    opens is closed by ``resources``. The service is returned too, for tests that drive it."""
-    service = RuntimeService(
-        RuntimeConfig(
-            pool_size=settings.runtime_pool_size,
-            idle_seconds=settings.runtime_idle_seconds,
-            default_model=settings.runtime_model,
-            permission_timeout_seconds=settings.runtime_permission_timeout_seconds,
-            interrupt_grace_seconds=settings.runtime_interrupt_grace_seconds,
-            replica_id=socket.gethostname(),
-        ),
-        sdk,
-        SessionStore(settings.runtime_dir()),
-        ProcessPool(settings.runtime_pool_size, settings.runtime_idle_seconds),
-    )
-    await service.start()
-    resources.push_async_callback(service.close)
-    infra = Infrastructure(settings, "runtime", resources)
-    api = RuntimeApi(service)
-    registration = ServiceRegistration(
-        runtime_service_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name,
-        lambda server: runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(api, server),
-    )
-    server = infra.server([registration], verifier=infra.verifier(jwks_source), port=port)
+    """Wires the runtime: the SDK (by default the Claude Agent SDK, talking to the model
+    endpoint), the session store, the process pool (``clock`` measures idleness), the service
+    (started: its directories exist), its servicer and server, the idle-process reaper. The
+    service is returned with the app, for tests that drive it."""
+    resources = AsyncExitStack()
+    try:
+        if sdk is None:
+            sdk = await _claude_sdk(settings, resources)
+        service = await _service(settings, sdk, clock)
+        resources.push_async_callback(service.close)
+        infra = Infrastructure(settings, "runtime", resources)
+        api = RuntimeApi(service)
+        registration = ServiceRegistration(
+            runtime_service_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name,
+            lambda server: runtime_service_pb2_grpc.add_RuntimeServiceServicer_to_server(
+                api, server
+            ),
+        )
+        server = infra.server([registration], verifier=infra.verifier(jwks_source), port=port)
+    except BaseException:
+        await resources.aclose()
+        raise
 
     async def reap_idle_processes() -> None:
         interval = max(0.5, min(settings.runtime_idle_seconds / 2, 30.0))
@@ -99,6 +87,33 @@ async def compose(
 
     app = ServiceApp("runtime", server, resources, background=[reap_idle_processes])
     return app, service
+
+
+async def _service(settings: Settings, sdk: AgentSdk, clock: Callable[[], float]) -> RuntimeService:
+    service = RuntimeService(
+        RuntimeConfig(
+            pool_size=settings.runtime_pool_size,
+            idle_seconds=settings.runtime_idle_seconds,
+            default_model=settings.runtime_model,
+            permission_timeout_seconds=settings.runtime_permission_timeout_seconds,
+            interrupt_grace_seconds=settings.runtime_interrupt_grace_seconds,
+            replica_id=socket.gethostname(),
+        ),
+        sdk,
+        SessionStore(settings.runtime_dir()),
+        ProcessPool(settings.runtime_pool_size, settings.runtime_idle_seconds, clock),
+    )
+    await service.start()
+    return service
+
+
+async def _claude_sdk(settings: Settings, resources: AsyncExitStack) -> ClaudeSdk:
+    # The runtime gates tools with a PreToolUse hook and can_use_tool together, on purpose.
+    warnings.filterwarnings("ignore", category=CanUseToolShadowedWarning)
+    model_env = await _model_endpoint(settings, resources)
+    return ClaudeSdk(
+        settings.runtime_dir(), model_env, scrub_tool_env=_can_scrub_tool_env(model_env)
+    )
 
 
 async def _model_endpoint(settings: Settings, resources: AsyncExitStack) -> dict[str, str]:

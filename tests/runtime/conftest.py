@@ -1,11 +1,14 @@
-"""A real RuntimeService on port 0 (its own composition root), the real SDK and CLI, and the
-offline model server the runtime starts itself when no API key is configured."""
+"""A real RuntimeService on port 0, wired by the runtime's own composition root (``compose``,
+which ``build`` uses too): with the real SDK and CLI and the offline model server the runtime
+starts itself when no API key is configured (``runtime``), or with a scripted fake SDK
+(``make_runtime(sdk=FakeSdk(...))``)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +27,10 @@ from corral.runtime.v1 import agent_options_pb2 as options_pb
 from corral.runtime.v1 import runtime_event_pb2 as event_pb
 from corral.runtime.v1 import runtime_service_pb2 as pb
 from corral.runtime.v1 import runtime_service_pb2_grpc as pb_grpc
-from corral.services.runtime.main import build
+from corral.services.runtime.main import compose
 from corral.services.runtime.offline_model import server as offline_server
+from corral.services.runtime.service import RuntimeService
+from tests.runtime.fake_sdk import FakeSdk
 from tests.support.keys import SigningKey
 
 MODEL = "claude-sonnet-4-5"
@@ -96,6 +101,8 @@ class Runtime:
     token: str
     signing_key: SigningKey
     channel: grpc.aio.Channel
+    service: RuntimeService  # for tests that drive it directly or await its turns
+    sdk: FakeSdk | None = None  # None: the Claude Agent SDK
     turns: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -148,19 +155,20 @@ async def make_runtime(
     """Builds and starts runtimes with extra settings; stops them after the test."""
     started: list[Runtime] = []
 
-    async def make(**settings: Any) -> Runtime:
+    async def make(
+        sdk: FakeSdk | None = None, clock: Callable[[], float] = time.monotonic, **settings: Any
+    ) -> Runtime:
         root = settings.pop("runtime_root", tmp_path / f"runtime-{len(started)}")
-        app = await build(
-            Settings(
-                data_dir=tmp_path,
-                runtime_root=root,
-                anthropic_api_key="",
-                anthropic_base_url="",
-                rate_limit_burst=1000,
-                **settings,
-            ),
-            port=0,
-            jwks_source=StaticJwksSource(signing_key.jwks()),
+        config = Settings(
+            data_dir=tmp_path,
+            runtime_root=root,
+            anthropic_api_key="",
+            anthropic_base_url="",
+            rate_limit_burst=1000,
+            **settings,
+        )
+        app, service = await compose(
+            config, sdk, port=0, jwks_source=StaticJwksSource(signing_key.jwks()), clock=clock
         )
         await app.start()
         channel = grpc.aio.insecure_channel(app.server.address)
@@ -171,6 +179,8 @@ async def make_runtime(
             token=signing_key.token(),
             signing_key=signing_key,
             channel=channel,
+            service=service,
+            sdk=sdk,
         )
         started.append(runtime)
         return runtime

@@ -1,5 +1,6 @@
 """The process pool and every way a turn or a process ends: interrupt, a caller that goes away,
-eviction, idleness, release, shutdown. Processes are counted in /proc, not taken on trust."""
+eviction, idleness, release, shutdown. Processes are counted in /proc, not taken on trust; a
+test waits for a turn's own task to end, and drives the pool's clock for idleness."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def long_tool(marker: str) -> str:
 
 
 async def eventually(check: Callable[[], bool], within: float = 5.0) -> bool:
+    """Polls /proc (through ``check``) for a process to appear or to go."""
     deadline = time.monotonic() + within
     while not check():
         if time.monotonic() > deadline:
@@ -55,16 +57,21 @@ async def status(runtime: Runtime) -> Any:
     return reply.status
 
 
-async def settled(runtime: Runtime, within: float = 5.0) -> Any:
-    """The status once no turn runs and no process is starting or stopping."""
-    deadline = time.monotonic() + within
-    while True:
-        current = await status(runtime)
-        if (current.running_turns == 0 and current.live_processes == len(cli_processes())) or (
-            time.monotonic() > deadline
-        ):
-            return current
-        await asyncio.sleep(0.02)
+def running_task(runtime: Runtime, session: str) -> asyncio.Task[None]:
+    """The task of the session's running turn: it ends once the turn has ended for good."""
+    state = runtime.service.store.loaded(session)
+    assert state is not None and state.turn is not None and state.turn.task is not None
+    return state.turn.task
+
+
+class Clock:
+    """The pool's clock, driven by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 async def test_interrupt_kills_the_running_tool_and_reports_the_cost(runtime: Runtime) -> None:
@@ -115,18 +122,20 @@ async def test_interrupt_denies_a_pending_permission_request(runtime: Runtime) -
 
 
 async def test_a_caller_that_goes_away_stops_the_turn_and_its_process(runtime: Runtime) -> None:
-    marker = f"corral-marker-{uuid.uuid4().hex}"
+    session, marker = new_session(), f"corral-marker-{uuid.uuid4().hex}"
     turn = Turn(
         runtime,
-        runtime.request(new_session(), long_tool(marker), agent=options(allowed_tools=["Bash"])),
+        runtime.request(session, long_tool(marker), agent=options(allowed_tools=["Bash"])),
     )
     await turn.until("tool_use")
     assert await eventually(lambda: bool(processes_with(marker)))
+    ended = running_task(runtime, session)
     turn.call.cancel()
+    await ended
 
     assert await eventually(lambda: not processes_with(marker)), "the tool survived"
     assert await eventually(lambda: not cli_processes()), "the CLI survived"
-    current = await settled(runtime)
+    current = await status(runtime)
     assert current.running_turns == 0
     assert current.live_processes == 0
 
@@ -171,19 +180,23 @@ async def test_three_sessions_share_two_processes_and_resume_their_conversations
             cold = await runtime.turn(sessions["b"], "back again", resume=transcripts["b"])
             assert cold[0].turn_started.process_started
 
-        # Two turns running hold both processes: a third session must wait its turn.
-        slow = directive({"delay": 1.0}, {"text": "slow"})
+        # Two turns waiting for a person hold both processes: a third session must wait.
         running = [
-            Turn(runtime, runtime.request(sessions[name], slow, resume=transcripts[name]))
+            Turn(
+                runtime,
+                runtime.request(
+                    sessions[name], write_file(f"{name}.txt"), resume=transcripts[name]
+                ),
+            )
             for name in "ab"
         ]
-        for turn in running:
-            await turn.until("turn_started")
+        asked = [(await turn.until("permission_request")).permission_request for turn in running]
         with pytest.raises(grpc.aio.AioRpcError) as full:
             await runtime.turn(new_session(), "me too")
         assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error_reason(full.value) == "POOL_EXHAUSTED"
-        for turn in running:
+        for turn, request in zip(running, asked, strict=True):
+            await turn.decide(request.id, event_pb.PERMISSION_BEHAVIOR_ALLOW)
             await turn.rest()
             assert turn.find("turn_result")[0].status == SUCCEEDED
         current = await status(runtime)
@@ -203,12 +216,17 @@ async def test_three_sessions_share_two_processes_and_resume_their_conversations
 async def test_idle_processes_are_reaped_and_released_sessions_resume(
     make_runtime: Callable[..., Any],
 ) -> None:
-    runtime: Runtime = await make_runtime(runtime_idle_seconds=0.3)
+    clock = Clock()
+    runtime: Runtime = await make_runtime(runtime_idle_seconds=60, clock=clock)
     session = new_session()
     first = await runtime.turn(session, "hello")
     transcript = first[-1].turn_result.transcript_id
-    assert await eventually(lambda: not cli_processes(), within=3.0), "idle process not reaped"
-    assert (await settled(runtime)).live_processes == 0
+    clock.now += 60
+    assert await runtime.service.reap_idle() == 0, "reaped before it was idle for long"
+    clock.now += 1
+    assert await runtime.service.reap_idle() == 1
+    assert await eventually(lambda: not cli_processes()), "the reaped process lives on"
+    assert (await status(runtime)).live_processes == 0
 
     second = await runtime.turn(session, "hello again", resume=transcript)
     assert second[0].turn_started.process_started
