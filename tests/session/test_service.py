@@ -3,16 +3,19 @@ ledger and audit log are fakes; the unit of work is the real one on SQLite."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from google.protobuf import duration_pb2
 
-from corral.libs import db
+from corral.libs import db, idempotency
 from corral.libs.auth.caller import Caller
 from corral.libs.errors import Aborted, FailedPrecondition, PermissionDenied
 from corral.libs.eventhub import InMemoryHub
+from corral.libs.listing import page_from
 from corral.services.session.domain import BusyStrategy, TurnState
 from corral.services.session.main import MIGRATIONS, wire
 from corral.services.session.service import SessionService
@@ -158,3 +161,44 @@ async def test_busy_strategies_reject_enqueue_or_interrupt(parts: Parts) -> None
     assert result.status == event_pb2.TurnResult.STATUS_INTERRUPTED
     assert (await runtime.next_turn()).id == third
     assert [t.request.prompt for t in runtime.turns] == ["first", "third"]
+
+
+async def test_concurrent_twins_create_one_session(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests with one request_id, both past the replay check before either creates:
+    the second loses on the idempotency key and answers with the first one's session."""
+    service = parts.service
+    looked = 0
+    both_looked = asyncio.Event()
+    replay = idempotency.replay
+
+    async def replay_together(*args: Any) -> str | None:
+        nonlocal looked
+        found = await replay(*args)
+        looked += 1
+        if looked == 2:
+            both_looked.set()
+        if looked <= 2:
+            await both_looked.wait()
+        return found
+
+    monkeypatch.setattr(idempotency, "replay", replay_together)
+
+    async def create() -> str:
+        session = await service.create_session(
+            ALICE,
+            display_name="twin",
+            options=OPTIONS,
+            labels={},
+            organization="",
+            request_id="r-1",
+        )
+        return session.name
+
+    first, second = await asyncio.gather(create(), create())
+    assert first == second and looked == 3  # the loser looked again
+    listed, _, total = await service.list_sessions(
+        ALICE, [], order="create_time", descending=False, page=page_from(0, "", "q")
+    )
+    assert total == 1 and [s.name for s in listed] == [first]
