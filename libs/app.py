@@ -26,6 +26,7 @@ from corral.libs.config import Settings
 from corral.libs.grpc.health import DependencyCheck
 from corral.libs.grpc.interceptors import AuthenticationHook, CallHook
 from corral.libs.grpc.server import CorralServer, ServerConfig, ServiceRegistration
+from corral.libs.tls import server_credentials
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -176,6 +177,7 @@ class Infrastructure:
                 shutdown_grace=settings.shutdown_grace_seconds,
                 # Spans only when they go somewhere: no exporter, no per-call tracing cost.
                 tracing=bool(settings.otel_exporter_otlp_endpoint),
+                credentials=server_credentials(settings),
             ),
             services,
         )

@@ -78,6 +78,15 @@ class Settings(BaseSettings):
     # on first start and leaves it in <data_dir>/service-api-key.
     service_api_key: str = ""
 
+    # TLS between services (libs/tls.py): a certificate and key make a service serve TLS only; a
+    # CA bundle makes it (and the edge) call the others over TLS.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    # TLS at the edge: Envoy terminates it for clients (HTTP/2 and HTTP/1.1 by ALPN).
+    edge_tls_cert_file: Path | None = None
+    edge_tls_key_file: Path | None = None
+
     # Secrets at rest (MCP secrets, policy secrets): AES-256-GCM keys, `id:base64key,...`, the
     # first one encrypts. Production refuses to start without; development makes one under
     # data_dir (libs/crypto.py).

@@ -141,6 +141,51 @@ ACCESS_LOG_FIELDS = {
 }
 
 
+_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+
+
+def _downstream_tls(settings: Settings) -> dict[str, Any] | None:
+    """Envoy terminates TLS for clients, HTTP/2 or HTTP/1.1 by ALPN; None: plaintext."""
+    cert, key = settings.edge_tls_cert_file, settings.edge_tls_key_file
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise EdgeError("set both CORRAL_EDGE_TLS_CERT_FILE and CORRAL_EDGE_TLS_KEY_FILE")
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _TLS + "DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": str(cert.resolve())},
+                        "private_key": {"filename": str(key.resolve())},
+                    }
+                ],
+            },
+        },
+    }
+
+
+def _upstream_tls(settings: Settings) -> dict[str, Any] | None:
+    """TLS to the services (verified against CORRAL_TLS_CA_FILE); None: plaintext."""
+    if settings.tls_ca_file is None:
+        return None
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _TLS + "UpstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "validation_context": {
+                    "trusted_ca": {"filename": str(settings.tls_ca_file.resolve())}
+                },
+            },
+        },
+    }
+
+
 def render(
     settings: Settings,
     descriptor: str,
@@ -184,6 +229,8 @@ def render(
         "jwks_cache_duration": _duration(settings.jwks_cache_seconds),
         "jwks_endpoints": _endpoints([f"{jwks.hostname}:{jwks.port or 80}"]),
         "descriptor_path": descriptor,
+        "edge_transport_socket": _downstream_tls(settings),
+        "upstream_transport_socket": _upstream_tls(settings),
         "health_interval": _duration(interval),
         "health_timeout": _duration(min(interval, 1.0)),
     }

@@ -101,20 +101,23 @@ def create_channel(
     default_timeout: float = 10.0,
     token_provider: TokenProvider | None = forward_caller_token,
     tracing: bool = True,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure channel (inside the mesh) with retries, deadlines and token forwarding.
+    """A channel to another service with retries, deadlines and token forwarding; over TLS
+    with ``credentials`` (:func:`corral.libs.tls.channel_credentials`), else plaintext.
 
     Streaming calls get no default deadline: a session event stream may last hours.
     """
     interceptors: list[Any] = [DeadlineAndTokenInterceptor(default_timeout, token_provider)]
     if tracing:
         interceptors.extend(aio_client_interceptors())  # type: ignore[no-untyped-call]
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.service_config", service_config(services)),
-            ("grpc.enable_retries", 1),
-            ("grpc.keepalive_time_ms", 30_000),
-        ],
-        interceptors=interceptors,
-    )
+    options = [
+        ("grpc.service_config", service_config(services)),
+        ("grpc.enable_retries", 1),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+    if credentials is not None:
+        return grpc.aio.secure_channel(
+            target, credentials, options=options, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -46,6 +46,7 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     drain_delay: float = 0.0  # time between NOT_SERVING and stop, for health-checking proxies
     tracing: bool = True
+    credentials: grpc.ServerCredentials | None = None  # TLS; None serves plaintext
     options: Sequence[tuple[str, object]] = field(
         default_factory=lambda: [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -87,7 +88,11 @@ class CorralServer:
         return f"{self.config.host}:{self.port}"
 
     async def start(self) -> int:
-        self.port = self._server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.credentials is not None:
+            self.port = self._server.add_secure_port(address, self.config.credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"{self.config.name}: cannot bind {self.config.host}:{self.config.port}")
         await self._server.start()
