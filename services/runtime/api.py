@@ -53,8 +53,7 @@ class RuntimeApi(pb_grpc.RuntimeServiceServicer):
     ) -> pb.InterruptTurnResponse:
         caller = require_caller()
         check = Validator()
-        session_id = _id(SESSION, request.session, "session", check)
-        check.require(request.turn_id, "turn_id")
+        session_id = _running_turn(request, check)
         check.raise_if_any()
         await self._service.interrupt(caller, session_id, request.turn_id)
         return pb.InterruptTurnResponse()
@@ -64,8 +63,7 @@ class RuntimeApi(pb_grpc.RuntimeServiceServicer):
     ) -> pb.SubmitPermissionDecisionResponse:
         caller = require_caller()
         check = Validator()
-        session_id = _id(SESSION, request.session, "session", check)
-        check.require(request.turn_id, "turn_id")
+        session_id = _running_turn(request, check)
         check.require(request.permission_request_id, "permission_request_id")
         check.check(request.behavior in _BEHAVIORS, "behavior", "must be ALLOW or DENY")
         check.raise_if_any()
@@ -123,6 +121,15 @@ def _id(pattern: ResourcePattern, name: str, field_path: str, check: Validator) 
     ids = pattern.parse(name)
     check.check(ids is not None, field_path, f"must be {pattern.template}")
     return ids[0] if ids else ""
+
+
+def _running_turn(
+    request: pb.InterruptTurnRequest | pb.SubmitPermissionDecisionRequest, check: Validator
+) -> str:
+    """The session id of a request about a running turn (``session`` and ``turn_id``)."""
+    session_id = _id(SESSION, request.session, "session", check)
+    check.require(request.turn_id, "turn_id")
+    return session_id
 
 
 def _turn_request(request: pb.RunTurnRequest) -> TurnRequest:

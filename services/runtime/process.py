@@ -122,6 +122,14 @@ def _stat(pid: int) -> tuple[int, int] | None:
         return None
 
 
+def _pids() -> list[int]:
+    """Every pid in /proc; none where /proc is absent."""
+    try:
+        return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return []
+
+
 def identify(pid: int) -> ProcessId | None:
     stat = _stat(pid)
     return None if stat is None else (pid, stat[1])
@@ -131,17 +139,11 @@ def descendants(root: int) -> list[ProcessId]:
     """Every live descendant of ``root`` (not ``root`` itself); empty where /proc is absent."""
     children: dict[int, list[int]] = {}
     started: dict[int, int] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        stat = _stat(int(entry))
+    for pid in _pids():
+        stat = _stat(pid)
         if stat is not None:
-            children.setdefault(stat[0], []).append(int(entry))
-            started[int(entry)] = stat[1]
+            children.setdefault(stat[0], []).append(pid)
+            started[pid] = stat[1]
     found: list[ProcessId] = []
     stack = list(children.get(root, []))
     while stack:
@@ -156,19 +158,13 @@ def tagged(tag: str) -> list[ProcessId]:
     """Every live process whose environment carries ``TAG_VARIABLE=tag``."""
     needle = f"{TAG_VARIABLE}={tag}".encode()
     found: list[ProcessId] = []
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
+    for pid in _pids():
         try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
                 variables = handle.read().split(b"\0")
         except OSError:
             continue
-        if needle in variables and (identity := identify(int(entry))) is not None:
+        if needle in variables and (identity := identify(pid)) is not None:
             found.append(identity)
     return found
 
