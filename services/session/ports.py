@@ -34,9 +34,7 @@ from corral.services.session.domain import (
 
 class DuplicateRequest(Aborted):
     """Another request with the same ``request_id`` committed first (the idempotency record's
-    key is taken): replay it."""
-
-    default_reason = "REQUEST_IN_PROGRESS"
+    key is taken): replay it. Should it reach a client, ABORTED says: retry."""
 
 
 class Sessions(Protocol):
