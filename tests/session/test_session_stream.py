@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -19,6 +20,7 @@ from corral.session.v1 import session_service_pb2 as pb
 from tests.session.conftest import GLOBEX, LEASE_SECONDS, Stack
 
 Event = event_pb2.SessionEvent
+M = TypeVar("M", bound=Message)
 
 
 async def create(stack: Stack, user: str = "alice", **kw: Any) -> session_pb2.Session:
@@ -75,15 +77,27 @@ def kinds(events: list[Event]) -> list[str]:
     return [e.WhichOneof("payload") or "" for e in events]
 
 
-def reason(error: grpc.aio.AioRpcError) -> str:
+def detail(error: grpc.aio.AioRpcError, kind: type[M]) -> M | None:
+    """The error's status detail of type ``kind`` (ErrorInfo, BadRequest, ...), if sent."""
     status = rpc_status.from_call(error)
     assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    raise AssertionError("no ErrorInfo")
+    for packed in status.details:
+        if packed.Is(kind.DESCRIPTOR):
+            out = kind()
+            packed.Unpack(out)
+            return out
+    return None
+
+
+def reason(error: grpc.aio.AioRpcError) -> str:
+    info = detail(error, error_details_pb2.ErrorInfo)
+    assert info is not None, "no ErrorInfo"
+    return str(info.reason)
+
+
+def violated_fields(error: grpc.aio.AioRpcError) -> set[str]:
+    bad = detail(error, error_details_pb2.BadRequest)
+    return {v.field for v in bad.field_violations} if bad is not None else set()
 
 
 async def test_turn_streams_in_order_with_contiguous_sequences(stack: Stack) -> None:
@@ -358,14 +372,7 @@ async def test_invalid_requests_name_their_fields(stack: Stack) -> None:
             pb.SendMessageRequest(session="nope", text=""), metadata=stack.auth()
         )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status = rpc_status.from_call(bad.value)
-    fields = set()
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            request = error_details_pb2.BadRequest()
-            detail.Unpack(request)
-            fields = {v.field for v in request.field_violations}
-    assert fields == {"session", "text"}
+    assert violated_fields(bad.value) == {"session", "text"}
     with pytest.raises(grpc.aio.AioRpcError) as bad_filter:
         await stack.stub.ListSessions(
             pb.ListSessionsRequest(filter="colour = blue"), metadata=stack.auth()
@@ -524,17 +531,6 @@ async def test_organisation_policy_comes_before_the_sessions_own_rules(stack: St
     [server] = fake.request.options.mcp_servers
     assert server.http.headers["authorization"] == "Bearer s3cret"  # the runtime gets the secret
     fake.finish()
-
-
-def violated_fields(error: grpc.aio.AioRpcError) -> set[str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            request = error_details_pb2.BadRequest()
-            detail.Unpack(request)
-            return {v.field for v in request.field_violations}
-    return set()
 
 
 async def test_labels_follow_the_documented_rule_and_filter_sessions(stack: Stack) -> None:
