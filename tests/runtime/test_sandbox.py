@@ -1,0 +1,128 @@
+"""The agent sandbox on its own (real bubblewrap): what a process inside can and cannot reach.
+
+The runtime's end-to-end isolation (two organisations' agents through Bash, file tools and MCP)
+is in tests/security; this holds the sandbox's own promises."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from corral.services.runtime.sandbox import SandboxPolicy, command, prepare
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+@pytest.fixture
+def policy() -> SandboxPolicy:
+    found = SandboxPolicy()
+    if not found.bwrap:
+        if IN_CI:
+            pytest.fail("bubblewrap is not installed; .ci/run installs it")
+        pytest.skip("bubblewrap is not installed")
+    return found
+
+
+def _run(policy: SandboxPolicy, root: Path, session: str, script: str) -> tuple[int, str]:
+    workspace, config = root / "workspaces" / session, root / "sessions" / session
+    prepare(policy, workspace=workspace, config_dir=config)
+    argv = command(policy, workspace=workspace, config_dir=config, cli=Path("/usr/bin/env"))
+    done = subprocess.run(
+        [*argv, "/bin/sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(config)},
+        check=False,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_an_agent_sees_its_own_workspace_and_nothing_of_others(
+    policy: SandboxPolicy, tmp_path: Path
+) -> None:
+    root = tmp_path / "runtime"
+    (root / "workspaces" / "other").mkdir(parents=True)
+    (root / "workspaces" / "other" / "secret.txt").write_text("other org's data")
+    (tmp_path / "platform-key.pem").write_text("PRIVATE KEY")
+    code, out = _run(
+        policy,
+        root,
+        "mine",
+        "echo hello > made.txt && cat made.txt;"
+        f" echo workspaces: $(ls {root}/workspaces);"
+        f" cat {root}/workspaces/other/secret.txt {tmp_path}/platform-key.pem;"
+        " touch /usr/evil /etc/evil; echo done",
+    )
+    assert code == 0, out
+    assert "hello" in out and "done" in out
+    assert "workspaces: mine\n" in out  # the other session's folder is not there at all
+    assert "other org's data" not in out and "PRIVATE KEY" not in out
+    assert (root / "workspaces" / "mine" / "made.txt").read_text() == "hello\n"
+    assert not Path("/usr/evil").exists() and not Path("/etc/evil").exists()
+
+
+def test_an_agent_runs_unprivileged_in_its_own_process_table(
+    policy: SandboxPolicy, tmp_path: Path
+) -> None:
+    marker = f"corral-host-secret-{os.getpid()}"
+    host = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", marker],
+        env={"CORRAL_SECRET": marker},
+    )
+    try:
+        code, out = _run(
+            policy,
+            tmp_path,
+            "s1",
+            "id -u; id -un; cat /proc/*/cmdline /proc/*/environ 2>/dev/null | tr '\\0' ' ';"
+            " echo; ls /proc | grep -c '^[0-9]'",
+        )
+    finally:
+        host.kill()
+        host.wait()
+    assert code == 0, out
+    lines = out.splitlines()
+    if os.geteuid() == 0:
+        assert lines[0] == str(policy.uid)
+        assert lines[1] == "agent"
+    assert marker not in out
+    assert int(lines[-1]) < 10  # bubblewrap, the shell and its children only
+
+
+def _readable(stream: IO[bytes], seconds: float) -> bool:
+    return bool(select.select([stream], [], [], seconds)[0])
+
+
+def test_the_sandbox_dies_with_its_parent(policy: SandboxPolicy, tmp_path: Path) -> None:
+    """The runtime's death takes its agents with it (--die-with-parent). The sandboxed
+    process holds the pipe: end of file on it means every process in the sandbox is gone."""
+    workspace, config = tmp_path / "w", tmp_path / "c"
+    prepare(policy, workspace=workspace, config_dir=config)
+    argv = command(policy, workspace=workspace, config_dir=config, cli=Path("/usr/bin/env"))
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys; subprocess.Popen(sys.argv[1:]); sys.stdout.close(); input()",
+            *argv,
+            "/bin/sh",
+            "-c",
+            "echo ready; exec sleep 300",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert parent.stdout is not None
+    assert _readable(parent.stdout, 30), "the sandboxed process never started"
+    assert parent.stdout.readline() == b"ready\n"
+    parent.kill()
+    parent.wait()
+    assert _readable(parent.stdout, 30), "the sandboxed process outlived its parent"
+    assert parent.stdout.read() == b""
