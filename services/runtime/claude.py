@@ -110,12 +110,13 @@ class ClaudeSdk:
         self._bin = root / "bin"
         self._model_env = dict(model_env)
         self._scrub = scrub_tool_env
-        self._cli = process.bundled_cli()
+        self._cli: Path | None = None  # the CLI the launcher runs, and the launcher
         self._launcher: Path | None = None
         self.sdk_version: str = claude_agent_sdk.__version__
         self.cli_version = ""
 
     async def start(self) -> None:
+        self._cli = await asyncio.to_thread(process.bundled_cli)
         self._launcher = await asyncio.to_thread(process.install_launcher, self._bin)
         self.cli_version = await asyncio.to_thread(process.cli_version, self._cli)
 
@@ -134,7 +135,7 @@ class ClaudeSdk:
         return ClaudeClient(client)
 
     def options(self, spec: AgentSpec, gate: ToolGate) -> ClaudeAgentOptions:
-        if self._launcher is None:
+        if self._cli is None or self._launcher is None:
             raise RuntimeError("ClaudeSdk.start() was not awaited")
         opts = spec.options
         mode = _MODES.get(opts.permission_mode, "default")
