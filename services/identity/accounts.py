@@ -45,6 +45,7 @@ from corral.services.identity.domain import (
     User,
     ensure_not_last_admin,
 )
+from corral.services.identity.queries import ListRequest, ListSpec
 from corral.services.identity.repository import DuplicateKey, IdentityUnitOfWork
 
 DEFAULT_ORGANIZATION = "default"
@@ -53,18 +54,24 @@ ROLE = listing.FieldSpec(
     "role", listing.enum_value({"ADMIN": "admin", "USER": "user", "VIEWER": "viewer"})
 )
 CREATE_TIME = listing.FieldSpec("create_time", listing.parse_time)
-USER_FILTER = {
-    "email": listing.FieldSpec("email", str.lower),
-    "display_name": listing.FieldSpec("display_name"),
-    "role": ROLE,
-    "state": STATE,
-    "create_time": CREATE_TIME,
-}
-ORG_FILTER = {
-    "state": STATE,
-    "display_name": listing.FieldSpec("display_name"),
-    "create_time": CREATE_TIME,
-}
+DISPLAY_NAME = listing.FieldSpec("display_name")
+BY_NAME_OR_AGE = {"create_time": "create_time", "display_name": "display_name"}
+USERS = ListSpec(
+    {
+        "email": listing.FieldSpec("email", str.lower),
+        "display_name": DISPLAY_NAME,
+        "role": ROLE,
+        "state": STATE,
+        "create_time": CREATE_TIME,
+    },
+    {**BY_NAME_OR_AGE, "email": "email"},
+    "create_time",
+)
+ORGANIZATIONS = ListSpec(
+    {"state": STATE, "display_name": DISPLAY_NAME, "create_time": CREATE_TIME},
+    BY_NAME_OR_AGE,
+    "create_time",
+)
 
 
 def normalize_email(email: str) -> str:
@@ -160,38 +167,32 @@ class Accounts(UseCases):
         return found(org, ORGANIZATION.format(org_id))
 
     async def list_organizations(
-        self, ctx: Context, page_size: int, page_token: str, filter_text: str, order_by: str
+        self, ctx: Context, request: ListRequest
     ) -> ListResult[Organization]:
         principal = ctx.require()
-        conditions = listing.parse_filter(filter_text, ORG_FILTER)
-        sort, desc = listing.parse_order(
-            order_by, {"create_time": "create_time", "display_name": "display_name"}, "create_time"
-        )
-        page = listing.page_from(
-            page_size, page_token, listing.fingerprint(principal.subject, filter_text, order_by)
-        )
+        query = ORGANIZATIONS.query(request, principal.subject)
         only = None if principal.superuser else principal.organization_id
         async with self._uow() as uow:
-            return ListResult(*await uow.organizations.list(conditions, only, sort, desc, page))
+            return ListResult(*await uow.organizations.list(query, only))
 
     async def create_organization(
         self,
         ctx: Context,
-        org_id: str,
+        requested: str,
         display_name: str,
         admin: User | None,
         admin_password: str,
         request_id: str,
     ) -> tuple[Organization, User | None]:
-        """A new organization, with its first admin when ``admin`` is given. The password is
-        not part of the request's fingerprint: a fast digest of it would undo argon2."""
+        """A new organization (``requested`` id, or a generated one), with its first admin
+        when ``admin`` is given. The password is not part of the request's fingerprint: a fast
+        digest of it would undo argon2."""
         ctx.require().require_superuser()
         payload = {
-            "organization_id": org_id,
+            "organization_id": requested,
             "display_name": display_name,
             "admin": [admin.email, admin.display_name] if admin else None,
         }
-        request = self._create_request(ctx, "CreateOrganization", request_id, payload)
 
         async def replay(name: str) -> tuple[Organization, User | None]:
             (oid,) = ORGANIZATION.parse_field(name, "name")
@@ -201,58 +202,52 @@ class Accounts(UseCases):
                 user = await uow.users.get(oid, first[0]) if first and admin else None
             return org, user
 
-        async def create() -> tuple[Organization, User | None]:
-            return await self._create_organization(
-                ctx, org_id or f"org-{new_id()[:12]}", display_name, admin, admin_password, request
-            )
-
-        return await self._create_once(request, create, replay)
-
-    async def _create_organization(
-        self,
-        ctx: Context,
-        org_id: str,
-        display_name: str,
-        admin: User | None,
-        admin_password: str,
-        request: CreateRequest,
-    ) -> tuple[Organization, User | None]:
-        if not ORGANIZATION_ID.match(org_id):
-            raise InvalidArgument(
-                "organization_id must be 3-63 characters of [a-z0-9-], starting with a letter",
-                violations=[],
-            )
-        if admin is not None:
-            check_password(admin_password, "initial_admin.password")
-        at = self._clock()
-        org = Organization(org_id, display_name, create_time=at, update_time=at)
-        user = None
-        password_hash = await self._hash(admin_password) if admin else ""
-        async with self._uow() as uow:
-            if await uow.organizations.get(org_id) is not None:
-                raise AlreadyExists(f"{org.name} already exists", reason="ORGANIZATION_ID_TAKEN")
-            try:
-                await uow.organizations.add(org)
-                if admin is not None:
-                    user = replace(
-                        admin,
-                        id=new_id(),
-                        organization_id=org_id,
-                        email=normalize_email(admin.email),
-                        role=Role.ADMIN,
-                        password_hash=password_hash,
-                        create_time=at,
-                        update_time=at,
+        async def create(request: CreateRequest) -> tuple[Organization, User | None]:
+            org_id = requested or f"org-{new_id()[:12]}"
+            if not ORGANIZATION_ID.match(org_id):
+                raise InvalidArgument(
+                    "organization_id must be 3-63 characters of [a-z0-9-], starting with a letter",
+                    violations=[],
+                )
+            if admin is not None:
+                check_password(admin_password, "initial_admin.password")
+            at = self._clock()
+            org = Organization(org_id, display_name, create_time=at, update_time=at)
+            user = None
+            password_hash = await self._hash(admin_password) if admin else ""
+            async with self._uow() as uow:
+                if await uow.organizations.get(org_id) is not None:
+                    raise AlreadyExists(
+                        f"{org.name} already exists", reason="ORGANIZATION_ID_TAKEN"
                     )
-                    if await uow.users.by_email(user.email) is not None:
-                        raise AlreadyExists("the email is taken", reason="EMAIL_TAKEN")
-                    await uow.users.add(user)
-            except DuplicateKey as exc:
-                raise Aborted("a concurrent request created it; retry", reason="CONFLICT") from exc
-            await self._remember(uow, request, org.name, at)
-            await self._audit(uow, ctx, org_id, "organizations.create", org.name)
-            await uow.commit()
-        return org, user
+                try:
+                    await uow.organizations.add(org)
+                    if admin is not None:
+                        user = replace(
+                            admin,
+                            id=new_id(),
+                            organization_id=org_id,
+                            email=normalize_email(admin.email),
+                            role=Role.ADMIN,
+                            password_hash=password_hash,
+                            create_time=at,
+                            update_time=at,
+                        )
+                        if await uow.users.by_email(user.email) is not None:
+                            raise AlreadyExists("the email is taken", reason="EMAIL_TAKEN")
+                        await uow.users.add(user)
+                except DuplicateKey as exc:
+                    raise Aborted(
+                        "a concurrent request created it; retry", reason="CONFLICT"
+                    ) from exc
+                await self._remember(uow, request, org.name, at)
+                await self._audit(uow, ctx, org_id, "organizations.create", org.name)
+                await uow.commit()
+            return org, user
+
+        return await self._create_once(
+            ctx, "CreateOrganization", request_id, payload, create, replay
+        )
 
     async def update_organization(
         self, ctx: Context, org_id: str, changes: Mapping[str, str], etag: str
@@ -301,28 +296,12 @@ class Accounts(UseCases):
         async with self._uow() as uow:
             return await get_user(uow, org_id, user_id)
 
-    async def list_users(
-        self,
-        ctx: Context,
-        org_id: str,
-        page_size: int,
-        page_token: str,
-        filter_text: str,
-        order_by: str,
-    ) -> ListResult[User]:
+    async def list_users(self, ctx: Context, org_id: str, request: ListRequest) -> ListResult[User]:
         ctx.require().require_admin(org_id)
-        conditions = listing.parse_filter(filter_text, USER_FILTER)
-        sort, desc = listing.parse_order(
-            order_by,
-            {"create_time": "create_time", "email": "email", "display_name": "display_name"},
-            "create_time",
-        )
-        page = listing.page_from(
-            page_size, page_token, listing.fingerprint(org_id, filter_text, order_by)
-        )
+        query = USERS.query(request, org_id)
         async with self._uow() as uow:
             found(await uow.organizations.get(org_id), ORGANIZATION.format(org_id))
-            return ListResult(*await uow.users.list(org_id, conditions, sort, desc, page))
+            return ListResult(*await uow.users.list(org_id, query))
 
     async def create_user(
         self,
@@ -341,13 +320,8 @@ class Accounts(UseCases):
         ctx.require().require_admin(org_id)
         email = normalize_email(email)
         payload = {"organization": org_id, "email": email, "name": display_name, "role": role}
-        request = self._create_request(ctx, "CreateUser", request_id, payload)
 
-        async def replay(name: str) -> User:
-            async with self._uow() as uow:
-                return await get_user(uow, *USER.parse_field(name, "name"))
-
-        async def create() -> User:
+        async def create(request: CreateRequest) -> User:
             check_password(password, "user.password")
             at = self._clock()
             user = User(
@@ -374,7 +348,8 @@ class Accounts(UseCases):
                 await uow.commit()
             return user
 
-        return await self._create_once(request, create, replay)
+        replay = self._reread(USER, get_user)
+        return await self._create_once(ctx, "CreateUser", request_id, payload, create, replay)
 
     async def update_user(
         self, ctx: Context, org_id: str, user_id: str, changes: Mapping[str, Any], etag: str
@@ -408,18 +383,9 @@ class Accounts(UseCases):
                 raise AlreadyExists("the email is taken", reason="EMAIL_TAKEN") from exc
             if not saved:
                 raise mismatch("user")
-            fields = ",".join(changes)
-            await self._audit(uow, ctx, org_id, "users.update", user.name, fields=fields)
-            if user.role is not old_role:
-                await self._audit(
-                    uow,
-                    ctx,
-                    org_id,
-                    "users.role_change",
-                    user.name,
-                    old_role=old_role.value,
-                    new_role=user.role.value,
-                )
+            await self._audit_update(
+                uow, ctx, org_id, "users", user.name, changes, (old_role, user.role)
+            )
             await uow.commit()
         return user
 

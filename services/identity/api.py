@@ -17,8 +17,10 @@ from corral.services.identity.converters import (
     check_email,
     grant_pb,
     jwk_pb,
+    list_request,
     mask,
     organization_pb,
+    page_of,
     quota_pb,
     request_context,
     reservation_pb,
@@ -78,15 +80,11 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.ListOrganizationsResponse:
         result = await self._identity.accounts.list_organizations(
             request_context(context),
-            request.page_size,
-            request.page_token,
-            request.filter,
-            request.order_by,
+            list_request(request),
         )
         return pb.ListOrganizationsResponse(
             organizations=[organization_pb(o) for o in result.items],
-            next_page_token=result.next_page_token,
-            total_size=result.total_size,
+            **page_of(result),
         )
 
     async def CreateOrganization(
@@ -179,15 +177,11 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         result = await self._identity.accounts.list_users(
             request_context(context),
             org_id,
-            request.page_size,
-            request.page_token,
-            request.filter,
-            request.order_by,
+            list_request(request),
         )
         return pb.ListUsersResponse(
             users=[user_pb(u) for u in result.items],
-            next_page_token=result.next_page_token,
-            total_size=result.total_size,
+            **page_of(result),
         )
 
     async def CreateUser(
@@ -284,15 +278,11 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         result = await self._identity.service_accounts.list_service_accounts(
             request_context(context),
             org_id,
-            request.page_size,
-            request.page_token,
-            request.filter,
-            request.order_by,
+            list_request(request),
         )
         return pb.ListServiceAccountsResponse(
             service_accounts=[service_account_pb(a) for a in result.items],
-            next_page_token=result.next_page_token,
-            total_size=result.total_size,
+            **page_of(result),
         )
 
     async def CreateServiceAccount(
@@ -369,13 +359,11 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
             request_context(context),
             org_id,
             sa_id,
-            request.page_size,
-            request.page_token,
-            request.filter,
+            list_request(request),
         )
         return pb.ListApiKeysResponse(
             api_keys=[api_key_pb(k, self._identity.clock()) for k in result.items],
-            next_page_token=result.next_page_token,
+            **page_of(result, total=False),
         )
 
     async def CreateApiKey(
@@ -469,11 +457,11 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         self, request: pb.ListSigningKeysRequest, context: Ctx
     ) -> pb.ListSigningKeysResponse:
         result = await self._identity.keys.list_signing_keys(
-            request_context(context), request.page_size, request.page_token, request.filter
+            request_context(context), list_request(request)
         )
         return pb.ListSigningKeysResponse(
             signing_keys=[signing_key_pb(k) for k in result.items],
-            next_page_token=result.next_page_token,
+            **page_of(result, total=False),
         )
 
     async def RotateSigningKeys(
@@ -576,14 +564,11 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         result = await self._identity.audit.list_audit_events(
             request_context(context),
             org_id,
-            request.page_size,
-            request.page_token,
-            request.filter,
-            request.order_by,
+            list_request(request),
         )
         return pb.ListAuditEventsResponse(
             audit_events=[audit_event_pb(e) for e in result.items],
-            next_page_token=result.next_page_token,
+            **page_of(result, total=False),
         )
 
     async def WriteAuditEvents(

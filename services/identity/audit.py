@@ -11,19 +11,25 @@ from corral.libs import listing
 from corral.libs.errors import InvalidArgument
 from corral.services.identity.base import Context, ListResult, UseCases
 from corral.services.identity.domain import AuditEvent
+from corral.services.identity.queries import ListRequest, ListSpec
 
-AUDIT_FILTER = {
-    "actor": listing.FieldSpec("actor"),
-    "action": listing.FieldSpec("action", prefix=True),
-    "resource": listing.FieldSpec("resource", prefix=True),
-    "outcome": listing.FieldSpec(
-        "outcome",
-        listing.enum_value({"SUCCEEDED": "succeeded", "DENIED": "denied", "FAILED": "failed"}),
-    ),
-    "service": listing.FieldSpec("service"),
-    "source_ip": listing.FieldSpec("source_ip"),
-    "event_time": listing.FieldSpec("event_time", listing.parse_time),
-}
+AUDIT_EVENTS = ListSpec(
+    {
+        "actor": listing.FieldSpec("actor"),
+        "action": listing.FieldSpec("action", prefix=True),
+        "resource": listing.FieldSpec("resource", prefix=True),
+        "outcome": listing.FieldSpec(
+            "outcome",
+            listing.enum_value({"SUCCEEDED": "succeeded", "DENIED": "denied", "FAILED": "failed"}),
+        ),
+        "service": listing.FieldSpec("service"),
+        "source_ip": listing.FieldSpec("source_ip"),
+        "event_time": listing.FieldSpec("event_time", listing.parse_time),
+    },
+    {"event_time": "event_time"},
+    "event_time desc",
+    default_size=100,
+)
 
 
 class AuditLog(UseCases):
@@ -31,10 +37,7 @@ class AuditLog(UseCases):
         self,
         ctx: Context,
         org_id: str | None,
-        page_size: int,
-        page_token: str,
-        filter_text: str,
-        order_by: str,
+        request: ListRequest,
     ) -> ListResult[AuditEvent]:
         """Newest first unless ``order_by`` says ``event_time``; ``org_id`` None means every
         organization (superusers only)."""
@@ -43,18 +46,9 @@ class AuditLog(UseCases):
             principal.require_superuser()
         else:
             principal.require_admin(org_id)
-        conditions = listing.parse_filter(filter_text, AUDIT_FILTER)
-        _, desc = listing.parse_order(
-            order_by or "event_time desc", {"event_time": "event_time"}, "event_time desc"
-        )
-        page = listing.page_from(
-            page_size,
-            page_token,
-            listing.fingerprint(org_id, filter_text, order_by),
-            default=100,
-        )
+        query = AUDIT_EVENTS.query(request, org_id)
         async with self._uow() as uow:
-            return ListResult(*await uow.audit.list(org_id, conditions, desc, page))
+            return ListResult(*await uow.audit.list(org_id, query))
 
     async def write_audit_events(
         self, ctx: Context, org_id: str | None, events: Sequence[AuditEvent], request_id: str

@@ -8,13 +8,14 @@ case is one async method that owns its unit of work.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from corral.libs import idempotency
 from corral.libs.errors import Aborted, AlreadyExists, NotFound, Unauthenticated
-from corral.services.identity.domain import AuditEvent, Outcome, Principal
+from corral.libs.names import ResourcePattern
+from corral.services.identity.domain import AuditEvent, Outcome, Principal, Role
 from corral.services.identity.repository import DuplicateKey, IdentityUnitOfWork
 
 T = TypeVar("T")
@@ -124,6 +125,31 @@ class UseCases:
         """Record an event in ``uow``'s transaction (it commits with the change it tells of)."""
         await uow.audit.append([self._event(ctx, org_id, action, *args, **kw)])
 
+    async def _audit_update(
+        self,
+        uow: IdentityUnitOfWork,
+        ctx: Context,
+        org_id: str,
+        collection: str,
+        name: str,
+        changes: Iterable[str],
+        roles: tuple[Role, Role],
+    ) -> None:
+        """``<collection>.update`` naming the changed fields, and ``<collection>.role_change``
+        when ``roles`` (before, after) differ."""
+        await self._audit(uow, ctx, org_id, f"{collection}.update", name, fields=",".join(changes))
+        old, new = roles
+        if new is not old:
+            await self._audit(
+                uow,
+                ctx,
+                org_id,
+                f"{collection}.role_change",
+                name,
+                old_role=old.value,
+                new_role=new.value,
+            )
+
     async def _audit_apart(
         self, ctx: Context, org_id: str, action: str, *args: Any, **kw: Any
     ) -> None:
@@ -133,14 +159,6 @@ class UseCases:
             await uow.commit()
 
     # ---- idempotent creates (AIP-155, the shared kit's mechanism) ----
-
-    def _create_request(
-        self, ctx: Context, method: str, request_id: str, payload: Any
-    ) -> CreateRequest:
-        caller = ctx.require().subject
-        return CreateRequest(
-            idempotency.scope(method, caller), request_id, idempotency.fingerprint(payload)
-        )
 
     async def _replayed(self, request: CreateRequest) -> str | None:
         """The name of what an earlier identical request created, if there was one."""
@@ -164,21 +182,40 @@ class UseCases:
         except DuplicateKey as exc:
             raise RequestRaced(request.request_id) from exc
 
+    def _reread(
+        self, pattern: ResourcePattern, get: Callable[..., Awaitable[T]]
+    ) -> Callable[[str], Awaitable[T]]:
+        """A replay that reads the created resource again: ``get(uow, *ids of its name)``."""
+
+        async def replay(name: str) -> T:
+            async with self._uow() as uow:
+                return await get(uow, *pattern.parse_field(name, "name"))
+
+        return replay
+
     async def _create_once(
         self,
-        request: CreateRequest,
-        create: Callable[[], Awaitable[T]],
+        ctx: Context,
+        method: str,
+        request_id: str,
+        payload: Any,
+        create: Callable[[CreateRequest], Awaitable[T]],
         replay: Callable[[str], Awaitable[T]],
     ) -> T:
-        """``create()`` unless an earlier request with this ``request_id`` did: then
-        ``replay(name)`` answers as that one did. A concurrent duplicate that wins the race
-        makes ours fail (on the idempotency key, or on the resource's own unique key): then its
-        result is looked up once more."""
+        """``create(request)`` unless an earlier request by this caller with this
+        ``request_id`` did: then ``replay(name)`` answers as that one did. ``create`` records
+        its result with :meth:`_remember` in its own transaction. A concurrent duplicate that
+        wins the race makes ours fail (on the idempotency key, or on the resource's own unique
+        key): then its result is looked up once more."""
+        caller = ctx.require().subject
+        request = CreateRequest(
+            idempotency.scope(method, caller), request_id, idempotency.fingerprint(payload)
+        )
         name = await self._replayed(request)
         if name is not None:
             return await replay(name)
         try:
-            return await create()
+            return await create(request)
         except (RequestRaced, AlreadyExists) as exc:
             name = await self._replayed(request)
             if name is not None:

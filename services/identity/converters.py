@@ -4,7 +4,7 @@ servicer shares (resource names, update masks, roles, usage amounts, the caller'
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from google.protobuf import timestamp_pb2
 
@@ -25,7 +25,7 @@ from corral.libs.errors import Validator
 from corral.libs.names import ResourcePattern, parse_any
 from corral.services.identity import domain, tokens
 from corral.services.identity.authentication import TokenGrant
-from corral.services.identity.base import Context
+from corral.services.identity.base import Context, ListResult
 from corral.services.identity.domain import (
     EMAIL,
     ORGANIZATION,
@@ -40,6 +40,7 @@ from corral.services.identity.domain import (
     UsageKind,
 )
 from corral.services.identity.ledger import QuotaView, UsageReport, UsageTotals
+from corral.services.identity.queries import ListRequest
 
 if TYPE_CHECKING:
     import grpc
@@ -281,6 +282,26 @@ def audit_event_pb(e: domain.AuditEvent) -> audit_event_pb2.AuditEvent:
 
 
 # ---- request helpers ----
+
+
+class _ListMessage(Protocol):
+    page_size: int
+    page_token: str
+    filter: str
+
+
+def page_of(result: ListResult[Any], *, total: bool = True) -> dict[str, Any]:
+    """The paging fields of a List response: ``next_page_token`` (and ``total_size``)."""
+    fields: dict[str, Any] = {"next_page_token": result.next_page_token}
+    if total:
+        fields["total_size"] = result.total_size
+    return fields
+
+
+def list_request(request: _ListMessage) -> ListRequest:
+    """Paging, filter and order of any List request (``order_by`` where it has one)."""
+    order_by = str(getattr(request, "order_by", ""))
+    return ListRequest(request.page_size, request.page_token, request.filter, order_by)
 
 
 def peer_ip(peer: str) -> str:

@@ -9,7 +9,7 @@ own retry rule (the proto's): the same ``request_id`` answers with the same rese
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from corral.libs.errors import (
@@ -31,6 +31,7 @@ from corral.services.identity.domain import (
     RESERVATION,
     SERVICE_ACCOUNT,
     USER,
+    Principal,
     Quota,
     Reservation,
     ReservationState,
@@ -83,6 +84,25 @@ def _changed() -> Aborted:
     return Aborted("the reservation changed concurrently; retry", reason="ABORTED")
 
 
+def _authorize(
+    ctx: Context,
+    subject: str,
+    for_organization: Callable[[Principal, str], None],
+    for_member: Callable[[Principal, str, str], None],
+) -> tuple[str, bool]:
+    """Apply the rule for a quota or usage subject: ``for_organization(principal, org_id)``
+    when it is the organization, ``for_member(principal, org_id, subject)`` when it is one of
+    its principals. Returns the organization's id and whether the subject is the organization."""
+    principal = ctx.require()
+    org_id = subject.split("/")[1]
+    is_org = subject == ORGANIZATION.format(org_id)
+    if is_org:
+        for_organization(principal, org_id)
+    else:
+        for_member(principal, org_id, subject)
+    return org_id, is_org
+
+
 async def check_subject(uow: IdentityUnitOfWork, org_id: str, subject: str) -> None:
     """``subject`` must be the organization, or a live user/service account in it."""
     if subject == ORGANIZATION.format(org_id):
@@ -102,13 +122,8 @@ class Ledger(UseCases):
     # ---- quotas ----
 
     async def get_quota(self, ctx: Context, subject: str) -> QuotaView:
-        principal = ctx.require()
-        org_id = subject.split("/")[1]
-        is_org = subject == ORGANIZATION.format(org_id)
-        if is_org:
-            principal.see_org(org_id)
-        else:
-            principal.require_self_or_admin(org_id, subject)
+        """Members see their organization's quota; a principal its own, admins everyone's."""
+        org_id, _ = _authorize(ctx, subject, Principal.see_org, Principal.require_self_or_admin)
         at = self._clock()
         _, start, end = month_period(at)
         async with self._uow() as uow:
@@ -123,12 +138,10 @@ class Ledger(UseCases):
     async def update_quota(
         self, ctx: Context, subject: str, changes: Mapping[str, int | None], etag: str
     ) -> QuotaView:
-        principal = ctx.require()
-        org_id = subject.split("/")[1]
-        if subject == ORGANIZATION.format(org_id):
-            principal.require_superuser(org_id)
-        else:
-            principal.require_admin(org_id)
+        """Superusers set an organization's limits, its admins those of its principals."""
+        org_id, _ = _authorize(
+            ctx, subject, Principal.require_superuser, lambda p, o, _: p.require_admin(o)
+        )
         async with self._uow() as uow:
             found(await uow.organizations.get(org_id), ORGANIZATION.format(org_id))
             await check_subject(uow, org_id, subject)
@@ -354,13 +367,10 @@ class Ledger(UseCases):
     async def usage_report(
         self, ctx: Context, subject: str, start: float | None, end: float | None
     ) -> UsageReport:
-        principal = ctx.require()
-        org_id = subject.split("/")[1]
-        is_org = subject == ORGANIZATION.format(org_id)
-        if is_org:
-            principal.require_admin(org_id)
-        else:
-            principal.require_self_or_admin(org_id, subject)
+        """Admins see their organization's usage (by principal too); a principal its own."""
+        org_id, is_org = _authorize(
+            ctx, subject, Principal.require_admin, Principal.require_self_or_admin
+        )
         at = self._clock()
         start = month_period(at)[1] if start is None else start
         end = at if end is None else end

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from corral.libs import keyset
-from corral.libs.listing import Condition, Page
+from corral.libs.listing import Condition
 from corral.services.identity import rows
 from corral.services.identity.domain import (
     ApiKey,
@@ -16,6 +15,7 @@ from corral.services.identity.domain import (
     State,
     User,
 )
+from corral.services.identity.queries import ListQuery
 from corral.services.identity.sql import DuplicateKey, Repo
 from corral.services.identity.tables import api_keys, organizations, service_accounts, users
 
@@ -39,13 +39,9 @@ class Organizations(Repo):
         )
         return bool(result.rowcount)
 
-    async def list(
-        self, conditions: list[Condition], only: str | None, sort: str, desc: bool, page: Page
-    ) -> tuple[list[Organization], str, int]:
-        filters = keyset.where(organizations, conditions)
-        if only is not None:
-            filters.append(organizations.c.id == only)
-        return await self._page(organizations, filters, sort, desc, page, rows.organization)
+    async def list(self, query: ListQuery, only: str | None) -> tuple[list[Organization], str, int]:
+        filters = [] if only is None else [organizations.c.id == only]
+        return await self._page(organizations, filters, query, rows.organization)
 
 
 class Users(Repo):
@@ -110,11 +106,8 @@ class Users(Repo):
         )
         return [r[0] for r in found]
 
-    async def list(
-        self, org_id: str, conditions: list[Condition], sort: str, desc: bool, page: Page
-    ) -> tuple[list[User], str, int]:
-        filters = [users.c.organization_id == org_id, *keyset.where(users, conditions)]
-        return await self._page(users, filters, sort, desc, page, rows.user)
+    async def list(self, org_id: str, query: ListQuery) -> tuple[list[User], str, int]:
+        return await self._page(users, [users.c.organization_id == org_id], query, rows.user)
 
 
 class ServiceAccounts(Repo):
@@ -151,15 +144,12 @@ class ServiceAccounts(Repo):
             .values(token_generation=service_accounts.c.token_generation + 1)
         )
 
-    async def list(
-        self, org_id: str, conditions: list[Condition], sort: str, desc: bool, page: Page
-    ) -> tuple[list[ServiceAccount], str, int]:
+    async def list(self, org_id: str, query: ListQuery) -> tuple[list[ServiceAccount], str, int]:
         filters = [
             service_accounts.c.organization_id == org_id,
             service_accounts.c.deleted.is_(False),
-            *keyset.where(service_accounts, conditions),
         ]
-        return await self._page(service_accounts, filters, sort, desc, page, rows.service_account)
+        return await self._page(service_accounts, filters, query, rows.service_account)
 
 
 class ApiKeys(Repo):
@@ -203,7 +193,7 @@ class ApiKeys(Repo):
         )
 
     async def list(
-        self, org_id: str, sa_id: str, conditions: list[Condition], page: Page, at: float
+        self, org_id: str, sa_id: str, query: ListQuery, at: float
     ) -> tuple[list[ApiKey], str, int]:
         """``state`` is derived (revoked, expired by ``at``, else active), so filter on it here."""
 
@@ -213,12 +203,8 @@ class ApiKeys(Repo):
             clause = _key_state(ApiKeyState(condition.value), at)
             return clause if condition.op == "=" else sa.not_(clause)
 
-        filters = [
-            api_keys.c.organization_id == org_id,
-            api_keys.c.service_account_id == sa_id,
-            *keyset.where(api_keys, conditions, state),
-        ]
-        return await self._page(api_keys, filters, "create_time", True, page, rows.api_key)
+        filters = [api_keys.c.organization_id == org_id, api_keys.c.service_account_id == sa_id]
+        return await self._page(api_keys, filters, query, rows.api_key, special=state)
 
 
 def _key_state(state: ApiKeyState, at: float) -> sa.ColumnElement[bool]:

@@ -55,6 +55,18 @@ class Quotas(Repo):
                 found[kind] = (int(m["used"]), int(m["reserved"]))
         return found
 
+    async def _counter(self, subject: str, kind: UsageKind, period: str) -> sa.Update:
+        """An UPDATE of one usage counter (created at zero if it was not there)."""
+        values = {"subject": subject, "kind": kind.value, "period": period}
+        await self.c.execute(
+            self._upsert_ignore(usage_counters, {**values, "used": 0, "reserved": 0})
+        )
+        return usage_counters.update().where(
+            usage_counters.c.subject == subject,
+            usage_counters.c.kind == kind.value,
+            usage_counters.c.period == period,
+        )
+
     async def hold(
         self, subject: str, kind: UsageKind, period: str, amount: int, limit: int | None
     ) -> bool:
@@ -63,23 +75,7 @@ class Quotas(Repo):
         One conditional UPDATE: on PostgreSQL the row lock serializes racing holders and each
         re-checks the condition on the latest row; on SQLite writers are serialized anyway.
         """
-        await self.c.execute(
-            self._upsert_ignore(
-                usage_counters,
-                {
-                    "subject": subject,
-                    "kind": kind.value,
-                    "period": period,
-                    "used": 0,
-                    "reserved": 0,
-                },
-            )
-        )
-        query = usage_counters.update().where(
-            usage_counters.c.subject == subject,
-            usage_counters.c.kind == kind.value,
-            usage_counters.c.period == period,
-        )
+        query = await self._counter(subject, kind, period)
         if limit is not None:
             query = query.where(usage_counters.c.used + usage_counters.c.reserved + amount <= limit)
         result = await self.c.execute(query.values(reserved=usage_counters.c.reserved + amount))
@@ -88,33 +84,12 @@ class Quotas(Repo):
     async def adjust(
         self, subject: str, kind: UsageKind, period: str, *, used: int = 0, reserved: int = 0
     ) -> None:
+        """Add ``used`` and ``reserved`` (either may be negative) to a counter, never below 0."""
+        query = await self._counter(subject, kind, period)
+        floor = sa.func.greatest if self.c.dialect.name == "postgresql" else sa.func.max
+        c = usage_counters.c
         await self.c.execute(
-            self._upsert_ignore(
-                usage_counters,
-                {
-                    "subject": subject,
-                    "kind": kind.value,
-                    "period": period,
-                    "used": 0,
-                    "reserved": 0,
-                },
-            )
-        )
-        await self.c.execute(
-            usage_counters.update()
-            .where(
-                usage_counters.c.subject == subject,
-                usage_counters.c.kind == kind.value,
-                usage_counters.c.period == period,
-            )
-            .values(
-                used=sa.func.greatest(usage_counters.c.used + used, 0)
-                if self.c.dialect.name == "postgresql"
-                else sa.func.max(usage_counters.c.used + used, 0),
-                reserved=sa.func.greatest(usage_counters.c.reserved + reserved, 0)
-                if self.c.dialect.name == "postgresql"
-                else sa.func.max(usage_counters.c.reserved + reserved, 0),
-            )
+            query.values(used=floor(c.used + used, 0), reserved=floor(c.reserved + reserved, 0))
         )
 
 

@@ -11,12 +11,11 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from corral.libs import keyset
 from corral.libs.db import UnitOfWork
 from corral.libs.idempotency import SqlIdempotencyStore
-from corral.libs.listing import Condition, Page
 from corral.services.identity import rows
 from corral.services.identity.domain import AuditEvent
+from corral.services.identity.queries import ListQuery
 from corral.services.identity.repo_accounts import ApiKeys, Organizations, ServiceAccounts, Users
 from corral.services.identity.repo_credentials import LoginFailures, RefreshTokens, SigningKeys
 from corral.services.identity.repo_ledger import Quotas, Reservations
@@ -42,15 +41,9 @@ class AuditLog(Repo):
         )
         return bool(result.rowcount)
 
-    async def list(
-        self, org_id: str | None, conditions: list[Condition], desc: bool, page: Page
-    ) -> tuple[list[AuditEvent], str, int]:
-        filters = keyset.where(audit_events, conditions)
-        if org_id is not None:
-            filters.append(audit_events.c.organization_id == org_id)
-        return await self._page(
-            audit_events, filters, "event_time", desc, page, rows.audit_event, id_column="seq"
-        )
+    async def list(self, org_id: str | None, query: ListQuery) -> tuple[list[AuditEvent], str, int]:
+        filters = [] if org_id is None else [audit_events.c.organization_id == org_id]
+        return await self._page(audit_events, filters, query, rows.audit_event, id_column="seq")
 
 
 class IdempotencyKeys(SqlIdempotencyStore):

@@ -13,8 +13,14 @@ from corral.libs.errors import Aborted, InvalidArgument
 from corral.libs.etags import check_etag, mismatch
 from corral.libs.names import new_id
 from corral.services.identity import tokens
-from corral.services.identity.accounts import CREATE_TIME, ROLE, active_organization
-from corral.services.identity.base import Context, ListResult, UseCases, found
+from corral.services.identity.accounts import (
+    BY_NAME_OR_AGE,
+    CREATE_TIME,
+    DISPLAY_NAME,
+    ROLE,
+    active_organization,
+)
+from corral.services.identity.base import Context, CreateRequest, ListResult, UseCases, found
 from corral.services.identity.domain import (
     API_KEY,
     SERVICE_ACCOUNT,
@@ -23,18 +29,25 @@ from corral.services.identity.domain import (
     Role,
     ServiceAccount,
 )
+from corral.services.identity.queries import ListRequest, ListSpec
 from corral.services.identity.repository import DuplicateKey, IdentityUnitOfWork
 
-SA_FILTER = {
-    "display_name": listing.FieldSpec("display_name"),
-    "role": ROLE,
-    "create_time": CREATE_TIME,
-}
-KEY_FILTER = {
-    "state": listing.FieldSpec("state", listing.enum_value({s.name: s.value for s in ApiKeyState})),
-    "expire_time": listing.FieldSpec("expire_time", listing.parse_time),
-    "create_time": CREATE_TIME,
-}
+SERVICE_ACCOUNTS = ListSpec(
+    {"display_name": DISPLAY_NAME, "role": ROLE, "create_time": CREATE_TIME},
+    BY_NAME_OR_AGE,
+    "create_time",
+)
+API_KEYS = ListSpec(
+    {
+        "state": listing.FieldSpec(
+            "state", listing.enum_value({s.name: s.value for s in ApiKeyState})
+        ),
+        "expire_time": listing.FieldSpec("expire_time", listing.parse_time),
+        "create_time": CREATE_TIME,
+    },
+    {"create_time": "create_time"},
+    "create_time desc",
+)
 
 
 async def get_account(uow: IdentityUnitOfWork, org_id: str, sa_id: str) -> ServiceAccount:
@@ -58,26 +71,12 @@ class ServiceAccounts(UseCases):
             return await get_account(uow, org_id, sa_id)
 
     async def list_service_accounts(
-        self,
-        ctx: Context,
-        org_id: str,
-        page_size: int,
-        page_token: str,
-        filter_text: str,
-        order_by: str,
+        self, ctx: Context, org_id: str, request: ListRequest
     ) -> ListResult[ServiceAccount]:
         ctx.require().require_admin(org_id)
-        conditions = listing.parse_filter(filter_text, SA_FILTER)
-        sort, desc = listing.parse_order(
-            order_by, {"create_time": "create_time", "display_name": "display_name"}, "create_time"
-        )
-        page = listing.page_from(
-            page_size, page_token, listing.fingerprint(org_id, filter_text, order_by)
-        )
+        query = SERVICE_ACCOUNTS.query(request, org_id)
         async with self._uow() as uow:
-            return ListResult(
-                *await uow.service_accounts.list(org_id, conditions, sort, desc, page)
-            )
+            return ListResult(*await uow.service_accounts.list(org_id, query))
 
     async def create_service_account(
         self,
@@ -92,13 +91,8 @@ class ServiceAccounts(UseCases):
     ) -> ServiceAccount:
         ctx.require().require_admin(org_id)
         payload = {"organization": org_id, "name": display_name, "about": description, "role": role}
-        request = self._create_request(ctx, "CreateServiceAccount", request_id, payload)
 
-        async def replay(name: str) -> ServiceAccount:
-            async with self._uow() as uow:
-                return await get_account(uow, *SERVICE_ACCOUNT.parse_field(name, "name"))
-
-        async def create() -> ServiceAccount:
+        async def create(request: CreateRequest) -> ServiceAccount:
             at = self._clock()
             account = ServiceAccount(
                 id=new_id(),
@@ -120,7 +114,9 @@ class ServiceAccounts(UseCases):
                 await uow.commit()
             return account
 
-        return await self._create_once(request, create, replay)
+        replay = self._reread(SERVICE_ACCOUNT, get_account)
+        method = "CreateServiceAccount"
+        return await self._create_once(ctx, method, request_id, payload, create, replay)
 
     async def update_service_account(
         self, ctx: Context, org_id: str, sa_id: str, changes: Mapping[str, Any], etag: str
@@ -137,20 +133,15 @@ class ServiceAccounts(UseCases):
             account.update_time = self._clock()
             if not await uow.service_accounts.save(account, expected):
                 raise mismatch("service account")
-            fields = ",".join(changes)
-            await self._audit(
-                uow, ctx, org_id, "service_accounts.update", account.name, fields=fields
+            await self._audit_update(
+                uow,
+                ctx,
+                org_id,
+                "service_accounts",
+                account.name,
+                changes,
+                (old_role, account.role),
             )
-            if account.role is not old_role:
-                await self._audit(
-                    uow,
-                    ctx,
-                    org_id,
-                    "service_accounts.role_change",
-                    account.name,
-                    old_role=old_role.value,
-                    new_role=account.role.value,
-                )
             await uow.commit()
         return account
 
@@ -181,24 +172,14 @@ class ServiceAccounts(UseCases):
             return await get_key(uow, org_id, sa_id, key_id)
 
     async def list_api_keys(
-        self,
-        ctx: Context,
-        org_id: str,
-        sa_id: str,
-        page_size: int,
-        page_token: str,
-        filter_text: str,
+        self, ctx: Context, org_id: str, sa_id: str, request: ListRequest
     ) -> ListResult[ApiKey]:
+        """Newest first."""
         ctx.require().require_admin(org_id)
-        conditions = listing.parse_filter(filter_text, KEY_FILTER)
-        page = listing.page_from(
-            page_size, page_token, listing.fingerprint(org_id, sa_id, filter_text)
-        )
+        query = API_KEYS.query(request, org_id, sa_id)
         async with self._uow() as uow:
             await get_account(uow, org_id, sa_id)
-            return ListResult(
-                *await uow.api_keys.list(org_id, sa_id, conditions, page, self._clock())
-            )
+            return ListResult(*await uow.api_keys.list(org_id, sa_id, query, self._clock()))
 
     async def create_api_key(
         self,
@@ -216,13 +197,12 @@ class ServiceAccounts(UseCases):
             raise InvalidArgument("expire_time must be in the future", violations=[])
         parent = SERVICE_ACCOUNT.format(org_id, sa_id)
         payload = {"parent": parent, "name": display_name, "expire_time": expire_time}
-        request = self._create_request(ctx, "CreateApiKey", request_id, payload)
 
         async def replay(name: str) -> tuple[ApiKey, str]:
             async with self._uow() as uow:
                 return await get_key(uow, *API_KEY.parse_field(name, "name")), ""
 
-        async def create() -> tuple[ApiKey, str]:
+        async def create(request: CreateRequest) -> tuple[ApiKey, str]:
             plaintext, lookup = tokens.new_api_key()
             key = ApiKey(
                 id=new_id(),
@@ -245,7 +225,7 @@ class ServiceAccounts(UseCases):
                 await uow.commit()
             return key, plaintext
 
-        return await self._create_once(request, create, replay)
+        return await self._create_once(ctx, "CreateApiKey", request_id, payload, create, replay)
 
     async def revoke_api_key(self, ctx: Context, org_id: str, sa_id: str, key_id: str) -> ApiKey:
         ctx.require().require_admin(org_id)

@@ -22,13 +22,16 @@ from corral.services.identity.base import (
     UseCases,
 )
 from corral.services.identity.domain import SIGNING_KEY, KeyState, SigningKeyRecord
+from corral.services.identity.queries import ListRequest, ListSpec
 from corral.services.identity.repository import DuplicateKey, IdentityUnitOfWork
 
 log = logging.getLogger("corral.identity")
 
-KEY_FILTER = {
-    "state": listing.FieldSpec("state", listing.enum_value({s.name: s.value for s in KeyState}))
-}
+SIGNING_KEYS = ListSpec(
+    {"state": listing.FieldSpec("state", listing.enum_value({s.name: s.value for s in KeyState}))},
+    {"create_time": "create_time"},
+    "create_time desc",
+)
 
 
 @dataclass
@@ -82,16 +85,18 @@ class SigningKeys(UseCases):
         return [tokens.public_only(k.public_jwk) for k in keys if k.published_at(at)]
 
     async def list_signing_keys(
-        self, ctx: Context, page_size: int, page_token: str, filter_text: str
+        self, ctx: Context, request: ListRequest
     ) -> ListResult[SigningKeyRecord]:
         """Newest first. The keys are few, so they are filtered and paged in memory."""
         ctx.require().require_superuser()
-        conditions = listing.parse_filter(filter_text, KEY_FILTER)
-        page = listing.page_from(page_size, page_token, listing.fingerprint(filter_text))
+        query = SIGNING_KEYS.query(request)
+        page = query.page
         async with self._uow() as uow:
             keys = await uow.signing_keys.all()
         keys = [
-            k for k in keys if all((k.state.value == c.value) == (c.op == "=") for c in conditions)
+            k
+            for k in keys
+            if all((k.state.value == c.value) == (c.op == "=") for c in query.conditions)
         ]
         keys.sort(key=_position, reverse=True)
         after = page.after

@@ -11,7 +11,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.libs import keyset, listing
-from corral.libs.listing import Page
+from corral.libs.listing import Condition
+from corral.services.identity.queries import ListQuery
 
 T = TypeVar("T")
 Row = sa.Row[Any]
@@ -43,25 +44,27 @@ class Repo:
         self,
         table: sa.Table,
         filters: list[sa.ColumnElement[bool]],
-        sort: str,
-        descending: bool,
-        page: Page,
+        query: ListQuery,
         read: Callable[[Row], T],
         id_column: str = "id",
+        special: Callable[[Condition], sa.ColumnElement[bool] | None] | None = None,
     ) -> tuple[list[T], str, int]:
-        """One page of ``table`` (its rows read by ``read``), the next page's token, and how
-        many rows match in all."""
+        """One page of ``table``'s rows that pass ``filters`` and ``query``'s conditions (read
+        by ``read``), the next page's token, and how many rows match in all. ``special``
+        turns conditions on what is not a column into clauses (see :func:`keyset.where`)."""
+        filters = [*filters, *keyset.where(table, query.conditions, special)]
+        sort, page = query.sort, query.page
         total = (
             await self.c.execute(sa.select(sa.func.count()).select_from(table).where(*filters))
         ).scalar_one()
-        query = keyset.page_query(
+        select = keyset.page_query(
             sa.select(table).where(*filters),
             table.c[sort],
             table.c[id_column],
-            descending=descending,
+            descending=query.descending,
             page=page,
         )
-        rows = (await self.c.execute(query)).all()
+        rows = (await self.c.execute(select)).all()
         kept, token = listing.finish_page(
             rows, page, lambda r: (r._mapping[sort], r._mapping[id_column])
         )
