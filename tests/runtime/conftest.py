@@ -93,6 +93,16 @@ def options(**fields: Any) -> options_pb.AgentOptions:
     return options_pb.AgentOptions(**fields)
 
 
+class Clock:
+    """The pool's clock, driven by the test."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class Runtime:
     app: ServiceApp

@@ -19,6 +19,7 @@ import pytest
 from corral.runtime.v1 import runtime_event_pb2 as event_pb
 from corral.runtime.v1 import runtime_service_pb2 as pb
 from tests.runtime.conftest import (
+    Clock,
     Runtime,
     cli_processes,
     directive,
@@ -62,16 +63,6 @@ def running_task(runtime: Runtime, session: str) -> asyncio.Task[None]:
     state = runtime.service.store.loaded(session)
     assert state is not None and state.turn is not None and state.turn.task is not None
     return state.turn.task
-
-
-class Clock:
-    """The pool's clock, driven by the test."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_interrupt_kills_the_running_tool_and_reports_the_cost(runtime: Runtime) -> None:

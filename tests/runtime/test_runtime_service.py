@@ -25,7 +25,7 @@ from corral.services.runtime.sdk import AgentSpec, RuleVerdict
 from corral.services.runtime.service import RuntimeConfig, RuntimeService
 from corral.services.runtime.store import SessionStore
 from corral.services.runtime.turn import TurnRequest
-from tests.runtime.conftest import ORG, Runtime, new_session, options, payloads
+from tests.runtime.conftest import ORG, Clock, Runtime, new_session, options, payloads
 from tests.runtime.fake_sdk import FakeClient, FakeSdk, init, stream, text, tool_call
 
 ALICE = Caller("organizations/acme/users/alice", ORG)
@@ -314,14 +314,6 @@ async def test_a_caller_that_goes_away_stops_the_turn_and_its_process(
     client = client_of(runtime)
     assert (client.interrupts, client.disconnected) == (1, True)
     assert (service.status().running_turns, service.status().live_processes) == (0, 0)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def test_the_pool_evicts_the_least_recently_used_idle_process(tmp_path: Path) -> None:
