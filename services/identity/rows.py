@@ -1,10 +1,14 @@
-"""Rows <-> domain objects: one reader and (where rows are written whole) one writer per table."""
+"""Rows <-> domain objects. A column and the dataclass field of the same name carry the same
+value; enums are stored as their values; the few columns stored otherwise (JSON texts, the
+refresh token's family state) say so here."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import fields
+from enum import Enum
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -26,282 +30,118 @@ from corral.services.identity.domain import (
     UsageKind,
     User,
 )
+from corral.services.identity.tables import (
+    api_keys,
+    audit_events,
+    organizations,
+    refresh_tokens,
+    reservations,
+    service_accounts,
+    signing_keys,
+    users,
+)
 
+T = TypeVar("T")
 Row = sa.Row[Any]
 
 
-def organization(row: Row) -> Organization:
-    m = row._mapping
-    return Organization(
-        id=m["id"],
-        display_name=m["display_name"],
-        state=State(m["state"]),
-        create_time=m["create_time"],
-        update_time=m["update_time"],
-        version=m["version"],
-    )
+def _reader(cls: type[T], **convert: Callable[[Any], Any]) -> Callable[[Row], T]:
+    """Rows to ``cls``: each field from its column, through ``convert[field]`` if given."""
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+
+    def read(row: Row) -> T:
+        m = row._mapping
+        values = {
+            n: convert[n](m) if n in convert else m[n] for n in names if n in m or n in convert
+        }
+        return cls(**values)
+
+    return read
 
 
-def organization_values(org: Organization) -> dict[str, Any]:
-    return {
-        "id": org.id,
-        "display_name": org.display_name,
-        "state": org.state.value,
-        "create_time": org.create_time,
-        "update_time": org.update_time,
-        "version": org.version,
-    }
+def _writer(table: sa.Table, **convert: Callable[[Any], Any]) -> Callable[[Any], dict[str, Any]]:
+    """An object to the values of ``table``'s row: each column from the field of its name
+    (an enum as its value), through ``convert[column]`` if given."""
+    columns = [c.name for c in table.columns if c.autoincrement is not True]
+
+    def values(obj: Any) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for name in columns:
+            if name in convert:
+                found[name] = convert[name](obj)
+            elif hasattr(obj, name):
+                value = getattr(obj, name)
+                found[name] = value.value if isinstance(value, Enum) else value
+        return found
+
+    return values
 
 
-def user(row: Row) -> User:
-    m = row._mapping
-    return User(
-        id=m["id"],
-        organization_id=m["organization_id"],
-        email=m["email"],
-        display_name=m["display_name"],
-        role=Role(m["role"]),
-        password_hash=m["password_hash"],
-        state=State(m["state"]),
-        superuser=m["superuser"],
-        token_generation=m["token_generation"],
-        create_time=m["create_time"],
-        update_time=m["update_time"],
-        last_login_time=m["last_login_time"],
-        version=m["version"],
-    )
-
-
-def user_values(value: User) -> dict[str, Any]:
-    return {
-        "id": value.id,
-        "organization_id": value.organization_id,
-        "email": value.email,
-        "display_name": value.display_name,
-        "role": value.role.value,
-        "password_hash": value.password_hash,
-        "state": value.state.value,
-        "superuser": value.superuser,
-        "token_generation": value.token_generation,
-        "create_time": value.create_time,
-        "update_time": value.update_time,
-        "last_login_time": value.last_login_time,
-        "version": value.version,
-    }
-
-
-def service_account(row: Row) -> ServiceAccount:
-    m = row._mapping
-    return ServiceAccount(
-        id=m["id"],
-        organization_id=m["organization_id"],
-        display_name=m["display_name"],
-        description=m["description"],
-        role=Role(m["role"]),
-        internal=m["internal"],
-        deleted=m["deleted"],
-        token_generation=m["token_generation"],
-        create_time=m["create_time"],
-        update_time=m["update_time"],
-        version=m["version"],
-    )
-
-
-def service_account_values(account: ServiceAccount) -> dict[str, Any]:
-    return {
-        "id": account.id,
-        "organization_id": account.organization_id,
-        "display_name": account.display_name,
-        "description": account.description,
-        "role": account.role.value,
-        "internal": account.internal,
-        "deleted": account.deleted,
-        "token_generation": account.token_generation,
-        "create_time": account.create_time,
-        "update_time": account.update_time,
-        "version": account.version,
-    }
-
-
-def api_key(row: Row) -> ApiKey:
-    m = row._mapping
-    return ApiKey(
-        id=m["id"],
-        organization_id=m["organization_id"],
-        service_account_id=m["service_account_id"],
-        display_name=m["display_name"],
-        lookup=m["lookup"],
-        secret_hash=m["secret_hash"],
-        expire_time=m["expire_time"],
-        create_time=m["create_time"],
-        last_use_time=m["last_use_time"],
-        revoke_time=m["revoke_time"],
-    )
-
-
-def api_key_values(key: ApiKey) -> dict[str, Any]:
-    return {
-        "id": key.id,
-        "organization_id": key.organization_id,
-        "service_account_id": key.service_account_id,
-        "display_name": key.display_name,
-        "lookup": key.lookup,
-        "secret_hash": key.secret_hash,
-        "expire_time": key.expire_time,
-        "create_time": key.create_time,
-        "last_use_time": key.last_use_time,
-        "revoke_time": key.revoke_time,
-    }
-
-
-def refresh_token(row: Row) -> RefreshToken:
-    """A ``refresh_tokens`` row joined with its family's ``revoke_time``."""
-    m = row._mapping
-    return RefreshToken(
-        id=m["id"],
-        family_id=m["family_id"],
-        user_id=m["user_id"],
-        organization_id=m["organization_id"],
-        token_hash=m["token_hash"],
-        expire_time=m["expire_time"],
-        create_time=m["create_time"],
-        used_time=m["used_time"],
-        family_revoked=m["revoke_time"] is not None,
-    )
-
-
-def refresh_token_values(token: RefreshToken) -> dict[str, Any]:
-    return {
-        "id": token.id,
-        "family_id": token.family_id,
-        "user_id": token.user_id,
-        "organization_id": token.organization_id,
-        "token_hash": token.token_hash,
-        "create_time": token.create_time,
-        "expire_time": token.expire_time,
-        "used_time": None,
-    }
-
-
-def signing_key(row: Row) -> SigningKeyRecord:
-    m = row._mapping
-    return SigningKeyRecord(
-        kid=m["kid"],
-        algorithm=m["algorithm"],
-        state=KeyState(m["state"]),
-        private_key=bytes(m["private_key"]),
-        public_jwk=json.loads(m["public_jwk"]),
-        create_time=m["create_time"],
-        activate_time=m["activate_time"],
-        retire_time=m["retire_time"],
-        unpublish_time=m["unpublish_time"],
-    )
-
-
-def signing_key_values(key: SigningKeyRecord) -> dict[str, Any]:
-    return {
-        "kid": key.kid,
-        "algorithm": key.algorithm,
-        "state": key.state.value,
-        "private_key": key.private_key,
-        "public_jwk": json.dumps(key.public_jwk),
-        "create_time": key.create_time,
-        "activate_time": key.activate_time,
-        "retire_time": key.retire_time,
-        "unpublish_time": key.unpublish_time,
-    }
-
-
-def quota(row: Row) -> Quota:
-    m = row._mapping
-    return Quota(
-        subject=m["subject"],
-        organization_id=m["organization_id"],
-        limits={name: m[name] for name in LIMIT_FIELDS},
-        update_time=m["update_time"],
-        version=m["version"],
-    )
+def _amounts_of(text: str) -> dict[UsageKind, int]:
+    return {UsageKind(k): int(v) for k, v in json.loads(text).items()}
 
 
 def amounts_json(amounts: Mapping[UsageKind, int]) -> str:
     return json.dumps({k.value: v for k, v in amounts.items()})
 
 
-def _amounts(text: str) -> dict[UsageKind, int]:
-    return {UsageKind(k): int(v) for k, v in json.loads(text).items()}
+organization = _reader(Organization, state=lambda m: State(m["state"]))
+organization_values = _writer(organizations)
 
+user = _reader(User, role=lambda m: Role(m["role"]), state=lambda m: State(m["state"]))
+user_values = _writer(users)
 
-def reservation(row: Row) -> Reservation:
-    m = row._mapping
-    return Reservation(
-        id=m["id"],
-        organization_id=m["organization_id"],
-        subject=m["subject"],
-        amounts=_amounts(m["amounts"]),
-        settled_amounts=_amounts(m["settled_amounts"]),
-        reference=m["reference"],
-        request_id=m["request_id"],
-        period=m["period"],
-        state=ReservationState(m["state"]),
-        create_time=m["create_time"],
-        expire_time=m["expire_time"],
-        settle_time=m["settle_time"],
-        end_time=m["end_time"],
-    )
+service_account = _reader(ServiceAccount, role=lambda m: Role(m["role"]))
+service_account_values = _writer(service_accounts)
 
+api_key = _reader(ApiKey)
+api_key_values = _writer(api_keys)
 
-def reservation_values(r: Reservation) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "organization_id": r.organization_id,
-        "subject": r.subject,
-        "amounts": amounts_json(r.amounts),
-        "settled_amounts": amounts_json(r.settled_amounts),
-        "reference": r.reference,
-        "request_id": r.request_id,
-        "period": r.period,
-        "state": r.state.value,
-        "create_time": r.create_time,
-        "expire_time": r.expire_time,
-        "settle_time": r.settle_time,
-        "end_time": r.end_time,
-    }
+# A refresh_tokens row joined with its family's revoke_time; a new token is unused.
+refresh_token = _reader(RefreshToken, family_revoked=lambda m: m["revoke_time"] is not None)
+refresh_token_values = _writer(refresh_tokens, used_time=lambda _: None)
 
+signing_key = _reader(
+    SigningKeyRecord,
+    state=lambda m: KeyState(m["state"]),
+    private_key=lambda m: bytes(m["private_key"]),
+    public_jwk=lambda m: json.loads(m["public_jwk"]),
+)
+signing_key_values = _writer(signing_keys, public_jwk=lambda k: json.dumps(k.public_jwk))
 
-def audit_event(row: Row) -> AuditEvent:
-    m = row._mapping
-    return AuditEvent(
-        seq=m["seq"],
-        organization_id=m["organization_id"],
-        event_time=m["event_time"],
-        actor=m["actor"],
-        action=m["action"],
-        resource=m["resource"],
-        outcome=Outcome(m["outcome"]),
-        status_code=m["status_code"],
-        source_ip=m["source_ip"],
-        user_agent=m["user_agent"],
-        request_id=m["request_id"],
-        service=m["service"],
-        metadata=json.loads(m["metadata"]),
-        create_time=m["create_time"],
-    )
+quota = _reader(Quota, limits=lambda m: {name: m[name] for name in LIMIT_FIELDS})
 
+reservation = _reader(
+    Reservation,
+    amounts=lambda m: _amounts_of(m["amounts"]),
+    settled_amounts=lambda m: _amounts_of(m["settled_amounts"]),
+    state=lambda m: ReservationState(m["state"]),
+)
+reservation_values = _writer(
+    reservations,
+    amounts=lambda r: amounts_json(r.amounts),
+    settled_amounts=lambda r: amounts_json(r.settled_amounts),
+)
 
-def audit_event_values(e: AuditEvent) -> dict[str, Any]:
-    """The stored row (``seq`` is assigned by the database); long texts are cut to fit."""
-    return {
-        "organization_id": e.organization_id,
-        "event_time": e.event_time,
-        "actor": e.actor[:300],
-        "action": e.action[:200],
-        "resource": e.resource[:300],
-        "outcome": e.outcome.value,
-        "status_code": e.status_code,
-        "source_ip": e.source_ip[:64],
-        "user_agent": e.user_agent[:256],
-        "request_id": e.request_id[:128],
-        "service": e.service[:32],
-        "metadata": json.dumps(e.metadata),
-        "create_time": e.create_time,
-    }
+audit_event = _reader(
+    AuditEvent,
+    outcome=lambda m: Outcome(m["outcome"]),
+    metadata=lambda m: json.loads(m["metadata"]),
+)
+# The stored row (``seq`` is assigned by the database); long texts are cut to fit.
+audit_event_values = _writer(
+    audit_events,
+    **{
+        name: (lambda e, name=name, size=size: getattr(e, name)[:size])
+        for name, size in (
+            ("actor", 300),
+            ("action", 200),
+            ("resource", 300),
+            ("source_ip", 64),
+            ("user_agent", 256),
+            ("request_id", 128),
+            ("service", 32),
+        )
+    },
+    metadata=lambda e: json.dumps(e.metadata),
+)
