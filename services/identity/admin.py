@@ -17,7 +17,7 @@ from corral.libs.config import Settings
 from corral.libs.errors import CorralError
 from corral.services.identity.base import SYSTEM_CONTEXT
 from corral.services.identity.config import identity_settings
-from corral.services.identity.domain import SERVICE_ACCOUNT, Role
+from corral.services.identity.domain import SERVICE_ACCOUNT, SIGNING_KEY, Role
 from corral.services.identity.main import build_service, open_database
 from corral.services.identity.service import IdentityService
 
@@ -117,10 +117,10 @@ async def _command(identity: IdentityService, args: argparse.Namespace) -> None:
     elif args.command == "rotate-keys":
         rotation = await identity.keys.rotate_signing_keys(ctx, args.revoke_previous)
         previous = rotation.previous
-        print(f"active:   signingKeys/{rotation.active.kid}")
-        print(f"pending:  signingKeys/{rotation.pending.kid}")
+        print(f"active:   {SIGNING_KEY.format(rotation.active.kid)}")
+        print(f"pending:  {SIGNING_KEY.format(rotation.pending.kid)}")
         if previous is not None:
-            print(f"previous: signingKeys/{previous.kid} ({previous.state.value})")
+            print(f"previous: {SIGNING_KEY.format(previous.kid)} ({previous.state.value})")
 
 
 async def run(argv: Sequence[str], settings: Settings) -> int:

@@ -221,7 +221,7 @@ class Principal:
 
     @classmethod
     def from_caller(cls, caller: Caller) -> Principal:
-        org = caller.organization.removeprefix("organizations/")
+        (org,) = ORGANIZATION.parse(caller.organization) or ("",)
         role = next(
             (Role(r) for r in (Role.ADMIN, Role.USER, Role.VIEWER) if r in caller.roles), None
         )
