@@ -251,7 +251,9 @@ class McpServer(_message.Message):
     STDIO_FIELD_NUMBER: _builtins.int
     HTTP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Name; its tools are `mcp__{name}__{tool}`."""
+    """Name: unique, 1-64 lowercase letters, digits, '_' or '-'; its tools are
+    `mcp__{name}__{tool}`.
+    """
     @_builtins.property
     def stdio(self) -> Global___McpStdioTransport:
         """A local process over stdio, started in the session's workspace."""

@@ -101,7 +101,12 @@ class RuntimeServiceServicer:
 
         Callers: the session service.
         Errors: PERMISSION_DENIED if the caller is not a Corral service;
-        INVALID_ARGUMENT if a required field is missing; ALREADY_EXISTS
+        INVALID_ARGUMENT if a required field is missing or malformed (names
+        `sessions/{session}`, `workspaces/{workspace}`,
+        `organizations/{organization}` with ids of letters, digits, '_' and '-',
+        at most 64), or the options are outside the limits
+        `corral.session.v1.AgentOptions` documents (mcp_servers may hold the
+        session's and its organization policy's, up to 20 each); ALREADY_EXISTS
         (TURN_ALREADY_RUNNING) if the session has a turn running here;
         RESOURCE_EXHAUSTED (POOL_EXHAUSTED); UNAVAILABLE (DRAINING);
         FAILED_PRECONDITION (TRANSCRIPT_NOT_FOUND, WORKSPACE_UNAVAILABLE).

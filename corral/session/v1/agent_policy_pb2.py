@@ -28,7 +28,7 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$corral/session/v1/agent_policy.proto\x12\x11\x63orral.session.v1\x1a%corral/session/v1/agent_options.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc1\x02\n\x0b\x41gentPolicy\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x31\n\x0bmcp_servers\x18\x02 \x03(\x0b\x32\x1c.corral.session.v1.McpServer\x12;\n\x10permission_rules\x18\x03 \x03(\x0b\x32!.corral.session.v1.PermissionRule\x12\x35\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t:i\xea\x41\x66\n\x1esession.corral.dev/AgentPolicy\x12(organizations/{organization}/agentPolicy*\ragentPolicies2\x0b\x61gentPolicyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$corral/session/v1/agent_policy.proto\x12\x11\x63orral.session.v1\x1a%corral/session/v1/agent_options.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbb\x04\n\x0b\x41gentPolicy\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x31\n\x0bmcp_servers\x18\x02 \x03(\x0b\x32\x1c.corral.session.v1.McpServer\x12;\n\x10permission_rules\x18\x03 \x03(\x0b\x32!.corral.session.v1.PermissionRule\x12\x35\n\x0bupdate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\x05 \x01(\t\x12\"\n\x14\x61llowed_mcp_commands\x18\x06 \x03(\tB\x04\xe2\x41\x01\x06\x12\x1f\n\x11\x61llowed_mcp_hosts\x18\x07 \x03(\tB\x04\xe2\x41\x01\x06\x12\x1c\n\x0e\x61llowed_models\x18\x08 \x03(\tB\x04\xe2\x41\x01\x06\x12V\n\x18\x61llowed_permission_modes\x18\t \x03(\x0e\x32..corral.session.v1.AgentOptions.PermissionModeB\x04\xe2\x41\x01\x06\x12\x19\n\x0b\x61llowed_env\x18\n \x03(\tB\x04\xe2\x41\x01\x06\x12\"\n\x1amax_turn_budget_usd_micros\x18\x0b \x01(\x03:i\xea\x41\x66\n\x1esession.corral.dev/AgentPolicy\x12(organizations/{organization}/agentPolicy*\ragentPolicies2\x0b\x61gentPolicyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +39,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTPOLICY'].fields_by_name['name']._serialized_options = b'\342A\001\010'
   _globals['_AGENTPOLICY'].fields_by_name['update_time']._loaded_options = None
   _globals['_AGENTPOLICY'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_AGENTPOLICY'].fields_by_name['allowed_mcp_commands']._loaded_options = None
+  _globals['_AGENTPOLICY'].fields_by_name['allowed_mcp_commands']._serialized_options = b'\342A\001\006'
+  _globals['_AGENTPOLICY'].fields_by_name['allowed_mcp_hosts']._loaded_options = None
+  _globals['_AGENTPOLICY'].fields_by_name['allowed_mcp_hosts']._serialized_options = b'\342A\001\006'
+  _globals['_AGENTPOLICY'].fields_by_name['allowed_models']._loaded_options = None
+  _globals['_AGENTPOLICY'].fields_by_name['allowed_models']._serialized_options = b'\342A\001\006'
+  _globals['_AGENTPOLICY'].fields_by_name['allowed_permission_modes']._loaded_options = None
+  _globals['_AGENTPOLICY'].fields_by_name['allowed_permission_modes']._serialized_options = b'\342A\001\006'
+  _globals['_AGENTPOLICY'].fields_by_name['allowed_env']._loaded_options = None
+  _globals['_AGENTPOLICY'].fields_by_name['allowed_env']._serialized_options = b'\342A\001\006'
   _globals['_AGENTPOLICY']._loaded_options = None
   _globals['_AGENTPOLICY']._serialized_options = b'\352Af\n\036session.corral.dev/AgentPolicy\022(organizations/{organization}/agentPolicy*\ragentPolicies2\013agentPolicy'
   _globals['_AGENTPOLICY']._serialized_start=192
-  _globals['_AGENTPOLICY']._serialized_end=513
+  _globals['_AGENTPOLICY']._serialized_end=763
 # @@protoc_insertion_point(module_scope)

@@ -34,11 +34,22 @@ class AgentPolicy(_message.Message):
     PERMISSION_RULES_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    ALLOWED_MCP_COMMANDS_FIELD_NUMBER: _builtins.int
+    ALLOWED_MCP_HOSTS_FIELD_NUMBER: _builtins.int
+    ALLOWED_MODELS_FIELD_NUMBER: _builtins.int
+    ALLOWED_PERMISSION_MODES_FIELD_NUMBER: _builtins.int
+    ALLOWED_ENV_FIELD_NUMBER: _builtins.int
+    MAX_TURN_BUDGET_USD_MICROS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Identifier. `organizations/{organization}/agentPolicy`."""
     etag: _builtins.str
     """Changes with every update; send it back with UpdateAgentPolicy to
     detect a concurrent change (ABORTED).
+    """
+    max_turn_budget_usd_micros: _builtins.int
+    """The per-turn spending cap, in micro-USD, for sessions that set none
+    (AgentOptions.max_budget_usd_micros = 0), and the most any session may
+    set. 0: the deployment's default (CORRAL_SESSION_DEFAULT_TURN_BUDGET_USD).
     """
     @_builtins.property
     def mcp_servers(self) -> _containers.RepeatedCompositeFieldContainer[_agent_options_pb2.McpServer]:
@@ -58,6 +69,46 @@ class AgentPolicy(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the policy last changed."""
 
+    @_builtins.property
+    def allowed_mcp_commands(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Executables sessions may start as stdio MCP servers (exact command, as
+        in McpStdioTransport.command). Empty, the default: none; a session's
+        stdio server fails with INVALID_ARGUMENT (MCP_COMMAND_NOT_ALLOWED). The
+        policy's own mcp_servers are set by admins and always allowed.
+        """
+
+    @_builtins.property
+    def allowed_mcp_hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Hosts sessions' HTTP MCP servers may be on: `host` or `*.domain`.
+        Empty, the default: any host over https, none over plain http; set: only
+        these hosts (over https or http). Otherwise INVALID_ARGUMENT
+        (MCP_HOST_NOT_ALLOWED).
+        """
+
+    @_builtins.property
+    def allowed_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Models sessions may choose. Empty, the default: any.
+        Otherwise INVALID_ARGUMENT (MODEL_NOT_ALLOWED).
+        """
+
+    @_builtins.property
+    def allowed_permission_modes(self) -> _containers.RepeatedScalarFieldContainer[_agent_options_pb2.AgentOptions.PermissionMode.ValueType]:
+        """Permission modes sessions may choose. Empty, the default: every mode
+        but PERMISSION_MODE_BYPASS_PERMISSIONS. Otherwise INVALID_ARGUMENT
+        (PERMISSION_MODE_NOT_ALLOWED).
+        """
+
+    @_builtins.property
+    def allowed_env(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Environment variables sessions (and their stdio MCP servers) may set:
+        `NAME` or `PREFIX*`. Empty, the default: any name not on the platform's
+        deny-list. The deny-list always applies: loader, interpreter, proxy and
+        endpoint variables (`LD_*`, `DYLD_*`, `ANTHROPIC_*`, `CLAUDE_*`,
+        `CORRAL_*`, `OTEL_*`, `GIT_*`, `*_PROXY`, `PATH`, `HOME`, `SHELL`,
+        `NODE_OPTIONS`, `PYTHONPATH`, CA bundle variables, ...). Otherwise
+        INVALID_ARGUMENT (ENV_NOT_ALLOWED).
+        """
+
     def __init__(
         self,
         *,
@@ -66,10 +117,16 @@ class AgentPolicy(_message.Message):
         permission_rules: _abc.Iterable[_agent_options_pb2.PermissionRule] | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        allowed_mcp_commands: _abc.Iterable[_builtins.str] | None = ...,
+        allowed_mcp_hosts: _abc.Iterable[_builtins.str] | None = ...,
+        allowed_models: _abc.Iterable[_builtins.str] | None = ...,
+        allowed_permission_modes: _abc.Iterable[_agent_options_pb2.AgentOptions.PermissionMode.ValueType] | None = ...,
+        allowed_env: _abc.Iterable[_builtins.str] | None = ...,
+        max_turn_budget_usd_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "mcp_servers", b"mcp_servers", "name", b"name", "permission_rules", b"permission_rules", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_env", b"allowed_env", "allowed_mcp_commands", b"allowed_mcp_commands", "allowed_mcp_hosts", b"allowed_mcp_hosts", "allowed_models", b"allowed_models", "allowed_permission_modes", b"allowed_permission_modes", "etag", b"etag", "max_turn_budget_usd_micros", b"max_turn_budget_usd_micros", "mcp_servers", b"mcp_servers", "name", b"name", "permission_rules", b"permission_rules", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

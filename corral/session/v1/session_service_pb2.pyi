@@ -162,7 +162,8 @@ class CreateSessionRequest(_message.Message):
     """A client-generated UUID4 that makes retries safe (AIP-155): a retry with
     the same request_id within 24 hours returns the first session instead of
     creating another; reusing it for a different request fails with
-    INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    INVALID_ARGUMENT (REQUEST_ID_REUSED). A request_id is the caller's own:
+    another caller's equal request_id is a separate request.
     """
     @_builtins.property
     def session(self) -> _session_pb2.Session:
@@ -559,9 +560,11 @@ class SendMessageRequest(_message.Message):
     text: _builtins.str
     """Required. The message, 1-100,000 characters."""
     request_id: _builtins.str
-    """A client-generated UUID4 that makes retries safe: a retry with the same
-    request_id within 24 hours returns the turn already created instead of
-    sending the message twice.
+    """A client-generated UUID4 that makes retries safe (AIP-155): a retry with
+    the same request_id within 24 hours returns the turn already created
+    instead of sending the message twice; reusing it for a different request
+    fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). A request_id is the
+    caller's own: another caller's equal request_id is a separate request.
     """
     busy_strategy: Global___SendMessageRequest.BusyStrategy.ValueType
     """What to do if a turn is already in progress."""
@@ -796,8 +799,11 @@ class ForkSessionRequest(_message.Message):
     display_name: _builtins.str
     """Title of the fork; default: the parent's display_name + " (fork)"."""
     request_id: _builtins.str
-    """A client-generated UUID4 that makes retries safe: a retry with the same
-    request_id within 24 hours returns the fork already made.
+    """A client-generated UUID4 that makes retries safe (AIP-155): a retry with
+    the same request_id within 24 hours returns the fork already made;
+    reusing it for a different request fails with INVALID_ARGUMENT
+    (REQUEST_ID_REUSED). A request_id is the caller's own: another caller's
+    equal request_id is a separate request.
     """
     def __init__(
         self,
@@ -959,7 +965,7 @@ class UpdateAgentPolicyRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Required. `mcp_servers`, `permission_rules`, or `*`."""
+        """Required. Fields of AgentPolicy (see UpdateAgentPolicy), or `*`."""
 
     def __init__(
         self,

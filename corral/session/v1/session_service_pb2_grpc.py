@@ -338,10 +338,12 @@ class SessionServiceServicer:
 
     def UpdateAgentPolicy(self, request, context):
         """Changes the fields of an organisation's agent policy named in
-        update_mask (`mcp_servers`, `permission_rules`, or `*`). Admins of the
+        update_mask (`mcp_servers`, `permission_rules`, `allowed_mcp_commands`,
+        `allowed_mcp_hosts`, `allowed_models`, `allowed_permission_modes`,
+        `allowed_env`, `max_turn_budget_usd_micros`, or `*`). Admins of the
         organisation and superusers only. Applies to turns that start afterwards.
         Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
-        organisation; ABORTED if etag is stale; INVALID_ARGUMENT for a bad
+        organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT for a bad
         server or rule (with field violations).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

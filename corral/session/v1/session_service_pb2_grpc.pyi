@@ -183,10 +183,12 @@ class SessionServiceStub:
     """
     UpdateAgentPolicy: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.UpdateAgentPolicyRequest, _session_service_pb2.UpdateAgentPolicyResponse]
     """Changes the fields of an organisation's agent policy named in
-    update_mask (`mcp_servers`, `permission_rules`, or `*`). Admins of the
+    update_mask (`mcp_servers`, `permission_rules`, `allowed_mcp_commands`,
+    `allowed_mcp_hosts`, `allowed_models`, `allowed_permission_modes`,
+    `allowed_env`, `max_turn_budget_usd_micros`, or `*`). Admins of the
     organisation and superusers only. Applies to turns that start afterwards.
     Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
-    organisation; ABORTED if etag is stale; INVALID_ARGUMENT for a bad
+    organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT for a bad
     server or rule (with field violations).
     """
     StreamSessionEvents: _grpc.UnaryStreamMultiCallable[_session_service_pb2.StreamSessionEventsRequest, _session_service_pb2.StreamSessionEventsResponse]
@@ -360,10 +362,12 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """
     UpdateAgentPolicy: _aio.UnaryUnaryMultiCallable[_session_service_pb2.UpdateAgentPolicyRequest, _session_service_pb2.UpdateAgentPolicyResponse]  # type: ignore[assignment]
     """Changes the fields of an organisation's agent policy named in
-    update_mask (`mcp_servers`, `permission_rules`, or `*`). Admins of the
+    update_mask (`mcp_servers`, `permission_rules`, `allowed_mcp_commands`,
+    `allowed_mcp_hosts`, `allowed_models`, `allowed_permission_modes`,
+    `allowed_env`, `max_turn_budget_usd_micros`, or `*`). Admins of the
     organisation and superusers only. Applies to turns that start afterwards.
     Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
-    organisation; ABORTED if etag is stale; INVALID_ARGUMENT for a bad
+    organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT for a bad
     server or rule (with field violations).
     """
     StreamSessionEvents: _aio.UnaryStreamMultiCallable[_session_service_pb2.StreamSessionEventsRequest, _session_service_pb2.StreamSessionEventsResponse]  # type: ignore[assignment]
@@ -624,10 +628,12 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.UpdateAgentPolicyResponse, _abc.Awaitable[_session_service_pb2.UpdateAgentPolicyResponse]]:
         """Changes the fields of an organisation's agent policy named in
-        update_mask (`mcp_servers`, `permission_rules`, or `*`). Admins of the
+        update_mask (`mcp_servers`, `permission_rules`, `allowed_mcp_commands`,
+        `allowed_mcp_hosts`, `allowed_models`, `allowed_permission_modes`,
+        `allowed_env`, `max_turn_budget_usd_micros`, or `*`). Admins of the
         organisation and superusers only. Applies to turns that start afterwards.
         Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
-        organisation; ABORTED if etag is stale; INVALID_ARGUMENT for a bad
+        organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT for a bad
         server or rule (with field violations).
         """
 

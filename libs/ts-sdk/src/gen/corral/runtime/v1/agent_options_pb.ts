@@ -268,7 +268,8 @@ export const PermissionRule_ActionSchema: GenEnum<PermissionRule_Action> = /*@__
  */
 export type McpServer = Message<"corral.runtime.v1.McpServer"> & {
   /**
-   * Name; its tools are `mcp__{name}__{tool}`.
+   * Name: unique, 1-64 lowercase letters, digits, '_' or '-'; its tools are
+   * `mcp__{name}__{tool}`.
    *
    * @generated from field: string name = 1;
    */

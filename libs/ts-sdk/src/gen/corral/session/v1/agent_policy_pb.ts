@@ -4,7 +4,7 @@
 
 import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
-import type { McpServer, PermissionRule } from "./agent_options_pb.js";
+import type { AgentOptions_PermissionMode, McpServer, PermissionRule } from "./agent_options_pb.js";
 import { file_corral_session_v1_agent_options } from "./agent_options_pb.js";
 import { file_google_api_field_behavior } from "../../../google/api/field_behavior_pb.js";
 import { file_google_api_resource } from "../../../google/api/resource_pb.js";
@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file corral/session/v1/agent_policy.proto.
  */
 export const file_corral_session_v1_agent_policy: GenFile = /*@__PURE__*/
-  fileDesc("CiRjb3JyYWwvc2Vzc2lvbi92MS9hZ2VudF9wb2xpY3kucHJvdG8SEWNvcnJhbC5zZXNzaW9uLnYxIsECCgtBZ2VudFBvbGljeRISCgRuYW1lGAEgASgJQgTiQQEIEjEKC21jcF9zZXJ2ZXJzGAIgAygLMhwuY29ycmFsLnNlc3Npb24udjEuTWNwU2VydmVyEjsKEHBlcm1pc3Npb25fcnVsZXMYAyADKAsyIS5jb3JyYWwuc2Vzc2lvbi52MS5QZXJtaXNzaW9uUnVsZRI1Cgt1cGRhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSDAoEZXRhZxgFIAEoCTpp6kFmCh5zZXNzaW9uLmNvcnJhbC5kZXYvQWdlbnRQb2xpY3kSKG9yZ2FuaXphdGlvbnMve29yZ2FuaXphdGlvbn0vYWdlbnRQb2xpY3kqDWFnZW50UG9saWNpZXMyC2FnZW50UG9saWN5YgZwcm90bzM", [file_corral_session_v1_agent_options, file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
+  fileDesc("CiRjb3JyYWwvc2Vzc2lvbi92MS9hZ2VudF9wb2xpY3kucHJvdG8SEWNvcnJhbC5zZXNzaW9uLnYxIrsECgtBZ2VudFBvbGljeRISCgRuYW1lGAEgASgJQgTiQQEIEjEKC21jcF9zZXJ2ZXJzGAIgAygLMhwuY29ycmFsLnNlc3Npb24udjEuTWNwU2VydmVyEjsKEHBlcm1pc3Npb25fcnVsZXMYAyADKAsyIS5jb3JyYWwuc2Vzc2lvbi52MS5QZXJtaXNzaW9uUnVsZRI1Cgt1cGRhdGVfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSDAoEZXRhZxgFIAEoCRIiChRhbGxvd2VkX21jcF9jb21tYW5kcxgGIAMoCUIE4kEBBhIfChFhbGxvd2VkX21jcF9ob3N0cxgHIAMoCUIE4kEBBhIcCg5hbGxvd2VkX21vZGVscxgIIAMoCUIE4kEBBhJWChhhbGxvd2VkX3Blcm1pc3Npb25fbW9kZXMYCSADKA4yLi5jb3JyYWwuc2Vzc2lvbi52MS5BZ2VudE9wdGlvbnMuUGVybWlzc2lvbk1vZGVCBOJBAQYSGQoLYWxsb3dlZF9lbnYYCiADKAlCBOJBAQYSIgoabWF4X3R1cm5fYnVkZ2V0X3VzZF9taWNyb3MYCyABKAM6aepBZgoec2Vzc2lvbi5jb3JyYWwuZGV2L0FnZW50UG9saWN5Eihvcmdhbml6YXRpb25zL3tvcmdhbml6YXRpb259L2FnZW50UG9saWN5Kg1hZ2VudFBvbGljaWVzMgthZ2VudFBvbGljeWIGcHJvdG8z", [file_corral_session_v1_agent_options, file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
 
 /**
  * An organisation's rules for every agent its people run: MCP servers every
@@ -65,6 +65,65 @@ export type AgentPolicy = Message<"corral.session.v1.AgentPolicy"> & {
    * @generated from field: string etag = 5;
    */
   etag: string;
+
+  /**
+   * Executables sessions may start as stdio MCP servers (exact command, as
+   * in McpStdioTransport.command). Empty, the default: none; a session's
+   * stdio server fails with INVALID_ARGUMENT (MCP_COMMAND_NOT_ALLOWED). The
+   * policy's own mcp_servers are set by admins and always allowed.
+   *
+   * @generated from field: repeated string allowed_mcp_commands = 6;
+   */
+  allowedMcpCommands: string[];
+
+  /**
+   * Hosts sessions' HTTP MCP servers may be on: `host` or `*.domain`.
+   * Empty, the default: any host over https, none over plain http; set: only
+   * these hosts (over https or http). Otherwise INVALID_ARGUMENT
+   * (MCP_HOST_NOT_ALLOWED).
+   *
+   * @generated from field: repeated string allowed_mcp_hosts = 7;
+   */
+  allowedMcpHosts: string[];
+
+  /**
+   * Models sessions may choose. Empty, the default: any.
+   * Otherwise INVALID_ARGUMENT (MODEL_NOT_ALLOWED).
+   *
+   * @generated from field: repeated string allowed_models = 8;
+   */
+  allowedModels: string[];
+
+  /**
+   * Permission modes sessions may choose. Empty, the default: every mode
+   * but PERMISSION_MODE_BYPASS_PERMISSIONS. Otherwise INVALID_ARGUMENT
+   * (PERMISSION_MODE_NOT_ALLOWED).
+   *
+   * @generated from field: repeated corral.session.v1.AgentOptions.PermissionMode allowed_permission_modes = 9;
+   */
+  allowedPermissionModes: AgentOptions_PermissionMode[];
+
+  /**
+   * Environment variables sessions (and their stdio MCP servers) may set:
+   * `NAME` or `PREFIX*`. Empty, the default: any name not on the platform's
+   * deny-list. The deny-list always applies: loader, interpreter, proxy and
+   * endpoint variables (`LD_*`, `DYLD_*`, `ANTHROPIC_*`, `CLAUDE_*`,
+   * `CORRAL_*`, `OTEL_*`, `GIT_*`, `*_PROXY`, `PATH`, `HOME`, `SHELL`,
+   * `NODE_OPTIONS`, `PYTHONPATH`, CA bundle variables, ...). Otherwise
+   * INVALID_ARGUMENT (ENV_NOT_ALLOWED).
+   *
+   * @generated from field: repeated string allowed_env = 10;
+   */
+  allowedEnv: string[];
+
+  /**
+   * The per-turn spending cap, in micro-USD, for sessions that set none
+   * (AgentOptions.max_budget_usd_micros = 0), and the most any session may
+   * set. 0: the deployment's default (CORRAL_SESSION_DEFAULT_TURN_BUDGET_USD).
+   *
+   * @generated from field: int64 max_turn_budget_usd_micros = 11;
+   */
+  maxTurnBudgetUsdMicros: bigint;
 };
 
 /**

@@ -173,7 +173,8 @@ export type CreateSessionRequest = Message<"corral.session.v1.CreateSessionReque
    * A client-generated UUID4 that makes retries safe (AIP-155): a retry with
    * the same request_id within 24 hours returns the first session instead of
    * creating another; reusing it for a different request fails with
-   * INVALID_ARGUMENT (REQUEST_ID_REUSED).
+   * INVALID_ARGUMENT (REQUEST_ID_REUSED). A request_id is the caller's own:
+   * another caller's equal request_id is a separate request.
    *
    * @generated from field: string request_id = 2;
    */
@@ -546,9 +547,11 @@ export type SendMessageRequest = Message<"corral.session.v1.SendMessageRequest">
   text: string;
 
   /**
-   * A client-generated UUID4 that makes retries safe: a retry with the same
-   * request_id within 24 hours returns the turn already created instead of
-   * sending the message twice.
+   * A client-generated UUID4 that makes retries safe (AIP-155): a retry with
+   * the same request_id within 24 hours returns the turn already created
+   * instead of sending the message twice; reusing it for a different request
+   * fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). A request_id is the
+   * caller's own: another caller's equal request_id is a separate request.
    *
    * @generated from field: string request_id = 3;
    */
@@ -832,8 +835,11 @@ export type ForkSessionRequest = Message<"corral.session.v1.ForkSessionRequest">
   displayName: string;
 
   /**
-   * A client-generated UUID4 that makes retries safe: a retry with the same
-   * request_id within 24 hours returns the fork already made.
+   * A client-generated UUID4 that makes retries safe (AIP-155): a retry with
+   * the same request_id within 24 hours returns the fork already made;
+   * reusing it for a different request fails with INVALID_ARGUMENT
+   * (REQUEST_ID_REUSED). A request_id is the caller's own: another caller's
+   * equal request_id is a separate request.
    *
    * @generated from field: string request_id = 3;
    */
@@ -984,7 +990,7 @@ export type UpdateAgentPolicyRequest = Message<"corral.session.v1.UpdateAgentPol
   agentPolicy?: AgentPolicy | undefined;
 
   /**
-   * Required. `mcp_servers`, `permission_rules`, or `*`.
+   * Required. Fields of AgentPolicy (see UpdateAgentPolicy), or `*`.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
@@ -1272,10 +1278,12 @@ export const SessionService: GenService<{
   },
   /**
    * Changes the fields of an organisation's agent policy named in
-   * update_mask (`mcp_servers`, `permission_rules`, or `*`). Admins of the
+   * update_mask (`mcp_servers`, `permission_rules`, `allowed_mcp_commands`,
+   * `allowed_mcp_hosts`, `allowed_models`, `allowed_permission_modes`,
+   * `allowed_env`, `max_turn_budget_usd_micros`, or `*`). Admins of the
    * organisation and superusers only. Applies to turns that start afterwards.
    * Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
-   * organisation; ABORTED if etag is stale; INVALID_ARGUMENT for a bad
+   * organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT for a bad
    * server or rule (with field violations).
    *
    * @generated from rpc corral.session.v1.SessionService.UpdateAgentPolicy
