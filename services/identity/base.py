@@ -172,7 +172,7 @@ class UseCases:
     async def _remember(
         self, uow: IdentityUnitOfWork, request: CreateRequest, name: str, at: float
     ) -> None:
-        """Record a create's result in its own transaction."""
+        """Record a create's result in ``uow``, the transaction that creates it."""
         if not request.request_id:
             return
         try:
@@ -203,10 +203,10 @@ class UseCases:
         replay: Callable[[str], Awaitable[T]],
     ) -> T:
         """``create(request)`` unless an earlier request by this caller with this
-        ``request_id`` did: then ``replay(name)`` answers as that one did. ``create`` records
-        its result with :meth:`_remember` in its own transaction. A concurrent duplicate that
-        wins the race makes ours fail (on the idempotency key, or on the resource's own unique
-        key): then its result is looked up once more."""
+        ``request_id`` did: then ``replay(name)`` answers as that one did. ``create`` records its
+        result with :meth:`_remember` in the transaction that creates the resource. A concurrent
+        duplicate that wins the race makes ours fail (on the idempotency key, or on the
+        resource's own unique key): then its result is looked up once more."""
         caller = ctx.require().subject
         request = CreateRequest(
             idempotency.scope(method, caller), request_id, idempotency.fingerprint(payload)

@@ -4,6 +4,8 @@ payload is refused, and one caller's request_id never answers for another caller
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -158,3 +160,23 @@ async def test_create_is_idempotent_per_caller(identity: Identity, method: str) 
     second = Caller("second", bearer(await identity.token("second@corral.test")))
     case = await CASES[method](identity, root)
     await assert_idempotent_create(case, root, second)
+
+
+async def test_concurrent_duplicates_create_one_resource(identity: Identity) -> None:
+    """Two copies of one request racing: one creates, the other answers with its resource."""
+    root = Caller("root", bearer(await identity.root()))
+    await identity.stub.CreateOrganization(
+        pb.CreateOrganizationRequest(
+            organization=organization_pb2.Organization(display_name="Acme"),
+            organization_id="acme",
+        ),
+        metadata=root.metadata,
+    )
+    case = await _user(identity, root)
+    before = await case.count()
+    request_id = str(uuid.uuid4())
+    first, second = await asyncio.gather(
+        case.create(root, request_id, "A"), case.create(root, request_id, "A")
+    )
+    assert first == second
+    assert await case.count() == before + 1
