@@ -138,6 +138,17 @@ class Settings(BaseSettings):
     runtime_model: str = "claude-sonnet-4-5"
     runtime_permission_timeout_seconds: float = Field(default=60.0, gt=0)
     runtime_interrupt_grace_seconds: float = Field(default=5.0, gt=0)
+    # Agents in sandboxes (services/runtime/sandbox.py): `bwrap` (bubblewrap) or `off`.
+    # Production refuses `off` (or a missing bwrap) unless runtime_allow_unsandboxed is true;
+    # development warns and runs unsandboxed when bwrap is missing.
+    runtime_sandbox: Literal["bwrap", "off"] = "bwrap"
+    runtime_allow_unsandboxed: bool = False
+    runtime_agent_uid: int = Field(default=10001, ge=1)  # when the runtime runs as root
+    runtime_agent_gid: int = Field(default=10001, ge=1)
+    # Extra paths agents may read (e.g. the virtualenv an MCP server runs from).
+    runtime_sandbox_read_only: list[Path] = Field(default_factory=list)
+    # A turn's spending cap when neither its session nor its organisation's policy sets one.
+    session_default_turn_budget_usd: float = Field(default=1.0, gt=0)
     # The model endpoint, under the standard names. No key: the runtime starts the offline model
     # server (a local stand-in, never the real model) and says so loudly.
     anthropic_api_key: SecretStr = Field(
