@@ -93,15 +93,11 @@ def changed_concurrently(what: str) -> Aborted:
     return Aborted(f"the {what} changed concurrently; retry", reason="ABORTED")
 
 
-def disabled_organization() -> FailedPrecondition:
-    return FailedPrecondition("the organization is disabled", reason="ORGANIZATION_DISABLED")
-
-
 async def active_organization(uow: IdentityUnitOfWork, org_id: str) -> Organization:
     """The organization, which must exist (NOT_FOUND) and be active (FAILED_PRECONDITION)."""
     org = found(await uow.organizations.get(org_id), ORGANIZATION.format(org_id))
     if org.state is not State.ACTIVE:
-        raise disabled_organization()
+        raise FailedPrecondition("the organization is disabled", reason="ORGANIZATION_DISABLED")
     return org
 
 

@@ -55,10 +55,6 @@ AUDIT_EVENT = ResourcePattern("organizations/{organization}/auditEvents/{audit_e
 SIGNING_KEY = ResourcePattern("signingKeys/{signing_key}")
 
 
-def org_name(org_id: str) -> str:
-    return ORGANIZATION.format(org_id)
-
-
 # ---- entities ----
 
 
@@ -240,7 +236,7 @@ class Principal:
     def see_org(self, org_id: str) -> None:
         """Another organisation's resources do not exist for this caller."""
         if not self.member_of(org_id):
-            raise NotFound(f"{org_name(org_id)} was not found", reason="NOT_FOUND")
+            raise NotFound(f"{ORGANIZATION.format(org_id)} was not found", reason="NOT_FOUND")
 
     def is_admin_of(self, org_id: str) -> bool:
         return self.superuser or (self.organization_id == org_id and self.role is Role.ADMIN)
@@ -381,7 +377,7 @@ def settled_amounts(
 
 def debited_subjects(org_id: str, subject: str) -> list[str]:
     """A user's usage counts against the user and the organization; others against the org."""
-    org = org_name(org_id)
+    org = ORGANIZATION.format(org_id)
     return [org, subject] if USER.matches(subject) else [org]
 
 
