@@ -10,8 +10,9 @@ fails ``INVALID_ARGUMENT`` with reason ``REQUEST_ID_REUSED``.
   answers for another's.
 - Records are kept for :data:`RETENTION` (24 hours, as the protos document); an older record
   is ignored, and :meth:`SqlIdempotencyStore.purge` deletes them.
-- Two concurrent requests with one ``request_id``: the second insert violates the primary key,
-  its transaction fails, and the retry (:func:`replay` again) finds the first one's record.
+- Two concurrent requests with one ``request_id``: the second insert violates the primary key
+  (:class:`RequestRaced`), its transaction fails, and :func:`create_once` answers with the
+  first one's result.
 
 Each service owns its own table, made by :func:`idempotency_table` in its own metadata.
 """
@@ -21,13 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from corral.libs.errors import InvalidArgument
+from corral.libs.errors import Aborted, InvalidArgument
+
+T = TypeVar("T")
 
 RETENTION_SECONDS = 24 * 3600
 
@@ -72,15 +76,32 @@ def _encode(value: Any) -> Any:
     return str(value)
 
 
+class RequestRaced(Aborted):
+    """Another request with the same key committed first; :func:`create_once` answers with
+    its result. Should it reach a client, ABORTED says: retry."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            "a concurrent request with this request_id was being made; retry",
+            metadata={"request_id": request_id},
+        )
+
+
 async def replay(
-    store: IdempotencyStore, scope_: str, request_id: str, fingerprint_: str
+    store: IdempotencyStore,
+    scope_: str,
+    request_id: str,
+    fingerprint_: str,
+    *,
+    now: float | None = None,
 ) -> str | None:
     """The result of an earlier request with this ``request_id``, or None if there is none
     (or no ``request_id``). Raises REQUEST_ID_REUSED when that request had another payload."""
     if not request_id:
         return None
     found = await store.get(scope_, request_id)
-    if found is None or found.create_time < time.time() - RETENTION_SECONDS:
+    current = time.time() if now is None else now
+    if found is None or found.create_time < current - RETENTION_SECONDS:
         return None
     if found.fingerprint != fingerprint_:
         raise InvalidArgument(
@@ -89,6 +110,54 @@ async def replay(
             metadata={"request_id": request_id},
         )
     return found.result
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    """One create under idempotency: its key (scope, request_id) and its payload's
+    fingerprint."""
+
+    scope: str
+    request_id: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, method: str, caller: str, request_id: str, payload: Any) -> CreateRequest:
+        return cls(scope(method, caller), request_id, fingerprint(payload))
+
+    async def earlier(self, store: IdempotencyStore, *, now: float | None = None) -> str | None:
+        """What an earlier request with this key created (see :func:`replay`)."""
+        return await replay(store, self.scope, self.request_id, self.fingerprint, now=now)
+
+    async def remember(self, store: IdempotencyStore, result: str, at: float) -> None:
+        """Record the created resource's name, in the transaction that creates it."""
+        if self.request_id:
+            await store.put(self.scope, self.request_id, self.fingerprint, result, at)
+
+
+async def create_once(
+    request: CreateRequest,
+    earlier: Callable[[CreateRequest], Awaitable[str | None]],
+    create: Callable[[CreateRequest], Awaitable[T]],
+    replayed: Callable[[str], Awaitable[T]],
+    *,
+    races: tuple[type[Exception], ...] = (),
+) -> T:
+    """The one idempotent-create flow: ``replayed(name)`` of what an earlier request made,
+    else ``create(request)`` (which calls :meth:`CreateRequest.remember` in its transaction).
+    When a concurrent twin commits first (:class:`RequestRaced`, or one of ``races``, e.g. the
+    resource's own unique key), its result is looked up once more and answered with."""
+    found = await earlier(request)
+    if found is not None:
+        return await replayed(found)
+    caught: tuple[type[Exception], ...] = (RequestRaced, *races)
+    try:
+        return await create(request)
+    except caught:
+        found = await earlier(request)
+        if found is None:
+            raise
+        return await replayed(found)
 
 
 def idempotency_table(metadata: sa.MetaData, name: str = "idempotency_keys") -> sa.Table:
@@ -124,7 +193,8 @@ class SqlIdempotencyStore:
     async def put(
         self, scope: str, request_id: str, fingerprint: str, result: str, at: float
     ) -> None:
-        """Record a request; replaces an expired record of the same key."""
+        """Record a request; replaces an expired record of the same key. A key another
+        transaction holds raises :class:`RequestRaced` (that transaction is then failed)."""
         t = self._t
         await self._c.execute(
             t.delete().where(
@@ -133,15 +203,18 @@ class SqlIdempotencyStore:
                 t.c.create_time < at - RETENTION_SECONDS,
             )
         )
-        await self._c.execute(
-            t.insert().values(
-                scope=scope,
-                request_id=request_id,
-                fingerprint=fingerprint,
-                result=result,
-                create_time=at,
+        try:
+            await self._c.execute(
+                t.insert().values(
+                    scope=scope,
+                    request_id=request_id,
+                    fingerprint=fingerprint,
+                    result=result,
+                    create_time=at,
+                )
             )
-        )
+        except sa.exc.IntegrityError as exc:
+            raise RequestRaced(request_id) from exc
 
     async def purge(self, before: float) -> int:
         """Delete records created before ``before``; returns how many."""

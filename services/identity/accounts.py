@@ -20,6 +20,7 @@ from corral.libs.errors import (
     Unauthenticated,
 )
 from corral.libs.etags import check_etag, mismatch
+from corral.libs.idempotency import CreateRequest
 from corral.libs.names import new_id
 from corral.services.identity import tokens
 from corral.services.identity.base import (
@@ -27,7 +28,6 @@ from corral.services.identity.base import (
     Clock,
     Config,
     Context,
-    CreateRequest,
     ListResult,
     UnitOfWorkFactory,
     UseCases,
@@ -236,7 +236,7 @@ class Accounts(UseCases):
                     raise Aborted(
                         "a concurrent request created it; retry", reason="CONFLICT"
                     ) from exc
-                await self._remember(uow, request, org.name, at)
+                await request.remember(uow.idempotency, org.name, at)
                 await self._audit(uow, ctx, org_id, "organizations.create", org.name)
                 await uow.commit()
             return org, user
@@ -339,7 +339,7 @@ class Accounts(UseCases):
                     await uow.users.add(user)
                 except DuplicateKey as exc:
                     raise AlreadyExists("the email is taken", reason="EMAIL_TAKEN") from exc
-                await self._remember(uow, request, user.name, at)
+                await request.remember(uow.idempotency, user.name, at)
                 await self._audit(uow, ctx, org_id, "users.create", user.name, role=role.value)
                 await uow.commit()
             return user

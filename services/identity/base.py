@@ -12,11 +12,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from corral.libs import idempotency
-from corral.libs.errors import Aborted, AlreadyExists, NotFound, Unauthenticated
+from corral.libs.errors import AlreadyExists, NotFound, Unauthenticated
+from corral.libs.idempotency import CreateRequest, create_once
 from corral.libs.names import ResourcePattern
 from corral.services.identity.domain import AuditEvent, Outcome, Principal, Role
-from corral.services.identity.repository import DuplicateKey, IdentityUnitOfWork
+from corral.services.identity.repository import IdentityUnitOfWork
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -59,20 +59,6 @@ class ListResult(Generic[T]):
     items: list[T]
     next_page_token: str
     total_size: int
-
-
-@dataclass(frozen=True)
-class CreateRequest:
-    """A create's idempotency key: its method and caller (the scope), ``request_id`` and the
-    fingerprint of its payload."""
-
-    scope: str
-    request_id: str
-    fingerprint: str
-
-
-class RequestRaced(Exception):
-    """A concurrent request with the same ``request_id`` recorded its result first."""
 
 
 def found(value: T | None, name: str) -> T:
@@ -165,22 +151,7 @@ class UseCases:
         if not request.request_id:
             return None
         async with self._uow() as uow:
-            return await idempotency.replay(
-                uow.idempotency, request.scope, request.request_id, request.fingerprint
-            )
-
-    async def _remember(
-        self, uow: IdentityUnitOfWork, request: CreateRequest, name: str, at: float
-    ) -> None:
-        """Record a create's result in ``uow``, the transaction that creates it."""
-        if not request.request_id:
-            return
-        try:
-            await uow.idempotency.put(
-                request.scope, request.request_id, request.fingerprint, name, at
-            )
-        except DuplicateKey as exc:
-            raise RequestRaced(request.request_id) from exc
+            return await request.earlier(uow.idempotency, now=self._clock())
 
     def _reread(
         self, pattern: ResourcePattern, get: Callable[..., Awaitable[T]]
@@ -203,23 +174,9 @@ class UseCases:
         replay: Callable[[str], Awaitable[T]],
     ) -> T:
         """``create(request)`` unless an earlier request by this caller with this
-        ``request_id`` did: then ``replay(name)`` answers as that one did. ``create`` records its
-        result with :meth:`_remember` in the transaction that creates the resource. A concurrent
-        duplicate that wins the race makes ours fail (on the idempotency key, or on the
-        resource's own unique key): then its result is looked up once more."""
-        caller = ctx.require().subject
-        request = CreateRequest(
-            idempotency.scope(method, caller), request_id, idempotency.fingerprint(payload)
-        )
-        name = await self._replayed(request)
-        if name is not None:
-            return await replay(name)
-        try:
-            return await create(request)
-        except (RequestRaced, AlreadyExists) as exc:
-            name = await self._replayed(request)
-            if name is not None:
-                return await replay(name)
-            if isinstance(exc, RequestRaced):
-                raise Aborted("a concurrent request won; retry", reason="CONFLICT") from exc
-            raise
+        ``request_id`` did: then ``replay(name)`` answers as that one did (the kit's
+        :func:`~corral.libs.idempotency.create_once`; a twin that wins the race on the
+        resource's own unique key counts as a race too). ``create`` records its result with
+        ``request.remember(uow.idempotency, name, at)`` in the transaction that creates it."""
+        request = CreateRequest.of(method, ctx.require().subject, request_id, payload)
+        return await create_once(request, self._replayed, create, replay, races=(AlreadyExists,))

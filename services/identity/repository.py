@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
-
 from corral.libs.db import UnitOfWork
 from corral.libs.idempotency import SqlIdempotencyStore
 from corral.services.identity import rows
@@ -46,18 +44,6 @@ class AuditLog(Repo):
         return await self._page(audit_events, filters, query, rows.audit_event, id_column="seq")
 
 
-class IdempotencyKeys(SqlIdempotencyStore):
-    """The shared store on identity's table; a lost race is a :class:`DuplicateKey`."""
-
-    async def put(
-        self, scope: str, request_id: str, fingerprint: str, result: str, at: float
-    ) -> None:
-        try:
-            await super().put(scope, request_id, fingerprint, result, at)
-        except sa.exc.IntegrityError as exc:
-            raise DuplicateKey(str(exc.orig)) from exc
-
-
 class IdentityUnitOfWork(UnitOfWork):
     organizations: Organizations
     users: Users
@@ -65,7 +51,7 @@ class IdentityUnitOfWork(UnitOfWork):
     api_keys: ApiKeys
     refresh_tokens: RefreshTokens
     signing_keys: SigningKeys
-    idempotency: IdempotencyKeys
+    idempotency: SqlIdempotencyStore
     quotas: Quotas
     reservations: Reservations
     audit: AuditLog
@@ -79,7 +65,7 @@ class IdentityUnitOfWork(UnitOfWork):
         self.api_keys = ApiKeys(c)
         self.refresh_tokens = RefreshTokens(c)
         self.signing_keys = SigningKeys(c)
-        self.idempotency = IdempotencyKeys(c, idempotency_keys)
+        self.idempotency = SqlIdempotencyStore(c, idempotency_keys)
         self.quotas = Quotas(c)
         self.reservations = Reservations(c)
         self.audit = AuditLog(c)

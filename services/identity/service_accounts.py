@@ -11,6 +11,7 @@ from typing import Any
 from corral.libs import listing
 from corral.libs.errors import Aborted, InvalidArgument
 from corral.libs.etags import check_etag, mismatch
+from corral.libs.idempotency import CreateRequest
 from corral.libs.names import new_id
 from corral.services.identity import tokens
 from corral.services.identity.accounts import (
@@ -20,7 +21,7 @@ from corral.services.identity.accounts import (
     ROLE,
     active_organization,
 )
-from corral.services.identity.base import Context, CreateRequest, ListResult, UseCases, found
+from corral.services.identity.base import Context, ListResult, UseCases, found
 from corral.services.identity.domain import (
     API_KEY,
     SERVICE_ACCOUNT,
@@ -107,7 +108,7 @@ class ServiceAccounts(UseCases):
             async with self._uow() as uow:
                 await active_organization(uow, org_id)
                 await uow.service_accounts.add(account)
-                await self._remember(uow, request, account.name, at)
+                await request.remember(uow.idempotency, account.name, at)
                 await self._audit(
                     uow, ctx, org_id, "service_accounts.create", account.name, role=role.value
                 )
@@ -220,7 +221,7 @@ class ServiceAccounts(UseCases):
                     await uow.api_keys.add(key)
                 except DuplicateKey as exc:
                     raise Aborted("a concurrent request won; retry", reason="CONFLICT") from exc
-                await self._remember(uow, request, key.name, at)
+                await request.remember(uow.idempotency, key.name, at)
                 await self._audit(uow, ctx, org_id, "api_keys.create", key.name)
                 await uow.commit()
             return key, plaintext

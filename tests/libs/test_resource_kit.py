@@ -207,7 +207,7 @@ async def test_idempotency_replays_refuses_reuse_and_scopes_by_caller(
             await idempotency.replay(store, alice, "r1", idempotency.fingerprint({"title": "2"}))
         assert reused.value.reason == "REQUEST_ID_REUSED"
     # a concurrent duplicate loses on the key; its transaction fails and nothing is doubled
-    with pytest.raises(sa.exc.IntegrityError):
+    with pytest.raises(idempotency.RequestRaced):
         async with engine.begin() as connection:
             store = idempotency.SqlIdempotencyStore(connection, keys)
             await store.put(alice, "r1", first, "things/2", time.time())
