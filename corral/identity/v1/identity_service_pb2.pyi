@@ -168,10 +168,12 @@ class CreateOrganizationRequest(_message.Message):
     with a letter. If empty, the server generates one.
     """
     request_id: _builtins.str
-    """A client-generated UUID4 that makes retries safe (AIP-155): a retry with
-    the same request_id within 24 hours returns the first result instead of
-    creating a duplicate; reusing it for a different request fails with
-    INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    """A client-generated UUID4 that makes retries safe (AIP-155): a retry by
+    the same caller with the same request_id within 24 hours returns the
+    first result instead of creating a duplicate; reusing it for a different
+    request fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). The password is
+    not compared: a retry that changes only the password returns the first
+    result. Another caller's equal request_id is a separate request.
     """
     @_builtins.property
     def organization(self) -> _organization_pb2.Organization:
@@ -523,9 +525,12 @@ class CreateUserRequest(_message.Message):
     parent: _builtins.str
     """Required. The organization, `organizations/{organization}`."""
     request_id: _builtins.str
-    """A client-generated UUID4 that makes retries safe (AIP-155): a retry with
-    the same request_id within 24 hours returns the first result; reusing it
-    for a different request fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    """A client-generated UUID4 that makes retries safe (AIP-155): a retry by
+    the same caller with the same request_id within 24 hours returns the
+    first result; reusing it for a different request fails with
+    INVALID_ARGUMENT (REQUEST_ID_REUSED). The password is not compared: a
+    retry that changes only the password returns the first result. Another
+    caller's equal request_id is a separate request.
     """
     @_builtins.property
     def user(self) -> _user_pb2.User:
@@ -912,9 +917,11 @@ class CreateServiceAccountRequest(_message.Message):
     parent: _builtins.str
     """Required. The organization, `organizations/{organization}`."""
     request_id: _builtins.str
-    """A client-generated UUID4 that makes retries safe (AIP-155): a retry with
-    the same request_id within 24 hours returns the first result; reusing it
-    for a different request fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    """A client-generated UUID4 that makes retries safe (AIP-155): a retry by
+    the same caller with the same request_id within 24 hours returns the
+    first result; reusing it for a different request fails with
+    INVALID_ARGUMENT (REQUEST_ID_REUSED). Another caller's equal request_id
+    is a separate request.
     """
     @_builtins.property
     def service_account(self) -> _service_account_pb2.ServiceAccount:
@@ -1188,8 +1195,10 @@ class CreateApiKeyRequest(_message.Message):
     parent: _builtins.str
     """Required. The service account that will own the key."""
     request_id: _builtins.str
-    """A client-generated UUID4 that makes retries safe (AIP-155). A retry
-    returns the key's metadata but not its plaintext.
+    """A client-generated UUID4 that makes retries safe (AIP-155): a retry by
+    the same caller with the same request_id within 24 hours returns the
+    key's metadata but not its plaintext; reusing it for a different request
+    fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
     """
     @_builtins.property
     def api_key(self) -> _api_key_pb2.ApiKey:

@@ -188,10 +188,12 @@ export type CreateOrganizationRequest = Message<"corral.identity.v1.CreateOrgani
   initialAdmin?: User | undefined;
 
   /**
-   * A client-generated UUID4 that makes retries safe (AIP-155): a retry with
-   * the same request_id within 24 hours returns the first result instead of
-   * creating a duplicate; reusing it for a different request fails with
-   * INVALID_ARGUMENT (REQUEST_ID_REUSED).
+   * A client-generated UUID4 that makes retries safe (AIP-155): a retry by
+   * the same caller with the same request_id within 24 hours returns the
+   * first result instead of creating a duplicate; reusing it for a different
+   * request fails with INVALID_ARGUMENT (REQUEST_ID_REUSED). The password is
+   * not compared: a retry that changes only the password returns the first
+   * result. Another caller's equal request_id is a separate request.
    *
    * @generated from field: string request_id = 4;
    */
@@ -528,9 +530,12 @@ export type CreateUserRequest = Message<"corral.identity.v1.CreateUserRequest"> 
   user?: User | undefined;
 
   /**
-   * A client-generated UUID4 that makes retries safe (AIP-155): a retry with
-   * the same request_id within 24 hours returns the first result; reusing it
-   * for a different request fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
+   * A client-generated UUID4 that makes retries safe (AIP-155): a retry by
+   * the same caller with the same request_id within 24 hours returns the
+   * first result; reusing it for a different request fails with
+   * INVALID_ARGUMENT (REQUEST_ID_REUSED). The password is not compared: a
+   * retry that changes only the password returns the first result. Another
+   * caller's equal request_id is a separate request.
    *
    * @generated from field: string request_id = 3;
    */
@@ -908,9 +913,11 @@ export type CreateServiceAccountRequest = Message<"corral.identity.v1.CreateServ
   serviceAccount?: ServiceAccount | undefined;
 
   /**
-   * A client-generated UUID4 that makes retries safe (AIP-155): a retry with
-   * the same request_id within 24 hours returns the first result; reusing it
-   * for a different request fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
+   * A client-generated UUID4 that makes retries safe (AIP-155): a retry by
+   * the same caller with the same request_id within 24 hours returns the
+   * first result; reusing it for a different request fails with
+   * INVALID_ARGUMENT (REQUEST_ID_REUSED). Another caller's equal request_id
+   * is a separate request.
    *
    * @generated from field: string request_id = 3;
    */
@@ -1176,8 +1183,10 @@ export type CreateApiKeyRequest = Message<"corral.identity.v1.CreateApiKeyReques
   apiKey?: ApiKey | undefined;
 
   /**
-   * A client-generated UUID4 that makes retries safe (AIP-155). A retry
-   * returns the key's metadata but not its plaintext.
+   * A client-generated UUID4 that makes retries safe (AIP-155): a retry by
+   * the same caller with the same request_id within 24 hours returns the
+   * key's metadata but not its plaintext; reusing it for a different request
+   * fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
    *
    * @generated from field: string request_id = 3;
    */
