@@ -1,7 +1,10 @@
 """The grpc.aio servicer of ``corral.runtime.v1.RuntimeService``: proto in, use case, proto out.
 
-Every method needs an authenticated caller (the interceptor verified the token); what the caller
-may touch is the service layer's business.
+The runtime is internal: every method needs an authenticated internal service principal (its
+token carries the ``service`` role; identity gives it to internal service accounts only). Users,
+admins and superusers alike are PERMISSION_DENIED: the session service calls as itself and names
+the user it acts for in ``RunTurnRequest.actor``. Every path is derived from the session: a turn's
+workspace is the session's own (``workspaces/{session}``).
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from typing import Any
 from google.protobuf import json_format
 
 from corral.libs import agent_options
-from corral.libs.auth.caller import require_caller
-from corral.libs.errors import Validator
+from corral.libs.auth.caller import Caller, require_caller
+from corral.libs.errors import PermissionDenied, Validator
 from corral.libs.names import ResourcePattern
 from corral.runtime.v1 import runtime_event_pb2 as event_pb
 from corral.runtime.v1 import runtime_service_pb2 as pb
@@ -30,6 +33,8 @@ ORGANIZATION = ResourcePattern("organizations/{organization}")
 # A turn's options are the session's merged over its organisation's policy: each may bring
 # its share of MCP servers.
 POLICY_SERVERS = agent_options.MAX_MCP_SERVERS
+# The role identity puts in the tokens of internal service accounts (services/identity/domain.py).
+SERVICE_ROLE = "service"
 _BEHAVIORS = {
     event_pb.PERMISSION_BEHAVIOR_ALLOW: Behavior.ALLOW,
     event_pb.PERMISSION_BEHAVIOR_DENY: Behavior.DENY,
@@ -43,7 +48,7 @@ class RuntimeApi(pb_grpc.RuntimeServiceServicer):
     async def RunTurn(
         self, request: pb.RunTurnRequest, context: Any
     ) -> AsyncIterator[pb.RunTurnResponse]:
-        caller = require_caller()
+        caller = require_service()
         turn = _turn_request(request)
         async for event in self._service.run_turn(caller, turn):
             yield pb.RunTurnResponse(event=event)
@@ -51,7 +56,7 @@ class RuntimeApi(pb_grpc.RuntimeServiceServicer):
     async def InterruptTurn(
         self, request: pb.InterruptTurnRequest, context: Any
     ) -> pb.InterruptTurnResponse:
-        caller = require_caller()
+        caller = require_service()
         check = Validator()
         session_id = _running_turn(request, check)
         check.raise_if_any()
@@ -61,7 +66,7 @@ class RuntimeApi(pb_grpc.RuntimeServiceServicer):
     async def SubmitPermissionDecision(
         self, request: pb.SubmitPermissionDecisionRequest, context: Any
     ) -> pb.SubmitPermissionDecisionResponse:
-        caller = require_caller()
+        caller = require_service()
         check = Validator()
         session_id = _running_turn(request, check)
         check.require(request.permission_request_id, "permission_request_id")
@@ -88,7 +93,7 @@ class RuntimeApi(pb_grpc.RuntimeServiceServicer):
     async def ReleaseSession(
         self, request: pb.ReleaseSessionRequest, context: Any
     ) -> pb.ReleaseSessionResponse:
-        caller = require_caller()
+        caller = require_service()
         check = Validator()
         session_id = _id(SESSION, request.session, "session", check)
         check.raise_if_any()
@@ -98,7 +103,7 @@ class RuntimeApi(pb_grpc.RuntimeServiceServicer):
     async def GetRuntimeStatus(
         self, request: pb.GetRuntimeStatusRequest, context: Any
     ) -> pb.GetRuntimeStatusResponse:
-        require_caller()
+        require_service()
         status = self._service.status()
         return pb.GetRuntimeStatusResponse(
             status=status_pb.RuntimeStatus(
@@ -114,6 +119,17 @@ class RuntimeApi(pb_grpc.RuntimeServiceServicer):
                 cli_version=status.cli_version,
             )
         )
+
+
+def require_service() -> Caller:
+    """The caller, if it is an internal service principal (a superuser is a person: refused)."""
+    caller = require_caller()
+    if SERVICE_ROLE not in caller.roles:
+        raise PermissionDenied(
+            "the agent runtime answers Corral's internal services only",
+            reason="PERMISSION_DENIED",
+        )
+    return caller
 
 
 def _id(pattern: ResourcePattern, name: str, field_path: str, check: Validator) -> str:
@@ -139,6 +155,12 @@ def _turn_request(request: pb.RunTurnRequest) -> TurnRequest:
     _id(ORGANIZATION, request.organization, "organization", check)
     check.require(request.actor, "actor")
     workspace_id = _id(WORKSPACE, request.workspace, "workspace", check)
+    # The runtime derives every path from the session: its workspace is its own.
+    check.check(
+        not session_id or not workspace_id or workspace_id == session_id,
+        "workspace",
+        "must be the session's own workspace, workspaces/{session}",
+    )
     check.check(request.HasField("options"), "options", "is required")
     check.require(request.prompt, "prompt")
     check.check(

@@ -3,6 +3,9 @@
 The service finds the session (``store``), a process for it (``pool``, started through the
 ``sdk`` port) and hands both to a :class:`~corral.services.runtime.turn.Turn`, which runs in a
 task of its own. The constructor does no I/O; :meth:`RuntimeService.start` prepares the disk.
+
+Its callers are internal services (the API lets no one else in); they act for users named in
+the requests. A session belongs to the organisation of its first turn, for good.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.libs.auth.caller import Caller
-from corral.libs.errors import FailedPrecondition, NotFound, PermissionDenied
+from corral.libs.errors import FailedPrecondition, NotFound
 from corral.runtime.v1 import agent_options_pb2 as options_pb
 from corral.runtime.v1 import runtime_event_pb2 as pb
 from corral.services.runtime.domain import (
@@ -32,7 +35,7 @@ from corral.services.runtime.domain import (
 )
 from corral.services.runtime.pool import AgentProcess, ProcessPool
 from corral.services.runtime.sdk import AgentClient, AgentSdk, AgentSpec
-from corral.services.runtime.store import SessionState, SessionStore, saved_cost
+from corral.services.runtime.store import SessionStore, saved_cost
 from corral.services.runtime.turn import SessionGate, Turn, TurnRequest
 
 
@@ -93,9 +96,10 @@ class RuntimeService:
     async def _start_turn(self, caller: Caller, request: TurnRequest) -> Turn:
         if self.draining:
             raise Draining("this runtime replica is shutting down; use another one")
-        _authorize(caller, request.organization)
         state = self.store.session(request.session_id, request.organization, create=True)
-        if state is None or not _may_see(caller, state):
+        if state is None or state.organization != request.organization:
+            # A session is bound to the organisation of its first turn; for any other it does
+            # not exist.
             raise NotFound(f"session {request.session_id!r} does not exist")
         if state.turn is not None:
             raise TurnAlreadyRunning(
@@ -110,9 +114,10 @@ class RuntimeService:
         )
         state.turn = turn
         try:
-            workspace = self.store.workspace(request.workspace_id)
-            if state.workspace_id != request.workspace_id:
-                state.workspace_id = request.workspace_id
+            # The session's own workspace, whatever the request named (the API refuses others).
+            workspace = self.store.workspace(state.session_id)
+            if state.workspace_id != state.session_id:
+                state.workspace_id = state.session_id
                 self.store.save(state)
             agent, started = await self._process_for(turn, workspace)
         except BaseException:
@@ -182,7 +187,7 @@ class RuntimeService:
     def _running(self, caller: Caller, session_id: str, turn_id: str) -> Turn:
         state = self.store.loaded(session_id)
         turn = state.turn if state is not None else None
-        if turn is None or turn.turn_id != turn_id or not _may_see(caller, turn.session):
+        if turn is None or turn.turn_id != turn_id:
             raise TurnNotFound(f"turn {turn_id!r} of session {session_id!r} is not running here")
         return turn
 
@@ -222,8 +227,6 @@ class RuntimeService:
         state = self.store.session(session_id, "", create=False)
         if state is None:
             return False
-        if not _may_see(caller, state):
-            raise NotFound(f"session {session_id!r} does not exist")
         if state.turn is not None:
             raise FailedPrecondition(
                 f"session {session_id!r} is running turn {state.turn.turn_id!r}: interrupt it",
@@ -261,18 +264,6 @@ class RuntimeService:
         if tasks:
             await asyncio.wait(tasks, timeout=self.config.interrupt_grace_seconds * 3)
         await self.pool.close()
-
-
-def _authorize(caller: Caller, organization: str) -> None:
-    if not caller.is_superuser and caller.organization != organization:
-        raise PermissionDenied(
-            f"the caller acts for {caller.organization!r}, not {organization!r}",
-            reason="ORGANIZATION_MISMATCH",
-        )
-
-
-def _may_see(caller: Caller, state: SessionState) -> bool:
-    return caller.is_superuser or caller.organization == state.organization
 
 
 def _process_key(request: TurnRequest, workspace: Path) -> str:

@@ -2,10 +2,11 @@
 workspace.
 
 ``<root>/sessions/<session>/`` is the session's ``CLAUDE_CONFIG_DIR`` (and ``HOME``): the CLI
-keeps its transcripts there, at ``projects/<cwd, sanitised>/<transcript>.jsonl``, and the
-runtime a small ``corral-session.json`` (whose session it is, where it last worked) that
-survives a restart. ``<root>/workspaces/<workspace>/`` is an agent's working directory. Ids are
-in the shared id alphabet (``libs.names``), so they are safe as file names.
+keeps its transcripts there, at ``projects/<cwd, sanitised>/<transcript>.jsonl``.
+``<root>/workspaces/<session>/`` is the session's working directory. The runtime keeps what
+survives a restart (whose session it is) in ``<root>/state/<session>.json``, out of the agent's
+reach: the agent may write anything in its own two directories. Ids are in the shared id
+alphabet (``libs.names``), so they are safe as file names.
 """
 
 from __future__ import annotations
@@ -47,12 +48,14 @@ class SessionStore:
     def __init__(self, root: Path) -> None:
         self._sessions_dir = root / "sessions"
         self._workspaces_dir = root / "workspaces"
+        self._state_dir = root / "state"
         self._sessions: dict[str, SessionState] = {}
         self._known: set[str] = set()
 
     async def start(self) -> None:
         self._sessions_dir.mkdir(parents=True, exist_ok=True)
         self._workspaces_dir.mkdir(parents=True, exist_ok=True)
+        self._state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._known = {p.name for p in self._sessions_dir.iterdir() if p.is_dir()}
 
     @property
@@ -71,15 +74,20 @@ class SessionStore:
         if state is not None:
             return state
         config_dir = self._sessions_dir / session_id
-        marker = config_dir / SESSION_FILE
+        marker = self._marker(session_id)
         state = SessionState(session_id, organization, config_dir)
+        legacy = config_dir / SESSION_FILE  # where earlier versions kept it
+        if not marker.exists() and legacy.exists():
+            with contextlib.suppress(OSError):
+                marker.write_text(legacy.read_text())
+                legacy.unlink()
         if marker.exists():
             try:
                 saved = json.loads(marker.read_text())
                 state.organization = str(saved["organization"])
-                state.workspace_id = str(saved.get("workspace", ""))
             except (OSError, ValueError, KeyError):
                 return None
+            state.workspace_id = session_id
         elif create:
             config_dir.mkdir(parents=True, exist_ok=True)
             self.save(state)
@@ -89,15 +97,20 @@ class SessionStore:
         self._known.add(session_id)
         return state
 
+    def _marker(self, session_id: str) -> Path:
+        return self._state_dir / f"{session_id}.json"
+
     def save(self, state: SessionState) -> None:
-        """What survives a restart: whose session it is (authorisation) and where it works."""
-        (state.config_dir / SESSION_FILE).write_text(
+        """What survives a restart: whose session it is (authorisation)."""
+        self._marker(state.session_id).write_text(
             json.dumps({"organization": state.organization, "workspace": state.workspace_id})
         )
 
     def forget(self, state: SessionState) -> None:
         """A deleted session: its transcripts and its working directory go."""
         shutil.rmtree(state.config_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self._marker(state.session_id).unlink()
         if state.workspace_id:
             shutil.rmtree(self._workspaces_dir / state.workspace_id, ignore_errors=True)
         self._sessions.pop(state.session_id, None)

@@ -51,11 +51,18 @@ def _turn_error(exc: grpc.aio.AioRpcError) -> CorralError:
 
 
 class GrpcRuntime:
-    """The agent-runtime service. Calls carry the turn sender's token, not ambient context:
-    turns run in background tasks after the request that started them has returned."""
+    """The agent-runtime service, called as this service (its own service credentials): the
+    runtime answers internal service principals only. The user a turn is for is named in the
+    request (``actor``); their token is never forwarded, so a queued turn still runs after it
+    expires. The ``token`` arguments of the port are ignored here. Without credentials the
+    calls carry no token, and the runtime refuses them."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, credentials: CachedToken | None = None) -> None:
         self._stub = runtime_rpc.RuntimeServiceStub(channel)
+        self._credentials = credentials
+
+    async def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return _auth(await self._credentials.get()) if self._credentials else ()
 
     async def run_turn(self, request: TurnRequest, *, token: str) -> AsyncIterator[rt.RuntimeEvent]:
         call = self._stub.RunTurn(
@@ -70,7 +77,7 @@ class GrpcRuntime:
                 resume_transcript_id=request.resume_transcript_id,
                 fork_transcript=request.fork_transcript,
             ),
-            metadata=_auth(token),
+            metadata=await self._metadata(),
         )
         try:
             async for response in call:
@@ -82,7 +89,7 @@ class GrpcRuntime:
         with _domain_errors():
             await self._stub.InterruptTurn(
                 runtime_pb.InterruptTurnRequest(session=session, turn_id=turn_id),
-                metadata=_auth(token),
+                metadata=await self._metadata(),
             )
 
     async def decide(
@@ -108,7 +115,7 @@ class GrpcRuntime:
         if updated_input is not None:
             request.updated_input.CopyFrom(updated_input)
         with _domain_errors():
-            await self._stub.SubmitPermissionDecision(request, metadata=_auth(token))
+            await self._stub.SubmitPermissionDecision(request, metadata=await self._metadata())
 
     async def release(self, session: str, *, delete_transcript: bool, token: str) -> None:
         with _domain_errors():
@@ -116,7 +123,7 @@ class GrpcRuntime:
                 runtime_pb.ReleaseSessionRequest(
                     session=session, delete_transcript=delete_transcript
                 ),
-                metadata=_auth(token),
+                metadata=await self._metadata(),
             )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from corral.services.session.ports import AuditLog, Runtime, UsageLedger
 from corral.services.session.repository import SessionUnitOfWork
 from corral.services.session.service import SessionService
 from corral.session.v1 import session_service_pb2, session_service_pb2_grpc
+
+log = logging.getLogger("corral.session")
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICE = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"]
@@ -94,10 +97,15 @@ async def build(
         resources.push_async_callback(channel.close, None)
         channels[name] = channel
     credentials = service_credentials(channels["identity"], settings.resolved_service_api_key())
+    if credentials is None:
+        log.warning(
+            "no service credentials (CORRAL_SERVICE_API_KEY, or <data_dir>/service-api-key): the"
+            " agent runtime answers internal services only and will refuse every turn"
+        )
     wired = wire(
         engine,
         hub,
-        GrpcRuntime(channels["runtime"]),
+        GrpcRuntime(channels["runtime"], credentials),
         IdentityLedger(channels["identity"], credentials),
         IdentityAudit(channels["identity"], credentials),
         heartbeat_seconds=settings.session_heartbeat_seconds,

@@ -35,6 +35,17 @@ from tests.support.keys import SigningKey
 
 MODEL = "claude-sonnet-4-5"
 ORG = "organizations/acme"
+# The session service's own principal: the runtime answers internal services only.
+SERVICE_SUBJECT = "organizations/default/serviceAccounts/corral-session"
+
+
+def service_token(signing_key: SigningKey) -> str:
+    """A token like identity gives an internal service account (the ``service`` role)."""
+    return signing_key.token(
+        sub=SERVICE_SUBJECT, org="organizations/default", roles=["admin", "service"]
+    )
+
+
 CLI_MARKER = "claude_agent_sdk/_bundled/claude"
 
 
@@ -186,7 +197,7 @@ async def make_runtime(
             app=app,
             root=root,
             stub=pb_grpc.RuntimeServiceStub(channel),
-            token=signing_key.token(),
+            token=service_token(signing_key),
             signing_key=signing_key,
             channel=channel,
             service=service,

@@ -181,9 +181,10 @@ async def test_turns_are_refused_before_they_start(runtime: Runtime) -> None:
         await runtime.stream(bad).read()
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-    other = runtime.request(session, "hi", organization="organizations/globex")
+    # A person (here a user of the organization the request names) may not call the runtime.
+    user = runtime.signing_key.token()
     with pytest.raises(grpc.aio.AioRpcError) as foreign:
-        await runtime.stream(other).read()
+        await runtime.stream(runtime.request(session, "hi"), token=user).read()
     assert foreign.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     missing = runtime.request(session, "hi", resume="5b1c1d9e-0000-4000-8000-000000000000")
@@ -196,25 +197,28 @@ async def test_turns_are_refused_before_they_start(runtime: Runtime) -> None:
 async def test_another_organizations_session_is_not_found(runtime: Runtime) -> None:
     session = new_session()
     await runtime.turn(session, "hello")
-    globex = runtime.signing_key.token(
-        sub="organizations/globex/users/mallory", org="organizations/globex"
-    )
+    # The session is bound to acme: a request naming another organization finds nothing.
     request = runtime.request(session, "hi", organization="organizations/globex")
     with pytest.raises(grpc.aio.AioRpcError) as hidden:
-        await runtime.stream(request, token=globex).read()
+        await runtime.stream(request).read()
     assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
-    with pytest.raises(grpc.aio.AioRpcError) as release:
-        await runtime.stub.ReleaseSession(
-            pb.ReleaseSessionRequest(session=f"sessions/{session}", delete_transcript=True),
-            metadata=runtime.metadata(globex),
-        )
-    assert release.value.code() == grpc.StatusCode.NOT_FOUND
-    # The superuser may act for any organization.
+    # Another organization's people (and a superuser, a person too) cannot reach it at all.
+    globex = runtime.signing_key.token(
+        sub="organizations/globex/users/mallory", org="organizations/globex", roles=["admin"]
+    )
     root = runtime.signing_key.token(
         sub="users/root", org="organizations/corral", roles=["superuser"]
     )
+    for token in (globex, root):
+        with pytest.raises(grpc.aio.AioRpcError) as release:
+            await runtime.stub.ReleaseSession(
+                pb.ReleaseSessionRequest(session=f"sessions/{session}", delete_transcript=True),
+                metadata=runtime.metadata(token),
+            )
+        assert release.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # The session service may release it.
     reply = await runtime.stub.ReleaseSession(
-        pb.ReleaseSessionRequest(session=f"sessions/{session}"), metadata=runtime.metadata(root)
+        pb.ReleaseSessionRequest(session=f"sessions/{session}"), metadata=runtime.metadata()
     )
     assert reply.process_released
 
@@ -272,13 +276,10 @@ async def test_a_forked_session_continues_its_parents_conversation(runtime: Runt
     # The parent goes on, unaffected; another organization cannot fork it.
     again = await runtime.turn(parent, "still the parent", resume=original)
     assert result_of(again).transcript_id == original
-    globex = runtime.signing_key.token(
-        sub="organizations/globex/users/mallory", org="organizations/globex"
-    )
     stolen = runtime.request(
         new_session(), "mine now", resume=original, organization="organizations/globex"
     )
     stolen.fork_transcript = True
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await runtime.stream(stolen, token=globex).read()
+        await runtime.stream(stolen).read()
     assert error_reason(refused.value) == "TRANSCRIPT_NOT_FOUND"
