@@ -395,7 +395,7 @@ def test_kustomization_lists_every_file() -> None:
 def test_every_object_is_well_formed() -> None:
     expected_kinds = {
         "Namespace", "ConfigMap", "PersistentVolumeClaim", "Job", "Deployment", "Service",
-        "PodDisruptionBudget",
+        "PodDisruptionBudget", "NetworkPolicy",
     }  # fmt: skip
     seen = set()
     for doc in objects():
@@ -497,6 +497,17 @@ def test_pods_have_resources_images_and_security() -> None:
             assert security["allowPrivilegeEscalation"] is False, name
             assert security["readOnlyRootFilesystem"] is True, name
             assert security["capabilities"]["drop"] == ["ALL"], name
+            # Only the runtime leaves the runtime's default profiles, for bubblewrap's user
+            # namespaces (each agent is sandboxed on its own).
+            profiles = {
+                k: security[k] for k in ("seccompProfile", "appArmorProfile") if k in security
+            }
+            expected = {"type": "Unconfined"}
+            assert profiles == (
+                {"seccompProfile": expected, "appArmorProfile": expected}
+                if name == "runtime"
+                else {}
+            ), name
             # A read-only root needs somewhere to write temporary files.
             assert "/tmp" in {m["mountPath"] for m in container["volumeMounts"]}, name
 
@@ -570,6 +581,24 @@ def test_labels_and_selectors() -> None:
     assert {"identity", "session"} <= disruption
     for name in disruption:
         assert one("Deployment", name)["spec"]["replicas"] >= 2, name
+
+
+def test_only_session_and_task_reach_the_runtime() -> None:
+    """The runtime is internal: its ingress policy admits the session and task pods only, on
+    the runtime's gRPC port, and its egress keeps agents off the cluster's private ranges."""
+    runtime = one("Deployment", "runtime")["spec"]["template"]["metadata"]["labels"]
+    ingress = one("NetworkPolicy", "runtime-ingress")["spec"]
+    assert _matches(ingress["podSelector"]["matchLabels"], runtime)
+    [rule] = ingress["ingress"]
+    sources = {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in rule["from"]}
+    assert sources == {"session", "task"}
+    port = one("Deployment", "runtime")["spec"]["template"]["spec"]["containers"][0]["ports"][0]
+    assert rule["ports"] == [{"protocol": "TCP", "port": port["containerPort"]}]
+    egress = one("NetworkPolicy", "runtime-egress")["spec"]
+    assert _matches(egress["podSelector"]["matchLabels"], runtime)
+    [internet] = [r for r in egress["egress"] if "to" in r and "ipBlock" in r["to"][0]]
+    assert "10.0.0.0/8" in internet["to"][0]["ipBlock"]["except"]
+    assert "169.254.0.0/16" in internet["to"][0]["ipBlock"]["except"]  # cloud metadata
 
 
 def test_runtime_volume_is_shared_with_storage() -> None:
