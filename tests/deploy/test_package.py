@@ -37,4 +37,3 @@ def test_the_wheel_holds_python_files_only(tmp_path: Path) -> None:
     assert any(n.startswith("corral/services/identity/migrations/versions/") for n in package)
     others = [n for n in package if not n.endswith((".py", ".pyi")) and n != "corral/py.typed"]
     assert others == []
-
