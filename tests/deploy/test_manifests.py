@@ -583,6 +583,12 @@ def test_labels_and_selectors() -> None:
         assert one("Deployment", name)["spec"]["replicas"] >= 2, name
 
 
+def test_namespace_warns_and_audits_restricted() -> None:
+    labels = one("Namespace", "corral")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+    assert labels["pod-security.kubernetes.io/audit"] == "restricted"
+
+
 def test_only_session_and_task_reach_the_runtime() -> None:
     """The runtime is internal: its ingress policy admits the session and task pods only, on
     the runtime's gRPC port, and its egress keeps agents off the cluster's private ranges."""
