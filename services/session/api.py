@@ -12,6 +12,7 @@ from google.rpc import code_pb2
 
 from corral.libs import agent_options
 from corral.libs.auth.caller import require_caller
+from corral.libs.config import Settings
 from corral.libs.errors import InvalidArgument, Validator
 from corral.libs.listing import (
     FieldSpec,
@@ -23,8 +24,10 @@ from corral.libs.listing import (
     parse_time,
 )
 from corral.libs.names import ResourcePattern
+from corral.libs.ratelimit import Networks, client_address, trusted_networks
 from corral.libs.validation import check_labels, check_request_id, check_text
-from corral.services.session import options
+from corral.services.session import options, policy
+from corral.services.session.audit import ORIGIN, Origin
 from corral.services.session.domain import (
     ORGANIZATION,
     POLICY,
@@ -216,8 +219,27 @@ def _mask(
 
 
 class SessionApi(rpc.SessionServiceServicer):
-    def __init__(self, service: SessionService) -> None:
+    def __init__(self, service: SessionService, trusted_proxies: Networks | None = None) -> None:
+        """``trusted_proxies``: who may name the client's address (the edge); the deployment's
+        CORRAL_TRUSTED_PROXIES if not given."""
         self._service = service
+        self._trusted = (
+            trusted_networks(Settings().trusted_proxies)
+            if trusted_proxies is None
+            else trusted_proxies
+        )
+
+    def _origin(self, context: Any) -> None:
+        """Where this state-changing call comes from, for its audit event."""
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        trailing = dict(context.trailing_metadata() or ())  # the id the kit gave the call
+        ORIGIN.set(
+            Origin(
+                request_id=str(metadata.get("x-request-id") or trailing.get("x-request-id", "")),
+                source_ip=client_address(context.peer() or "", metadata, self._trusted),
+                user_agent=metadata.get("user-agent", "")[:256],
+            )
+        )
 
     async def _proto(self, session: Session) -> session_pb2.Session:
         pending = (
@@ -230,6 +252,7 @@ class SessionApi(rpc.SessionServiceServicer):
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: Any
     ) -> pb.CreateSessionResponse:
+        self._origin(context)
         check = Validator()
         session = request.session
         _display_name(session.display_name, "session.display_name", check)
@@ -279,6 +302,7 @@ class SessionApi(rpc.SessionServiceServicer):
     async def UpdateSession(
         self, request: pb.UpdateSessionRequest, context: Any
     ) -> pb.UpdateSessionResponse:
+        self._origin(context)
         check = Validator()
         sent = request.session
         session_id = _session_id(sent.name, "session.name", check)
@@ -313,6 +337,7 @@ class SessionApi(rpc.SessionServiceServicer):
     async def DeleteSession(
         self, request: pb.DeleteSessionRequest, context: Any
     ) -> pb.DeleteSessionResponse:
+        self._origin(context)
         check = Validator()
         session_id = _session_id(request.name, "name", check)
         check.raise_if_any()
@@ -324,6 +349,7 @@ class SessionApi(rpc.SessionServiceServicer):
     async def ArchiveSession(
         self, request: pb.ArchiveSessionRequest, context: Any
     ) -> pb.ArchiveSessionResponse:
+        self._origin(context)
         check = Validator()
         session_id = _session_id(request.name, "name", check)
         check.raise_if_any()
@@ -335,6 +361,7 @@ class SessionApi(rpc.SessionServiceServicer):
     async def ForkSession(
         self, request: pb.ForkSessionRequest, context: Any
     ) -> pb.ForkSessionResponse:
+        self._origin(context)
         check = Validator()
         session_id = _session_id(request.name, "name", check)
         _display_name(request.display_name, "display_name", check)
@@ -372,6 +399,7 @@ class SessionApi(rpc.SessionServiceServicer):
     async def UpdateAgentPolicy(
         self, request: pb.UpdateAgentPolicyRequest, context: Any
     ) -> pb.UpdateAgentPolicyResponse:
+        self._origin(context)
         check = Validator()
         sent = request.agent_policy
         (org_id,) = _ids(POLICY, sent.name, "agent_policy.name", check)
@@ -379,6 +407,7 @@ class SessionApi(rpc.SessionServiceServicer):
         check.check(
             all("." not in p for p in paths), "update_mask", "name whole fields of the policy"
         )
+        policy.validate(sent, paths, check)
         agent_options.validate(
             agent_options_pb2.AgentOptions(
                 mcp_servers=sent.mcp_servers, permission_rules=sent.permission_rules
@@ -395,6 +424,7 @@ class SessionApi(rpc.SessionServiceServicer):
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: Any
     ) -> pb.SendMessageResponse:
+        self._origin(context)
         check = Validator()
         session_id = _session_id(request.session, "session", check)
         check_text(request.text, check, "text", max_length=MAX_TEXT, required=True)
@@ -438,6 +468,7 @@ class SessionApi(rpc.SessionServiceServicer):
     async def InterruptTurn(
         self, request: pb.InterruptTurnRequest, context: Any
     ) -> pb.InterruptTurnResponse:
+        self._origin(context)
         check = Validator()
         session_id = _session_id(request.session, "session", check)
         turn_id = request.turn_id.rpartition("/turns/")[2]
@@ -450,6 +481,7 @@ class SessionApi(rpc.SessionServiceServicer):
     async def RespondToPermission(
         self, request: pb.RespondToPermissionRequest, context: Any
     ) -> pb.RespondToPermissionResponse:
+        self._origin(context)
         check = Validator()
         session_id = _session_id(request.session, "session", check)
         check.require(request.permission_request_id, "permission_request_id")

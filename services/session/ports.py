@@ -8,10 +8,10 @@ Ports speak Python: an adapter turns its transport's failures into the categorie
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol, Self, runtime_checkable
 
 from google.protobuf import struct_pb2
 
@@ -113,6 +113,26 @@ class Policies(Protocol):
     async def save(self, policy: AgentPolicyRecord) -> None: ...
 
 
+class AuditOutboxStore(Protocol):
+    """Audit events waiting to reach identity (written in the transaction of the change)."""
+
+    async def add(self, entry: AuditEntry, next_attempt: datetime) -> None: ...
+
+    async def due(self, at: datetime, limit: int) -> list[tuple[AuditEntry, datetime]]:
+        """Entries whose next attempt is at or before ``at``, oldest first, with that time."""
+        ...
+
+    async def claim(self, entry_id: str, seen: datetime, until: datetime) -> bool:
+        """Move the next attempt from ``seen`` to ``until``; False if another replica did."""
+        ...
+
+    async def delivered(self, entry_id: str) -> None: ...
+
+    async def failed(
+        self, entry_id: str, attempts: int, next_attempt: datetime, error: str
+    ) -> None: ...
+
+
 class UnitOfWork(Protocol):
     """One transaction: ``async with uow: ...; await uow.commit()``; no commit, no change.
     ``idempotency.put`` raises :class:`DuplicateRequest` when the key is taken."""
@@ -134,6 +154,9 @@ class UnitOfWork(Protocol):
 
     @property
     def idempotency(self) -> IdempotencyStore: ...
+
+    @property
+    def outbox(self) -> AuditOutboxStore: ...
 
     async def __aenter__(self) -> Self: ...
 
@@ -196,6 +219,33 @@ class UsageLedger(Protocol):
     async def settle(self, reservation: str, usage: Usage, *, token: str) -> None: ...
 
     async def release(self, reservation: str, *, token: str) -> None: ...
+
+
+@dataclass
+class AuditEntry:
+    """One audit event as identity's WriteAuditEvents takes it. ``id`` (a UUID4) is the
+    batch's request_id: identity stores a retried entry once."""
+
+    id: str
+    organization: str
+    actor: str
+    action: str
+    resource: str
+    outcome: str  # SUCCEEDED, DENIED or FAILED
+    event_time: datetime
+    request_id: str = ""  # the call's x-request-id
+    source_ip: str = ""
+    user_agent: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    attempts: int = 0
+
+
+@runtime_checkable
+class AuditWriter(Protocol):
+    """Identity's audit log, entry by entry; raises (a libs.errors category) when the write
+    did not happen. ``token``: the caller's, when still at hand (else service credentials)."""
+
+    async def write(self, entry: AuditEntry, *, token: str) -> None: ...
 
 
 class AuditLog(Protocol):

@@ -12,8 +12,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.libs import keyset
 from corral.libs.db import UnitOfWork
-from corral.libs.idempotency import SqlIdempotencyStore, idempotency_table
+from corral.libs.idempotency import RequestRaced, SqlIdempotencyStore, idempotency_table
 from corral.libs.listing import Condition, Page
+from corral.services.session.audit import OutboxRecords, outbox_table
 from corral.services.session.domain import (
     AgentPolicyRecord,
     Session,
@@ -133,12 +134,14 @@ agent_policies = sa.Table(
     "agent_policies",
     metadata,
     sa.Column("organization", sa.String(200), primary_key=True),
-    sa.Column("payload", sa.LargeBinary, nullable=False),  # the serialised AgentPolicy, secrets in
+    # the serialised AgentPolicy, MCP secrets sealed (secrets.py)
+    sa.Column("payload", sa.LargeBinary, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("update_time", sa.DateTime(timezone=True), nullable=False),
 )
 
 idempotency_keys = idempotency_table(metadata)
+audit_outbox = outbox_table(metadata)
 
 
 def _session_row(session: Session) -> dict[str, Any]:
@@ -521,7 +524,7 @@ class IdempotencyRecords(SqlIdempotencyStore):
     ) -> None:
         try:
             await super().put(scope, request_id, fingerprint, result, at)
-        except sa.exc.IntegrityError as exc:
+        except (sa.exc.IntegrityError, RequestRaced) as exc:
             raise DuplicateRequest("a request with this request_id is being made") from exc
 
 
@@ -532,6 +535,7 @@ class SessionUnitOfWork(UnitOfWork):
     permissions: PermissionRepository
     policies: PolicyRepository
     idempotency: IdempotencyRecords
+    outbox: OutboxRecords
 
     def _bind(self) -> None:
         self.sessions = SessionRepository(self.connection)
@@ -540,3 +544,4 @@ class SessionUnitOfWork(UnitOfWork):
         self.permissions = PermissionRepository(self.connection)
         self.policies = PolicyRepository(self.connection)
         self.idempotency = IdempotencyRecords(self.connection, idempotency_keys)
+        self.outbox = OutboxRecords(self.connection, audit_outbox)

@@ -3,6 +3,7 @@ in-process/Redis hub, with the runtime, ledger and audit log faked at their port
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -54,6 +55,16 @@ class Stack:
 
     def auth(self, user: str = "alice", **kw: Any) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token(user, **kw)}"),)
+
+
+TEST_KEYS = "test1:" + base64.b64encode(b"k" * 32).decode()
+
+
+@pytest.fixture(autouse=True)
+def encryption_keys(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The key ring the service builds from its settings (no key file under the data dir)."""
+    monkeypatch.setenv("CORRAL_ENCRYPTION_KEYS", TEST_KEYS)
+    return TEST_KEYS
 
 
 @pytest.fixture(

@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 from corral.libs.errors import QuotaViolation, ResourceExhausted, Unavailable
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.services.session.domain import Usage
-from corral.services.session.ports import TurnRequest
+from corral.services.session.ports import AuditEntry, TurnRequest
 
 
 def event(turn_id: str, **payload: Any) -> rt.RuntimeEvent:
@@ -203,9 +203,37 @@ class FakeLedger:
 
 
 class FakeAudit:
+    """Identity's audit log as the outbox writes to it (``write``): it remembers each entry
+    (as a dict of its fields) and the token it came with; ``fail`` makes the next N writes
+    fail as an unavailable identity would. Entries are stored once per id, as identity does
+    with WriteAuditEvents' request_id."""
+
     def __init__(self) -> None:
         self.records: list[dict[str, Any]] = []
+        self.tokens: list[str] = []
+        self.attempts = 0
+        self.fail = 0
+        self._changed = asyncio.Condition()
 
-    async def record(self, **fields: Any) -> None:
-        fields.pop("token", None)
-        self.records.append(fields)
+    async def write(self, entry: AuditEntry, *, token: str) -> None:
+        self.attempts += 1
+        if self.fail > 0:
+            self.fail -= 1
+            raise Unavailable("identity is down", reason="DEPENDENCY_FAILED")
+        if all(r["id"] != entry.id for r in self.records):
+            self.records.append(dict(vars(entry)))
+            self.tokens.append(token)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(
+        self, action: str, count: int = 1, within: float = 5.0
+    ) -> list[dict[str, Any]]:
+        """The records of ``action``, once there are ``count`` of them."""
+
+        def found() -> list[dict[str, Any]]:
+            return [r for r in self.records if r["action"] == action]
+
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(lambda: len(found()) >= count)
+        return found()

@@ -14,12 +14,14 @@ from corral.session.v1 import agent_policy_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as pb
 from tests.session.conftest import Stack
 
+COMMAND = "/usr/bin/mcp-files"
+
 
 def _stdio(name: str, **secrets: str) -> opts.McpServer:
     return opts.McpServer(
         name=name,
         stdio=opts.McpStdioTransport(
-            command="/usr/bin/mcp-files",
+            command=COMMAND,
             args=["--root", "/workspace", "--verbose"],
             env={"LOG_LEVEL": "debug"},
             secret_env=secrets,
@@ -50,7 +52,7 @@ OPTION_SETS = {
         max_turns=12,
         max_budget_usd_micros=2_000_000,
         max_thinking_tokens=4096,
-        env={"TZ": "UTC", "GIT_PAGER": "cat"},
+        env={"TZ": "UTC", "PAGER": "cat"},  # GIT_* is on the platform's deny-list
         permission_timeout=duration_pb2.Duration(seconds=600),
         permission_rules=[
             opts.PermissionRule(tool_pattern="Bash", action=opts.PermissionRule.ACTION_ASK),
@@ -69,8 +71,10 @@ OPTION_SETS = {
 }
 
 POLICIES = {
-    "no-policy": None,
+    # The least policy these options need: no stdio command is allowed by default.
+    "allows-the-command": agent_policy_pb2.AgentPolicy(allowed_mcp_commands=[COMMAND]),
     "policy-adds-servers-and-rules": agent_policy_pb2.AgentPolicy(
+        allowed_mcp_commands=[COMMAND],
         mcp_servers=[
             _http("org-search", authorization="Bearer org"),
             _stdio("org-files", ORG_TOKEN="org"),
@@ -89,14 +93,13 @@ async def test_what_a_session_accepts_its_runtime_accepts(
     stack: Stack, options_name: str, policy_name: str
 ) -> None:
     options, policy = OPTION_SETS[options_name], POLICIES[policy_name]
-    if policy is not None:
-        policy.name = "organizations/acme/agentPolicy"
-        await stack.stub.UpdateAgentPolicy(
-            pb.UpdateAgentPolicyRequest(
-                agent_policy=policy, update_mask=field_mask_pb2.FieldMask(paths=["*"])
-            ),
-            metadata=stack.auth("ada", roles=("admin",)),
-        )
+    policy.name = "organizations/acme/agentPolicy"
+    await stack.stub.UpdateAgentPolicy(
+        pb.UpdateAgentPolicyRequest(
+            agent_policy=policy, update_mask=field_mask_pb2.FieldMask(paths=["*"])
+        ),
+        metadata=stack.auth("ada", roles=("admin",)),
+    )
     session = (
         await stack.stub.CreateSession(
             pb.CreateSessionRequest(session=session_pb2.Session(agent_options=options)),
@@ -113,6 +116,6 @@ async def test_what_a_session_accepts_its_runtime_accepts(
     agent_options.validate(sent, check, "options", policy_servers=agent_options.MAX_MCP_SERVERS)
     assert check.violations == []
     own = {s.name for s in options.mcp_servers}
-    added = {s.name for s in policy.mcp_servers} if policy is not None else set()
+    added = {s.name for s in policy.mcp_servers}
     assert {s.name for s in sent.mcp_servers} == own | added
     turn.finish()

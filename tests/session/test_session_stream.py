@@ -312,7 +312,11 @@ async def test_permission_request_waits_for_the_owner(stack: Stack) -> None:
     )
     fake.finish()
     await collect(stack, session.name)
-    assert [r["action"] for r in stack.audit.records] == ["permission.deny"]
+    # Every state change is audited now (session.create, session.send_message, ...): the
+    # decision is audited once, as a denial.
+    await stack.audit.wait_for("permission.deny")
+    decisions = [r for r in stack.audit.records if r["action"].startswith("permission.")]
+    assert [(r["action"], r["outcome"]) for r in decisions] == [("permission.deny", "DENIED")]
 
 
 async def test_quota_exhaustion_stops_the_turn_before_it_starts(stack: Stack) -> None:
