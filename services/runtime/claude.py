@@ -35,13 +35,14 @@ from claude_agent_sdk import (
 from claude_agent_sdk.types import McpServerConfig, PermissionMode
 
 from corral.runtime.v1 import agent_options_pb2 as options_pb
-from corral.services.runtime import process
+from corral.services.runtime import process, sandbox
 from corral.services.runtime.domain import (
     Behavior,
     DecisionSource,
     ProcessFailed,
     TranscriptNotFound,
 )
+from corral.services.runtime.sandbox import SandboxPolicy
 from corral.services.runtime.sdk import AgentProcessLost, AgentSpec, ToolGate
 
 log = logging.getLogger("corral.runtime")
@@ -104,12 +105,21 @@ def _lost() -> Iterator[None]:
 
 class ClaudeSdk:
     """Starts CLI processes for the runtime. ``model_env``: ANTHROPIC_BASE_URL / _API_KEY;
-    ``scrub_tool_env``: have the CLI keep them from its tools (it needs bubblewrap for it)."""
+    ``scrub_tool_env``: have the CLI keep them from its tools (it needs bubblewrap for it);
+    ``sandbox``: how agents are confined (None: they are not, which only an operator chooses)."""
 
-    def __init__(self, root: Path, model_env: Mapping[str, str], *, scrub_tool_env: bool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        model_env: Mapping[str, str],
+        *,
+        scrub_tool_env: bool,
+        sandbox: SandboxPolicy | None = None,
+    ) -> None:
         self._bin = root / "bin"
         self._model_env = dict(model_env)
         self._scrub = scrub_tool_env
+        self._sandbox = sandbox
         self._cli: Path | None = None  # the CLI the launcher runs, and the launcher
         self._launcher: Path | None = None
         self.sdk_version: str = claude_agent_sdk.__version__
@@ -121,6 +131,15 @@ class ClaudeSdk:
         self.cli_version = await asyncio.to_thread(process.cli_version, self._cli)
 
     async def connect(self, spec: AgentSpec, gate: ToolGate) -> ClaudeClient:
+        if self._sandbox is not None:
+            # The session's two directories become the agent user's (files the runtime wrote
+            # there, e.g. a fork's copies, included).
+            await asyncio.to_thread(
+                sandbox.prepare,
+                self._sandbox,
+                workspace=spec.workspace,
+                config_dir=spec.config_dir,
+            )
         options = self.options(spec, gate)
         client = ClaudeSDKClient(options)
         try:
@@ -167,7 +186,9 @@ class ClaudeSdk:
                 if opts.max_thinking_tokens > 0
                 else {"type": "disabled"}
             ),
-            env=process.cli_environment(self._cli, dict(opts.env), runtime_env),
+            env=process.cli_environment(
+                self._cli, dict(opts.env), runtime_env, self._sandbox_command(spec)
+            ),
             cwd=spec.workspace,
             cli_path=self._launcher,
             include_partial_messages=True,
@@ -179,6 +200,13 @@ class ClaudeSdk:
             stderr=lambda line: log.debug(
                 "agent stderr: %s", line, extra={"session": spec.session_id}
             ),
+        )
+
+    def _sandbox_command(self, spec: AgentSpec) -> list[str]:
+        if self._sandbox is None or self._cli is None:
+            return []
+        return sandbox.command(
+            self._sandbox, workspace=spec.workspace, config_dir=spec.config_dir, cli=self._cli
         )
 
 

@@ -12,10 +12,12 @@ import asyncio
 import logging
 import shutil
 import socket
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 from claude_agent_sdk.types import CanUseToolShadowedWarning
 
@@ -27,6 +29,7 @@ from corral.runtime.v1 import runtime_service_pb2, runtime_service_pb2_grpc
 from corral.services.runtime.api import RuntimeApi
 from corral.services.runtime.claude import ClaudeSdk
 from corral.services.runtime.pool import ProcessPool
+from corral.services.runtime.sandbox import SandboxPolicy, SandboxUnavailable, command, prepare
 from corral.services.runtime.sdk import AgentSdk
 from corral.services.runtime.service import RuntimeConfig, RuntimeService
 from corral.services.runtime.store import SessionStore
@@ -110,10 +113,71 @@ async def _service(settings: Settings, sdk: AgentSdk, clock: Callable[[], float]
 async def _claude_sdk(settings: Settings, resources: AsyncExitStack) -> ClaudeSdk:
     # The runtime gates tools with a PreToolUse hook and can_use_tool together, on purpose.
     warnings.filterwarnings("ignore", category=CanUseToolShadowedWarning)
+    policy = await sandbox_policy(settings)
     model_env = await _model_endpoint(settings, resources)
     return ClaudeSdk(
-        settings.runtime_dir(), model_env, scrub_tool_env=_can_scrub_tool_env(model_env)
+        settings.runtime_dir(),
+        model_env,
+        # The CLI scrubs its tools' environment with a bubblewrap of its own, which cannot run
+        # inside the agent's sandbox; there the tools share the CLI's user anyway (see README).
+        scrub_tool_env=policy is None and _can_scrub_tool_env(model_env),
+        sandbox=policy,
     )
+
+
+async def sandbox_policy(settings: Settings) -> SandboxPolicy | None:
+    """How agents are confined, or None (unsandboxed). Production refuses to run agents
+    unsandboxed (sandboxing off, bubblewrap missing or not working) unless the operator opted
+    out with CORRAL_RUNTIME_ALLOW_UNSANDBOXED; development warns and goes on."""
+    allowed = settings.is_development or settings.runtime_allow_unsandboxed
+    if settings.runtime_sandbox == "off":
+        if not allowed:
+            raise SandboxUnavailable(
+                "CORRAL_RUNTIME_SANDBOX=off in production needs"
+                " CORRAL_RUNTIME_ALLOW_UNSANDBOXED=true"
+            )
+        log.warning("agents run UNSANDBOXED (CORRAL_RUNTIME_SANDBOX=off): they can read the host")
+        return None
+    policy = SandboxPolicy(
+        uid=settings.runtime_agent_uid,
+        gid=settings.runtime_agent_gid,
+        read_only=tuple(settings.runtime_sandbox_read_only),
+    )
+    try:
+        policy.require()
+        await _probe(policy, settings.runtime_dir())
+    except SandboxUnavailable as exc:
+        if not allowed:
+            raise
+        log.warning("agents run UNSANDBOXED: %s", exc)
+        return None
+    return policy
+
+
+async def _probe(policy: SandboxPolicy, root: Path) -> None:
+    """Run ``true`` in a sandbox once: bubblewrap may be installed but not usable here (no user
+    namespaces, no privileges)."""
+    with tempfile.TemporaryDirectory(prefix="sandbox-probe-", dir=_existing(root)) as scratch:
+        workspace, config = Path(scratch) / "workspace", Path(scratch) / "config"
+        await asyncio.to_thread(prepare, policy, workspace=workspace, config_dir=config)
+        argv = command(policy, workspace=workspace, config_dir=config, cli=Path("/usr/bin/true"))
+        child = await asyncio.create_subprocess_exec(
+            *argv,
+            "/usr/bin/true",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await child.communicate()
+    if child.returncode != 0:
+        raise SandboxUnavailable(
+            f"bubblewrap cannot start a sandbox here: {err.decode(errors='replace').strip()}"
+        )
+
+
+def _existing(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 async def _model_endpoint(settings: Settings, resources: AsyncExitStack) -> dict[str, str]:

@@ -4,7 +4,9 @@ The SDK starts the CLI with the runtime's whole environment plus ``options.env``
 see only what its session allows, so the SDK is pointed (``cli_path``) at a small launcher that
 keeps the variables the runtime names in ``CORRAL_CLI_ENV`` (and those the SDK itself sets),
 starts a new session (``setsid``: the CLI leads its own process group, apart from the runtime's),
-and then ``exec``s the real CLI. The CLI stays the runtime's child with the same pid.
+and then ``exec``s the real CLI, inside the agent's sandbox (``sandbox.py``: bubblewrap, as the
+agent user) unless sandboxing is off. What the runtime sees as the agent's pid is then
+bubblewrap's; the CLI and everything it starts are its descendants.
 
 Tools the CLI runs (Bash) live in sessions of their own and may outlive the CLI, so every
 process an agent starts is found by its tag (``TAG_VARIABLE``, inherited through the
@@ -15,11 +17,12 @@ killed.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import claude_agent_sdk
@@ -42,13 +45,17 @@ SDK_VARIABLES = (
 )
 KEEP_VARIABLE = "CORRAL_CLI_ENV"
 CLI_VARIABLE = "CORRAL_CLI_PATH"
+# The sandbox command (JSON list) the launcher runs the CLI under; absent: no sandbox.
+SANDBOX_VARIABLE = "CORRAL_SANDBOX_COMMAND"
 # Set to a fresh value for each agent process; everything it starts inherits it, so what it ran
 # is found again even after it was re-parented (a tool that outlived a crashed CLI).
 TAG_VARIABLE = "CORRAL_AGENT_TAG"
 
 _LAUNCHER = '''\
 """Corral's Claude CLI launcher (written by the runtime; do not edit): keep only the
-environment variables named in {keep} and the SDK's own, start a new session, exec the CLI."""
+environment variables named in {keep} and the SDK's own, start a new session, exec the CLI
+(inside the sandbox command in {sandbox}, if there is one)."""
+import json
 import os
 import sys
 
@@ -56,9 +63,11 @@ SDK_VARIABLES = {sdk!r}
 keep = set(os.environ.get("{keep}", "").split(",")) | set(SDK_VARIABLES)
 keep.discard("")
 cli = os.environ["{cli}"]
+sandbox = json.loads(os.environ.get("{sandbox}") or "[]")
 env = {{name: value for name, value in os.environ.items() if name in keep}}
+argv = [*sandbox, cli, *sys.argv[1:]]
 os.setsid()
-os.execve(cli, [cli, *sys.argv[1:]], env)
+os.execve(argv[0], argv, env)
 '''
 
 
@@ -78,7 +87,7 @@ def install_launcher(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "claude-launcher"
     text = f"#!{sys.executable} -IS\n" + _LAUNCHER.format(
-        keep=KEEP_VARIABLE, cli=CLI_VARIABLE, sdk=SDK_VARIABLES
+        keep=KEEP_VARIABLE, cli=CLI_VARIABLE, sdk=SDK_VARIABLES, sandbox=SANDBOX_VARIABLE
     )
     if not path.exists() or path.read_text() != text:
         temporary = path.with_suffix(".tmp")
@@ -89,15 +98,23 @@ def install_launcher(directory: Path) -> Path:
 
 
 def cli_environment(
-    cli: Path, agent_env: Mapping[str, str], runtime_env: Mapping[str, str]
+    cli: Path,
+    agent_env: Mapping[str, str],
+    runtime_env: Mapping[str, str],
+    sandbox: Sequence[str] = (),
 ) -> dict[str, str]:
     """The CLI's whole environment: a few of the runtime's own (``PASSTHROUGH``), the session's
-    allowed variables, then the runtime's settings for the agent (which win)."""
+    allowed variables, then the runtime's settings for the agent (which win). ``sandbox``: the
+    command the launcher runs the CLI under (it reaches the launcher only, not the CLI)."""
     env = {name: os.environ[name] for name in PASSTHROUGH if name in os.environ}
+    if sandbox:
+        env["TMPDIR"] = "/tmp"  # the sandbox's own; the runtime's is not mounted there
     env.update(agent_env)
     env.update(runtime_env)
     env[KEEP_VARIABLE] = ",".join(sorted(env))
     env[CLI_VARIABLE] = str(cli)
+    if sandbox:
+        env[SANDBOX_VARIABLE] = json.dumps(list(sandbox))
     return env
 
 

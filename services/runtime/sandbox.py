@@ -89,7 +89,8 @@ def command(
             args += ["--symlink", os.readlink(path), link]
         elif path.is_dir():
             args += ["--ro-bind", link, link]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/run"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "01777", "--tmpfs", "/tmp"]
+    args += ["--tmpfs", "/run"]
     made: set[Path] = set()
     mounts = [(cli.parent, "--ro-bind")]
     mounts += [(Path(p), "--ro-bind") for p in policy.read_only if Path(p).exists()]

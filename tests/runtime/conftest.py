@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -35,6 +36,9 @@ from tests.support.keys import SigningKey
 
 MODEL = "claude-sonnet-4-5"
 ORG = "organizations/acme"
+# What the test MCP server (mcp_calc_server.py, run by this Python) needs to read inside an
+# agent's sandbox: the virtualenv, the base interpreter, and this folder.
+SANDBOX_READ_ONLY = [Path(sys.prefix), Path(sys.base_prefix), Path(__file__).parent]
 # The session service's own principal: the runtime answers internal services only.
 SERVICE_SUBJECT = "organizations/default/serviceAccounts/corral-session"
 
@@ -180,6 +184,7 @@ async def make_runtime(
         sdk: FakeSdk | None = None, clock: Callable[[], float] = time.monotonic, **settings: Any
     ) -> Runtime:
         root = settings.pop("runtime_root", tmp_path / f"runtime-{len(started)}")
+        settings.setdefault("runtime_sandbox_read_only", SANDBOX_READ_ONLY)
         config = Settings(
             data_dir=tmp_path,
             runtime_root=root,
