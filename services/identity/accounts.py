@@ -47,6 +47,7 @@ from corral.services.identity.domain import (
 )
 from corral.services.identity.queries import ListRequest, ListSpec
 from corral.services.identity.repository import DuplicateKey, IdentityUnitOfWork
+from corral.services.identity.revocations import NO_FEED, RevocationFeed
 
 DEFAULT_ORGANIZATION = "default"
 STATE = listing.FieldSpec("state", listing.enum_value({"ACTIVE": "active", "DISABLED": "disabled"}))
@@ -107,9 +108,14 @@ async def get_user(uow: IdentityUnitOfWork, org_id: str, user_id: str) -> User:
 
 class Accounts(UseCases):
     def __init__(
-        self, uow: UnitOfWorkFactory, config: Config, clock: Clock, passwords: tokens.Passwords
+        self,
+        uow: UnitOfWorkFactory,
+        config: Config,
+        clock: Clock,
+        passwords: tokens.Passwords,
+        revocations: RevocationFeed = NO_FEED,
     ) -> None:
-        super().__init__(uow, config, clock)
+        super().__init__(uow, config, clock, revocations)
         self._passwords = passwords
 
     async def _hash(self, password: str) -> str:
@@ -283,6 +289,8 @@ class Accounts(UseCases):
             action = "organizations.disable" if state is State.DISABLED else "organizations.enable"
             await self._audit(uow, ctx, org_id, action, org.name, reason=reason)
             await uow.commit()
+        if state is State.DISABLED:
+            await self._revoke("organization", org.name)
         return org
 
     # ---- users ----
@@ -411,13 +419,16 @@ class Accounts(UseCases):
             user.version += 1
             if not await uow.users.save(user, expected):
                 raise changed_concurrently("user")
+            at = self._clock()
             if not is_self:  # an admin reset: the account may be compromised, sign it out
                 await uow.users.bump_generation(user.id)
             await uow.refresh_tokens.revoke_user(
-                user.id, self._clock(), keep_family=ctx.family_id if is_self else ""
+                user.id, at, keep_family=ctx.family_id if is_self else ""
             )
             await self._audit(uow, ctx, org_id, "users.change_password", target)
             await uow.commit()
+        if not is_self:
+            await self._revoke("subject", target)
 
     async def set_user_state(
         self, ctx: Context, org_id: str, user_id: str, state: State, reason: str = ""
@@ -440,4 +451,6 @@ class Accounts(UseCases):
             action = "users.disable" if state is State.DISABLED else "users.enable"
             await self._audit(uow, ctx, org_id, action, user.name, reason=reason)
             await uow.commit()
+        if state is State.DISABLED:
+            await self._revoke("subject", user.name)
         return user

@@ -10,10 +10,14 @@ import argparse
 import asyncio
 import secrets
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 
+from corral.libs.app import Infrastructure
 from corral.libs.config import Settings
+from corral.libs.crypto import KeyRing, KeyRingError
 from corral.libs.errors import CorralError
 from corral.services.identity.base import SYSTEM_CONTEXT
 from corral.services.identity.config import identity_settings
@@ -49,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     key.add_argument("service_account", help="organizations/{org}/serviceAccounts/{id}")
     key.add_argument("--display-name", default="")
     key.add_argument("--expires-in-days", type=float, default=None)
+    commands.add_parser(
+        "new-encryption-key",
+        help="print a new id:key entry for CORRAL_ENCRYPTION_KEYS (first in the list: primary)",
+    )
     rotate = commands.add_parser("rotate-keys", help="rotate the token signing keys")
     rotate.add_argument(
         "--revoke-previous",
@@ -58,11 +66,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def new_encryption_key(clock: Callable[[], float] = time.time) -> str:
+    """``id:base64key``: a fresh 256-bit key with an id naming the day it was made (plus a
+    random suffix, so two made the same day differ)."""
+    day = datetime.fromtimestamp(clock(), UTC).strftime("%Y%m%d")
+    return f"k{day}-{secrets.token_hex(3)}:{KeyRing.generate_key()}"
+
+
 async def _run(settings: Settings, args: argparse.Namespace) -> None:
+    if args.command == "new-encryption-key":  # needs no database, no key ring
+        print(new_encryption_key())
+        return
     config = identity_settings(settings)
     async with AsyncExitStack() as resources:
         engine = await open_database(config, None, resources)
-        identity = build_service(config, engine)
+        infra = Infrastructure(config, "identity", resources)
+        # Revocations (rotate-keys --revoke-previous) reach the services through Redis; a
+        # process-local feed would reach nobody.
+        revocations = infra.revocation_store() if config.redis_url else None
+        identity = build_service(config, engine, revocations=revocations)
         await identity.keys.ensure_signing_keys()
         await _command(identity, args)
 
@@ -129,6 +151,9 @@ async def run(argv: Sequence[str], settings: Settings) -> int:
         await _run(settings, args)
     except CorralError as exc:
         print(f"corral admin: {exc.message} ({exc.reason})", file=sys.stderr)
+        return 1
+    except KeyRingError as exc:
+        print(f"corral admin: {exc}", file=sys.stderr)
         return 1
     return 0
 

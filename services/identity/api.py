@@ -7,7 +7,8 @@ from typing import Any
 from corral.identity.v1 import identity_service_pb2 as pb
 from corral.identity.v1 import identity_service_pb2_grpc
 from corral.libs.errors import Validator
-from corral.libs.grpc.interceptors import CallInfo
+from corral.libs.ratelimit import Networks
+from corral.services.identity.base import Context
 from corral.services.identity.converters import (
     Ctx,
     amounts_of,
@@ -63,8 +64,12 @@ def _organization_or_all(parent: str) -> str | None:
 
 
 class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
-    def __init__(self, identity: IdentityService) -> None:
+    def __init__(self, identity: IdentityService, trusted_proxies: Networks = ()) -> None:
         self._identity = identity
+        self._trusted_proxies = trusted_proxies  # who may name the client's address: the edge
+
+    def _context(self, context: Ctx) -> Context:
+        return request_context(context, self._trusted_proxies)
 
     # ---- organizations ----
 
@@ -72,14 +77,14 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         self, request: pb.GetOrganizationRequest, context: Ctx
     ) -> pb.GetOrganizationResponse:
         (org_id,) = ORGANIZATION.parse_field(request.name, "name")
-        org = await self._identity.accounts.get_organization(request_context(context), org_id)
+        org = await self._identity.accounts.get_organization(self._context(context), org_id)
         return pb.GetOrganizationResponse(organization=organization_pb(org))
 
     async def ListOrganizations(
         self, request: pb.ListOrganizationsRequest, context: Ctx
     ) -> pb.ListOrganizationsResponse:
         result = await self._identity.accounts.list_organizations(
-            request_context(context),
+            self._context(context),
             list_request(request),
         )
         return pb.ListOrganizationsResponse(
@@ -115,7 +120,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
             )
         check.raise_if_any()
         org, user = await self._identity.accounts.create_organization(
-            request_context(context),
+            self._context(context),
             request.organization_id,
             display_name,
             admin,
@@ -140,7 +145,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         )
         check.raise_if_any()
         org = await self._identity.accounts.update_organization(
-            request_context(context),
+            self._context(context),
             org_id,
             {k: v for k, v in changes.items() if k in fields},
             request.organization.etag,
@@ -152,7 +157,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.DisableOrganizationResponse:
         (org_id,) = ORGANIZATION.parse_field(request.name, "name")
         org = await self._identity.accounts.set_organization_state(
-            request_context(context), org_id, State.DISABLED, request.reason
+            self._context(context), org_id, State.DISABLED, request.reason
         )
         return pb.DisableOrganizationResponse(organization=organization_pb(org))
 
@@ -161,7 +166,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.EnableOrganizationResponse:
         (org_id,) = ORGANIZATION.parse_field(request.name, "name")
         org = await self._identity.accounts.set_organization_state(
-            request_context(context), org_id, State.ACTIVE
+            self._context(context), org_id, State.ACTIVE
         )
         return pb.EnableOrganizationResponse(organization=organization_pb(org))
 
@@ -169,13 +174,13 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
 
     async def GetUser(self, request: pb.GetUserRequest, context: Ctx) -> pb.GetUserResponse:
         org_id, user_id = USER.parse_field(request.name, "name")
-        user = await self._identity.accounts.get_user(request_context(context), org_id, user_id)
+        user = await self._identity.accounts.get_user(self._context(context), org_id, user_id)
         return pb.GetUserResponse(user=user_pb(user))
 
     async def ListUsers(self, request: pb.ListUsersRequest, context: Ctx) -> pb.ListUsersResponse:
         (org_id,) = ORGANIZATION.parse_field(request.parent, "parent")
         result = await self._identity.accounts.list_users(
-            request_context(context),
+            self._context(context),
             org_id,
             list_request(request),
         )
@@ -195,7 +200,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         check.require(request.user.password, "user.password")
         check.raise_if_any()
         user = await self._identity.accounts.create_user(
-            request_context(context),
+            self._context(context),
             org_id,
             request.user.email,
             request.user.display_name,
@@ -222,7 +227,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
             changes["role"] = role_of(request.user.role, "user.role", check)
         check.raise_if_any()
         user = await self._identity.accounts.update_user(
-            request_context(context), org_id, user_id, changes, request.user.etag
+            self._context(context), org_id, user_id, changes, request.user.etag
         )
         return pb.UpdateUserResponse(user=user_pb(user))
 
@@ -234,7 +239,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         check.require(request.new_password, "new_password")
         check.raise_if_any()
         await self._identity.accounts.change_password(
-            request_context(context),
+            self._context(context),
             org_id,
             user_id,
             request.current_password,
@@ -247,7 +252,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.DisableUserResponse:
         org_id, user_id = USER.parse_field(request.name, "name")
         user = await self._identity.accounts.set_user_state(
-            request_context(context), org_id, user_id, State.DISABLED, request.reason
+            self._context(context), org_id, user_id, State.DISABLED, request.reason
         )
         return pb.DisableUserResponse(user=user_pb(user))
 
@@ -256,7 +261,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.EnableUserResponse:
         org_id, user_id = USER.parse_field(request.name, "name")
         user = await self._identity.accounts.set_user_state(
-            request_context(context), org_id, user_id, State.ACTIVE
+            self._context(context), org_id, user_id, State.ACTIVE
         )
         return pb.EnableUserResponse(user=user_pb(user))
 
@@ -267,7 +272,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.GetServiceAccountResponse:
         org_id, sa_id = SERVICE_ACCOUNT.parse_field(request.name, "name")
         account = await self._identity.service_accounts.get_service_account(
-            request_context(context), org_id, sa_id
+            self._context(context), org_id, sa_id
         )
         return pb.GetServiceAccountResponse(service_account=service_account_pb(account))
 
@@ -276,7 +281,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.ListServiceAccountsResponse:
         (org_id,) = ORGANIZATION.parse_field(request.parent, "parent")
         result = await self._identity.service_accounts.list_service_accounts(
-            request_context(context),
+            self._context(context),
             org_id,
             list_request(request),
         )
@@ -300,7 +305,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         role = role_of(account.role, "service_account.role", check)
         check.raise_if_any()
         created = await self._identity.service_accounts.create_service_account(
-            request_context(context),
+            self._context(context),
             org_id,
             account.display_name.strip(),
             account.description,
@@ -333,7 +338,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
             changes["role"] = role_of(account.role, "service_account.role", check)
         check.raise_if_any()
         updated = await self._identity.service_accounts.update_service_account(
-            request_context(context), org_id, sa_id, changes, account.etag
+            self._context(context), org_id, sa_id, changes, account.etag
         )
         return pb.UpdateServiceAccountResponse(service_account=service_account_pb(updated))
 
@@ -342,13 +347,13 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.DeleteServiceAccountResponse:
         org_id, sa_id = SERVICE_ACCOUNT.parse_field(request.name, "name")
         await self._identity.service_accounts.delete_service_account(
-            request_context(context), org_id, sa_id, request.etag
+            self._context(context), org_id, sa_id, request.etag
         )
         return pb.DeleteServiceAccountResponse()
 
     async def GetApiKey(self, request: pb.GetApiKeyRequest, context: Ctx) -> pb.GetApiKeyResponse:
         ids = API_KEY.parse_field(request.name, "name")
-        key = await self._identity.service_accounts.get_api_key(request_context(context), *ids)
+        key = await self._identity.service_accounts.get_api_key(self._context(context), *ids)
         return pb.GetApiKeyResponse(api_key=api_key_pb(key, self._identity.clock()))
 
     async def ListApiKeys(
@@ -356,7 +361,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.ListApiKeysResponse:
         org_id, sa_id = SERVICE_ACCOUNT.parse_field(request.parent, "parent")
         result = await self._identity.service_accounts.list_api_keys(
-            request_context(context),
+            self._context(context),
             org_id,
             sa_id,
             list_request(request),
@@ -379,7 +384,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
             else None
         )
         key, plaintext = await self._identity.service_accounts.create_api_key(
-            request_context(context),
+            self._context(context),
             org_id,
             sa_id,
             request.api_key.display_name,
@@ -394,7 +399,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         self, request: pb.RevokeApiKeyRequest, context: Ctx
     ) -> pb.RevokeApiKeyResponse:
         ids = API_KEY.parse_field(request.name, "name")
-        key = await self._identity.service_accounts.revoke_api_key(request_context(context), *ids)
+        key = await self._identity.service_accounts.revoke_api_key(self._context(context), *ids)
         return pb.RevokeApiKeyResponse(api_key=api_key_pb(key, self._identity.clock()))
 
     # ---- sign-in and tokens ----
@@ -410,7 +415,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
             org_id = ids[0] if ids else ""
         check.raise_if_any()
         grant, user = await self._identity.auth.login(
-            request_context(context), request.email, request.password, org_id
+            self._context(context), request.email, request.password, org_id
         )
         return pb.LoginResponse(token=grant_pb(grant), user=user_pb(user))
 
@@ -420,14 +425,14 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         check = Validator()
         check.require(request.refresh_token, "refresh_token")
         check.raise_if_any()
-        grant = await self._identity.auth.refresh(request_context(context), request.refresh_token)
+        grant = await self._identity.auth.refresh(self._context(context), request.refresh_token)
         return pb.RefreshTokenResponse(token=grant_pb(grant))
 
     async def Logout(self, request: pb.LogoutRequest, context: Ctx) -> pb.LogoutResponse:
         check = Validator()
         check.require(request.refresh_token, "refresh_token")
         check.raise_if_any()
-        await self._identity.auth.logout(request_context(context), request.refresh_token)
+        await self._identity.auth.logout(self._context(context), request.refresh_token)
         return pb.LogoutResponse()
 
     async def LogoutEverywhere(
@@ -435,7 +440,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.LogoutEverywhereResponse:
         if request.user:
             USER.parse_field(request.user, "user")
-        count = await self._identity.auth.logout_everywhere(request_context(context), request.user)
+        count = await self._identity.auth.logout_everywhere(self._context(context), request.user)
         return pb.LogoutEverywhereResponse(revoked_token_families=count)
 
     async def ExchangeApiKey(
@@ -445,7 +450,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         check.require(request.api_key, "api_key")
         check.raise_if_any()
         grant, account = await self._identity.auth.exchange_api_key(
-            request_context(context), request.api_key
+            self._context(context), request.api_key
         )
         return pb.ExchangeApiKeyResponse(token=grant_pb(grant), service_account=account)
 
@@ -457,7 +462,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         self, request: pb.ListSigningKeysRequest, context: Ctx
     ) -> pb.ListSigningKeysResponse:
         result = await self._identity.keys.list_signing_keys(
-            request_context(context), list_request(request)
+            self._context(context), list_request(request)
         )
         return pb.ListSigningKeysResponse(
             signing_keys=[signing_key_pb(k) for k in result.items],
@@ -468,7 +473,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         self, request: pb.RotateSigningKeysRequest, context: Ctx
     ) -> pb.RotateSigningKeysResponse:
         rotation = await self._identity.keys.rotate_signing_keys(
-            request_context(context), request.revoke_previous
+            self._context(context), request.revoke_previous
         )
         return pb.RotateSigningKeysResponse(
             active_key=signing_key_pb(rotation.active),
@@ -480,7 +485,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
 
     async def GetQuota(self, request: pb.GetQuotaRequest, context: Ctx) -> pb.GetQuotaResponse:
         subject = subject_of(request.name, "name", ORGANIZATION_QUOTA, USER_QUOTA)
-        view = await self._identity.ledger.get_quota(request_context(context), subject)
+        view = await self._identity.ledger.get_quota(self._context(context), subject)
         return pb.GetQuotaResponse(quota=quota_pb(view))
 
     async def UpdateQuota(
@@ -496,7 +501,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
             changes[name] = value
         check.raise_if_any()
         view = await self._identity.ledger.update_quota(
-            request_context(context), subject, changes, request.quota.etag
+            self._context(context), subject, changes, request.quota.etag
         )
         return pb.UpdateQuotaResponse(quota=quota_pb(view))
 
@@ -514,7 +519,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         check.raise_if_any()
         amounts = amounts_of(request.amounts, "amounts")
         reservation = await self._identity.ledger.reserve(
-            request_context(context),
+            self._context(context),
             org_id,
             request.subject,
             amounts,
@@ -530,7 +535,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         org_id, reservation_id = RESERVATION.parse_field(request.name, "name")
         actual = amounts_of(request.actual_amounts, "actual_amounts")
         reservation = await self._identity.ledger.settle(
-            request_context(context), org_id, reservation_id, actual
+            self._context(context), org_id, reservation_id, actual
         )
         return pb.SettleUsageResponse(usage_reservation=reservation_pb(reservation))
 
@@ -539,7 +544,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.ReleaseUsageResponse:
         org_id, reservation_id = RESERVATION.parse_field(request.name, "name")
         reservation = await self._identity.ledger.release(
-            request_context(context), org_id, reservation_id
+            self._context(context), org_id, reservation_id
         )
         return pb.ReleaseUsageResponse(usage_reservation=reservation_pb(reservation))
 
@@ -548,7 +553,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.GetUsageReportResponse:
         subject = subject_of(request.name, "name", ORGANIZATION_USAGE_REPORT, USER_USAGE_REPORT)
         report = await self._identity.ledger.usage_report(
-            request_context(context),
+            self._context(context),
             subject,
             seconds_of(request.start_time) if request.HasField("start_time") else None,
             seconds_of(request.end_time) if request.HasField("end_time") else None,
@@ -562,7 +567,7 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
     ) -> pb.ListAuditEventsResponse:
         org_id = _organization_or_all(request.parent)
         result = await self._identity.audit.list_audit_events(
-            request_context(context),
+            self._context(context),
             org_id,
             list_request(request),
         )
@@ -582,17 +587,6 @@ class IdentityApi(identity_service_pb2_grpc.IdentityServiceServicer):
         events = audit_events_of(request.audit_events, check)
         check.raise_if_any()
         written = await self._identity.audit.write_audit_events(
-            request_context(context), org_id, events, request.request_id
+            self._context(context), org_id, events, request.request_id
         )
         return pb.WriteAuditEventsResponse(written_count=written)
-
-
-class TokenCheckHook:
-    """After the shared verifier: refuse tokens identity knows to be revoked."""
-
-    def __init__(self, identity: IdentityService) -> None:
-        self._identity = identity
-
-    async def before(self, call: CallInfo) -> None:
-        if call.caller is not None:
-            await self._identity.auth.check_access(call.caller)

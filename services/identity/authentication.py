@@ -37,6 +37,7 @@ from corral.services.identity.domain import (
     User,
 )
 from corral.services.identity.repository import IdentityUnitOfWork
+from corral.services.identity.revocations import NO_FEED, RevocationFeed
 from corral.services.identity.signing import SigningKeys
 from corral.services.identity.throttle import ACCOUNT, SOURCE, LoginThrottle
 
@@ -66,8 +67,9 @@ class Authentication(UseCases):
         passwords: tokens.Passwords,
         throttle: LoginThrottle,
         keys: SigningKeys,
+        revocations: RevocationFeed = NO_FEED,
     ) -> None:
-        super().__init__(uow, config, clock)
+        super().__init__(uow, config, clock, revocations)
         self._passwords = passwords
         self._throttle = throttle
         self._keys = keys
@@ -261,6 +263,7 @@ class Authentication(UseCases):
                     family=token.family_id,
                 )
                 await uow.commit()
+                await self._revoke("session", token.family_id)
                 raise Unauthenticated(
                     "the refresh token was already used; its family is revoked",
                     reason="REFRESH_TOKEN_REUSED",
@@ -279,14 +282,18 @@ class Authentication(UseCases):
         return TokenGrant(access, access_expires, refresh, refresh_expires)
 
     async def logout(self, ctx: Context, refresh_token: str) -> None:
+        at = self._clock()
         async with self._uow() as uow:
             token = await uow.refresh_tokens.by_hash(tokens.digest(refresh_token))
             if token is None:
                 return
-            if await uow.refresh_tokens.revoke_family(token.family_id, self._clock()):
+            ended = await uow.refresh_tokens.revoke_family(token.family_id, at)
+            if ended:
                 user = USER.format(token.organization_id, token.user_id)
                 await self._audit(uow, ctx, token.organization_id, "logout", user, actor=user)
             await uow.commit()
+        if ended:  # the sign-in's access tokens (``sid``) stop working everywhere too
+            await self._revoke("session", token.family_id)
 
     async def logout_everywhere(self, ctx: Context, user_name: str) -> int:
         principal = ctx.require()
@@ -300,6 +307,7 @@ class Authentication(UseCases):
             await uow.users.bump_generation(user.id)
             await self._audit(uow, ctx, ids[0], "logout_everywhere", target, families=str(count))
             await uow.commit()
+        await self._revoke("subject", target)
         return count
 
     async def exchange_api_key(self, ctx: Context, plaintext: str) -> tuple[TokenGrant, str]:

@@ -17,6 +17,7 @@ from corral.libs.idempotency import CreateRequest, create_once
 from corral.libs.names import ResourcePattern
 from corral.services.identity.domain import AuditEvent, Outcome, Principal, Role
 from corral.services.identity.repository import IdentityUnitOfWork
+from corral.services.identity.revocations import NO_FEED, RevocationFeed
 
 T = TypeVar("T")
 Clock = Callable[[], float]
@@ -69,10 +70,25 @@ def found(value: T | None, name: str) -> T:
 
 
 class UseCases:
-    def __init__(self, uow: UnitOfWorkFactory, config: Config, clock: Clock) -> None:
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        config: Config,
+        clock: Clock,
+        revocations: RevocationFeed = NO_FEED,
+    ) -> None:
         self._uow = uow
         self.config = config
         self._clock = clock
+        # Changes that void tokens publish there after they commit (every service refuses
+        # the tokens within seconds).
+        self._revocations = revocations
+
+    async def _revoke(self, kind: str, ident: str) -> None:
+        """After the change committed: tokens whose ``kind`` claim is ``ident`` issued until
+        now are void everywhere (now, not the change's start: a token a concurrent call issued
+        before the commit is covered too). Never fails the use case."""
+        await self._revocations.publish(kind, ident, self._clock())
 
     # ---- the audit log ----
 

@@ -12,7 +12,8 @@ class IdentitySettings(Settings):
     identity_refresh_token_ttl_seconds: int = 30 * 86400
     # How long a retired signing key stays in the JWKS; default: access-token lifetime + 60 s.
     identity_key_retirement_seconds: float | None = None
-    # base64 of 32 random bytes: seals private signing keys at rest (AES-256-GCM).
+    # Legacy, read-only: the key that sealed private signing keys before the shared key ring
+    # (CORRAL_ENCRYPTION_KEYS). Set it once so identity re-seals them under the ring at start.
     identity_key_encryption_key: str = ""
     # argon2id cost (RFC 9106 "second recommended" profile by default).
     identity_argon2_time_cost: int = 3

@@ -23,6 +23,7 @@ from corral.identity.v1 import identity_service_pb2 as pb
 from corral.libs.auth.caller import current_caller
 from corral.libs.errors import Validator
 from corral.libs.names import ResourcePattern, parse_any
+from corral.libs.ratelimit import Networks, client_address
 from corral.services.identity import domain, tokens
 from corral.services.identity.authentication import TokenGrant
 from corral.services.identity.base import Context, ListResult
@@ -304,24 +305,17 @@ def list_request(request: _ListMessage) -> ListRequest:
     return ListRequest(request.page_size, request.page_token, request.filter, order_by)
 
 
-def peer_ip(peer: str) -> str:
-    """``ipv4:1.2.3.4:5678`` / ``ipv6:[::1]:5678`` -> the address."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    return rest or peer
-
-
-def request_context(context: Ctx) -> Context:
+def request_context(context: Ctx, trusted_proxies: Networks) -> Context:
+    """Who is calling, and from where: the kit's :func:`~corral.libs.ratelimit.client_address`
+    (a forwarded address only from a trusted proxy, the edge; else the connection's own), so
+    the per-source login throttle and the audit log cannot be told another address."""
     metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
     caller = current_caller()
     principal = domain.Principal.from_caller(caller) if caller else None
     family = ""
     if caller is not None:
         family = str(tokens.token_claims(caller.token).get("sid", ""))
-    source = metadata.get("x-envoy-external-address") or peer_ip(context.peer() or "")
+    source = client_address(context.peer() or "", metadata, trusted_proxies)
     return Context(
         principal=principal,
         source_ip=source,

@@ -16,17 +16,21 @@ from corral.identity.v1 import identity_service_pb2_grpc
 from corral.libs import db
 from corral.libs.app import Infrastructure, ServiceApp
 from corral.libs.auth.jwt import TokenVerifier
+from corral.libs.auth.revocation import RevocationList, RevocationStore
 from corral.libs.config import Settings
 from corral.libs.errors import Unauthenticated
 from corral.libs.grpc.health import DependencyCheck
+from corral.libs.grpc.interceptors import CallInfo
 from corral.libs.grpc.server import ServiceRegistration
+from corral.libs.ratelimit import trusted_networks
 from corral.services.identity import tokens
-from corral.services.identity.api import PUBLIC_METHODS, SERVICE_NAME, IdentityApi, TokenCheckHook
+from corral.services.identity.api import PUBLIC_METHODS, SERVICE_NAME, IdentityApi
 from corral.services.identity.base import SYSTEM_CONTEXT, Clock, Config
 from corral.services.identity.config import IdentitySettings, identity_settings
 from corral.services.identity.domain import Role, now
 from corral.services.identity.jwks_http import JwksHttpServer
 from corral.services.identity.repository import IdentityUnitOfWork
+from corral.services.identity.revocations import RevocationFeed
 from corral.services.identity.service import IdentityService
 from corral.services.identity.throttle import LoginThrottle
 
@@ -50,6 +54,20 @@ class Dependencies:
 
     settings: IdentitySettings
     clock: Clock = now
+    # Where revocations go (and identity's own verifier reads them); default: the
+    # deployment's feed (Redis when configured, else this process's own).
+    revocations: RevocationStore | None = None
+
+
+class TokenCheckHook:
+    """After the shared verifier: refuse tokens identity knows to be revoked."""
+
+    def __init__(self, identity: IdentityService) -> None:
+        self._identity = identity
+
+    async def before(self, call: CallInfo) -> None:
+        if call.caller is not None:
+            await self._identity.auth.check_access(call.caller)
 
 
 class LocalJwksSource:
@@ -79,8 +97,13 @@ async def open_database(
 
 
 def build_service(
-    settings: IdentitySettings, engine: AsyncEngine, clock: Clock = now
+    settings: IdentitySettings,
+    engine: AsyncEngine,
+    clock: Clock = now,
+    revocations: RevocationStore | None = None,
 ) -> IdentityService:
+    """The use cases. Reads the key ring (``CORRAL_ENCRYPTION_KEYS``): production refuses to
+    start without one."""
     return IdentityService(
         lambda: IdentityUnitOfWork(engine),
         Config(
@@ -95,13 +118,14 @@ def build_service(
             settings.identity_argon2_memory_kib,
             settings.identity_argon2_parallelism,
         ),
-        tokens.KeyCipher(settings.identity_key_encryption_key),
+        tokens.KeyCipher(settings.key_ring(), settings.identity_key_encryption_key),
         LoginThrottle(
             settings.identity_login_max_failures,
             settings.identity_login_max_failures_per_source,
             settings.identity_login_window_seconds,
         ),
         clock,
+        RevocationFeed(revocations),
     )
 
 
@@ -180,7 +204,8 @@ async def build_server(deps: Dependencies, *, port: int | None = None) -> Identi
     try:
         infra = Infrastructure(config, NAME, resources)
         engine = await open_database(config, infra, resources)
-        identity = build_service(config, engine, deps.clock)
+        revocations = deps.revocations or infra.revocation_store()
+        identity = build_service(config, engine, deps.clock, revocations)
         await identity.keys.ensure_signing_keys()
         if config.is_development:
             await bootstrap(identity, config)
@@ -193,8 +218,12 @@ async def build_server(deps: Dependencies, *, port: int | None = None) -> Identi
             cache_seconds=OWN_KEYS_CACHE_SECONDS,
             min_refresh_seconds=OWN_KEYS_CACHE_SECONDS,
             clock=deps.clock,
+            # Identity checks the feed too: a signed-out sign-in's (``sid``) access tokens.
+            revocations=RevocationList(
+                revocations, refresh_seconds=config.revocation_refresh_seconds
+            ),
         )
-        api = IdentityApi(identity)
+        api = IdentityApi(identity, trusted_networks(config.trusted_proxies))
         registration = ServiceRegistration(
             SERVICE_NAME,
             lambda server: identity_service_pb2_grpc.add_IdentityServiceServicer_to_server(

@@ -108,6 +108,15 @@ class SigningKeys(Repo):
             .values(private_key=b"")
         )
 
+    async def reseal(self, kid: str, old: bytes, new: bytes) -> bool:
+        """Replace the sealed private half, unless it changed meanwhile (another replica)."""
+        result = await self.c.execute(
+            signing_keys.update()
+            .where(signing_keys.c.kid == kid, signing_keys.c.private_key == old)
+            .values(private_key=new)
+        )
+        return bool(result.rowcount)
+
     async def transition(self, key: SigningKeyRecord, expected: KeyState) -> bool:
         try:
             result = await self._transition(key, expected)

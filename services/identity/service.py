@@ -19,6 +19,7 @@ from corral.services.identity.authentication import Authentication
 from corral.services.identity.base import Clock, Config, UnitOfWorkFactory
 from corral.services.identity.domain import now
 from corral.services.identity.ledger import Ledger
+from corral.services.identity.revocations import NO_FEED, RevocationFeed
 from corral.services.identity.service_accounts import ServiceAccounts
 from corral.services.identity.signing import SigningKeys
 from corral.services.identity.throttle import LoginThrottle
@@ -36,13 +37,14 @@ class IdentityService:
         cipher: tokens.KeyCipher,
         throttle: LoginThrottle,
         clock: Clock = now,
+        revocations: RevocationFeed = NO_FEED,
     ) -> None:
         self.config = config
         self.clock = clock
-        self.accounts = Accounts(uow, config, clock, passwords)
-        self.service_accounts = ServiceAccounts(uow, config, clock)
-        self.keys = SigningKeys(uow, config, clock, cipher)
-        self.auth = Authentication(uow, config, clock, passwords, throttle, self.keys)
+        self.accounts = Accounts(uow, config, clock, passwords, revocations)
+        self.service_accounts = ServiceAccounts(uow, config, clock, revocations)
+        self.keys = SigningKeys(uow, config, clock, cipher, revocations)
+        self.auth = Authentication(uow, config, clock, passwords, throttle, self.keys, revocations)
         self.ledger = Ledger(uow, config, clock)
         self.audit = AuditLog(uow, config, clock)
 

@@ -164,6 +164,7 @@ class ServiceAccounts(UseCases):
             await uow.api_keys.revoke(at, service_account_id=sa_id)
             await self._audit(uow, ctx, org_id, "service_accounts.delete", account.name)
             await uow.commit()
+        await self._revoke("subject", account.name)
 
     # ---- API keys ----
 
@@ -232,9 +233,11 @@ class ServiceAccounts(UseCases):
         ctx.require().require_admin(org_id)
         async with self._uow() as uow:
             key = await get_key(uow, org_id, sa_id, key_id)
-            if key.revoke_time is None:
-                key.revoke_time = self._clock()
-                await uow.api_keys.revoke(key.revoke_time, key_id=key.id)
-                await self._audit(uow, ctx, org_id, "api_keys.revoke", key.name)
-                await uow.commit()
+            if key.revoke_time is not None:
+                return key
+            key.revoke_time = self._clock()
+            await uow.api_keys.revoke(key.revoke_time, key_id=key.id)
+            await self._audit(uow, ctx, org_id, "api_keys.revoke", key.name)
+            await uow.commit()
+        await self._revoke("api_key", key.id)
         return key

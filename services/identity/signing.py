@@ -24,6 +24,7 @@ from corral.services.identity.base import (
 from corral.services.identity.domain import SIGNING_KEY, KeyState, SigningKeyRecord
 from corral.services.identity.queries import ListRequest, ListSpec
 from corral.services.identity.repository import DuplicateKey, IdentityUnitOfWork
+from corral.services.identity.revocations import NO_FEED, RevocationFeed
 
 log = logging.getLogger("corral.identity")
 
@@ -47,9 +48,14 @@ def _position(key: SigningKeyRecord) -> tuple[float, str]:
 
 class SigningKeys(UseCases):
     def __init__(
-        self, uow: UnitOfWorkFactory, config: Config, clock: Clock, cipher: tokens.KeyCipher
+        self,
+        uow: UnitOfWorkFactory,
+        config: Config,
+        clock: Clock,
+        cipher: tokens.KeyCipher,
+        revocations: RevocationFeed = NO_FEED,
     ) -> None:
-        super().__init__(uow, config, clock)
+        super().__init__(uow, config, clock, revocations)
         self._cipher = cipher
 
     def _new_key(self, state: KeyState, at: float) -> SigningKeyRecord:
@@ -65,7 +71,10 @@ class SigningKeys(UseCases):
         )
 
     async def ensure_signing_keys(self) -> None:
-        """First start: one active key and one pending (already published) key."""
+        """First start: one active key and one pending (already published) key. Every start:
+        private halves sealed the old way or with a former key of the ring are re-sealed with
+        the primary key (then an operator can drop the former key)."""
+        await self.reseal()
         async with self._uow() as uow:
             if await uow.signing_keys.in_state(KeyState.ACTIVE):
                 return
@@ -76,6 +85,21 @@ class SigningKeys(UseCases):
             except DuplicateKey:
                 return  # another replica created them first
             await uow.commit()
+
+    async def reseal(self) -> int:
+        """Re-seal what :meth:`tokens.KeyCipher.needs_resealing`; how many keys were."""
+        resealed = 0
+        async with self._uow() as uow:
+            for key in await uow.signing_keys.all():
+                if not self._cipher.needs_resealing(key.private_key):
+                    continue
+                pem = self._cipher.open(key.kid, key.private_key)
+                fresh = self._cipher.seal(key.kid, pem)
+                resealed += await uow.signing_keys.reseal(key.kid, key.private_key, fresh)
+            await uow.commit()
+        if resealed:
+            log.info("signing keys re-sealed with the primary key", extra={"count": resealed})
+        return resealed
 
     async def jwks(self) -> list[dict[str, str]]:
         """Public halves of every pending, active and still-published retired key."""
@@ -140,6 +164,8 @@ class SigningKeys(UseCases):
                 previous_state=previous.state.value,
             )
             await uow.commit()
+        if revoke_previous:  # every token the old key signed dies, wherever it is checked
+            await self._revoke("signing_key", previous.kid)
         log.info("signing keys rotated", extra={"active": promoted.kid, "pending": fresh.kid})
         return Rotation(active=promoted, pending=fresh, previous=previous)
 
@@ -154,7 +180,7 @@ class SigningKeys(UseCases):
         body = {
             "iss": self.config.issuer,
             "aud": self.config.audience,
-            "iat": int(at),
+            "iat": at,  # sub-second: a token issued just after a revocation is not void
             "exp": expires,
             "jti": new_id(),
             **claims,

@@ -1,8 +1,7 @@
 """Secrets and tokens: signing keys (ES256, sealed at rest), access JWTs, passwords, opaque tokens.
 
-Private signing keys are stored PEM-encoded and sealed with AES-256-GCM when a key-encryption
-key is configured (``CORRAL_IDENTITY_KEY_ENCRYPTION_KEY``); without one (development) they are
-stored in the clear and a warning is logged.
+Private signing keys are stored PEM-encoded and sealed under the deployment's key ring
+(``CORRAL_ENCRYPTION_KEYS``, :mod:`corral.libs.crypto`); production does not start without it.
 """
 
 from __future__ import annotations
@@ -11,8 +10,6 @@ import base64
 import hashlib
 import hmac
 import json
-import logging
-import os
 import secrets
 import string
 from dataclasses import dataclass
@@ -26,14 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from corral.libs.auth.jwt import ACCESS_TOKEN_TYPE
+from corral.libs.crypto import KeyRing, KeyRingError
 from corral.libs.names import new_id
-
-log = logging.getLogger("corral.identity.tokens")
 
 ALGORITHM = "ES256"
 PUBLIC_JWK_FIELDS = ("kty", "crv", "x", "y", "kid", "alg", "use")
-_SEALED = b"aesgcm:"
-_PLAIN = b"plain:"
+_SEALED = b"aesgcm:"  # before the key ring: CORRAL_IDENTITY_KEY_ENCRYPTION_KEY
+_PLAIN = b"plain:"  # before the key ring: development, no key
 BASE62 = string.ascii_letters + string.digits
 API_KEY_PREFIX = "crl_"
 API_KEY_LOOKUP_CHARS = 8
@@ -41,34 +37,51 @@ API_KEY_CHARS = 43
 
 
 class KeyCipher:
-    """Seals private keys at rest with AES-256-GCM (the kid is the associated data)."""
+    """Seals private signing keys at rest under the deployment's key ring
+    (:class:`~corral.libs.crypto.KeyRing`, ``CORRAL_ENCRYPTION_KEYS``: AES-256-GCM, the key id
+    stored with the value, the key's resource name as authenticated data).
 
-    def __init__(self, key_b64: str) -> None:
-        self._aead: AESGCM | None = None
-        if key_b64:
-            raw = base64.urlsafe_b64decode(key_b64 + "=" * (-len(key_b64) % 4))
+    Values sealed before the key ring still open: ``aesgcm:`` ones with the former
+    ``CORRAL_IDENTITY_KEY_ENCRYPTION_KEY`` (``legacy_key_b64``), ``plain:`` ones (development
+    stored them in the clear). :meth:`needs_resealing` says which to rewrite under the primary
+    key (identity does it at start-up)."""
+
+    def __init__(self, ring: KeyRing, legacy_key_b64: str = "") -> None:
+        self._ring = ring
+        self._legacy: AESGCM | None = None
+        if legacy_key_b64:
+            raw = base64.urlsafe_b64decode(legacy_key_b64 + "=" * (-len(legacy_key_b64) % 4))
             if len(raw) != 32:
                 raise ValueError("the key-encryption key must be 32 bytes, base64-encoded")
-            self._aead = AESGCM(raw)
-        else:
-            log.warning(
-                "signing keys are stored unencrypted: set CORRAL_IDENTITY_KEY_ENCRYPTION_KEY"
-            )
+            self._legacy = AESGCM(raw)
+
+    @staticmethod
+    def _context(kid: str) -> str:
+        return f"signingKeys/{kid}:private_key"
 
     def seal(self, kid: str, plaintext: bytes) -> bytes:
-        if self._aead is None:
-            return _PLAIN + plaintext
-        nonce = os.urandom(12)
-        sealed = self._aead.encrypt(nonce, plaintext, kid.encode())
-        return _SEALED + base64.b64encode(nonce + sealed)
+        return self._ring.seal(plaintext, self._context(kid))
 
     def open(self, kid: str, stored: bytes) -> bytes:
         if stored.startswith(_PLAIN):
             return stored[len(_PLAIN) :]
-        if self._aead is None:
-            raise RuntimeError("signing keys are sealed but no key-encryption key is configured")
-        raw = base64.b64decode(stored[len(_SEALED) :])
-        return self._aead.decrypt(raw[:12], raw[12:], kid.encode())
+        if stored.startswith(_SEALED):
+            if self._legacy is None:
+                raise KeyRingError(
+                    "this signing key was sealed with CORRAL_IDENTITY_KEY_ENCRYPTION_KEY, which is"
+                    " not set: set it once so identity re-seals the key under the key ring"
+                )
+            raw = base64.b64decode(stored[len(_SEALED) :])
+            return self._legacy.decrypt(raw[:12], raw[12:], kid.encode())
+        return self._ring.open(stored, self._context(kid))
+
+    def needs_resealing(self, stored: bytes) -> bool:
+        """True for a value sealed the old way or with another key than the primary one."""
+        if not stored:
+            return False  # wiped: the key is no longer published
+        if stored.startswith((_PLAIN, _SEALED)):
+            return True
+        return self._ring.needs_rotation(stored)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 
 from corral.identity.v1 import identity_service_pb2 as pb
 from corral.identity.v1 import identity_service_pb2_grpc
+from corral.libs.auth.revocation import InMemoryRevocations
 from corral.services.identity.config import IdentitySettings
 from corral.services.identity.main import Dependencies, IdentityApp, build_server
 
@@ -42,6 +43,7 @@ class Identity:
     stub: identity_service_pb2_grpc.IdentityServiceAsyncStub
     settings: IdentitySettings
     clock: Clock
+    revocations: InMemoryRevocations
 
     @property
     def jwks_url(self) -> str:
@@ -104,6 +106,9 @@ async def make_identity(
 ) -> AsyncIterator[IdentityFactory]:
     url, schema = database_url
     started: list[tuple[IdentityApp, grpc.aio.Channel]] = []
+    # The test's own revocation feed, shared by its replicas (the process-wide one would carry
+    # one test's revocations, at its moved clock, into the next).
+    revocations = InMemoryRevocations()
 
     async def make(**overrides: Any) -> Identity:
         values: dict[str, Any] = {
@@ -124,12 +129,12 @@ async def make_identity(
         values.update(overrides)
         settings = IdentitySettings(**values)
         clock = Clock()
-        app = await build_server(Dependencies(settings, clock), port=0)
+        app = await build_server(Dependencies(settings, clock, revocations), port=0)
         await app.start()
         channel = grpc.aio.insecure_channel(app.server.address)
         started.append((app, channel))
         stub = identity_service_pb2_grpc.IdentityServiceStub(channel)
-        return Identity(app, stub, settings, clock)  # type: ignore[arg-type]
+        return Identity(app, stub, settings, clock, revocations)  # type: ignore[arg-type]
 
     yield make
     for app, channel in reversed(started):

@@ -8,8 +8,10 @@ import os
 
 import pytest
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from corral.libs.auth.caller import Caller
+from corral.libs.crypto import KeyRing, KeyRingError
 from corral.libs.errors import NotFound, PermissionDenied, ResourceExhausted
 from corral.services.identity import tokens
 from corral.services.identity.domain import Principal, Role, month_period
@@ -63,19 +65,55 @@ def test_month_period_rolls_over_the_year() -> None:
     assert end == calendar.timegm((2026, 1, 1, 0, 0, 0))
 
 
+def _ring(*ids: str) -> KeyRing:
+    """A key ring of fresh keys; the first is the primary."""
+    return KeyRing.parse(",".join(f"{i}:{KeyRing.generate_key()}" for i in ids))
+
+
 def test_sealed_keys_need_the_right_key_and_kid() -> None:
-    secret = base64.urlsafe_b64encode(os.urandom(32)).decode()
-    cipher = tokens.KeyCipher(secret)
+    ring = _ring("k1")
+    cipher = tokens.KeyCipher(ring)
     sealed = cipher.seal("kid1", b"private pem")
-    assert sealed.startswith(b"aesgcm:")
+    assert ring.key_id_of(sealed) == "k1"
     assert b"private pem" not in sealed
     assert cipher.open("kid1", sealed) == b"private pem"
-    with pytest.raises(InvalidTag):
+    assert not cipher.needs_resealing(sealed)
+    with pytest.raises(KeyRingError):
         cipher.open("kid2", sealed)  # a sealed key cannot be swapped under another kid
-    with pytest.raises(InvalidTag):
-        tokens.KeyCipher(base64.urlsafe_b64encode(os.urandom(32)).decode()).open("kid1", sealed)
+    with pytest.raises(KeyRingError):
+        tokens.KeyCipher(_ring("k1")).open("kid1", sealed)  # another key of the same id
     with pytest.raises(ValueError, match="32 bytes"):
-        tokens.KeyCipher("c2hvcnQ")
+        tokens.KeyCipher(ring, "c2hvcnQ")
+
+
+def test_rotating_the_key_ring_keeps_old_values_readable() -> None:
+    first, second = f"k1:{KeyRing.generate_key()}", f"k2:{KeyRing.generate_key()}"
+    sealed = tokens.KeyCipher(KeyRing.parse(first)).seal("kid1", b"private pem")
+    rotated = tokens.KeyCipher(KeyRing.parse(f"{second},{first}"))  # k2 primary, k1 kept
+    assert rotated.open("kid1", sealed) == b"private pem"
+    assert rotated.needs_resealing(sealed)  # sealed with k1, the primary is now k2
+    resealed = rotated.seal("kid1", b"private pem")
+    assert KeyRing.parse(second).key_id_of(resealed) == "k2"
+    assert not rotated.needs_resealing(resealed)
+    with pytest.raises(KeyRingError):  # k1 dropped before re-sealing: the value is lost
+        tokens.KeyCipher(KeyRing.parse(second)).open("kid1", sealed)
+
+
+def test_values_sealed_before_the_key_ring_still_open() -> None:
+    legacy = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    nonce = os.urandom(12)
+    raw = base64.urlsafe_b64decode(legacy)
+    body = AESGCM(raw).encrypt(nonce, b"private pem", b"kid1")
+    old_sealed = b"aesgcm:" + base64.b64encode(nonce + body)
+    cipher = tokens.KeyCipher(_ring("k1"), legacy)
+    assert cipher.open("kid1", old_sealed) == b"private pem"
+    assert cipher.open("kid1", b"plain:private pem") == b"private pem"
+    assert cipher.needs_resealing(old_sealed) and cipher.needs_resealing(b"plain:x")
+    assert not cipher.needs_resealing(b"")  # wiped keys stay wiped
+    with pytest.raises(InvalidTag):
+        cipher.open("kid2", old_sealed)
+    with pytest.raises(KeyRingError, match="CORRAL_IDENTITY_KEY_ENCRYPTION_KEY"):
+        tokens.KeyCipher(_ring("k1")).open("kid1", old_sealed)
 
 
 def test_key_formats() -> None:

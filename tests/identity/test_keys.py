@@ -4,9 +4,7 @@ JWKS over gRPC and plain HTTP with public members only."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 
 import grpc
 import jwt
@@ -134,18 +132,6 @@ async def _stored_private_key(identity: Identity, kid: str) -> bytes:
             return bytes((await connection.execute(query, {"kid": kid})).scalar_one())
     finally:
         await engine.dispose()
-
-
-async def test_private_keys_are_sealed_at_rest(make_identity: IdentityFactory) -> None:
-    key = base64.urlsafe_b64encode(os.urandom(32)).decode()
-    identity = await make_identity(identity_key_encryption_key=key)
-    token = await identity.root()  # signing works with the sealed key
-    jwks = await identity.stub.GetJwks(pb.GetJwksRequest())
-    for kid in (k.kid for k in jwks.keys):
-        stored = await _stored_private_key(identity, kid)
-        assert stored.startswith(b"aesgcm:")
-        assert b"PRIVATE" not in stored
-    assert jwt.get_unverified_header(token)["kid"] in {k.kid for k in jwks.keys}
 
 
 async def test_racing_rotations_leave_one_active_and_one_pending(
