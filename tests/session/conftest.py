@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from corral.libs import db
 from corral.libs.auth import StaticJwksSource, TokenVerifier
@@ -43,6 +44,7 @@ class Stack:
     key: SigningKey
     channel: grpc.aio.Channel
     make_service: Callable[..., SessionService]
+    engine: AsyncEngine  # the service's database, for tests that read its raw rows
 
     @property
     def stub(self) -> rpc.SessionServiceStub:
@@ -117,7 +119,15 @@ async def stack(
     channel = grpc.aio.insecure_channel(server.address)
     try:
         yield Stack(
-            server.address, service, runtime, ledger, audit, signing_key, channel, make_service
+            server.address,
+            service,
+            runtime,
+            ledger,
+            audit,
+            signing_key,
+            channel,
+            make_service,
+            engine,
         )
     finally:
         await channel.close()
