@@ -126,3 +126,38 @@ def test_the_sandbox_dies_with_its_parent(policy: SandboxPolicy, tmp_path: Path)
     parent.wait()
     assert _readable(parent.stdout, 30), "the sandboxed process outlived its parent"
     assert parent.stdout.read() == b""
+
+
+async def test_production_refuses_unsandboxed_agents_unless_the_operator_opts_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from corral.libs.config import Settings
+    from corral.services.runtime.main import sandbox_policy
+    from corral.services.runtime.sandbox import SandboxUnavailable
+
+    def settings(**values: object) -> Settings:
+        return Settings(data_dir=tmp_path, **values)  # type: ignore[arg-type]
+
+    with pytest.raises(SandboxUnavailable):
+        await sandbox_policy(settings(env="production", runtime_sandbox="off"))
+    opted_out = settings(env="production", runtime_sandbox="off", runtime_allow_unsandboxed=True)
+    assert await sandbox_policy(opted_out) is None
+    assert await sandbox_policy(settings(runtime_sandbox="off")) is None  # development: warns
+
+    # bubblewrap missing: production refuses, development warns and goes on.
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(SandboxUnavailable):
+        await sandbox_policy(settings(env="production"))
+    assert await sandbox_policy(settings()) is None
+
+
+async def test_the_runtime_sandboxes_agents_when_bubblewrap_works(
+    policy: SandboxPolicy, tmp_path: Path
+) -> None:
+    from corral.libs.config import Settings
+    from corral.services.runtime.main import sandbox_policy
+
+    found = await sandbox_policy(
+        Settings(data_dir=tmp_path, env="production", runtime_agent_uid=20002)
+    )
+    assert found is not None and found.uid == 20002 and found.bwrap

@@ -18,9 +18,11 @@ from corral.identity.v1 import organization_pb2, role_pb2, service_account_pb2, 
 from corral.session.v1 import agent_options_pb2 as opts
 from corral.session.v1 import event_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as spb
+from tests.runtime.conftest import make_runtime
 from tests.support.platform import Platform, directive, running_platform
 
-__all__ = ["Platform", "World", "directive"]
+# make_runtime: the runtime alone, with the real SDK and CLI (tests/runtime/conftest.py).
+__all__ = ["Platform", "World", "directive", "make_runtime"]
 
 PASSWORD = "a perfectly fine password"
 ORGS = ("acme", "globex")
