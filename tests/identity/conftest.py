@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from corral.identity.v1 import identity_service_pb2 as pb
 from corral.identity.v1 import identity_service_pb2_grpc
-from corral.libs.auth.revocation import InMemoryRevocations
+from corral.libs.auth.revocation import InMemoryRevocations, RevocationStore
 from corral.services.identity.config import IdentitySettings
 from corral.services.identity.main import Dependencies, IdentityApp, build_server
 
@@ -43,7 +43,7 @@ class Identity:
     stub: identity_service_pb2_grpc.IdentityServiceAsyncStub
     settings: IdentitySettings
     clock: Clock
-    revocations: InMemoryRevocations
+    revocations: RevocationStore
 
     @property
     def jwks_url(self) -> str:
@@ -110,7 +110,7 @@ async def make_identity(
     # one test's revocations, at its moved clock, into the next).
     revocations = InMemoryRevocations()
 
-    async def make(**overrides: Any) -> Identity:
+    async def make(revocations: RevocationStore = revocations, **overrides: Any) -> Identity:
         values: dict[str, Any] = {
             "env": "development",
             "identity_database_url": url,

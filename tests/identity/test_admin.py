@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import uuid
 
 import grpc
@@ -10,6 +11,8 @@ from google.protobuf import duration_pb2
 
 from corral.identity.v1 import identity_service_pb2 as pb
 from corral.identity.v1 import usage_pb2
+from corral.libs.config import Settings
+from corral.libs.crypto import KeyRing
 from corral.services.identity import admin
 from tests.identity.conftest import IdentityFactory, bearer
 
@@ -115,3 +118,23 @@ async def test_internal_service_accounts_may_use_the_ledger(
         except grpc.aio.AioRpcError as exc:
             got = exc.code()
         assert got == code, label
+
+
+async def test_new_encryption_key_prints_a_key_ring_entry(
+    make_identity: IdentityFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its output goes straight into CORRAL_ENCRYPTION_KEYS, and a server starts with it (no
+    database or key ring needed to make one: production refuses to start without it)."""
+    settings = Settings(env="production", encryption_keys="")
+    assert await admin.run(["new-encryption-key"], settings) == 0
+    first = capsys.readouterr().out.strip()
+    assert await admin.run(["new-encryption-key"], settings) == 0
+    second = capsys.readouterr().out.strip()
+    assert first != second and first.split(":")[0] != second.split(":")[0]
+    ring = KeyRing.parse(f"{second},{first}")
+    assert ring.primary == second.split(":")[0]
+    assert len(base64.b64decode(first.split(":", 1)[1])) == 32
+    identity = await make_identity(
+        env="production", auto_migrate=True, encryption_keys=f"{second},{first}"
+    )
+    assert len((await identity.stub.GetJwks(pb.GetJwksRequest())).keys) == 2  # keys were made
