@@ -205,3 +205,42 @@ async def test_the_queue_holds_sixteen_turns(stack: Stack) -> None:
     running.finish()
     await stack.runtime.next_turn()  # the first queued turn runs: there is room for one
     assert (await send("room again")).turn.name
+
+
+async def test_the_older_audit_port_still_gets_the_origin() -> None:
+    """Until identity's adapter takes whole entries, the origin travels in the metadata."""
+    from corral.services.session.audit import writer_for
+    from corral.services.session.ports import AuditEntry
+
+    seen: list[dict[str, Any]] = []
+
+    class Legacy:
+        async def record(self, **fields: Any) -> None:
+            seen.append(fields)
+
+    entry = AuditEntry(
+        id="e1",
+        organization=ACME,
+        actor=ALICE,
+        action="session.create",
+        resource="sessions/s1",
+        outcome="SUCCEEDED",
+        event_time=now(),
+        request_id="r1",
+        source_ip="203.0.113.9",
+        user_agent=AGENT,
+        metadata={"k": "v"},
+    )
+    await writer_for(Legacy()).write(entry, token="t")  # type: ignore[arg-type]
+    (fields,) = seen
+    assert fields["metadata"] == {
+        "k": "v",
+        "request_id": "r1",
+        "source_ip": "203.0.113.9",
+        "user_agent": AGENT,
+    }
+    assert (fields["action"], fields["token"], fields["outcome"]) == (
+        "session.create",
+        "t",
+        "SUCCEEDED",
+    )
