@@ -57,7 +57,7 @@ async def once(
         return await replayed(found)
     try:
         return await create(request)
-    except DuplicateRequest:  # a concurrent twin committed first: answer as it did
+    except (DuplicateRequest, idempotency.RequestRaced):  # a twin committed first: answer as it did
         found = await earlier()
         if found is None:
             raise

@@ -130,7 +130,9 @@ async def stack(built: None, tmp_path_factory: pytest.TempPathFactory) -> AsyncI
         for app in apps:
             await app.start()
         envoy = await start_edge(settings, apps)
-        console = ConsoleServer(envoy.url, host="127.0.0.1", port=console_port)
+        console = ConsoleServer(
+            envoy.url, host="127.0.0.1", port=console_port, directory=settings.console_dir
+        )
         console.start()
         yield Stack(envoy.url, console.url, EMAIL, PASSWORD, directory)
     finally:
