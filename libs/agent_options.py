@@ -240,9 +240,14 @@ def check_allowed(options: Any, allowances: Allowances, prefix: str) -> None:
                     f"{where}.stdio.command",
                     "is not on the organisation's list of MCP commands",
                 )
-            for name in server.stdio.env:
-                if not _env_allowed(name, allowances.env_keys):
-                    refuse("ENV_NOT_ALLOWED", f"{where}.stdio.env[{name[:40]}]", "may not be set")
+            for field_name in ("env", "secret_env"):
+                for name in getattr(server.stdio, field_name, ()):
+                    if not _env_allowed(name, allowances.env_keys):
+                        refuse(
+                            "ENV_NOT_ALLOWED",
+                            f"{where}.stdio.{field_name}[{name[:40]}]",
+                            "may not be set",
+                        )
         elif transport == "http":
             url = urllib.parse.urlsplit(server.http.url)
             host = url.hostname or ""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,8 +21,8 @@ from corral.session.v1 import event_pb2, permission_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as pb
 from tests.e2e.conftest import Platform, directive
 from tests.runtime.conftest import processes_with
+from tests.support.platform import MCP_SERVER, allow_mcp_commands
 
-MCP_SERVER = Path(__file__).parent.parent / "runtime" / "mcp_calc_server.py"
 Event = event_pb2.SessionEvent
 
 
@@ -105,6 +104,7 @@ def kinds(events: list[Event]) -> list[str]:
 
 
 async def test_agent_answers_streams_runs_bash_and_calls_an_mcp_tool(platform: Platform) -> None:
+    await allow_mcp_commands(platform, sys.executable)
     session = await new_session(
         platform,
         allowed_tools=["Bash", "mcp__calc__add"],

@@ -7,12 +7,9 @@ import asyncio
 import os
 import re
 import sys
-from pathlib import Path
 
 from tests.e2e.conftest import Platform, directive
-from tests.support.platform import ADMIN
-
-MCP_SERVER = Path(__file__).parent.parent / "runtime" / "mcp_calc_server.py"
+from tests.support.platform import ADMIN, MCP_SERVER, allow_mcp_commands
 
 
 async def _read_until(stream: asyncio.StreamReader, needle: str, seen: list[str]) -> str:
@@ -26,6 +23,7 @@ async def _read_until(stream: asyncio.StreamReader, needle: str, seen: list[str]
 
 
 async def test_corral_chat_streams_asks_runs_bash_and_mcp(platform: Platform) -> None:
+    await allow_mcp_commands(platform, sys.executable)
     env = {
         **os.environ,
         "CORRAL_SESSION_TARGET": platform.settings.target_for("session"),

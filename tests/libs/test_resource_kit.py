@@ -352,6 +352,14 @@ def test_the_safe_defaults(module: object) -> None:
         "MCP_COMMAND_NOT_ALLOWED",
         ["o.mcp_servers[0].stdio.command", "o.mcp_servers[0].stdio.env[LD_PRELOAD]"],
     )
+    if module is session_pb:  # secrets are named in the session's options only
+        hidden = [
+            {"name": "x", "stdio": {"command": "/bin/sh", "secret_env": {"NODE_OPTIONS": "-r x"}}}
+        ]
+        assert _refusal(_options(module, mcp_servers=hidden), defaults)[1] == [
+            "o.mcp_servers[0].stdio.command",
+            "o.mcp_servers[0].stdio.secret_env[NODE_OPTIONS]",
+        ]
     plain = [{"name": "x", "http": {"url": "http://169.254.169.254/latest"}}]
     assert _refusal(_options(module, mcp_servers=plain), defaults)[0] == "MCP_HOST_NOT_ALLOWED"
     for name in ("LD_PRELOAD", "ANTHROPIC_BASE_URL", "https_proxy", "NODE_OPTIONS", "PATH"):

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import field_mask_pb2
 
 from corral.identity.v1 import identity_service_pb2 as ipb
 from corral.identity.v1 import identity_service_pb2_grpc as irpc
@@ -19,10 +21,16 @@ from corral.libs.app import ServiceApp
 from corral.services import registry
 from corral.services.identity.config import IdentitySettings
 from corral.services.identity.main import IdentityApp
+from corral.session.v1 import agent_policy_pb2
+from corral.session.v1 import session_service_pb2 as spb
 from corral.session.v1 import session_service_pb2_grpc as srpc
 
 ADMIN = ("admin@corral.local", "e2e-admin-password")
 E2E_SERVICES = ("identity", "runtime", "session")
+# What the tests' MCP server needs inside an agent's sandbox: this Python and its packages, and
+# the test folder the server's script is in.
+MCP_SERVER = Path(__file__).resolve().parent.parent / "runtime" / "mcp_calc_server.py"
+SANDBOX_READ_ONLY = [Path(sys.prefix), Path(sys.base_prefix), MCP_SERVER.parent]
 
 
 def directive(*steps: dict[str, Any]) -> str:
@@ -65,6 +73,20 @@ class Platform:
         await self.apps[name].start()
 
 
+async def allow_mcp_commands(platform: Platform, *commands: str) -> None:
+    """The organisation's agent policy lets sessions start these stdio MCP servers (none are
+    allowed by default)."""
+    await platform.sessions.UpdateAgentPolicy(
+        spb.UpdateAgentPolicyRequest(
+            agent_policy=agent_policy_pb2.AgentPolicy(
+                name="organizations/default/agentPolicy", allowed_mcp_commands=list(commands)
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["allowed_mcp_commands"]),
+        ),
+        metadata=platform.auth,
+    )
+
+
 @contextlib.asynccontextmanager
 async def running_platform(data_dir: Path, **overrides: Any) -> AsyncIterator[Platform]:
     values: dict[str, Any] = {
@@ -76,6 +98,7 @@ async def running_platform(data_dir: Path, **overrides: Any) -> AsyncIterator[Pl
         "anthropic_base_url": "",
         "runtime_pool_size": 2,
         "session_heartbeat_seconds": 1.0,
+        "runtime_sandbox_read_only": SANDBOX_READ_ONLY,
         **{f"{name}_port": 0 for name in E2E_SERVICES},
     }
     settings = IdentitySettings(**{**values, **overrides})
