@@ -310,7 +310,9 @@ class IdentityServiceServicer:
     def DisableOrganization(self, request, context):
         """Disables an organization (the soft delete): revokes every refresh token
         and API key in it, asks the session and task services to interrupt its
-        running turns and runs, and refuses every later sign-in. Idempotent.
+        running turns and runs, and refuses every later sign-in. Access tokens
+        issued so far stop being accepted by every service within seconds.
+        Idempotent.
 
         Callers: superusers.
         Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED
@@ -388,7 +390,8 @@ class IdentityServiceServicer:
 
     def ChangeUserPassword(self, request, context):
         """Changes a user's password and revokes all of the user's refresh tokens
-        except the caller's own token family.
+        except the caller's own token family. An admin reset also voids every
+        access token of the user, on every service, within seconds.
 
         Callers: the user themself (current_password required), or admins of
         the organization (current_password ignored: a reset).
@@ -403,7 +406,8 @@ class IdentityServiceServicer:
 
     def DisableUser(self, request, context):
         """Disables a user (the soft delete): revokes all of the user's refresh
-        tokens and refuses later sign-ins. The user's sessions are kept.
+        tokens and refuses later sign-ins; access tokens issued so far stop being
+        accepted by every service within seconds. The user's sessions are kept.
         Idempotent.
 
         Callers: admins of the organization.
@@ -474,8 +478,9 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteServiceAccount(self, request, context):
-        """Deletes a service account and revokes all of its API keys. Audit events
-        keep referring to its name.
+        """Deletes a service account and revokes all of its API keys; access tokens
+        issued so far stop being accepted by every service within seconds. Audit
+        events keep referring to its name.
 
         Callers: admins of the organization.
         Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
@@ -524,7 +529,8 @@ class IdentityServiceServicer:
 
     def RevokeApiKey(self, request, context):
         """Revokes an API key at once. Access tokens already obtained with it stop
-        being accepted no later than their expiry. Idempotent.
+        being accepted by every service within seconds (at once by identity).
+        Idempotent.
 
         Callers: admins of the organization.
         Errors: NOT_FOUND if the key does not exist; PERMISSION_DENIED if the
@@ -544,8 +550,9 @@ class IdentityServiceServicer:
         Errors: UNAUTHENTICATED (INVALID_CREDENTIALS) for an unknown email or
         wrong password; PERMISSION_DENIED (PRINCIPAL_DISABLED or
         ORGANIZATION_DISABLED); INVALID_ARGUMENT if email or password is empty;
-        RESOURCE_EXHAUSTED (RATE_LIMITED) after repeated failures for the email
-        or source address.
+        RESOURCE_EXHAUSTED (LOGIN_THROTTLED) after repeated failures for the
+        email or source address (the connection's own, or the one a trusted
+        proxy forwards: CORRAL_TRUSTED_PROXIES).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -566,7 +573,8 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Logout(self, request, context):
-        """Revokes the refresh token's family (signs one device out). Idempotent:
+        """Revokes the refresh token's family (signs one device out); the family's
+        access tokens stop being accepted everywhere within seconds. Idempotent:
         an unknown, expired or already revoked token also succeeds.
 
         Callers: anyone holding a refresh token (no bearer token required).
@@ -577,7 +585,9 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LogoutEverywhere(self, request, context):
-        """Revokes every refresh token family of a user (signs every device out).
+        """Revokes every refresh token family of a user (signs every device out);
+        access tokens issued so far stop being accepted by every service within
+        seconds.
 
         Callers: the user themself (user empty or their own name), or admins of
         the user's organization.
@@ -626,7 +636,8 @@ class IdentityServiceServicer:
 
     def RotateSigningKeys(self, request, context):
         """Rotates the signing keys: the pending key becomes active, the active key
-        is retired (or revoked, with revoke_previous), and a new pending key is
+        is retired (or revoked, with revoke_previous: every token it signed is
+        then refused everywhere within seconds), and a new pending key is
         generated and published.
 
         Callers: superusers (and the key-rotation job).

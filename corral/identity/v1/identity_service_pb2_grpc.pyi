@@ -83,7 +83,9 @@ class IdentityServiceStub:
     DisableOrganization: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.DisableOrganizationRequest, _identity_service_pb2.DisableOrganizationResponse]
     """Disables an organization (the soft delete): revokes every refresh token
     and API key in it, asks the session and task services to interrupt its
-    running turns and runs, and refuses every later sign-in. Idempotent.
+    running turns and runs, and refuses every later sign-in. Access tokens
+    issued so far stop being accepted by every service within seconds.
+    Idempotent.
 
     Callers: superusers.
     Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED
@@ -137,7 +139,8 @@ class IdentityServiceStub:
     """
     ChangeUserPassword: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ChangeUserPasswordRequest, _identity_service_pb2.ChangeUserPasswordResponse]
     """Changes a user's password and revokes all of the user's refresh tokens
-    except the caller's own token family.
+    except the caller's own token family. An admin reset also voids every
+    access token of the user, on every service, within seconds.
 
     Callers: the user themself (current_password required), or admins of
     the organization (current_password ignored: a reset).
@@ -148,7 +151,8 @@ class IdentityServiceStub:
     """
     DisableUser: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.DisableUserRequest, _identity_service_pb2.DisableUserResponse]
     """Disables a user (the soft delete): revokes all of the user's refresh
-    tokens and refuses later sign-ins. The user's sessions are kept.
+    tokens and refuses later sign-ins; access tokens issued so far stop being
+    accepted by every service within seconds. The user's sessions are kept.
     Idempotent.
 
     Callers: admins of the organization.
@@ -195,8 +199,9 @@ class IdentityServiceStub:
     output-only field; ABORTED (ETAG_MISMATCH) if etag is stale.
     """
     DeleteServiceAccount: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.DeleteServiceAccountRequest, _identity_service_pb2.DeleteServiceAccountResponse]
-    """Deletes a service account and revokes all of its API keys. Audit events
-    keep referring to its name.
+    """Deletes a service account and revokes all of its API keys; access tokens
+    issued so far stop being accepted by every service within seconds. Audit
+    events keep referring to its name.
 
     Callers: admins of the organization.
     Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
@@ -229,7 +234,8 @@ class IdentityServiceStub:
     """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.RevokeApiKeyRequest, _identity_service_pb2.RevokeApiKeyResponse]
     """Revokes an API key at once. Access tokens already obtained with it stop
-    being accepted no later than their expiry. Idempotent.
+    being accepted by every service within seconds (at once by identity).
+    Idempotent.
 
     Callers: admins of the organization.
     Errors: NOT_FOUND if the key does not exist; PERMISSION_DENIED if the
@@ -245,8 +251,9 @@ class IdentityServiceStub:
     Errors: UNAUTHENTICATED (INVALID_CREDENTIALS) for an unknown email or
     wrong password; PERMISSION_DENIED (PRINCIPAL_DISABLED or
     ORGANIZATION_DISABLED); INVALID_ARGUMENT if email or password is empty;
-    RESOURCE_EXHAUSTED (RATE_LIMITED) after repeated failures for the email
-    or source address.
+    RESOURCE_EXHAUSTED (LOGIN_THROTTLED) after repeated failures for the
+    email or source address (the connection's own, or the one a trusted
+    proxy forwards: CORRAL_TRUSTED_PROXIES).
     """
     RefreshToken: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.RefreshTokenRequest, _identity_service_pb2.RefreshTokenResponse]
     """Exchanges a refresh token for a new access token and a new refresh token.
@@ -259,14 +266,17 @@ class IdentityServiceStub:
     (PRINCIPAL_DISABLED or ORGANIZATION_DISABLED).
     """
     Logout: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.LogoutRequest, _identity_service_pb2.LogoutResponse]
-    """Revokes the refresh token's family (signs one device out). Idempotent:
+    """Revokes the refresh token's family (signs one device out); the family's
+    access tokens stop being accepted everywhere within seconds. Idempotent:
     an unknown, expired or already revoked token also succeeds.
 
     Callers: anyone holding a refresh token (no bearer token required).
     Errors: INVALID_ARGUMENT if refresh_token is empty.
     """
     LogoutEverywhere: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.LogoutEverywhereRequest, _identity_service_pb2.LogoutEverywhereResponse]
-    """Revokes every refresh token family of a user (signs every device out).
+    """Revokes every refresh token family of a user (signs every device out);
+    access tokens issued so far stop being accepted by every service within
+    seconds.
 
     Callers: the user themself (user empty or their own name), or admins of
     the user's organization.
@@ -299,7 +309,8 @@ class IdentityServiceStub:
     """
     RotateSigningKeys: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.RotateSigningKeysRequest, _identity_service_pb2.RotateSigningKeysResponse]
     """Rotates the signing keys: the pending key becomes active, the active key
-    is retired (or revoked, with revoke_previous), and a new pending key is
+    is retired (or revoked, with revoke_previous: every token it signed is
+    then refused everywhere within seconds), and a new pending key is
     generated and published.
 
     Callers: superusers (and the key-rotation job).
@@ -443,7 +454,9 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     DisableOrganization: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.DisableOrganizationRequest, _identity_service_pb2.DisableOrganizationResponse]  # type: ignore[assignment]
     """Disables an organization (the soft delete): revokes every refresh token
     and API key in it, asks the session and task services to interrupt its
-    running turns and runs, and refuses every later sign-in. Idempotent.
+    running turns and runs, and refuses every later sign-in. Access tokens
+    issued so far stop being accepted by every service within seconds.
+    Idempotent.
 
     Callers: superusers.
     Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED
@@ -497,7 +510,8 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """
     ChangeUserPassword: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ChangeUserPasswordRequest, _identity_service_pb2.ChangeUserPasswordResponse]  # type: ignore[assignment]
     """Changes a user's password and revokes all of the user's refresh tokens
-    except the caller's own token family.
+    except the caller's own token family. An admin reset also voids every
+    access token of the user, on every service, within seconds.
 
     Callers: the user themself (current_password required), or admins of
     the organization (current_password ignored: a reset).
@@ -508,7 +522,8 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """
     DisableUser: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.DisableUserRequest, _identity_service_pb2.DisableUserResponse]  # type: ignore[assignment]
     """Disables a user (the soft delete): revokes all of the user's refresh
-    tokens and refuses later sign-ins. The user's sessions are kept.
+    tokens and refuses later sign-ins; access tokens issued so far stop being
+    accepted by every service within seconds. The user's sessions are kept.
     Idempotent.
 
     Callers: admins of the organization.
@@ -555,8 +570,9 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     output-only field; ABORTED (ETAG_MISMATCH) if etag is stale.
     """
     DeleteServiceAccount: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.DeleteServiceAccountRequest, _identity_service_pb2.DeleteServiceAccountResponse]  # type: ignore[assignment]
-    """Deletes a service account and revokes all of its API keys. Audit events
-    keep referring to its name.
+    """Deletes a service account and revokes all of its API keys; access tokens
+    issued so far stop being accepted by every service within seconds. Audit
+    events keep referring to its name.
 
     Callers: admins of the organization.
     Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
@@ -589,7 +605,8 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.RevokeApiKeyRequest, _identity_service_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """Revokes an API key at once. Access tokens already obtained with it stop
-    being accepted no later than their expiry. Idempotent.
+    being accepted by every service within seconds (at once by identity).
+    Idempotent.
 
     Callers: admins of the organization.
     Errors: NOT_FOUND if the key does not exist; PERMISSION_DENIED if the
@@ -605,8 +622,9 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     Errors: UNAUTHENTICATED (INVALID_CREDENTIALS) for an unknown email or
     wrong password; PERMISSION_DENIED (PRINCIPAL_DISABLED or
     ORGANIZATION_DISABLED); INVALID_ARGUMENT if email or password is empty;
-    RESOURCE_EXHAUSTED (RATE_LIMITED) after repeated failures for the email
-    or source address.
+    RESOURCE_EXHAUSTED (LOGIN_THROTTLED) after repeated failures for the
+    email or source address (the connection's own, or the one a trusted
+    proxy forwards: CORRAL_TRUSTED_PROXIES).
     """
     RefreshToken: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.RefreshTokenRequest, _identity_service_pb2.RefreshTokenResponse]  # type: ignore[assignment]
     """Exchanges a refresh token for a new access token and a new refresh token.
@@ -619,14 +637,17 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     (PRINCIPAL_DISABLED or ORGANIZATION_DISABLED).
     """
     Logout: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.LogoutRequest, _identity_service_pb2.LogoutResponse]  # type: ignore[assignment]
-    """Revokes the refresh token's family (signs one device out). Idempotent:
+    """Revokes the refresh token's family (signs one device out); the family's
+    access tokens stop being accepted everywhere within seconds. Idempotent:
     an unknown, expired or already revoked token also succeeds.
 
     Callers: anyone holding a refresh token (no bearer token required).
     Errors: INVALID_ARGUMENT if refresh_token is empty.
     """
     LogoutEverywhere: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.LogoutEverywhereRequest, _identity_service_pb2.LogoutEverywhereResponse]  # type: ignore[assignment]
-    """Revokes every refresh token family of a user (signs every device out).
+    """Revokes every refresh token family of a user (signs every device out);
+    access tokens issued so far stop being accepted by every service within
+    seconds.
 
     Callers: the user themself (user empty or their own name), or admins of
     the user's organization.
@@ -659,7 +680,8 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """
     RotateSigningKeys: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.RotateSigningKeysRequest, _identity_service_pb2.RotateSigningKeysResponse]  # type: ignore[assignment]
     """Rotates the signing keys: the pending key becomes active, the active key
-    is retired (or revoked, with revoke_previous), and a new pending key is
+    is retired (or revoked, with revoke_previous: every token it signed is
+    then refused everywhere within seconds), and a new pending key is
     generated and published.
 
     Callers: superusers (and the key-rotation job).
@@ -830,7 +852,9 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_identity_service_pb2.DisableOrganizationResponse, _abc.Awaitable[_identity_service_pb2.DisableOrganizationResponse]]:
         """Disables an organization (the soft delete): revokes every refresh token
         and API key in it, asks the session and task services to interrupt its
-        running turns and runs, and refuses every later sign-in. Idempotent.
+        running turns and runs, and refuses every later sign-in. Access tokens
+        issued so far stop being accepted by every service within seconds.
+        Idempotent.
 
         Callers: superusers.
         Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED
@@ -920,7 +944,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.ChangeUserPasswordResponse, _abc.Awaitable[_identity_service_pb2.ChangeUserPasswordResponse]]:
         """Changes a user's password and revokes all of the user's refresh tokens
-        except the caller's own token family.
+        except the caller's own token family. An admin reset also voids every
+        access token of the user, on every service, within seconds.
 
         Callers: the user themself (current_password required), or admins of
         the organization (current_password ignored: a reset).
@@ -937,7 +962,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.DisableUserResponse, _abc.Awaitable[_identity_service_pb2.DisableUserResponse]]:
         """Disables a user (the soft delete): revokes all of the user's refresh
-        tokens and refuses later sign-ins. The user's sessions are kept.
+        tokens and refuses later sign-ins; access tokens issued so far stop being
+        accepted by every service within seconds. The user's sessions are kept.
         Idempotent.
 
         Callers: admins of the organization.
@@ -1020,8 +1046,9 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_service_pb2.DeleteServiceAccountRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.DeleteServiceAccountResponse, _abc.Awaitable[_identity_service_pb2.DeleteServiceAccountResponse]]:
-        """Deletes a service account and revokes all of its API keys. Audit events
-        keep referring to its name.
+        """Deletes a service account and revokes all of its API keys; access tokens
+        issued so far stop being accepted by every service within seconds. Audit
+        events keep referring to its name.
 
         Callers: admins of the organization.
         Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
@@ -1078,7 +1105,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.RevokeApiKeyResponse, _abc.Awaitable[_identity_service_pb2.RevokeApiKeyResponse]]:
         """Revokes an API key at once. Access tokens already obtained with it stop
-        being accepted no later than their expiry. Idempotent.
+        being accepted by every service within seconds (at once by identity).
+        Idempotent.
 
         Callers: admins of the organization.
         Errors: NOT_FOUND if the key does not exist; PERMISSION_DENIED if the
@@ -1100,8 +1128,9 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: UNAUTHENTICATED (INVALID_CREDENTIALS) for an unknown email or
         wrong password; PERMISSION_DENIED (PRINCIPAL_DISABLED or
         ORGANIZATION_DISABLED); INVALID_ARGUMENT if email or password is empty;
-        RESOURCE_EXHAUSTED (RATE_LIMITED) after repeated failures for the email
-        or source address.
+        RESOURCE_EXHAUSTED (LOGIN_THROTTLED) after repeated failures for the
+        email or source address (the connection's own, or the one a trusted
+        proxy forwards: CORRAL_TRUSTED_PROXIES).
         """
 
     @_abc_1.abstractmethod
@@ -1126,7 +1155,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_service_pb2.LogoutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.LogoutResponse, _abc.Awaitable[_identity_service_pb2.LogoutResponse]]:
-        """Revokes the refresh token's family (signs one device out). Idempotent:
+        """Revokes the refresh token's family (signs one device out); the family's
+        access tokens stop being accepted everywhere within seconds. Idempotent:
         an unknown, expired or already revoked token also succeeds.
 
         Callers: anyone holding a refresh token (no bearer token required).
@@ -1139,7 +1169,9 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_service_pb2.LogoutEverywhereRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.LogoutEverywhereResponse, _abc.Awaitable[_identity_service_pb2.LogoutEverywhereResponse]]:
-        """Revokes every refresh token family of a user (signs every device out).
+        """Revokes every refresh token family of a user (signs every device out);
+        access tokens issued so far stop being accepted by every service within
+        seconds.
 
         Callers: the user themself (user empty or their own name), or admins of
         the user's organization.
@@ -1196,7 +1228,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.RotateSigningKeysResponse, _abc.Awaitable[_identity_service_pb2.RotateSigningKeysResponse]]:
         """Rotates the signing keys: the pending key becomes active, the active key
-        is retired (or revoked, with revoke_previous), and a new pending key is
+        is retired (or revoked, with revoke_previous: every token it signed is
+        then refused everywhere within seconds), and a new pending key is
         generated and published.
 
         Callers: superusers (and the key-rotation job).

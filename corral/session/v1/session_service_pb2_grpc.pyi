@@ -65,9 +65,12 @@ class SessionServiceStub:
 
     Callers: users and admins (not viewers).
     Errors: PERMISSION_DENIED if the caller is a viewer; INVALID_ARGUMENT if
-    agent_options are invalid (MODEL_NOT_ALLOWED, ENV_NOT_ALLOWED,
-    MCP_COMMAND_NOT_ALLOWED, PERMISSION_MODE_NOT_ALLOWED, with BadRequest
-    field violations) or labels are malformed, (REQUEST_ID_REUSED);
+    agent_options are invalid or outside the organisation's agent policy
+    (MODEL_NOT_ALLOWED, ENV_NOT_ALLOWED, MCP_COMMAND_NOT_ALLOWED,
+    MCP_HOST_NOT_ALLOWED, PERMISSION_MODE_NOT_ALLOWED, with BadRequest field
+    violations; max_budget_usd_micros above the policy's
+    max_turn_budget_usd_micros is a field violation) or labels are
+    malformed, (REQUEST_ID_REUSED);
     RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the storage quota is used up;
     UNAVAILABLE if the workspace could not be created.
     """
@@ -79,7 +82,8 @@ class SessionServiceStub:
     Callers: drivers of the session.
     Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
     INVALID_ARGUMENT if update_mask names an immutable, output-only or
-    unknown field or the new options are invalid; FAILED_PRECONDITION
+    unknown field, or the new options are invalid or outside the
+    organisation's agent policy (reasons as in CreateSession); FAILED_PRECONDITION
     (SESSION_ARCHIVED); ABORTED (ETAG_MISMATCH).
     """
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.DeleteSessionRequest, _session_service_pb2.DeleteSessionResponse]
@@ -122,9 +126,11 @@ class SessionServiceStub:
 
     Callers: drivers of the session.
     Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
-    INVALID_ARGUMENT if text is empty or longer than 100,000 characters, or
-    (REQUEST_ID_REUSED); FAILED_PRECONDITION (SESSION_BUSY) if a turn is in
-    progress and busy_strategy is REJECT, (SESSION_ARCHIVED),
+    INVALID_ARGUMENT if text is empty or longer than 100,000 characters,
+    (REQUEST_ID_REUSED), or if the session's options are no longer allowed
+    by the organisation's agent policy (the CreateSession policy reasons);
+    FAILED_PRECONDITION (SESSION_BUSY) if a turn is in progress and
+    busy_strategy is REJECT, (SESSION_ARCHIVED),
     (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) with a
     QuotaFailure, or (QUEUE_FULL) if 16 turns are already queued;
     UNAVAILABLE (RUNTIME_UNAVAILABLE) if no runtime can take the turn.
@@ -186,10 +192,11 @@ class SessionServiceStub:
     update_mask (`mcp_servers`, `permission_rules`, `allowed_mcp_commands`,
     `allowed_mcp_hosts`, `allowed_models`, `allowed_permission_modes`,
     `allowed_env`, `max_turn_budget_usd_micros`, or `*`). Admins of the
-    organisation and superusers only. Applies to turns that start afterwards.
+    organisation and superusers only. Applies to turns accepted afterwards.
     Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
-    organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT for a bad
-    server or rule (with field violations).
+    organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT
+    for a bad server, rule or allow-list entry, or a negative
+    max_turn_budget_usd_micros (with field violations).
     """
     StreamSessionEvents: _grpc.UnaryStreamMultiCallable[_session_service_pb2.StreamSessionEventsRequest, _session_service_pb2.StreamSessionEventsResponse]
     """Streams a session's events: first every persisted event after
@@ -244,9 +251,12 @@ class SessionServiceAsyncStub(SessionServiceStub):
 
     Callers: users and admins (not viewers).
     Errors: PERMISSION_DENIED if the caller is a viewer; INVALID_ARGUMENT if
-    agent_options are invalid (MODEL_NOT_ALLOWED, ENV_NOT_ALLOWED,
-    MCP_COMMAND_NOT_ALLOWED, PERMISSION_MODE_NOT_ALLOWED, with BadRequest
-    field violations) or labels are malformed, (REQUEST_ID_REUSED);
+    agent_options are invalid or outside the organisation's agent policy
+    (MODEL_NOT_ALLOWED, ENV_NOT_ALLOWED, MCP_COMMAND_NOT_ALLOWED,
+    MCP_HOST_NOT_ALLOWED, PERMISSION_MODE_NOT_ALLOWED, with BadRequest field
+    violations; max_budget_usd_micros above the policy's
+    max_turn_budget_usd_micros is a field violation) or labels are
+    malformed, (REQUEST_ID_REUSED);
     RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the storage quota is used up;
     UNAVAILABLE if the workspace could not be created.
     """
@@ -258,7 +268,8 @@ class SessionServiceAsyncStub(SessionServiceStub):
     Callers: drivers of the session.
     Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
     INVALID_ARGUMENT if update_mask names an immutable, output-only or
-    unknown field or the new options are invalid; FAILED_PRECONDITION
+    unknown field, or the new options are invalid or outside the
+    organisation's agent policy (reasons as in CreateSession); FAILED_PRECONDITION
     (SESSION_ARCHIVED); ABORTED (ETAG_MISMATCH).
     """
     DeleteSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.DeleteSessionRequest, _session_service_pb2.DeleteSessionResponse]  # type: ignore[assignment]
@@ -301,9 +312,11 @@ class SessionServiceAsyncStub(SessionServiceStub):
 
     Callers: drivers of the session.
     Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
-    INVALID_ARGUMENT if text is empty or longer than 100,000 characters, or
-    (REQUEST_ID_REUSED); FAILED_PRECONDITION (SESSION_BUSY) if a turn is in
-    progress and busy_strategy is REJECT, (SESSION_ARCHIVED),
+    INVALID_ARGUMENT if text is empty or longer than 100,000 characters,
+    (REQUEST_ID_REUSED), or if the session's options are no longer allowed
+    by the organisation's agent policy (the CreateSession policy reasons);
+    FAILED_PRECONDITION (SESSION_BUSY) if a turn is in progress and
+    busy_strategy is REJECT, (SESSION_ARCHIVED),
     (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) with a
     QuotaFailure, or (QUEUE_FULL) if 16 turns are already queued;
     UNAVAILABLE (RUNTIME_UNAVAILABLE) if no runtime can take the turn.
@@ -365,10 +378,11 @@ class SessionServiceAsyncStub(SessionServiceStub):
     update_mask (`mcp_servers`, `permission_rules`, `allowed_mcp_commands`,
     `allowed_mcp_hosts`, `allowed_models`, `allowed_permission_modes`,
     `allowed_env`, `max_turn_budget_usd_micros`, or `*`). Admins of the
-    organisation and superusers only. Applies to turns that start afterwards.
+    organisation and superusers only. Applies to turns accepted afterwards.
     Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
-    organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT for a bad
-    server or rule (with field violations).
+    organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT
+    for a bad server, rule or allow-list entry, or a negative
+    max_turn_budget_usd_micros (with field violations).
     """
     StreamSessionEvents: _aio.UnaryStreamMultiCallable[_session_service_pb2.StreamSessionEventsRequest, _session_service_pb2.StreamSessionEventsResponse]  # type: ignore[assignment]
     """Streams a session's events: first every persisted event after
@@ -438,9 +452,12 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Callers: users and admins (not viewers).
         Errors: PERMISSION_DENIED if the caller is a viewer; INVALID_ARGUMENT if
-        agent_options are invalid (MODEL_NOT_ALLOWED, ENV_NOT_ALLOWED,
-        MCP_COMMAND_NOT_ALLOWED, PERMISSION_MODE_NOT_ALLOWED, with BadRequest
-        field violations) or labels are malformed, (REQUEST_ID_REUSED);
+        agent_options are invalid or outside the organisation's agent policy
+        (MODEL_NOT_ALLOWED, ENV_NOT_ALLOWED, MCP_COMMAND_NOT_ALLOWED,
+        MCP_HOST_NOT_ALLOWED, PERMISSION_MODE_NOT_ALLOWED, with BadRequest field
+        violations; max_budget_usd_micros above the policy's
+        max_turn_budget_usd_micros is a field violation) or labels are
+        malformed, (REQUEST_ID_REUSED);
         RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the storage quota is used up;
         UNAVAILABLE if the workspace could not be created.
         """
@@ -458,7 +475,8 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         Callers: drivers of the session.
         Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
         INVALID_ARGUMENT if update_mask names an immutable, output-only or
-        unknown field or the new options are invalid; FAILED_PRECONDITION
+        unknown field, or the new options are invalid or outside the
+        organisation's agent policy (reasons as in CreateSession); FAILED_PRECONDITION
         (SESSION_ARCHIVED); ABORTED (ETAG_MISMATCH).
         """
 
@@ -531,9 +549,11 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Callers: drivers of the session.
         Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
-        INVALID_ARGUMENT if text is empty or longer than 100,000 characters, or
-        (REQUEST_ID_REUSED); FAILED_PRECONDITION (SESSION_BUSY) if a turn is in
-        progress and busy_strategy is REJECT, (SESSION_ARCHIVED),
+        INVALID_ARGUMENT if text is empty or longer than 100,000 characters,
+        (REQUEST_ID_REUSED), or if the session's options are no longer allowed
+        by the organisation's agent policy (the CreateSession policy reasons);
+        FAILED_PRECONDITION (SESSION_BUSY) if a turn is in progress and
+        busy_strategy is REJECT, (SESSION_ARCHIVED),
         (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) with a
         QuotaFailure, or (QUEUE_FULL) if 16 turns are already queued;
         UNAVAILABLE (RUNTIME_UNAVAILABLE) if no runtime can take the turn.
@@ -631,10 +651,11 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         update_mask (`mcp_servers`, `permission_rules`, `allowed_mcp_commands`,
         `allowed_mcp_hosts`, `allowed_models`, `allowed_permission_modes`,
         `allowed_env`, `max_turn_budget_usd_micros`, or `*`). Admins of the
-        organisation and superusers only. Applies to turns that start afterwards.
+        organisation and superusers only. Applies to turns accepted afterwards.
         Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
-        organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT for a bad
-        server or rule (with field violations).
+        organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT
+        for a bad server, rule or allow-list entry, or a negative
+        max_turn_budget_usd_micros (with field violations).
         """
 
     @_abc_1.abstractmethod

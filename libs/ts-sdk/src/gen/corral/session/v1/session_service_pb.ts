@@ -1076,9 +1076,12 @@ export const SessionService: GenService<{
    *
    * Callers: users and admins (not viewers).
    * Errors: PERMISSION_DENIED if the caller is a viewer; INVALID_ARGUMENT if
-   * agent_options are invalid (MODEL_NOT_ALLOWED, ENV_NOT_ALLOWED,
-   * MCP_COMMAND_NOT_ALLOWED, PERMISSION_MODE_NOT_ALLOWED, with BadRequest
-   * field violations) or labels are malformed, (REQUEST_ID_REUSED);
+   * agent_options are invalid or outside the organisation's agent policy
+   * (MODEL_NOT_ALLOWED, ENV_NOT_ALLOWED, MCP_COMMAND_NOT_ALLOWED,
+   * MCP_HOST_NOT_ALLOWED, PERMISSION_MODE_NOT_ALLOWED, with BadRequest field
+   * violations; max_budget_usd_micros above the policy's
+   * max_turn_budget_usd_micros is a field violation) or labels are
+   * malformed, (REQUEST_ID_REUSED);
    * RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the storage quota is used up;
    * UNAVAILABLE if the workspace could not be created.
    *
@@ -1097,7 +1100,8 @@ export const SessionService: GenService<{
    * Callers: drivers of the session.
    * Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
    * INVALID_ARGUMENT if update_mask names an immutable, output-only or
-   * unknown field or the new options are invalid; FAILED_PRECONDITION
+   * unknown field, or the new options are invalid or outside the
+   * organisation's agent policy (reasons as in CreateSession); FAILED_PRECONDITION
    * (SESSION_ARCHIVED); ABORTED (ETAG_MISMATCH).
    *
    * @generated from rpc corral.session.v1.SessionService.UpdateSession
@@ -1175,9 +1179,11 @@ export const SessionService: GenService<{
    *
    * Callers: drivers of the session.
    * Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
-   * INVALID_ARGUMENT if text is empty or longer than 100,000 characters, or
-   * (REQUEST_ID_REUSED); FAILED_PRECONDITION (SESSION_BUSY) if a turn is in
-   * progress and busy_strategy is REJECT, (SESSION_ARCHIVED),
+   * INVALID_ARGUMENT if text is empty or longer than 100,000 characters,
+   * (REQUEST_ID_REUSED), or if the session's options are no longer allowed
+   * by the organisation's agent policy (the CreateSession policy reasons);
+   * FAILED_PRECONDITION (SESSION_BUSY) if a turn is in progress and
+   * busy_strategy is REJECT, (SESSION_ARCHIVED),
    * (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) with a
    * QuotaFailure, or (QUEUE_FULL) if 16 turns are already queued;
    * UNAVAILABLE (RUNTIME_UNAVAILABLE) if no runtime can take the turn.
@@ -1281,10 +1287,11 @@ export const SessionService: GenService<{
    * update_mask (`mcp_servers`, `permission_rules`, `allowed_mcp_commands`,
    * `allowed_mcp_hosts`, `allowed_models`, `allowed_permission_modes`,
    * `allowed_env`, `max_turn_budget_usd_micros`, or `*`). Admins of the
-   * organisation and superusers only. Applies to turns that start afterwards.
+   * organisation and superusers only. Applies to turns accepted afterwards.
    * Errors: PERMISSION_DENIED for other members; NOT_FOUND for another
-   * organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT for a bad
-   * server or rule (with field violations).
+   * organisation; ABORTED (ETAG_MISMATCH) if etag is stale; INVALID_ARGUMENT
+   * for a bad server, rule or allow-list entry, or a negative
+   * max_turn_budget_usd_micros (with field violations).
    *
    * @generated from rpc corral.session.v1.SessionService.UpdateAgentPolicy
    */
