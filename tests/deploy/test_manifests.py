@@ -110,7 +110,7 @@ def render_production() -> ModuleType:
 
 def test_setting_names_are_read_from_settings() -> None:
     names = setting_env_names()
-    assert {"CORRAL_DATABASE_URL", "CORRAL_IDENTITY_KEY_ENCRYPTION_KEY"} <= names
+    assert {"CORRAL_DATABASE_URL", "CORRAL_ENCRYPTION_KEYS", "CORRAL_TRUSTED_PROXIES"} <= names
     assert {"ANTHROPIC_API_KEY", "OTEL_EXPORTER_OTLP_ENDPOINT"} <= names
     assert "CORRAL_ANTHROPIC_API_KEY" not in names
 
@@ -252,13 +252,18 @@ def test_compose_environment_names_are_settings() -> None:
     # Secrets: only where needed, from .env / the user's environment.
     runtime, identity = services()["runtime"]["environment"], services()["identity"]["environment"]
     assert runtime["ANTHROPIC_API_KEY"] == "${ANTHROPIC_API_KEY:-}"
-    assert identity["CORRAL_IDENTITY_KEY_ENCRYPTION_KEY"].startswith(
-        "${CORRAL_IDENTITY_KEY_ENCRYPTION_KEY:?"
-    )
-    for name in CORRAL_SERVICES - {"runtime"}:
-        assert "ANTHROPIC_API_KEY" not in services()[name]["environment"], name
-    for name in CORRAL_SERVICES - {"identity"}:
-        assert "CORRAL_IDENTITY_KEY_ENCRYPTION_KEY" not in services()[name]["environment"]
+    for name in CORRAL_SERVICES:
+        environment = services()[name]["environment"]
+        if name in ("identity", "session"):  # they keep secrets at rest
+            assert environment["CORRAL_ENCRYPTION_KEYS"].startswith("${CORRAL_ENCRYPTION_KEYS:?")
+        else:
+            assert "CORRAL_ENCRYPTION_KEYS" not in environment, name
+        assert ("ANTHROPIC_API_KEY" in environment) == (name == "runtime"), name
+    # The services believe forwarded client addresses from the edge's fixed address only.
+    edge = services()["envoy"]["networks"]["default"]["ipv4_address"]
+    for name in CORRAL_SERVICES:
+        trusted = services()[name]["environment"]["CORRAL_TRUSTED_PROXIES"]
+        assert trusted == f'["{edge}/32"]', name
 
 
 def test_compose_variables_are_documented() -> None:
@@ -545,7 +550,7 @@ def test_pod_environment_is_settings_and_secret_keys() -> None:
     for name in SERVICE_NAMES:
         assert {"CORRAL_DATABASE_URL", "CORRAL_REDIS_URL"} <= secret_env(name), name
         assert ("ANTHROPIC_API_KEY" in secret_env(name)) == (name == "runtime")
-        assert ("CORRAL_IDENTITY_KEY_ENCRYPTION_KEY" in secret_env(name)) == (name == "identity")
+        assert ("CORRAL_ENCRYPTION_KEYS" in secret_env(name)) == (name in ("identity", "session"))
     job = one("Job", "corral-migrate")
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["migrate"]
