@@ -20,6 +20,8 @@ from typing import Any, TextIO
 
 import grpc
 from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from corral.identity.v1 import identity_service_pb2 as identity_pb
 from corral.identity.v1 import identity_service_pb2_grpc as identity_rpc
@@ -166,6 +168,31 @@ class Chat:
             )
 
 
+POLICY_HINTS = {
+    reason: (
+        "the organisation's agent policy does not allow this: an admin can allow it with"
+        f" UpdateAgentPolicy ({field})"
+    )
+    for reason, field in (
+        ("MCP_COMMAND_NOT_ALLOWED", "allowed_mcp_commands"),
+        ("MCP_HOST_NOT_ALLOWED", "allowed_mcp_hosts"),
+        ("MODEL_NOT_ALLOWED", "allowed_models"),
+        ("PERMISSION_MODE_NOT_ALLOWED", "allowed_permission_modes"),
+        ("ENV_NOT_ALLOWED", "allowed_env"),
+    )
+}
+
+
+def _reason(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
+
+
 async def run(
     settings: Settings,
     token: str,
@@ -177,13 +204,21 @@ async def run(
         stub = rpc.SessionServiceStub(channel)
         metadata = (("authorization", f"Bearer {token}"),)
         if session is None:
-            created = await stub.CreateSession(
-                pb.CreateSessionRequest(
-                    session=session_pb2.Session(display_name="corral chat", agent_options=options),
-                    request_id=str(uuid.uuid4()),
-                ),
-                metadata=metadata,
-            )
+            try:
+                created = await stub.CreateSession(
+                    pb.CreateSessionRequest(
+                        session=session_pb2.Session(
+                            display_name="corral chat", agent_options=options
+                        ),
+                        request_id=str(uuid.uuid4()),
+                    ),
+                    metadata=metadata,
+                )
+            except grpc.aio.AioRpcError as exc:
+                print(f"cannot create the session: {exc.details()}", file=sys.stderr)
+                if _reason(exc) in POLICY_HINTS:
+                    print(POLICY_HINTS[_reason(exc)], file=sys.stderr)
+                return 1
             session = created.session.name
         chat = Chat(stub, token, session)
         chat.write(

@@ -76,3 +76,34 @@ async def test_corral_chat_streams_asks_runs_bash_and_mcp(platform: Platform) ->
     assert (
         platform.workspace(session.group(0)) / "chat.txt"
     ).read_text().strip() == "from-the-terminal"
+
+
+async def test_corral_chat_says_what_the_policy_refuses_and_how_to_allow_it(
+    platform: Platform,
+) -> None:
+    """No stdio MCP command is allowed by default: the CLI says so, names the policy field an
+    admin sets, and exits 1 without a traceback."""
+    env = {
+        **os.environ,
+        "CORRAL_SESSION_TARGET": platform.settings.target_for("session"),
+        "CORRAL_IDENTITY_TARGET": platform.settings.target_for("identity"),
+        "CORRAL_EMAIL": ADMIN[0],
+        "CORRAL_PASSWORD": ADMIN[1],
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "corral.services.cli",
+        "chat",
+        "--mcp",
+        f"calc={sys.executable} {MCP_SERVER}",
+        "-m",
+        "hello",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    text = output.decode()
+    assert process.returncode == 1, text
+    assert "allowed_mcp_commands" in text and "Traceback" not in text
