@@ -15,7 +15,6 @@ from typing import Protocol, Self, runtime_checkable
 
 from google.protobuf import struct_pb2
 
-from corral.libs.errors import Aborted
 from corral.libs.idempotency import IdempotencyStore
 from corral.libs.listing import Condition, Page
 from corral.runtime.v1 import agent_options_pb2 as runtime_options
@@ -30,11 +29,6 @@ from corral.services.session.domain import (
 )
 
 # -- the unit of work ---------------------------------------------------------------------------
-
-
-class DuplicateRequest(Aborted):
-    """Another request with the same ``request_id`` committed first (the idempotency record's
-    key is taken): replay it. Should it reach a client, ABORTED says: retry."""
 
 
 class Sessions(Protocol):
@@ -135,7 +129,7 @@ class AuditOutboxStore(Protocol):
 
 class UnitOfWork(Protocol):
     """One transaction: ``async with uow: ...; await uow.commit()``; no commit, no change.
-    ``idempotency.put`` raises :class:`DuplicateRequest` when the key is taken."""
+    ``idempotency.put`` raises the kit's ``RequestRaced`` when the key is taken."""
 
     @property
     def sessions(self) -> Sessions: ...

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.libs import keyset
 from corral.libs.db import UnitOfWork
-from corral.libs.idempotency import RequestRaced, SqlIdempotencyStore, idempotency_table
+from corral.libs.idempotency import SqlIdempotencyStore, idempotency_table
 from corral.libs.listing import Condition, Page
 from corral.services.session.audit import OutboxRecords, outbox_table
 from corral.services.session.domain import (
@@ -24,7 +24,6 @@ from corral.services.session.domain import (
     TurnState,
     Usage,
 )
-from corral.services.session.ports import DuplicateRequest
 
 metadata = sa.MetaData()
 
@@ -515,26 +514,13 @@ class PolicyRepository:
             )
 
 
-class IdempotencyRecords(SqlIdempotencyStore):
-    """The kit's store on session's table; a key another request took first is a
-    :class:`DuplicateRequest` (the caller replays it)."""
-
-    async def put(
-        self, scope: str, request_id: str, fingerprint: str, result: str, at: float
-    ) -> None:
-        try:
-            await super().put(scope, request_id, fingerprint, result, at)
-        except (sa.exc.IntegrityError, RequestRaced) as exc:
-            raise DuplicateRequest("a request with this request_id is being made") from exc
-
-
 class SessionUnitOfWork(UnitOfWork):
     sessions: SessionRepository
     turns: TurnRepository
     events: EventRepository
     permissions: PermissionRepository
     policies: PolicyRepository
-    idempotency: IdempotencyRecords
+    idempotency: SqlIdempotencyStore
     outbox: OutboxRecords
 
     def _bind(self) -> None:
@@ -543,5 +529,5 @@ class SessionUnitOfWork(UnitOfWork):
         self.events = EventRepository(self.connection)
         self.permissions = PermissionRepository(self.connection)
         self.policies = PolicyRepository(self.connection)
-        self.idempotency = IdempotencyRecords(self.connection, idempotency_keys)
+        self.idempotency = SqlIdempotencyStore(self.connection, idempotency_keys)
         self.outbox = OutboxRecords(self.connection, audit_outbox)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 
@@ -23,6 +24,7 @@ from corral.libs.errors import (
 )
 from corral.libs.etags import check_etag, mismatch
 from corral.libs.eventhub import EventHub
+from corral.libs.idempotency import CreateRequest
 from corral.libs.listing import Condition, Page, finish_page
 from corral.libs.names import new_id
 from corral.services.session import domain, policy
@@ -36,7 +38,7 @@ from corral.services.session.domain import (
     now,
 )
 from corral.services.session.event_log import EventFilter, EventLog, state_event
-from corral.services.session.idempotent import Create, once
+from corral.services.session.idempotent import once
 from corral.services.session.options import options_with
 from corral.services.session.ports import AuditLog, AuditWriter, Runtime, UnitOfWork, UsageLedger
 from corral.services.session.runner import UNFINISHED, TurnRunner
@@ -112,7 +114,7 @@ class SessionService(TurnUseCases):
             raise PermissionDenied("viewers cannot create sessions", reason="ROLE_READ_ONLY")
         org = organization if (organization and caller.is_superuser) else caller.organization
 
-        async def create(request: Create) -> Session:
+        async def create(request: CreateRequest) -> Session:
             policy.check_options(options, await self._policy(org), "session.agent_options")
             session = self._new_session(caller, org, display_name, options, labels)
             session.agent_options = self.secrets.seal_session(
@@ -121,7 +123,7 @@ class SessionService(TurnUseCases):
             entry = self.audit.entry(caller, "session.create", session.name, organization=org)
             async with self._uow() as uow:
                 await uow.sessions.add(session)
-                await request.remember(uow, session.name)
+                await request.remember(uow.idempotency, session.name, time.time())
                 await self.audit.add(uow, entry)
                 await uow.commit()
             self.audit.send(entry, token=caller.token)
@@ -329,7 +331,7 @@ class SessionService(TurnUseCases):
         if not domain.can_create(caller):
             raise PermissionDenied("viewers cannot create sessions", reason="ROLE_READ_ONLY")
 
-        async def create(request: Create) -> Session:
+        async def create(request: CreateRequest) -> Session:
             parent = await self.get_session(caller, session_id)
             if not parent.transcript_id:
                 raise FailedPrecondition(
@@ -359,7 +361,7 @@ class SessionService(TurnUseCases):
             )
             async with self._uow() as uow:
                 await uow.sessions.add(child)
-                await request.remember(uow, child.name)
+                await request.remember(uow.idempotency, child.name, time.time())
                 await self.audit.add(uow, entry)
                 await uow.commit()
             self.audit.send(entry, token=caller.token)

@@ -5,12 +5,14 @@ policy judged again), read turns, interrupt, answer permission requests. A part 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from google.protobuf import struct_pb2
 
 from corral.libs.auth.caller import Caller
 from corral.libs.errors import FailedPrecondition, NotFound, ResourceExhausted
+from corral.libs.idempotency import CreateRequest
 from corral.libs.listing import Page, finish_page
 from corral.libs.names import new_id
 from corral.services.session import domain, policy
@@ -25,7 +27,7 @@ from corral.services.session.domain import (
     now,
 )
 from corral.services.session.event_log import EventLog
-from corral.services.session.idempotent import Create, once
+from corral.services.session.idempotent import once
 from corral.services.session.ports import Runtime, UnitOfWork, UsageLedger
 from corral.services.session.runner import UNFINISHED, TurnRunner
 from corral.session.v1 import agent_options_pb2, event_pb2
@@ -57,7 +59,7 @@ class TurnUseCases:
         """Accept a turn: queued behind the session's current one, or (``strategy``) refused
         or run in its place. Usage is reserved with identity before anything is written."""
 
-        async def create(request: Create) -> Turn:
+        async def create(request: CreateRequest) -> Turn:
             return await self._accept_turn(caller, session_id, text, strategy, request)
 
         async def replayed(name: str) -> Turn:
@@ -73,7 +75,7 @@ class TurnUseCases:
         session_id: str,
         text: str,
         strategy: BusyStrategy,
-        request: Create,
+        request: CreateRequest,
     ) -> Turn:
         name = SESSION.format(session_id)
         async with self._uow() as uow:
@@ -144,7 +146,7 @@ class TurnUseCases:
                 )
                 await uow.turns.add(turn)
                 await uow.sessions.save(current)
-                await request.remember(uow, turn.name)
+                await request.remember(uow.idempotency, turn.name, time.time())
                 await self.audit.add(uow, entry)
                 created.append(turn)
 

@@ -173,9 +173,9 @@ async def test_concurrent_twins_create_one_session(
     both_looked = asyncio.Event()
     replay = idempotency.replay
 
-    async def replay_together(*args: Any) -> str | None:
+    async def replay_together(*args: Any, **kwargs: Any) -> str | None:
         nonlocal looked
-        found = await replay(*args)
+        found = await replay(*args, **kwargs)
         looked += 1
         if looked == 2:
             both_looked.set()
