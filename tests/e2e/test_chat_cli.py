@@ -22,15 +22,20 @@ async def _read_until(stream: asyncio.StreamReader, needle: str, seen: list[str]
     return "".join(seen)
 
 
-async def test_corral_chat_streams_asks_runs_bash_and_mcp(platform: Platform) -> None:
-    await allow_mcp_commands(platform, sys.executable)
-    env = {
+def _cli_env(platform: Platform) -> dict[str, str]:
+    """`corral chat` pointed at the test platform, signed in as its admin."""
+    return {
         **os.environ,
         "CORRAL_SESSION_TARGET": platform.settings.target_for("session"),
         "CORRAL_IDENTITY_TARGET": platform.settings.target_for("identity"),
         "CORRAL_EMAIL": ADMIN[0],
         "CORRAL_PASSWORD": ADMIN[1],
     }
+
+
+async def test_corral_chat_streams_asks_runs_bash_and_mcp(platform: Platform) -> None:
+    await allow_mcp_commands(platform, sys.executable)
+    env = _cli_env(platform)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -83,13 +88,7 @@ async def test_corral_chat_says_what_the_policy_refuses_and_how_to_allow_it(
 ) -> None:
     """No stdio MCP command is allowed by default: the CLI says so, names the policy field an
     admin sets, and exits 1 without a traceback."""
-    env = {
-        **os.environ,
-        "CORRAL_SESSION_TARGET": platform.settings.target_for("session"),
-        "CORRAL_IDENTITY_TARGET": platform.settings.target_for("identity"),
-        "CORRAL_EMAIL": ADMIN[0],
-        "CORRAL_PASSWORD": ADMIN[1],
-    }
+    env = _cli_env(platform)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
