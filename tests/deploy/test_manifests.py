@@ -250,7 +250,7 @@ def test_compose_environment_names_are_settings() -> None:
         assert env["CORRAL_SERVICE_API_KEY"] == "${CORRAL_SERVICE_API_KEY:-}"
         assert env["CORRAL_RUNTIME_ROOT"] == RUNTIME_ROOT
     # Secrets: only where needed, from .env / the user's environment.
-    runtime, identity = services()["runtime"]["environment"], services()["identity"]["environment"]
+    runtime = services()["runtime"]["environment"]
     assert runtime["ANTHROPIC_API_KEY"] == "${ANTHROPIC_API_KEY:-}"
     for name in CORRAL_SERVICES:
         environment = services()[name]["environment"]

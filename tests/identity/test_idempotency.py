@@ -21,7 +21,7 @@ from corral.identity.v1 import identity_service_pb2 as pb
 from corral.services.identity.base import SYSTEM_CONTEXT
 from corral.services.identity.domain import Role
 from tests.identity.conftest import PASSWORD, Identity, bearer
-from tests.identity.idempotency_contract import Caller, CreateCase, assert_idempotent_create
+from tests.support.idempotency_contract import Caller, CreateCase, assert_idempotent_create
 
 ORG = "organizations/acme"
 CaseFactory = Callable[[Identity, Caller], Awaitable[CreateCase]]

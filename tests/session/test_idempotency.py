@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import grpc
 import pytest
 
 from corral.session.v1 import session_pb2
 from corral.session.v1 import session_service_pb2 as pb
 from tests.session.conftest import Stack
-from tests.session.test_session_stream import collect, create, reason
+from tests.session.test_session_stream import collect, create
+from tests.support.idempotency_contract import Caller, CreateCase, assert_idempotent_create
 
 OWNER, OTHER = "alice", "ada"  # ada: an admin of the same organisation
 
@@ -116,19 +116,17 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 async def test_request_id_makes_a_create_happen_once_per_caller(stack: Stack, case: Case) -> None:
+    """The contract every Create keeps (tests/support/idempotency_contract.py)."""
     target = await case.setup(stack)
-    before = await case.count(stack, target)
 
-    first = await case.call(stack, target, "r-1", "one", OWNER)
-    retry = await case.call(stack, target, "r-1", "one", OWNER)
-    assert retry == first
-    assert await case.count(stack, target) == before + 1  # nothing created twice
+    async def call(caller: Caller, request_id: str, payload: str) -> str:
+        return await case.call(stack, target, request_id, payload, caller.label)
 
-    with pytest.raises(grpc.aio.AioRpcError) as reused:
-        await case.call(stack, target, "r-1", "two", OWNER)
-    assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert reason(reused.value) == "REQUEST_ID_REUSED"
+    async def count() -> int:
+        return await case.count(stack, target)
 
-    theirs = await case.call(stack, target, "r-1", "one", OTHER)
-    assert theirs != first  # another caller's request_id is its own
-    assert await case.count(stack, target) == before + 2
+    await assert_idempotent_create(
+        CreateCase(case.name, call, count),
+        Caller(OWNER, _auth(stack, OWNER)),
+        Caller(OTHER, _auth(stack, OTHER)),
+    )
