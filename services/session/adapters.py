@@ -12,11 +12,17 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
 
-from corral.identity.v1 import audit_event_pb2, usage_pb2
+from corral.identity.v1 import audit_event_pb2, quota_pb2, usage_pb2
 from corral.identity.v1 import identity_service_pb2 as identity_pb
 from corral.identity.v1 import identity_service_pb2_grpc as identity_rpc
 from corral.libs.auth.service_token import CachedToken
-from corral.libs.errors import CorralError, Unavailable
+from corral.libs.errors import (
+    CorralError,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from corral.libs.grpc.errors import from_rpc_error
 from corral.libs.names import new_id
 from corral.runtime.v1 import runtime_event_pb2 as rt
@@ -184,6 +190,55 @@ class IdentityLedger(_AsService):
         with _domain_errors():
             reply = await self._stub.ReserveUsage(request, metadata=await self._auth(token))
         return str(reply.usage_reservation.name)
+
+    async def reserve_budget(
+        self, *, organization: str, user: str, cost_usd_micros: int, request_id: str, token: str
+    ) -> str:
+        """Hold a running turn's spending cap (cost only): N concurrent turns hold N caps. The
+        hold is released when the turn ends; its real cost is settled on its slot's
+        reservation."""
+        request = identity_pb.ReserveUsageRequest(
+            parent=organization,
+            subject=user,
+            amounts=[
+                usage_pb2.UsageAmount(
+                    kind=usage_pb2.USAGE_KIND_COST_USD_MICROS, amount=cost_usd_micros
+                )
+            ],
+            reference="session turn budget",
+            ttl=duration_pb2.Duration(seconds=self._ttl),
+            request_id=request_id,
+        )
+        with _domain_errors():
+            reply = await self._stub.ReserveUsage(request, metadata=await self._auth(token))
+        return str(reply.usage_reservation.name)
+
+    async def remaining_budget(self, *, organization: str, user: str, token: str) -> int | None:
+        """What the organisation's (and the user's) monthly cost budget still allows, net of
+        what is held; None when neither has a cost limit (or neither can be read). Read as this
+        service, else with ``token`` (the sender's, for quotas identity shows members only)."""
+        subjects = [organization] + ([user] if "/users/" in user else [])
+        left: list[int] = []
+        for subject in subjects:
+            quota = await self._quota(f"{subject}/quota", token)
+            if quota is None or not quota.HasField("cost_usd_micros_per_month"):
+                continue
+            used = quota.usage.cost_usd_micros + quota.usage.reserved_cost_usd_micros
+            left.append(quota.cost_usd_micros_per_month - used)
+        return min(left) if left else None
+
+    async def _quota(self, name: str, token: str) -> quota_pb2.Quota | None:
+        tokens = [await self._auth(token)] + ([_auth(token)] if self._credentials and token else [])
+        for metadata in tokens:
+            try:
+                with _domain_errors():
+                    reply = await self._stub.GetQuota(
+                        identity_pb.GetQuotaRequest(name=name), metadata=metadata
+                    )
+                return reply.quota
+            except (NotFound, PermissionDenied, Unauthenticated):
+                continue
+        return None
 
     async def settle(self, reservation: str, usage: Usage, *, token: str) -> None:
         request = identity_pb.SettleUsageRequest(

@@ -111,6 +111,9 @@ async def build(
         heartbeat_seconds=settings.session_heartbeat_seconds,
         lease_seconds=settings.session_turn_lease_seconds,
     )
+    wired.service.runner.default_turn_budget_usd_micros = round(
+        settings.session_default_turn_budget_usd * 1_000_000
+    )
     resources.push_async_callback(wired.service.close)
     await wired.service.recover()
     server = infra.server([wired.registration], verifier=infra.verifier(jwks), port=port)

@@ -14,10 +14,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol, runtime_checkable
 
 from google.rpc import code_pb2
 
-from corral.libs.errors import CorralError
+from corral.libs.errors import CorralError, ResourceExhausted
+from corral.libs.grpc.errors import code_for
 from corral.libs.names import new_id
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.services.session import events
@@ -38,6 +40,20 @@ log = logging.getLogger("corral.session")
 
 BATCH_MAX = 256
 UNFINISHED = (TurnState.QUEUED, TurnState.RUNNING, TurnState.AWAITING_PERMISSION)
+# A turn's spending cap when neither its session nor its organisation's policy sets one (the
+# composition root sets CORRAL_SESSION_DEFAULT_TURN_BUDGET_USD on the runner).
+DEFAULT_TURN_BUDGET_USD_MICROS = 1_000_000
+
+
+@runtime_checkable
+class BudgetLedger(Protocol):
+    """What a ledger needs to hold a running turn's spending cap (identity's does)."""
+
+    async def reserve_budget(
+        self, *, organization: str, user: str, cost_usd_micros: int, request_id: str, token: str
+    ) -> str: ...
+
+    async def remaining_budget(self, *, organization: str, user: str, token: str) -> int | None: ...
 
 
 @dataclass
@@ -68,6 +84,7 @@ class TurnRunner:
         self._wake: set[str] = set()  # sessions given a turn since their driver last looked
         self._live: dict[str, _LiveTurn] = {}  # turn id -> the credentials it runs with
         self._keeper: asyncio.Task[None] | None = None
+        self.default_turn_budget_usd_micros = DEFAULT_TURN_BUDGET_USD_MICROS
 
     # -- what the use cases ask of it ----------------------------------------------------------
 
@@ -174,6 +191,51 @@ class TurnRunner:
             session.id, turn.id, [state_event(SessionState.RUNNING, session.state)], begin
         )
         request = await self._request(session, turn, live.actor)
+        try:
+            hold = await self._hold_budget(turn, request, live)
+        except CorralError as exc:  # no budget left for it: it ends before it starts
+            outcome = TurnOutcome()
+            tail = outcome.failed(exc)
+            await self._finish(session.id, turn, outcome, 0.0, live.token, tail)
+            return
+        try:
+            await self._drive_turn(session, turn, request, live, started)
+        finally:
+            # After the settle (in _finish): what the turn spent is recorded before its cap is
+            # given back.
+            if hold:
+                await self.release_quietly(hold, live.token)
+
+    async def _hold_budget(self, turn: Turn, request: TurnRequest, live: _LiveTurn) -> str:
+        """Hold the turn's cap (``request.options.max_budget_usd_micros``) against the
+        organisation's cost budget while it runs. When less remains, hold what remains and
+        lower the cap to it; with nothing left, QUOTA_EXCEEDED. Returns the hold's name ("" with
+        a ledger that cannot hold budgets)."""
+        if not isinstance(self._ledger, BudgetLedger):
+            return ""
+        cap = request.options.max_budget_usd_micros
+        who = {"organization": request.organization, "user": live.actor, "token": live.token}
+        try:
+            return await self._ledger.reserve_budget(
+                cost_usd_micros=cap, request_id=f"{turn.id}-budget", **who
+            )
+        except ResourceExhausted:
+            remaining = await self._ledger.remaining_budget(**who)
+            if remaining is None or not 0 < remaining < cap:
+                raise
+        hold = await self._ledger.reserve_budget(
+            cost_usd_micros=remaining, request_id=f"{turn.id}-budget-rest", **who
+        )
+        request.options.max_budget_usd_micros = remaining
+        log.info(
+            "turn capped at the remaining budget",
+            extra={"turn": turn.id, "cap": cap, "remaining": remaining},
+        )
+        return hold
+
+    async def _drive_turn(
+        self, session: Session, turn: Turn, request: TurnRequest, live: _LiveTurn, started: float
+    ) -> None:
         outcome = TurnOutcome()
         queue: asyncio.Queue[rt.RuntimeEvent | BaseException | None] = asyncio.Queue()
 
@@ -220,24 +282,36 @@ class TurnRunner:
         await self._finish(session.id, turn, outcome, time.monotonic() - started, live.token, tail)
 
     async def _request(self, session: Session, turn: Turn, actor: str) -> TurnRequest:
-        """What the runtime gets: the session's options under its organisation's policy."""
+        """What the runtime gets: the session's options under its organisation's policy, with
+        the turn's spending cap."""
         async with self._uow() as uow:
-            policy = await uow.policies.get(session.organization)
+            record = await uow.policies.get(session.organization)
+        policy = agent_policy_pb2.AgentPolicy.FromString(record.payload) if record else None
         options = with_policy(
-            agent_options_pb2.AgentOptions.FromString(session.agent_options),
-            agent_policy_pb2.AgentPolicy.FromString(policy.payload) if policy else None,
+            agent_options_pb2.AgentOptions.FromString(session.agent_options), policy
         )
+        runtime_options = for_runtime(options)
+        runtime_options.max_budget_usd_micros = self.turn_cap(options, policy)
         return TurnRequest(
             session=session.name,
             turn_id=turn.id,
             organization=session.organization,
             actor=actor,
             workspace=session.workspace,
-            options=for_runtime(options),
+            options=runtime_options,
             prompt=turn.text,
             resume_transcript_id=session.transcript_id,
             fork_transcript=bool(session.parent_session) and session.turn_count <= 1,
         )
+
+    def turn_cap(
+        self, options: agent_options_pb2.AgentOptions, policy: agent_policy_pb2.AgentPolicy | None
+    ) -> int:
+        """What one turn may spend: the session's own cap, else its organisation's per-turn
+        budget, else the deployment's default; never more than the organisation's."""
+        most = policy.max_turn_budget_usd_micros if policy is not None else 0
+        cap = options.max_budget_usd_micros or most or self.default_turn_budget_usd_micros
+        return min(cap, most) if most else cap
 
     async def _write_events(
         self, session_id: str, turn: Turn, batch: list[event_pb2.SessionEvent]
@@ -428,7 +502,9 @@ class TurnOutcome:
             reason, message = "TURN_ABORTED", str(exc)
         self.error_reason, self.error_message = reason, message
         error = event_pb2.SessionEvent()
-        error.error.code = code_pb2.UNAVAILABLE
+        error.error.code = (
+            code_for(exc).value[0] if isinstance(exc, CorralError) else code_pb2.UNAVAILABLE
+        )
         error.error.reason = reason
         error.error.message = message
         result = event_pb2.SessionEvent()
