@@ -3,7 +3,8 @@
 It turns an :class:`~corral.services.runtime.sdk.AgentSpec` into ``ClaudeAgentOptions`` (the
 CLI runs through ``process``'s launcher, with only the environment the session allows), wires
 the PreToolUse hook and ``can_use_tool`` to a :class:`~corral.services.runtime.sdk.ToolGate`,
-and turns the SDK's errors into the runtime's.
+runs the session's stdio MCP servers itself (``mcp_bridge``: their secrets stay out of the
+CLI's reach), and turns the SDK's errors into the runtime's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +35,10 @@ from claude_agent_sdk import (
     ResultError,
     ToolPermissionContext,
 )
-from claude_agent_sdk.types import McpServerConfig, PermissionMode
+from claude_agent_sdk.types import McpSdkServerConfig, McpServerConfig, PermissionMode
 
 from corral.runtime.v1 import agent_options_pb2 as options_pb
-from corral.services.runtime import process, sandbox
+from corral.services.runtime import mcp_bridge, process, sandbox
 from corral.services.runtime.domain import (
     Behavior,
     DecisionSource,
@@ -60,8 +63,11 @@ _MODES: dict[int, PermissionMode] = {
 class ClaudeClient:
     """A connected ``ClaudeSDKClient``, as an :class:`~corral.services.runtime.sdk.AgentClient`."""
 
-    def __init__(self, client: ClaudeSDKClient) -> None:
+    def __init__(
+        self, client: ClaudeSDKClient, bridges: Sequence[mcp_bridge.McpBridge] = ()
+    ) -> None:
         self._client = client
+        self._bridges = list(bridges)  # its stdio MCP servers, run by the runtime
 
     @property
     def pid(self) -> int | None:
@@ -84,7 +90,10 @@ class ClaudeClient:
         await self._client.interrupt()
 
     async def disconnect(self) -> None:
-        await self._client.disconnect()
+        try:
+            await self._client.disconnect()
+        finally:
+            await mcp_bridge.close_all(self._bridges)
 
 
 @contextlib.contextmanager
@@ -117,6 +126,7 @@ class ClaudeSdk:
         sandbox: SandboxPolicy | None = None,
     ) -> None:
         self._bin = root / "bin"
+        self._mcp_homes = root / "mcp"  # the private homes of the stdio MCP servers
         self._model_env = dict(model_env)
         self._scrub = scrub_tool_env
         self._sandbox = sandbox
@@ -140,20 +150,74 @@ class ClaudeSdk:
                 workspace=spec.workspace,
                 config_dir=spec.config_dir,
             )
-        options = self.options(spec, gate)
-        client = ClaudeSDKClient(options)
+        bridges = await self._bridge_mcp_servers(spec)
         try:
+            options = self.options(spec, gate, {b.name: c for b, c in bridges})
+            client = ClaudeSDKClient(options)
             await client.connect()
         except ClaudeSDKError as exc:
+            await mcp_bridge.close_all([bridge for bridge, _ in bridges])
             log.warning(
                 "agent process failed to start", extra={"session": spec.session_id}, exc_info=True
             )
             if "No conversation found" in str(exc):
                 raise TranscriptNotFound(f"the transcript {spec.resume!r} was not found") from exc
             raise ProcessFailed("the agent process could not be started") from exc
-        return ClaudeClient(client)
+        except BaseException:
+            await mcp_bridge.close_all([bridge for bridge, _ in bridges])
+            raise
+        return ClaudeClient(client, [bridge for bridge, _ in bridges])
 
-    def options(self, spec: AgentSpec, gate: ToolGate) -> ClaudeAgentOptions:
+    async def _bridge_mcp_servers(
+        self, spec: AgentSpec
+    ) -> list[tuple[mcp_bridge.McpBridge, McpSdkServerConfig]]:
+        """Start the session's stdio MCP servers (each in its own sandbox, with its own
+        environment) and bridge them; those that do not start are left out."""
+        servers = [s for s in spec.options.mcp_servers if s.WhichOneof("transport") == "stdio"]
+        bridges = await asyncio.gather(
+            *(self._bridge(spec, index, server) for index, server in enumerate(servers))
+        )
+        configs = await asyncio.gather(*(bridge.start() for bridge in bridges))
+        return [(b, c) for b, c in zip(bridges, configs, strict=True) if c is not None]
+
+    async def _bridge(
+        self, spec: AgentSpec, index: int, server: options_pb.McpServer
+    ) -> mcp_bridge.McpBridge:
+        home = self._mcp_homes / f"{spec.tag}-{index}"
+        command = shutil.which(server.stdio.command, path=os.environ.get("PATH")) or (
+            server.stdio.command
+        )
+        env = {name: os.environ[name] for name in process.PASSTHROUGH if name in os.environ}
+        env.update(server.stdio.env)
+        env.update({"HOME": str(home), process.TAG_VARIABLE: spec.tag})
+        argv: list[str] = []
+        if self._sandbox is not None:
+            env["TMPDIR"] = "/tmp"
+            await asyncio.to_thread(
+                sandbox.prepare, self._sandbox, workspace=spec.workspace, config_dir=home
+            )
+            argv = sandbox.command(
+                self._sandbox,
+                workspace=spec.workspace,
+                config_dir=home,
+                cli=Path(command),
+                hostname="corral-mcp",
+            )
+        else:
+            await asyncio.to_thread(home.mkdir, mode=0o700, parents=True, exist_ok=True)
+        params = mcp_bridge.server_parameters(
+            command, server.stdio.args, env, sandbox=argv, cwd=spec.workspace
+        )
+        return mcp_bridge.McpBridge(server.name, params, home=home)
+
+    def options(
+        self,
+        spec: AgentSpec,
+        gate: ToolGate,
+        bridged: Mapping[str, McpSdkServerConfig] | None = None,
+    ) -> ClaudeAgentOptions:
+        """The CLI's options. Stdio MCP servers reach it only as ``bridged`` SDK servers (the
+        runtime runs them): their environments never enter the CLI's configuration."""
         if self._cli is None or self._launcher is None:
             raise RuntimeError("ClaudeSdk.start() was not awaited")
         opts = spec.options
@@ -176,7 +240,7 @@ class ClaudeSdk:
             allowed_tools=list(opts.allowed_tools),
             disallowed_tools=list(opts.disallowed_tools),
             permission_mode=mode,
-            mcp_servers={server.name: _mcp_config(server) for server in opts.mcp_servers},
+            mcp_servers=_mcp_servers(opts, bridged or {}),
             strict_mcp_config=True,
             setting_sources=[],
             max_turns=opts.max_turns or None,
@@ -255,14 +319,20 @@ def _system_prompt(opts: options_pb.AgentOptions) -> Any:
     return None
 
 
-def _mcp_config(server: options_pb.McpServer) -> McpServerConfig:
-    if server.WhichOneof("transport") == "stdio":
-        return {
-            "type": "stdio",
-            "command": server.stdio.command,
-            "args": list(server.stdio.args),
-            "env": dict(server.stdio.env),
-        }
+def _mcp_servers(
+    opts: options_pb.AgentOptions, bridged: Mapping[str, McpSdkServerConfig]
+) -> dict[str, McpServerConfig]:
+    servers: dict[str, McpServerConfig] = {}
+    for server in opts.mcp_servers:
+        if server.WhichOneof("transport") == "stdio":
+            if server.name in bridged:
+                servers[server.name] = bridged[server.name]
+        else:
+            servers[server.name] = _http_config(server)
+    return servers
+
+
+def _http_config(server: options_pb.McpServer) -> McpServerConfig:
     if server.http.protocol == options_pb.McpHttpTransport.PROTOCOL_SSE:
         return {"type": "sse", "url": server.http.url, "headers": dict(server.http.headers)}
     return {"type": "http", "url": server.http.url, "headers": dict(server.http.headers)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.runtime.conftest import Runtime, directive, new_session, options
 ALLOW = options_pb.PermissionRule.ACTION_ALLOW
 ORGS = ("organizations/acme", "organizations/globex")
 AGENT_UID = 10001
+MCP_SERVER = Path(__file__).parent.parent / "runtime" / "mcp_calc_server.py"
 
 
 def _secret(label: str) -> str:
@@ -179,3 +181,50 @@ async def test_two_organizations_agents_cannot_reach_each_other_or_the_platform(
     for i in range(2):
         names = sorted(p.name for p in runtime.workspace(sessions[i]).iterdir())
         assert names == ["probe.txt", "secret.txt"]
+
+
+async def test_an_mcp_servers_secrets_are_out_of_the_agents_reach(
+    make_runtime: Callable[..., Any],
+) -> None:
+    runtime: Runtime = await make_runtime()
+    secret = _secret("mcp-token")
+    calc = options_pb.McpServer(
+        name="calc",
+        stdio=options_pb.McpStdioTransport(
+            command=sys.executable, args=[str(MCP_SERVER)], env={"CALC_API_TOKEN": secret}
+        ),
+    )
+    agent = options(
+        allowed_tools=["Bash"],
+        mcp_servers=[calc],
+        permission_rules=[options_pb.PermissionRule(tool_pattern="mcp__calc__*", action=ALLOW)],
+    )
+    # Everything the agent's tools can read: every process's command line and environment,
+    # and every file in its home (the CLI's configuration), its /tmp and its workspace.
+    search = "; ".join(
+        [
+            "exec > probe.txt 2>&1",
+            "for p in /proc/[0-9]*; do cat $p/cmdline $p/environ; echo; done | tr '\\0' '\\n'",
+            "find $HOME /tmp . -type f ! -name probe.txt -exec cat {} + 2>/dev/null",
+            "echo --end",
+        ]
+    )
+    session = new_session()
+    events = await runtime.turn(
+        session,
+        directive(
+            {"tool": "mcp__calc__add", "input": {"a": 2, "b": 40}},
+            {"tool": "Bash", "input": {"command": search}},
+            {"text": "searched"},
+        ),
+        agent=agent,
+    )
+    assert events[-1].turn_result.status == event_pb.TurnResult.STATUS_SUCCEEDED
+    results = [e.tool_result for e in events if e.HasField("tool_result")]
+    assert "sum=42" in results[0].content and not results[0].is_error  # the tool works
+    # The server has its secret (on the host it is there to be found) ...
+    assert _processes_with(secret)
+    # ... and the agent finds it nowhere.
+    probe = (runtime.workspace(session) / "probe.txt").read_text(errors="replace")
+    assert "--end" in probe and "claude" in probe  # it read the processes and files it has
+    assert secret not in probe
