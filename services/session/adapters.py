@@ -24,12 +24,11 @@ from corral.libs.errors import (
     Unavailable,
 )
 from corral.libs.grpc.errors import from_rpc_error
-from corral.libs.names import new_id
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.runtime.v1 import runtime_service_pb2 as runtime_pb
 from corral.runtime.v1 import runtime_service_pb2_grpc as runtime_rpc
 from corral.services.session.domain import Usage
-from corral.services.session.ports import TurnRequest
+from corral.services.session.ports import AuditEntry, TurnRequest
 
 
 def _auth(token: str) -> tuple[tuple[str, str], ...]:
@@ -263,35 +262,32 @@ class IdentityLedger(_AsService):
 
 
 class IdentityAudit(_AsService):
+    """Identity's audit log, written as this service (or with the caller's token when the
+    service has no credentials). Each entry's id is its WriteAuditEvents request_id, so a
+    retried entry is stored once."""
+
     def __init__(self, channel: grpc.aio.Channel, credentials: CachedToken | None) -> None:
         super().__init__(credentials)
         self._stub = identity_rpc.IdentityServiceStub(channel)
 
-    async def record(
-        self,
-        *,
-        actor: str,
-        organization: str,
-        action: str,
-        resource: str,
-        metadata: dict[str, str],
-        token: str,
-        outcome: str = "SUCCEEDED",
-    ) -> None:
+    async def write(self, entry: AuditEntry, *, token: str) -> None:
         event = audit_event_pb2.AuditEvent(
-            actor=actor,
-            organization=organization,
-            action=action,
-            resource=resource,
+            actor=entry.actor,
+            organization=entry.organization,
+            action=entry.action,
+            resource=entry.resource,
             service="session",
-            outcome=audit_event_pb2.AuditEvent.Outcome.Value(f"OUTCOME_{outcome}"),
-            metadata=metadata,
+            outcome=audit_event_pb2.AuditEvent.Outcome.Value(f"OUTCOME_{entry.outcome}"),
+            source_ip=entry.source_ip,
+            user_agent=entry.user_agent,
+            request_id=entry.request_id,
+            metadata=entry.metadata,
         )
-        event.event_time.GetCurrentTime()
+        event.event_time.FromDatetime(entry.event_time)
         with _domain_errors():
             await self._stub.WriteAuditEvents(
                 identity_pb.WriteAuditEventsRequest(
-                    parent=organization, audit_events=[event], request_id=new_id()
+                    parent=entry.organization, audit_events=[event], request_id=entry.id
                 ),
                 metadata=await self._auth(token),
             )

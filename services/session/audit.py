@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from corral.libs.auth.caller import Caller
 from corral.services.session.domain import now
-from corral.services.session.ports import AuditEntry, AuditLog, AuditWriter, UnitOfWork
+from corral.services.session.ports import AuditEntry, AuditWriter, UnitOfWork
 
 log = logging.getLogger("corral.session.audit")
 
@@ -135,37 +135,6 @@ class OutboxRecords:
             .where(self._t.c.id == entry_id)
             .values(attempts=attempts, next_attempt=next_attempt, last_error=error[:500])
         )
-
-
-class RecordWriter:
-    """An :class:`~.ports.AuditWriter` over the older :class:`~.ports.AuditLog` port (whose
-    adapter sends no request id, source address or user agent of its own): those go into the
-    event's metadata until the adapter takes an :class:`AuditEntry`."""
-
-    def __init__(self, audit: AuditLog) -> None:
-        self._audit = audit
-
-    async def write(self, entry: AuditEntry, *, token: str) -> None:
-        origin = {
-            "request_id": entry.request_id,
-            "source_ip": entry.source_ip,
-            "user_agent": entry.user_agent,
-        }
-        await self._audit.record(
-            actor=entry.actor,
-            organization=entry.organization,
-            action=entry.action,
-            resource=entry.resource,
-            metadata={**entry.metadata, **{k: v for k, v in origin.items() if v}},
-            token=token,
-            outcome=entry.outcome,
-        )
-
-
-def writer_for(audit: AuditLog | AuditWriter) -> AuditWriter:
-    if isinstance(audit, AuditWriter):
-        return audit
-    return RecordWriter(audit)
 
 
 def backoff(attempts: int) -> timedelta:

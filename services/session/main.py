@@ -15,9 +15,11 @@ from corral.identity.v1 import identity_service_pb2
 from corral.libs.app import Infrastructure, ServiceApp
 from corral.libs.auth.jwt import JwksSource
 from corral.libs.config import Settings
+from corral.libs.crypto import KeyRing
 from corral.libs.eventhub import EventHub
 from corral.libs.grpc.client import create_channel
 from corral.libs.grpc.server import ServiceRegistration
+from corral.libs.ratelimit import Networks, trusted_networks
 from corral.runtime.v1 import runtime_service_pb2
 from corral.services.session.adapters import (
     GrpcRuntime,
@@ -27,7 +29,7 @@ from corral.services.session.adapters import (
 )
 from corral.services.session.api import SessionApi
 from corral.services.session.domain import now
-from corral.services.session.ports import AuditLog, Runtime, UsageLedger
+from corral.services.session.ports import AuditWriter, Runtime, UsageLedger
 from corral.services.session.repository import SessionUnitOfWork
 from corral.services.session.service import SessionService
 from corral.session.v1 import session_service_pb2, session_service_pb2_grpc
@@ -49,11 +51,13 @@ def wire(
     hub: EventHub,
     runtime: Runtime,
     ledger: UsageLedger,
-    audit: AuditLog,
+    audit: AuditWriter,
     *,
     heartbeat_seconds: float,
     lease_seconds: float,
     clock: Callable[[], datetime] = now,
+    key_ring: KeyRing | None = None,
+    trusted_proxies: Networks | None = None,
 ) -> Wiring:
     """The session service from its dependencies: the one place it is put together (``build``
     and the tests both use it)."""
@@ -66,8 +70,9 @@ def wire(
         heartbeat_seconds=heartbeat_seconds,
         lease_seconds=lease_seconds,
         clock=clock,
+        key_ring=key_ring,
     )
-    api = SessionApi(service)
+    api = SessionApi(service, trusted_proxies)
     registration = ServiceRegistration(
         SERVICE.full_name,
         lambda server: session_service_pb2_grpc.add_SessionServiceServicer_to_server(api, server),
@@ -110,6 +115,8 @@ async def build(
         IdentityAudit(channels["identity"], credentials),
         heartbeat_seconds=settings.session_heartbeat_seconds,
         lease_seconds=settings.session_turn_lease_seconds,
+        key_ring=settings.key_ring(),
+        trusted_proxies=trusted_networks(settings.trusted_proxies),
     )
     wired.service.runner.default_turn_budget_usd_micros = round(
         settings.session_default_turn_budget_usd * 1_000_000

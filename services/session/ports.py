@@ -240,17 +240,3 @@ class AuditWriter(Protocol):
     did not happen. ``token``: the caller's, when still at hand (else service credentials)."""
 
     async def write(self, entry: AuditEntry, *, token: str) -> None: ...
-
-
-class AuditLog(Protocol):
-    async def record(
-        self,
-        *,
-        actor: str,
-        organization: str,
-        action: str,
-        resource: str,
-        metadata: dict[str, str],
-        token: str,
-        outcome: str = "SUCCEEDED",  # SUCCEEDED, DENIED or FAILED
-    ) -> None: ...

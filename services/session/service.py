@@ -28,7 +28,7 @@ from corral.libs.idempotency import CreateRequest
 from corral.libs.listing import Condition, Page, finish_page
 from corral.libs.names import new_id
 from corral.services.session import domain, policy
-from corral.services.session.audit import AuditOutbox, writer_for
+from corral.services.session.audit import AuditOutbox
 from corral.services.session.domain import (
     SESSION,
     AgentPolicyRecord,
@@ -40,7 +40,7 @@ from corral.services.session.domain import (
 from corral.services.session.event_log import EventFilter, EventLog, state_event
 from corral.services.session.idempotent import once
 from corral.services.session.options import options_with
-from corral.services.session.ports import AuditLog, AuditWriter, Runtime, UnitOfWork, UsageLedger
+from corral.services.session.ports import AuditWriter, Runtime, UnitOfWork, UsageLedger
 from corral.services.session.runner import UNFINISHED, TurnRunner
 from corral.services.session.secrets import Secrets, UnsealingRuntime
 from corral.services.session.turns import TurnUseCases
@@ -58,7 +58,7 @@ class SessionService(TurnUseCases):
         hub: EventHub,
         runtime: Runtime,
         ledger: UsageLedger,
-        audit: AuditLog | AuditWriter,
+        audit: AuditWriter,
         *,
         heartbeat_seconds: float = 15.0,
         lease_seconds: float = 30.0,
@@ -71,7 +71,7 @@ class SessionService(TurnUseCases):
         self._runtime = runtime
         self._ledger = ledger
         self.secrets = Secrets(key_ring or Settings().key_ring())
-        self.audit = AuditOutbox(uow, writer_for(audit), clock=clock)
+        self.audit = AuditOutbox(uow, audit, clock=clock)
         self.events = EventLog(uow, hub, heartbeat_seconds=heartbeat_seconds)
         self.runner = TurnRunner(
             uow,

@@ -19,6 +19,7 @@ from corral.identity.v1 import quota_pb2
 from corral.session.v1 import agent_options_pb2 as opts
 from corral.session.v1 import event_pb2, permission_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as pb
+from corral.session.v1 import session_service_pb2_grpc as srpc
 from tests.e2e.conftest import Platform, directive
 from tests.runtime.conftest import processes_with
 from tests.support.platform import MCP_SERVER, allow_mcp_commands
@@ -311,3 +312,35 @@ async def test_organisation_policy_asks_even_when_the_session_allows(platform: P
     )
     await events_until(platform, session)
     assert not (platform.workspace(session) / "x.txt").exists()
+
+
+async def test_a_session_change_reaches_identitys_audit_log_with_its_origin(
+    platform: Platform,
+) -> None:
+    """Session audits each state change through its outbox to identity's log, with the
+    request id, the client's address and user agent."""
+    request_id = f"e2e-{uuid.uuid4().hex}"
+    metadata = (*platform.auth, ("x-request-id", request_id), ("user-agent", "e2e-agent/1.0"))
+    async with grpc.aio.insecure_channel(
+        platform.settings.target_for("session"),
+        options=[("grpc.primary_user_agent", "e2e-agent/1.0")],
+    ) as channel:
+        created = await srpc.SessionServiceStub(channel).CreateSession(
+            pb.CreateSessionRequest(session=session_pb2.Session(display_name="audited")),
+            metadata=metadata,
+        )
+    name = created.session.name
+    async with asyncio.timeout(30):
+        while True:
+            listed = await platform.identity.ListAuditEvents(
+                ipb.ListAuditEventsRequest(parent="organizations/default", page_size=1000),
+                metadata=platform.auth,
+            )
+            found = [e for e in listed.audit_events if e.resource == name]
+            if found:
+                break
+            await asyncio.sleep(0.05)
+    (event,) = found
+    assert event.service == "session" and event.request_id == request_id
+    assert event.source_ip == "127.0.0.1"
+    assert "e2e-agent/1.0" in event.user_agent
