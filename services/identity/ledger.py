@@ -122,8 +122,12 @@ class Ledger(UseCases):
     # ---- quotas ----
 
     async def get_quota(self, ctx: Context, subject: str) -> QuotaView:
-        """Members see their organization's quota; a principal its own, admins everyone's."""
-        org_id, _ = _authorize(ctx, subject, Principal.see_org, Principal.require_self_or_admin)
+        """Members see their organization's quota; a principal its own, admins everyone's;
+        Corral's own services (which debit the ledger) any subject's."""
+        if ctx.require().service:
+            org_id = subject.split("/")[1]
+        else:
+            org_id, _ = _authorize(ctx, subject, Principal.see_org, Principal.require_self_or_admin)
         at = self._clock()
         _, start, end = month_period(at)
         async with self._uow() as uow:

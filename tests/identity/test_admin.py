@@ -118,6 +118,22 @@ async def test_internal_service_accounts_may_use_the_ledger(
         except grpc.aio.AioRpcError as exc:
             got = exc.code()
         assert got == code, label
+    # The runtime's budget hold reads what remains of any organisation's budget: only the
+    # internal account may read another organisation's quota.
+    assert await admin.run(["create-org", "acme", "--display-name", "Acme"], settings) == 0
+    capsys.readouterr()
+    quota = pb.GetQuotaRequest(name="organizations/acme/quota")
+    for label, code in (
+        ("internal", grpc.StatusCode.OK),
+        ("plain", grpc.StatusCode.NOT_FOUND),
+    ):
+        token = await identity.stub.ExchangeApiKey(pb.ExchangeApiKeyRequest(api_key=keys[label]))
+        try:
+            await identity.stub.GetQuota(quota, metadata=bearer(token.token.access_token))
+            got = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            got = exc.code()
+        assert got == code, label
 
 
 async def test_new_encryption_key_prints_a_key_ring_entry(

@@ -654,7 +654,8 @@ class IdentityServiceServicer:
         Gets the quota of an organization or a user, with current usage.
 
         Callers: any member of the organization for the organization's quota;
-        the user themself or admins for a user's quota.
+        the user themself or admins for a user's quota; Corral's internal
+        services for any quota (what remains of a budget, before a turn).
         Errors: NOT_FOUND if the organization or user does not exist;
         PERMISSION_DENIED if a non-admin asks for another user's quota.
         """

@@ -111,7 +111,9 @@ class AgentOptions(_message.Message):
     max_turns: _builtins.int
     """Maximum model calls in the turn; always set by the session service."""
     max_budget_usd_micros: _builtins.int
-    """Per-turn spend cap in micro-USD; 0 means none."""
+    """Per-turn spend cap in micro-USD; 0 means none (the session service always
+    sends what the turn holds of its budget).
+    """
     max_thinking_tokens: _builtins.int
     """Maximum thinking tokens per model call; 0 disables thinking."""
     @_builtins.property

@@ -43,13 +43,15 @@ class RunTurnRequest(_message.Message):
     """
     organization: _builtins.str
     """Required. The session's organization, `organizations/{organization}`,
-    for audit events written by the runtime's hooks.
+    for audit events written by the runtime's hooks. A session belongs to the
+    organization of its first turn; a request naming another gets NOT_FOUND.
     """
     actor: _builtins.str
     """Required. The principal who sent the message, for audit events."""
     workspace: _builtins.str
-    """Required. The working directory, `workspaces/{workspace}`, resolved by
-    the runtime under its configured workspace root.
+    """Required. The working directory: must be the session's own,
+    `workspaces/{session}` (INVALID_ARGUMENT otherwise), under the runtime's
+    configured workspace root.
     """
     prompt: _builtins.str
     """Required. The user's message."""

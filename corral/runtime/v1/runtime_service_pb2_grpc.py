@@ -108,6 +108,7 @@ class RuntimeServiceServicer:
         `corral.session.v1.AgentOptions` documents (mcp_servers may hold the
         session's and its organization policy's, up to 20 each); ALREADY_EXISTS
         (TURN_ALREADY_RUNNING) if the session has a turn running here;
+        NOT_FOUND if the session belongs to another organization;
         RESOURCE_EXHAUSTED (POOL_EXHAUSTED); UNAVAILABLE (DRAINING);
         FAILED_PRECONDITION (TRANSCRIPT_NOT_FOUND, WORKSPACE_UNAVAILABLE).
         Failures after the turn started are reported in-stream as an error

@@ -129,8 +129,11 @@ class AgentOptions(_message.Message):
     default.
     """
     max_budget_usd_micros: _builtins.int
-    """Maximum spend per turn, in micro-USD; 0 means no per-turn cap (quotas
-    still apply). A turn that reaches it ends with status BUDGET_EXCEEDED.
+    """Maximum spend per turn, in micro-USD; 0 means the organization policy's
+    max_turn_budget_usd_micros, else the deployment's default
+    (CORRAL_SESSION_DEFAULT_TURN_BUDGET_USD). A turn holds its cap (or what
+    remains of the monthly budget, if less) before it runs; one that reaches
+    it ends with status BUDGET_EXCEEDED.
     """
     max_thinking_tokens: _builtins.int
     """Maximum tokens of extended thinking per model call; 0 disables thinking."""

@@ -80,7 +80,8 @@ export type AgentOptions = Message<"corral.runtime.v1.AgentOptions"> & {
   maxTurns: number;
 
   /**
-   * Per-turn spend cap in micro-USD; 0 means none.
+   * Per-turn spend cap in micro-USD; 0 means none (the session service always
+   * sends what the turn holds of its budget).
    *
    * @generated from field: int64 max_budget_usd_micros = 9;
    */

@@ -45,7 +45,8 @@ export type RunTurnRequest = Message<"corral.runtime.v1.RunTurnRequest"> & {
 
   /**
    * Required. The session's organization, `organizations/{organization}`,
-   * for audit events written by the runtime's hooks.
+   * for audit events written by the runtime's hooks. A session belongs to the
+   * organization of its first turn; a request naming another gets NOT_FOUND.
    *
    * @generated from field: string organization = 3;
    */
@@ -59,8 +60,9 @@ export type RunTurnRequest = Message<"corral.runtime.v1.RunTurnRequest"> & {
   actor: string;
 
   /**
-   * Required. The working directory, `workspaces/{workspace}`, resolved by
-   * the runtime under its configured workspace root.
+   * Required. The working directory: must be the session's own,
+   * `workspaces/{session}` (INVALID_ARGUMENT otherwise), under the runtime's
+   * configured workspace root.
    *
    * @generated from field: string workspace = 5;
    */
@@ -375,6 +377,7 @@ export const RuntimeService: GenService<{
    * `corral.session.v1.AgentOptions` documents (mcp_servers may hold the
    * session's and its organization policy's, up to 20 each); ALREADY_EXISTS
    * (TURN_ALREADY_RUNNING) if the session has a turn running here;
+   * NOT_FOUND if the session belongs to another organization;
    * RESOURCE_EXHAUSTED (POOL_EXHAUSTED); UNAVAILABLE (DRAINING);
    * FAILED_PRECONDITION (TRANSCRIPT_NOT_FOUND, WORKSPACE_UNAVAILABLE).
    * Failures after the turn started are reported in-stream as an error

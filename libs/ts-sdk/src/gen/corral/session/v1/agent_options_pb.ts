@@ -86,8 +86,11 @@ export type AgentOptions = Message<"corral.session.v1.AgentOptions"> & {
   maxTurns: number;
 
   /**
-   * Maximum spend per turn, in micro-USD; 0 means no per-turn cap (quotas
-   * still apply). A turn that reaches it ends with status BUDGET_EXCEEDED.
+   * Maximum spend per turn, in micro-USD; 0 means the organization policy's
+   * max_turn_budget_usd_micros, else the deployment's default
+   * (CORRAL_SESSION_DEFAULT_TURN_BUDGET_USD). A turn holds its cap (or what
+   * remains of the monthly budget, if less) before it runs; one that reaches
+   * it ends with status BUDGET_EXCEEDED.
    *
    * @generated from field: int64 max_budget_usd_micros = 9;
    */
