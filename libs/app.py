@@ -23,9 +23,11 @@ from corral.libs.auth.revocation import (
     RevocationStore,
 )
 from corral.libs.config import Settings
+from corral.libs.crypto import KeyRingError
 from corral.libs.grpc.health import DependencyCheck
 from corral.libs.grpc.interceptors import AuthenticationHook, CallHook
 from corral.libs.grpc.server import CorralServer, ServerConfig, ServiceRegistration
+from corral.libs.listing import PageTokenKeyHook
 from corral.libs.tls import server_credentials
 
 if TYPE_CHECKING:
@@ -138,6 +140,16 @@ class Infrastructure:
         redis = self.redis()
         return LOCAL if redis is None else RedisRevocations(redis)
 
+    def _page_token_hook(self) -> list[CallHook]:
+        """Page tokens signed with a key every replica derives from the deployment's key ring.
+        A service without keys in production lists nothing that needs them (identity and
+        session refuse to start without keys on their own)."""
+        try:
+            key = self.settings.key_ring().derive("corral page tokens")
+        except KeyRingError:
+            return []
+        return [PageTokenKeyHook(key)]
+
     def verifier(self, source: JwksSource | None = None) -> TokenVerifier:
         settings = self.settings
         return TokenVerifier(
@@ -164,6 +176,7 @@ class Infrastructure:
         hooks: list[CallHook] = [
             AuthenticationHook(verifier, public_methods),
             self.rate_limit_hook(self.redis()),
+            *self._page_token_hook(),
             *extra_hooks,
         ]
         return CorralServer(

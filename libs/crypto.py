@@ -24,7 +24,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 log = logging.getLogger("corral.crypto")
 
@@ -48,6 +50,7 @@ class KeyRing:
             if len(key) != KEY_BYTES:
                 raise KeyRingError(f"key {key_id!r} is {len(key)} bytes, not {KEY_BYTES}")
         self._ciphers = {key_id: AESGCM(key) for key_id, key in keys.items()}
+        self._keys = dict(keys)
         self.primary = primary
 
     @classmethod
@@ -86,6 +89,12 @@ class KeyRing:
             return cipher.decrypt(nonce, sealed, context.encode())
         except InvalidTag as exc:
             raise KeyRingError("the value does not open: wrong key, context or data") from exc
+
+    def derive(self, label: str) -> bytes:
+        """A 256-bit key for another purpose (``label``), derived from the primary key with
+        HKDF-SHA256: the same on every replica with the same ring."""
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label.encode())
+        return hkdf.derive(self._keys[self.primary])
 
     def key_id_of(self, value: bytes) -> str:
         return self._split(value)[0]

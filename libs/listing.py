@@ -1,5 +1,11 @@
 """List requests: a small AIP-160 filter subset, ``order_by``, and opaque keyset page tokens.
 
+Page tokens are signed (HMAC-SHA256, truncated to 128 bits) with the serving service's key, set
+for each call by the kit's server (:class:`PageTokenKeyHook`, a key derived from the
+deployment's key ring, so every replica shares it): a client cannot forge or alter one, and a
+token whose signature does not match is ``INVALID_PAGE_TOKEN``. The values a token carries are
+also type-checked when it is read.
+
 Filters are conjunctions: ``field OP value [AND field OP value ...]`` with OP one of
 ``= != < <= > >=``; values are bare words or double-quoted strings; a trailing ``*`` on a
 string value (with ``=``) matches a prefix where the field allows it.
@@ -9,7 +15,9 @@ from __future__ import annotations
 
 import base64
 import calendar
+import contextvars
 import hashlib
+import hmac
 import json
 import re
 import time
@@ -147,13 +155,37 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 
 
+_token_key: contextvars.ContextVar[bytes] = contextvars.ContextVar(
+    "page_token_key", default=b"corral-unconfigured-page-token-key"
+)
+
+
+class PageTokenKeyHook:
+    """A server hook: every call it admits signs and checks page tokens with ``key``."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    async def before(self, call: object) -> None:
+        _token_key.set(self._key)
+
+
+def _signature(body: bytes) -> bytes:
+    return hmac.new(_token_key.get(), body, hashlib.sha256).digest()[:16]
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def _encode(value: Any) -> Any:
     return {"dt": value.isoformat()} if isinstance(value, datetime) else value
 
 
 def _decode(value: Any) -> Any:
-    if isinstance(value, dict):
+    if isinstance(value, dict) and isinstance(value.get("dt"), str):
         return datetime.fromisoformat(value["dt"])
+    if not isinstance(value, _SCALARS):
+        raise ValueError("a page token value must be a scalar or a time")
     return value
 
 
@@ -167,8 +199,12 @@ def page_from(size: int, token: str, query_fingerprint: str, *, default: int = 5
     if not token:
         return Page(size, None, query_fingerprint)
     try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after = (_decode(data["v"]), data["i"])
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        body, signature = raw[:-16], raw[-16:]
+        if len(raw) <= 16 or not hmac.compare_digest(signature, _signature(body)):
+            raise ValueError("the page token's signature does not match")
+        data = json.loads(body)
+        after = (_decode(data["v"]), _decode(data["i"]))
         same = data["f"] == query_fingerprint
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidArgument(
@@ -184,8 +220,8 @@ def page_from(size: int, token: str, query_fingerprint: str, *, default: int = 5
 def next_token(page: Page, last: tuple[Any, Any] | None) -> str:
     if last is None:
         return ""
-    raw = json.dumps({"v": _encode(last[0]), "i": last[1], "f": page.fingerprint}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    body = json.dumps({"v": _encode(last[0]), "i": last[1], "f": page.fingerprint}).encode()
+    return base64.urlsafe_b64encode(body + _signature(body)).decode().rstrip("=")
 
 
 def finish_page(

@@ -4,6 +4,8 @@ The SQL parts run on real SQLite and real PostgreSQL (one contract, both databas
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -401,3 +403,29 @@ def test_an_organisation_narrows_or_widens_within_the_platform_rules() -> None:
         mcp_servers=[{"name": "x", "http": {"url": "https://corp.example.evil.test/mcp"}}]
     )
     assert _refusal(evil, policy)[0] == "MCP_HOST_NOT_ALLOWED"
+
+
+async def test_page_tokens_are_signed_with_the_services_key() -> None:
+    """A client can neither alter a token nor make one: a changed byte, a token made without
+    the key, or one signed by another deployment's key is INVALID_PAGE_TOKEN."""
+    page = listing.page_from(1, "", "q")
+    await listing.PageTokenKeyHook(b"key-a").before(None)
+    _, token = listing.finish_page([(1, "a"), (2, "b")], page, lambda r: r)
+    assert listing.page_from(1, token, "q").after == (1, "a")
+
+    raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    forged_body = raw[:-16].replace(b'"a"', b'"z"')
+    unsigned = json.dumps({"v": [1, 2], "i": "a", "f": page.fingerprint}).encode()
+    for bad in (
+        raw[:-1] + bytes([raw[-1] ^ 1]),  # a flipped bit of the signature
+        forged_body + raw[-16:],  # another position, the old signature
+        unsigned,  # no signature at all (and a list where a scalar belongs)
+    ):
+        forged = base64.urlsafe_b64encode(bad).decode().rstrip("=")
+        with pytest.raises(InvalidArgument) as refused:
+            listing.page_from(1, forged, "q")
+        assert refused.value.reason == "INVALID_PAGE_TOKEN"
+
+    await listing.PageTokenKeyHook(b"key-b").before(None)
+    with pytest.raises(InvalidArgument, match="malformed"):
+        listing.page_from(1, token, "q")
