@@ -13,8 +13,10 @@ whatever the answer, it must be a status a caller can act on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,15 @@ from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from corral.identity.v1 import identity_service_pb2
 from corral.identity.v1 import identity_service_pb2 as ipb
 from corral.identity.v1 import identity_service_pb2_grpc as irpc
 from corral.runtime.v1 import runtime_service_pb2
 from corral.session.v1 import session_service_pb2
+from tests.conftest import require_postgres
 from tests.support.platform import Platform, running_platform
 
 EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "25"))
@@ -228,15 +233,42 @@ def _methods() -> Iterator[tuple[str, d.MethodDescriptor]]:
             yield service, method
 
 
-@pytest.fixture(scope="module")
-async def platform(tmp_path_factory: pytest.TempPathFactory) -> Platform:  # type: ignore[misc]
-    # Rate limits high enough that every fuzzed request reaches validation.
-    async with running_platform(
-        Path(tmp_path_factory.mktemp("fuzz")),
-        rate_limit_per_minute=10**6,
-        rate_limit_burst=10**6,
-    ) as running:
-        yield running
+@contextlib.asynccontextmanager
+async def _fresh_database(url: str) -> AsyncIterator[str]:
+    """A database of its own (each service makes its schema in it), dropped afterwards."""
+    name = f"fuzz_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    async with admin.connect() as connection:
+        await connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+async def platform(  # type: ignore[misc]
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Platform:
+    """The platform on SQLite, and on PostgreSQL (which refuses NUL bytes in text: a string
+    that reaches it unchecked would be an INTERNAL there)."""
+    async with contextlib.AsyncExitStack() as stack:
+        database = ""
+        if request.param == "postgresql":
+            database = await stack.enter_async_context(_fresh_database(await require_postgres()))
+        # Rate limits high enough that every fuzzed request reaches validation.
+        yield await stack.enter_async_context(
+            running_platform(
+                Path(tmp_path_factory.mktemp("fuzz")),
+                database_url=database,
+                rate_limit_per_minute=10**6,
+                rate_limit_burst=10**6,
+            )
+        )
 
 
 @pytest.fixture(scope="module")
