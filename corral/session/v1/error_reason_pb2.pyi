@@ -98,6 +98,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT: an MCP HTTP server's host is not allowed by the
     organisation's agent policy.
     """
+    ERROR_REASON_SECRET_UNAVAILABLE: _ErrorReason.ValueType  # 32
+    """FAILED_PRECONDITION (or a turn's error event): a stored MCP secret cannot
+    be opened with the deployment's key ring (its key was removed too early);
+    set the secret again.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable, machine-readable reasons for errors returned by the session
@@ -182,5 +187,10 @@ ERROR_REASON_TURN_ABORTED: ErrorReason.ValueType  # 30
 ERROR_REASON_MCP_HOST_NOT_ALLOWED: ErrorReason.ValueType  # 31
 """INVALID_ARGUMENT: an MCP HTTP server's host is not allowed by the
 organisation's agent policy.
+"""
+ERROR_REASON_SECRET_UNAVAILABLE: ErrorReason.ValueType  # 32
+"""FAILED_PRECONDITION (or a turn's error event): a stored MCP secret cannot
+be opened with the deployment's key ring (its key was removed too early);
+set the secret again.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
