@@ -2,8 +2,9 @@
 
 Both servers run in this process on the same event loop and answer the same no-op unary
 method with real protobuf serialisation over loopback. The kit server adds everything a Corral
-service runs per call: OpenTelemetry, request id, JWT verification (ES256, cached JWKS),
-structured logging at INFO (to a null handler) and error mapping. Run with `make bench`.
+service runs per call: OpenTelemetry, request id, JWT verification (ES256, cached JWKS) and the
+revocation feed's check, the page-token key, the lenient request decoding, structured logging
+at INFO (to a null handler) and error mapping. Run with `make bench`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import grpc
 from google.protobuf import struct_pb2
 
 from corral.libs.auth import StaticJwksSource, TokenVerifier
+from corral.libs.auth.revocation import InMemoryRevocations, Revocation, RevocationList
 from corral.libs.grpc.interceptors import AuthenticationHook
 from corral.libs.grpc.server import CorralServer, ServerConfig, ServiceRegistration
+from corral.libs.listing import PageTokenKeyHook
 from corral.libs.observability import configure_tracing
 from tests.support.keys import AUDIENCE, ISSUER, SigningKey
 
@@ -72,14 +75,24 @@ async def main(count: int, rounds: int) -> None:
     configure_tracing("bench", "")
     key = SigningKey.generate()
     token = key.token()
-    verifier = TokenVerifier(StaticJwksSource(key.jwks()), issuer=ISSUER, audience=AUDIENCE)
+    revocations = InMemoryRevocations()
+    await revocations.publish(Revocation("subject", "organizations/acme/users/someone-else", 1e9))
+    verifier = TokenVerifier(
+        StaticJwksSource(key.jwks()),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        revocations=RevocationList(revocations),
+    )
 
     bare = grpc.aio.server()
     bare.add_generic_rpc_handlers((_generic(),))
     bare_port = bare.add_insecure_port("127.0.0.1:0")
     await bare.start()
     kit = CorralServer(
-        ServerConfig(name="bench", hooks=[AuthenticationHook(verifier)]),
+        ServerConfig(
+            name="bench",
+            hooks=[AuthenticationHook(verifier), PageTokenKeyHook(b"bench page-token key")],
+        ),
         [ServiceRegistration(SERVICE, lambda s: s.add_generic_rpc_handlers((_generic(),)))],
     )
     await kit.start()
