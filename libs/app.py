@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry.metrics import Meter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from corral.libs import db
@@ -28,6 +29,7 @@ from corral.libs.grpc.health import DependencyCheck
 from corral.libs.grpc.interceptors import AuthenticationHook, CallHook
 from corral.libs.grpc.server import CorralServer, ServerConfig, ServiceRegistration
 from corral.libs.listing import PageTokenKeyHook
+from corral.libs.metrics import configure_metrics, meter
 from corral.libs.tls import server_credentials
 
 if TYPE_CHECKING:
@@ -74,6 +76,13 @@ class Infrastructure:
         self.checks: list[DependencyCheck] = []
         self._redis: aioredis.Redis | None = None
         self._event_hub: EventHub | None = None
+        if settings.metrics_enabled:
+            # One provider per process: the first service configures it for all.
+            configure_metrics("corral", settings.otel_exporter_otlp_endpoint)
+
+    def meter(self) -> Meter:
+        """This service's meter (``corral.<service>``) for its domain metrics."""
+        return meter(f"corral.{self.name}")
 
     async def database(self, migrations: Path | None) -> AsyncEngine:
         engine = db.create_engine(
@@ -82,6 +91,7 @@ class Infrastructure:
             pool_size=self.settings.database_pool_size,
         )
         self.resources.push_async_callback(engine.dispose)
+        db.instrument_engine(engine, self.name)
         if migrations is not None and self.settings.migrate_on_start:
             await db.migrate(engine, migrations, schema=self.name)
         self.checks.append(DependencyCheck("database", lambda: db.ping(engine)))
@@ -93,7 +103,7 @@ class Infrastructure:
             return self._redis
         from corral.libs.redis import create_redis, ping
 
-        client = create_redis(self.settings.redis_url)
+        client = create_redis(self.settings.redis_url, self.name)
         self.resources.push_async_callback(client.aclose)
         self.checks.append(DependencyCheck("redis", lambda: ping(client)))
         self._redis = client
@@ -173,6 +183,7 @@ class Infrastructure:
         port: int | None = None,
     ) -> CorralServer:
         settings = self.settings
+        metrics_port, own_port = settings.metrics_port_for(self.name)
         hooks: list[CallHook] = [
             AuthenticationHook(verifier, public_methods),
             self.rate_limit_hook(self.redis()),
@@ -190,6 +201,9 @@ class Infrastructure:
                 shutdown_grace=settings.shutdown_grace_seconds,
                 # Spans only when they go somewhere: no exporter, no per-call tracing cost.
                 tracing=bool(settings.otel_exporter_otlp_endpoint),
+                metrics=settings.metrics_enabled,
+                metrics_port=metrics_port if settings.metrics_enabled else None,
+                metrics_shared=not own_port,
                 credentials=server_credentials(settings),
             ),
             services,

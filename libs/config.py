@@ -156,6 +156,17 @@ class Settings(BaseSettings):
     )
     anthropic_base_url: str = Field(default="", validation_alias=AliasChoices("anthropic_base_url"))
 
+    # Metrics (libs/metrics.py): Prometheus' text format at http://<host>:<port>/metrics. One
+    # endpoint for the process (metrics_port), or one per service (<service>_metrics_port, which
+    # wins); 0 picks a free port, unset serves none. OTLP too when the endpoint below is set.
+    metrics_port: int | None = None
+    identity_metrics_port: int | None = None
+    session_metrics_port: int | None = None
+    task_metrics_port: int | None = None
+    runtime_metrics_port: int | None = None
+    storage_metrics_port: int | None = None
+    metrics_enabled: bool = True  # off: no instruments are recorded (the benchmark's baseline)
+
     # Tracing: OTLP when an endpoint is configured (the standard OTEL_* variables), else none.
     otel_exporter_otlp_endpoint: str = Field(
         default="", validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -178,6 +189,11 @@ class Settings(BaseSettings):
 
     def port_for(self, service: str) -> int:
         return int(getattr(self, f"{service}_port"))
+
+    def metrics_port_for(self, service: str) -> tuple[int | None, bool]:
+        """The metrics port of ``service`` and whether it is its own (else the process's)."""
+        own = getattr(self, f"{service}_metrics_port", None)
+        return (int(own), True) if own is not None else (self.metrics_port, False)
 
     def target_for(self, service: str) -> str:
         return (

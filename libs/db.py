@@ -7,6 +7,9 @@ the unit of work's connection, not ORM objects.
 
 from __future__ import annotations
 
+import time
+import weakref
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -23,6 +26,67 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.pool import ConnectionPoolEntry
+
+from corral.libs.metrics import meter
+
+
+class _PoolStats:
+    """What the pool metrics of one engine read: its service and how many wait right now."""
+
+    __slots__ = ("attributes", "waiting")
+
+    def __init__(self, service: str) -> None:
+        self.attributes = {"service": service}
+        self.waiting = 0
+
+
+_pools: weakref.WeakKeyDictionary[Any, _PoolStats] = weakref.WeakKeyDictionary()
+
+
+def _observe_pools(_: Any) -> Iterable[Any]:
+    from opentelemetry.metrics import Observation
+
+    for engine, stats in list(_pools.items()):
+        pool = engine.pool
+        in_use = getattr(pool, "checkedout", None)
+        idle = getattr(pool, "checkedin", None)
+        size = getattr(pool, "size", None)
+        if callable(in_use):
+            yield Observation(in_use(), {**stats.attributes, "state": "in_use"})
+        if callable(idle):
+            yield Observation(idle(), {**stats.attributes, "state": "idle"})
+        if callable(size):
+            yield Observation(size(), {**stats.attributes, "state": "size"})
+
+
+def _observe_waiting(_: Any) -> Iterable[Any]:
+    from opentelemetry.metrics import Observation
+
+    for stats in list(_pools.values()):
+        yield Observation(stats.waiting, stats.attributes)
+
+
+_meter = meter("corral.db")
+_meter.create_observable_gauge(
+    "corral.db.pool.connections",
+    [_observe_pools],
+    description="database pool connections by state (in_use, idle, size)",
+)
+_meter.create_observable_gauge(
+    "corral.db.pool.waiting",
+    [_observe_waiting],
+    description="units of work waiting for a pooled database connection",
+)
+_acquire = _meter.create_histogram(
+    "corral.db.pool.acquire.duration",
+    unit="s",
+    description="time a unit of work waited for its database connection",
+)
+
+
+def instrument_engine(engine: AsyncEngine, service: str) -> None:
+    """Report ``engine``'s pool under ``service`` (``corral_db_pool_*``)."""
+    _pools[engine.sync_engine] = _PoolStats(service)
 
 
 def is_sqlite(engine_or_url: AsyncEngine | str) -> bool:
@@ -82,7 +146,17 @@ class UnitOfWork:
         """Attach repositories to ``self.connection``."""
 
     async def __aenter__(self) -> Self:
-        self.connection = await self._engine.connect()
+        stats = _pools.get(self._engine.sync_engine)
+        if stats is None:
+            self.connection = await self._engine.connect()
+        else:
+            started = time.perf_counter()
+            stats.waiting += 1
+            try:
+                self.connection = await self._engine.connect()
+            finally:
+                stats.waiting -= 1
+                _acquire.record(time.perf_counter() - started, stats.attributes)
         self._transaction = await self.connection.begin()
         self._bind()
         return self

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,24 @@ from typing import Any, Protocol, Self
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 
+from corral.libs.metrics import meter
+
 log = logging.getLogger("corral.eventhub")
+
+_meter = meter("corral.eventhub")
+# How long a published batch waited in a subscriber's buffer before its consumer took it.
+_fanout_lag = _meter.create_histogram(
+    "corral.eventhub.fanout.lag",
+    unit="s",
+    description="from a batch's delivery to a subscription until its consumer reads it",
+)
+# How far behind the Redis stream a reader is: from XADD (the entry id's time, Redis' clock)
+# to the fan-out to this process's subscribers.
+_stream_lag = _meter.create_histogram(
+    "corral.eventhub.stream.lag",
+    unit="s",
+    description="from a Redis stream entry's append to its local fan-out",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +105,7 @@ class _Subscription:
     """A bounded buffer of one subscriber, filled by its hub without ever waiting."""
 
     __slots__ = (
+        "_batches",
         "_buffer",
         "_capacity",
         "_closed",
@@ -102,6 +121,8 @@ class _Subscription:
     ) -> None:
         self.topic = topic
         self._buffer: deque[HubMessage] = deque()
+        # [messages of the batch still buffered, when it arrived, whether its lag is recorded]
+        self._batches: deque[list[Any]] = deque()
         self._capacity = capacity
         self._release = release
         self._wakeup = asyncio.Event()
@@ -113,9 +134,12 @@ class _Subscription:
         if len(self._buffer) + len(messages) > self._capacity:
             self._dropped += len(self._buffer) + len(messages)
             self._buffer.clear()
+            self._batches.clear()
             self.lagged(f"fell more than {self._capacity} messages behind; {self._dropped} dropped")
             return
-        self._buffer.extend(messages)
+        if messages:
+            self._buffer.extend(messages)
+            self._batches.append([len(messages), time.perf_counter(), False])
         self._wakeup.set()
 
     def lagged(self, reason: str) -> None:
@@ -125,6 +149,7 @@ class _Subscription:
     def end(self) -> None:
         self._closed = True
         self._buffer.clear()
+        self._batches.clear()
         self._wakeup.set()
 
     @property
@@ -140,6 +165,13 @@ class _Subscription:
                 reason, self._lag, self._dropped = self._lag, None, 0
                 raise Lagged(reason)
             if self._buffer:
+                batch = self._batches[0]
+                if not batch[2]:
+                    batch[2] = True
+                    _fanout_lag.record(time.perf_counter() - batch[1])
+                batch[0] -= 1
+                if not batch[0]:
+                    self._batches.popleft()
                 return self._buffer.popleft()
             loop = asyncio.get_running_loop()
             if deadline is None:
@@ -428,6 +460,11 @@ class _StreamReader:
             except (KeyError, ValueError):
                 log.error("skipping a malformed hub entry", extra={"stream": self._key})
         self._last_id = entries[-1][0]
+        try:
+            appended_ms = int(bytes(entries[0][0]).split(b"-", 1)[0])
+            _stream_lag.record(max(0.0, time.time() - appended_ms / 1000))
+        except ValueError:
+            pass
         return messages
 
     async def _command(self, *args: Any, read_timeout: float | None = None) -> Any:

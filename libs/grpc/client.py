@@ -7,7 +7,9 @@ caller's bearer token is forwarded so the callee checks the same identity.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +18,7 @@ from google.protobuf import descriptor, descriptor_pb2
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from corral.libs.auth.caller import current_caller
+from corral.libs.grpc.metrics import RpcMetrics, rpc_metrics
 
 TokenProvider = Callable[[], str | None]
 
@@ -94,6 +97,58 @@ class DeadlineAndTokenInterceptor(
         return await continuation(self._details(client_call_details, streaming=True), request)
 
 
+class MetricsInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Counts and times every call (``corral_rpc_client_*``) by service, method and code; a
+    stream is timed until it ends."""
+
+    def __init__(self, instruments: RpcMetrics | None = None) -> None:
+        self._metrics = instruments or rpc_metrics("client")
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def _method(details: grpc.aio.ClientCallDetails) -> str:
+        method: str | bytes = details.method
+        return method.decode() if isinstance(method, bytes) else method
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        started = time.perf_counter()
+        method = self._method(client_call_details)
+        try:
+            call = await continuation(client_call_details, request)
+            await call  # the caller awaits it again (the result is kept) or reads its metadata
+        except grpc.aio.AioRpcError as exc:
+            self._metrics.record(method, exc.code(), started)
+            raise
+        except asyncio.CancelledError:
+            self._metrics.record(method, grpc.StatusCode.CANCELLED, started)
+            raise
+        self._metrics.record(method, grpc.StatusCode.OK, started)
+        return call
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        started = time.perf_counter()
+        method = self._method(client_call_details)
+        call = await continuation(client_call_details, request)
+
+        async def record() -> None:
+            self._metrics.record(method, await call.code(), started)
+
+        def done(_: Any) -> None:
+            task = asyncio.ensure_future(record())
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+        call.add_done_callback(done)
+        return call
+
+
 def create_channel(
     target: str,
     services: Sequence[descriptor.ServiceDescriptor] = (),
@@ -101,6 +156,7 @@ def create_channel(
     default_timeout: float = 10.0,
     token_provider: TokenProvider | None = forward_caller_token,
     tracing: bool = True,
+    metrics: bool = True,
     credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.aio.Channel:
     """A channel to another service with retries, deadlines and token forwarding; over TLS
@@ -109,6 +165,8 @@ def create_channel(
     Streaming calls get no default deadline: a session event stream may last hours.
     """
     interceptors: list[Any] = [DeadlineAndTokenInterceptor(default_timeout, token_provider)]
+    if metrics:
+        interceptors.append(MetricsInterceptor())
     if tracing:
         interceptors.extend(aio_client_interceptors())  # type: ignore[no-untyped-call]
     options = [

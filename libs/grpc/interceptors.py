@@ -25,6 +25,7 @@ from corral.libs.auth.caller import Caller, set_caller
 from corral.libs.auth.jwt import TokenVerifier
 from corral.libs.errors import CorralError, InvalidArgument, Unauthenticated, Unimplemented
 from corral.libs.grpc.errors import code_for, internal_status, to_status
+from corral.libs.grpc.metrics import RpcMetrics, rpc_metrics
 from corral.libs.observability import current_trace_id
 
 log = logging.getLogger("corral.rpc")
@@ -125,8 +126,9 @@ def _status_name(code: grpc.StatusCode) -> str:
 
 
 class CorralServerInterceptor(_ServerInterceptor):
-    def __init__(self, hooks: Sequence[CallHook] = ()) -> None:
+    def __init__(self, hooks: Sequence[CallHook] = (), *, metrics: bool = True) -> None:
         self._hooks = list(hooks)
+        self._metrics: RpcMetrics | None = rpc_metrics("server") if metrics else None
 
     async def intercept_service(
         self,
@@ -200,6 +202,9 @@ class CorralServerInterceptor(_ServerInterceptor):
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
     def _log(self, call: CallInfo, code: grpc.StatusCode) -> None:
+        """How the call ended: its metrics, then its log line."""
+        if self._metrics is not None:
+            self._metrics.record(call.method, code, call.started)
         level = logging.DEBUG if call.method.startswith(QUIET_PREFIXES) else logging.INFO
         if not log.isEnabledFor(level):
             return

@@ -1,6 +1,7 @@
 """The server factory every service uses.
 
-``grpc.aio`` server + ``grpc.health.v1`` (per service, following dependency health) + server
+``grpc.aio`` server + ``grpc.health.v1`` (readiness: per service and "", following dependency
+health; liveness: the name ``liveness``, SERVING while the loop answers) + server
 reflection + the Corral interceptor (+ OpenTelemetry). Binds port 0 for tests. Shutdown marks
 every service NOT_SERVING, lets load balancers notice, then ``stop(grace)`` drains calls.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +22,14 @@ from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from corral.libs.grpc.health import DependencyCheck, Readiness
 from corral.libs.grpc.interceptors import CallHook, CorralServerInterceptor
+from corral.libs.metrics import open_endpoint
 
 log = logging.getLogger("corral.server")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The liveness probe's health service name: SERVING while the process and its event loop answer,
+# whatever the dependencies say (readiness is the per-service name and "").
+LIVENESS = "liveness"
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,10 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     drain_delay: float = 0.0  # time between NOT_SERVING and stop, for health-checking proxies
     tracing: bool = True
+    metrics: bool = True  # corral_rpc_server_* (libs/grpc/metrics.py)
+    # Prometheus' /metrics (libs/metrics.py): None serves none; shared: the process's endpoint
+    metrics_port: int | None = None
+    metrics_shared: bool = True
     credentials: grpc.ServerCredentials | None = None  # TLS; None serves plaintext
     options: Sequence[tuple[str, object]] = field(
         default_factory=lambda: [
@@ -63,11 +72,13 @@ class CorralServer:
         self.config = config
         self.services = list(services)
         self.port: int = 0
+        self.metrics_port: int | None = None  # bound once started, when an endpoint is served
+        self._close_metrics: Callable[[], Awaitable[None]] | None = None
         self.health = HealthServicer()
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         if config.tracing:
             interceptors.append(aio_server_interceptor())  # type: ignore[no-untyped-call]
-        interceptors.append(CorralServerInterceptor(config.hooks))
+        interceptors.append(CorralServerInterceptor(config.hooks, metrics=config.metrics))
         self._server = grpc.aio.server(interceptors=interceptors, options=list(config.options))
         for service in self.services:
             service.add_to_server(self._server)
@@ -96,6 +107,12 @@ class CorralServer:
         if self.port == 0:
             raise OSError(f"{self.config.name}: cannot bind {self.config.host}:{self.config.port}")
         await self._server.start()
+        if self.config.metrics_port is not None:
+            key = None if self.config.metrics_shared else f"service:{self.config.name}"
+            self.metrics_port, self._close_metrics = await open_endpoint(
+                self.config.host, self.config.metrics_port, "process" if key is None else key
+            )
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.readiness.start()
         log.info("serving", extra={"service": self.config.name, "address": self.address})
         return self.port
@@ -107,6 +124,9 @@ class CorralServer:
         if self.config.drain_delay:
             await asyncio.sleep(self.config.drain_delay)
         await self._server.stop(self.config.shutdown_grace if grace is None else grace)
+        if self._close_metrics is not None:
+            await self._close_metrics()
+            self._close_metrics = None
         log.info("stopped", extra={"service": self.config.name})
 
     async def wait_for_termination(self) -> None:
