@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from corral.libs.eventhub import EventHub, HubClosed, HubMessage, Lagged
 from corral.libs.listing import Condition
 from corral.services.session import events
 from corral.services.session.domain import SESSION, SessionState, StoredEvent
+from corral.services.session.metrics import SessionMetrics, for_meter
 from corral.services.session.ports import UnitOfWork
 from corral.session.v1 import event_pb2, session_pb2
 
@@ -91,12 +93,23 @@ class EventFilter:
 
 class EventLog:
     def __init__(
-        self, uow: Callable[[], UnitOfWork], hub: EventHub, *, heartbeat_seconds: float
+        self,
+        uow: Callable[[], UnitOfWork],
+        hub: EventHub,
+        *,
+        heartbeat_seconds: float,
+        metrics: SessionMetrics | None = None,
     ) -> None:
         self._uow = uow
         self._hub = hub
         self._heartbeat = heartbeat_seconds
         self._locks: dict[str, asyncio.Lock] = {}
+        self._watchers = 0
+        self._metrics = metrics or for_meter()
+        self._metrics.track_log(self)
+
+    def live_streams(self) -> int:
+        return self._watchers
 
     def forget(self, session_id: str) -> None:
         self._locks.pop(session_id, None)
@@ -136,6 +149,8 @@ class EventLog:
                 if mutate is not None:
                     await mutate(uow, first)
                 await uow.commit()
+            for kind, count in Counter(s.type for s in stored).items():
+                self._metrics.events_appended.add(count, {"type": kind})
             if stored:
                 try:
                     await self._hub.publish(
@@ -153,7 +168,12 @@ class EventLog:
         """Replay the log after ``after``, then tail live events; (sequence, SessionEvent bytes).
         A heartbeat (sequence = the cursor) is sent after every ``heartbeat_seconds`` of quiet.
         An archived session's stream ends after its history."""
-        subscription = await self._hub.subscribe(topic(session_id))
+        self._watchers += 1
+        try:
+            subscription = await self._hub.subscribe(topic(session_id))
+        except BaseException:
+            self._watchers -= 1
+            raise
         cursor = after
         try:
             async for event in self.replay(session_id, cursor, None):
@@ -196,6 +216,7 @@ class EventLog:
                     if event_filter.matches(events.kind_of(parsed), parsed.turn_id):
                         yield message.sequence, message.payload
         finally:
+            self._watchers -= 1
             await subscription.close()
 
     async def _require_session(self, session_id: str) -> None:

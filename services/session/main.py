@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from opentelemetry.metrics import Meter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from corral.identity.v1 import identity_service_pb2
@@ -29,6 +30,7 @@ from corral.services.session.adapters import (
 )
 from corral.services.session.api import SessionApi
 from corral.services.session.domain import now
+from corral.services.session.metrics import for_meter
 from corral.services.session.ports import AuditWriter, Runtime, UsageLedger
 from corral.services.session.repository import SessionUnitOfWork
 from corral.services.session.service import SessionService
@@ -58,9 +60,10 @@ def wire(
     clock: Callable[[], datetime] = now,
     key_ring: KeyRing | None = None,
     trusted_proxies: Networks | None = None,
+    meter: Meter | None = None,
 ) -> Wiring:
     """The session service from its dependencies: the one place it is put together (``build``
-    and the tests both use it)."""
+    and the tests both use it). ``meter``: where its metrics go (default: the process's)."""
     service = SessionService(
         lambda: SessionUnitOfWork(engine),
         hub,
@@ -71,6 +74,7 @@ def wire(
         lease_seconds=lease_seconds,
         clock=clock,
         key_ring=key_ring,
+        metrics=for_meter(meter),
     )
     api = SessionApi(service, trusted_proxies)
     registration = ServiceRegistration(
@@ -117,6 +121,7 @@ async def build(
         lease_seconds=settings.session_turn_lease_seconds,
         key_ring=settings.key_ring(),
         trusted_proxies=trusted_networks(settings.trusted_proxies),
+        meter=infra.meter(),
     )
     wired.service.runner.default_turn_budget_usd_micros = round(
         settings.session_default_turn_budget_usd * 1_000_000

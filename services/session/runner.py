@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol, runtime_checkable
 
@@ -32,6 +32,7 @@ from corral.services.session.domain import (
     now,
 )
 from corral.services.session.event_log import EventLog, state_event
+from corral.services.session.metrics import SessionMetrics, for_meter
 from corral.services.session.options import for_runtime, with_policy
 from corral.services.session.ports import Runtime, TurnRequest, UnitOfWork, UsageLedger
 from corral.session.v1 import agent_options_pb2, agent_policy_pb2, event_pb2
@@ -60,6 +61,10 @@ class BudgetLedger(Protocol):
 class _LiveTurn:
     token: str
     actor: str
+    accepted: float = field(default_factory=time.monotonic)
+    running: bool = False
+    first_event_seen: bool = False
+    pending: set[str] = field(default_factory=set)  # its open permission requests
 
 
 class TurnRunner:
@@ -72,7 +77,10 @@ class TurnRunner:
         *,
         lease_seconds: float,
         clock: Callable[[], datetime] = now,
+        metrics: SessionMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or for_meter()
+        self._metrics.track_runner(self)
         self._uow = uow
         self._log = event_log
         self._runtime = runtime
@@ -85,6 +93,12 @@ class TurnRunner:
         self._live: dict[str, _LiveTurn] = {}  # turn id -> the credentials it runs with
         self._keeper: asyncio.Task[None] | None = None
         self.default_turn_budget_usd_micros = DEFAULT_TURN_BUDGET_USD_MICROS
+
+    def queued_turns(self) -> int:
+        return sum(1 for live in list(self._live.values()) if not live.running)
+
+    def waiting_permission_requests(self) -> int:
+        return sum(len(live.pending) for live in list(self._live.values()))
 
     # -- what the use cases ask of it ----------------------------------------------------------
 
@@ -124,6 +138,7 @@ class TurnRunner:
             await uow.turns.save(turn)
 
         await self._log.append(session_id, turn.id, [result], mutate)
+        self._metrics.turns_completed.add(1, {"status": status.lower()})
         live = self._live.pop(turn.id, None)
         if turn.reservation:
             await self.release_quietly(turn.reservation, live.token if live else "")
@@ -174,6 +189,7 @@ class TurnRunner:
             )
             return
         started = time.monotonic()
+        live.running = True
 
         async def begin(uow: UnitOfWork, _: int) -> None:
             current = await uow.sessions.get(session.id, for_update=True)
@@ -263,6 +279,11 @@ class TurnRunner:
                         batch.extend(outcome.failed(item))
                         done = True
                     else:
+                        if not live.first_event_seen:
+                            live.first_event_seen = True
+                            self._metrics.time_to_first_event.record(
+                                time.monotonic() - live.accepted
+                            )
                         mapped = events.from_runtime(item)
                         if mapped is not None:
                             batch.append(mapped)
@@ -275,7 +296,7 @@ class TurnRunner:
                 if done:
                     tail = batch  # written with the turn's end, in one transaction
                 else:
-                    await self._write_events(session.id, turn, batch)
+                    await self._write_events(session.id, turn, batch, live)
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
@@ -314,13 +335,18 @@ class TurnRunner:
         return min(cap, most) if most else cap
 
     async def _write_events(
-        self, session_id: str, turn: Turn, batch: list[event_pb2.SessionEvent]
+        self, session_id: str, turn: Turn, batch: list[event_pb2.SessionEvent], live: _LiveTurn
     ) -> None:
         if not batch:
             return
         permission_changes = [
             e for e in batch if events.kind_of(e) in ("permission_request", "permission_decision")
         ]
+        for change in permission_changes:
+            if change.HasField("permission_request"):
+                live.pending.add(change.permission_request.id)
+            else:
+                live.pending.discard(change.permission_decision.permission_request_id)
 
         async def mutate(uow: UnitOfWork, _: int) -> None:
             if not permission_changes:
@@ -385,6 +411,10 @@ class TurnRunner:
         closing = [*tail, state_event(final_state, SessionState.RUNNING)]
         await self._log.append(session_id, turn.id, closing, finish)
         self._live.pop(turn.id, None)
+        status = {"status": outcome.status.lower()}
+        self._metrics.turns_completed.add(1, status)
+        if seconds > 0:  # a turn that ran here (not one recovered, or refused its budget)
+            self._metrics.turn_duration.record(seconds, status)
         if turn.reservation:
             try:
                 await self._ledger.settle(turn.reservation, outcome.usage, token=token)

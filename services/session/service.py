@@ -39,6 +39,7 @@ from corral.services.session.domain import (
 )
 from corral.services.session.event_log import EventFilter, EventLog, state_event
 from corral.services.session.idempotent import once
+from corral.services.session.metrics import SessionMetrics, for_meter
 from corral.services.session.options import options_with
 from corral.services.session.ports import AuditWriter, Runtime, UnitOfWork, UsageLedger
 from corral.services.session.runner import UNFINISHED, TurnRunner
@@ -64,15 +65,18 @@ class SessionService(TurnUseCases):
         lease_seconds: float = 30.0,
         clock: Callable[[], datetime] = now,
         key_ring: KeyRing | None = None,
+        metrics: SessionMetrics | None = None,
     ) -> None:
         """``key_ring`` seals MCP secrets at rest (the deployment's, from Settings, if not
-        given); ``audit`` is identity's audit log, written through the outbox."""
+        given); ``audit`` is identity's audit log, written through the outbox; ``metrics``:
+        the process's session instruments if not given."""
+        self.metrics = metrics or for_meter()
         self._uow = uow
         self._runtime = runtime
         self._ledger = ledger
         self.secrets = Secrets(key_ring or Settings().key_ring())
         self.audit = AuditOutbox(uow, audit, clock=clock)
-        self.events = EventLog(uow, hub, heartbeat_seconds=heartbeat_seconds)
+        self.events = EventLog(uow, hub, heartbeat_seconds=heartbeat_seconds, metrics=self.metrics)
         self.runner = TurnRunner(
             uow,
             self.events,
@@ -80,6 +84,7 @@ class SessionService(TurnUseCases):
             ledger,
             lease_seconds=lease_seconds,
             clock=clock,
+            metrics=self.metrics,
         )
 
     async def recover(self) -> None:
@@ -127,6 +132,7 @@ class SessionService(TurnUseCases):
                 await self.audit.add(uow, entry)
                 await uow.commit()
             self.audit.send(entry, token=caller.token)
+            self.metrics.sessions_created.add(1)
             log.info("session created", extra={"session": session.name, "owner": caller.subject})
             return session
 
@@ -365,6 +371,7 @@ class SessionService(TurnUseCases):
                 await self.audit.add(uow, entry)
                 await uow.commit()
             self.audit.send(entry, token=caller.token)
+            self.metrics.sessions_created.add(1)
             return child
 
         payload = {"parent": session_id, "display_name": display_name}
