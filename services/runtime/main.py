@@ -20,14 +20,20 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from claude_agent_sdk.types import CanUseToolShadowedWarning
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+from opentelemetry.metrics import Meter
 
 from corral.libs.app import Infrastructure, ServiceApp
 from corral.libs.auth.jwt import JwksSource
 from corral.libs.config import Settings
 from corral.libs.grpc.server import ServiceRegistration
 from corral.runtime.v1 import runtime_service_pb2, runtime_service_pb2_grpc
+from corral.services.runtime import model_endpoint
 from corral.services.runtime.api import RuntimeApi
 from corral.services.runtime.claude import ClaudeSdk
+from corral.services.runtime.metrics import RuntimeMetrics, for_meter
+from corral.services.runtime.model_endpoint import ModelEndpoint
 from corral.services.runtime.pool import ProcessPool
 from corral.services.runtime.sandbox import SandboxPolicy, SandboxUnavailable, command, prepare
 from corral.services.runtime.sdk import AgentSdk
@@ -55,18 +61,24 @@ async def compose(
     port: int | None = None,
     jwks_source: JwksSource | None = None,
     clock: Callable[[], float] = time.monotonic,
+    meter: Meter | None = None,
+    model_check_seconds: float = model_endpoint.CHECK_SECONDS,
 ) -> tuple[ServiceApp, RuntimeService]:
     """Wires the runtime: the SDK (by default the Claude Agent SDK, talking to the model
-    endpoint), the session store, the process pool (``clock`` measures idleness), the service
-    (started: its directories exist), its servicer and server, the idle-process reaper. The
-    service is returned with the app, for tests that drive it."""
+    endpoint, whose reachability is checked every ``model_check_seconds``), the session store,
+    the process pool (``clock`` measures idleness), the service (started: its directories
+    exist), its servicer and server, the idle-process reaper; its metrics go to ``meter``
+    (default: the process's). The service is returned with the app, for tests that drive it."""
     resources = AsyncExitStack()
+    endpoint: ModelEndpoint | None = None
     try:
-        if sdk is None:
-            sdk = await _claude_sdk(settings, resources)
-        service = await _service(settings, sdk, clock)
-        resources.push_async_callback(service.close)
         infra = Infrastructure(settings, "runtime", resources)
+        metrics = for_meter(meter or infra.meter())
+        if sdk is None:
+            sdk, base_url = await _claude_sdk(settings, resources)
+            endpoint = ModelEndpoint(base_url, interval=model_check_seconds)
+        service = await _service(settings, sdk, clock, metrics)
+        resources.push_async_callback(service.close)
         api = RuntimeApi(service)
         registration = ServiceRegistration(
             runtime_service_pb2.DESCRIPTOR.services_by_name["RuntimeService"].full_name,
@@ -88,11 +100,34 @@ async def compose(
             except Exception:
                 log.exception("reaping idle agent processes failed")
 
-    app = ServiceApp("runtime", server, resources, background=[reap_idle_processes])
+    background = [reap_idle_processes]
+    if endpoint is not None:
+        await _report_model_endpoint(endpoint, server.health, metrics)
+        service.model_endpoint = endpoint
+        background.append(endpoint.run)
+    app = ServiceApp("runtime", server, resources, background=background)
     return app, service
 
 
-async def _service(settings: Settings, sdk: AgentSdk, clock: Callable[[], float]) -> RuntimeService:
+async def _report_model_endpoint(
+    endpoint: ModelEndpoint, health: HealthServicer, metrics: RuntimeMetrics
+) -> None:
+    """The endpoint's reachability as a health service name of its own (UNKNOWN until the first
+    check) and a metric. The runtime's own names (its readiness) do not follow it."""
+    name = model_endpoint.SERVICE_NAME
+    status = health_pb2.HealthCheckResponse
+
+    async def report(reachable: bool) -> None:
+        await health.set(name, status.SERVING if reachable else status.NOT_SERVING)
+
+    endpoint.on_change = report
+    metrics.track_endpoint(endpoint)
+    await health.set(name, status.UNKNOWN)
+
+
+async def _service(
+    settings: Settings, sdk: AgentSdk, clock: Callable[[], float], metrics: RuntimeMetrics
+) -> RuntimeService:
     service = RuntimeService(
         RuntimeConfig(
             pool_size=settings.runtime_pool_size,
@@ -105,17 +140,19 @@ async def _service(settings: Settings, sdk: AgentSdk, clock: Callable[[], float]
         sdk,
         SessionStore(settings.runtime_dir()),
         ProcessPool(settings.runtime_pool_size, settings.runtime_idle_seconds, clock),
+        metrics,
     )
     await service.start()
     return service
 
 
-async def _claude_sdk(settings: Settings, resources: AsyncExitStack) -> ClaudeSdk:
+async def _claude_sdk(settings: Settings, resources: AsyncExitStack) -> tuple[ClaudeSdk, str]:
+    """The SDK, and the model endpoint's base URL its agents use."""
     # The runtime gates tools with a PreToolUse hook and can_use_tool together, on purpose.
     warnings.filterwarnings("ignore", category=CanUseToolShadowedWarning)
     policy = await sandbox_policy(settings)
     model_env = await _model_endpoint(settings, resources)
-    return ClaudeSdk(
+    sdk = ClaudeSdk(
         settings.runtime_dir(),
         model_env,
         # The CLI scrubs its tools' environment with a bubblewrap of its own, which cannot run
@@ -123,6 +160,7 @@ async def _claude_sdk(settings: Settings, resources: AsyncExitStack) -> ClaudeSd
         scrub_tool_env=policy is None and _can_scrub_tool_env(model_env),
         sandbox=policy,
     )
+    return sdk, model_env.get("ANTHROPIC_BASE_URL", model_endpoint.DEFAULT_BASE_URL)
 
 
 async def sandbox_policy(settings: Settings) -> SandboxPolicy | None:

@@ -103,6 +103,9 @@ class ProcessPool:
         self._live: dict[str, AgentProcess] = {}  # session id -> process, started or idle
         self._in_transit = 0  # slots held by processes being started or stopped
         self._closed = False
+        # For the metrics: processes stopped to free a slot, by why; turns refused a process.
+        self.evictions = {"lru": 0, "replaced": 0, "idle": 0}
+        self.exhausted = 0
 
     # Bookkeeping between awaits is synchronous: one event loop, so no lock is needed.
 
@@ -116,6 +119,10 @@ class ProcessPool:
     @property
     def busy(self) -> int:
         return sum(1 for p in self._live.values() if p.busy)
+
+    def pids(self) -> list[int]:
+        """The live processes' CLI pids (where known)."""
+        return [p.client.pid for p in list(self._live.values()) if p.client.pid is not None]
 
     def has_process(self, session_id: str) -> bool:
         return session_id in self._live
@@ -142,6 +149,7 @@ class ProcessPool:
         elif self.live >= self.size:
             idle = [p for p in self._live.values() if not p.busy]
             if not idle:
+                self.exhausted += 1
                 raise PoolExhausted(
                     f"all {self.size} agent processes are running turns",
                     retry_after_seconds=1.0,
@@ -149,6 +157,7 @@ class ProcessPool:
             victim = min(idle, key=lambda p: p.last_used)
         if victim is not None:
             del self._live[victim.session_id]
+            self.evictions["replaced" if victim.session_id == session_id else "lru"] += 1
         self._in_transit += 1  # this slot (a free one, or the victim's) is ours from now on
         try:
             if victim is not None:
@@ -199,6 +208,7 @@ class ProcessPool:
         idle = [p for p in self._live.values() if not p.busy and p.last_used < deadline]
         for agent in idle:
             log.info("stopping an idle agent process", extra={"session": agent.session_id})
+        self.evictions["idle"] += len(idle)
         await asyncio.gather(*(self.discard(agent) for agent in idle))
         return len(idle)
 

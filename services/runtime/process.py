@@ -171,6 +171,32 @@ def descendants(root: int) -> list[ProcessId]:
     return found
 
 
+def tree_rss(roots: list[int]) -> int:
+    """Resident memory (bytes) of the processes ``roots`` and all their descendants, each
+    counted once; 0 where /proc is absent."""
+    children: dict[int, list[int]] = {}
+    for pid in _pids():
+        stat = _stat(pid)
+        if stat is not None:
+            children.setdefault(stat[0], []).append(pid)
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid not in seen:
+            seen.add(pid)
+            stack.extend(children.get(pid, []))
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in seen:
+        try:
+            with open(f"/proc/{pid}/statm", encoding="ascii") as handle:
+                total += int(handle.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def tagged(tag: str) -> list[ProcessId]:
     """Every live process whose environment carries ``TAG_VARIABLE=tag``."""
     needle = f"{TAG_VARIABLE}={tag}".encode()

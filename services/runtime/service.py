@@ -33,6 +33,8 @@ from corral.services.runtime.domain import (
     TurnAlreadyRunning,
     TurnNotFound,
 )
+from corral.services.runtime.metrics import RuntimeMetrics, for_meter
+from corral.services.runtime.model_endpoint import ModelEndpoint
 from corral.services.runtime.pool import AgentProcess, ProcessPool
 from corral.services.runtime.sdk import AgentClient, AgentSdk, AgentSpec
 from corral.services.runtime.store import SessionStore, saved_cost
@@ -65,7 +67,12 @@ class RuntimeStatus:
 
 class RuntimeService:
     def __init__(
-        self, config: RuntimeConfig, sdk: AgentSdk, store: SessionStore, pool: ProcessPool
+        self,
+        config: RuntimeConfig,
+        sdk: AgentSdk,
+        store: SessionStore,
+        pool: ProcessPool,
+        metrics: RuntimeMetrics | None = None,
     ) -> None:
         self.config = config
         self.sdk = sdk
@@ -73,6 +80,9 @@ class RuntimeService:
         self.pool = pool
         self.draining = False
         self._turns: set[Turn] = set()
+        self.metrics = metrics or for_meter()
+        self.metrics.track_pool(pool)
+        self.model_endpoint: ModelEndpoint | None = None  # its reachability, when it is checked
 
     async def start(self) -> None:
         """Prepare the session store and the SDK (directories, the CLI launcher)."""
@@ -127,9 +137,15 @@ class RuntimeService:
             raise
         self._turns.add(turn)
         turn.task = asyncio.create_task(
-            turn.run(agent, self.pool, process_started=started, on_end=self._turns.discard)
+            turn.run(agent, self.pool, process_started=started, on_end=self._ended)
         )
         return turn
+
+    def _ended(self, turn: Turn) -> None:
+        self._turns.discard(turn)
+        if turn.result is not None:
+            model = turn.request.options.model or turn.model
+            self.metrics.turn_ended(turn.request.organization, model, turn.result)
 
     async def _process_for(self, turn: Turn, workspace: Path) -> tuple[AgentProcess, bool]:
         """The session's warm process if it can serve this turn, else a new one resumed from the

@@ -111,6 +111,7 @@ class Turn:
         self.stop_process = False
         self.started = time.monotonic()
         self.task: asyncio.Task[None] | None = None
+        self.result: pb.TurnResult | None = None  # set as the turn ends
 
     def emit(self, **payload: Any) -> None:
         self.queue.put_nowait(self.events.stamp(**payload))
@@ -246,16 +247,15 @@ class Turn:
             )
             if result is not None and result.session_id:
                 state.transcript_id = result.session_id
-            self.emit(
-                turn_result=ev.turn_result(
-                    result,
-                    cost_usd=cost,
-                    interrupted=interrupted,
-                    transcript_id=state.transcript_id,
-                    failure=failure,
-                    elapsed_seconds=time.monotonic() - self.started,
-                )
+            self.result = ev.turn_result(
+                result,
+                cost_usd=cost,
+                interrupted=interrupted,
+                transcript_id=state.transcript_id,
+                failure=failure,
+                elapsed_seconds=time.monotonic() - self.started,
             )
+            self.emit(turn_result=self.result)
             if stop_process or self.stop_process or failure is not None or result is None:
                 await pool.discard(agent)
                 state.cost = None if result is None else state.cost
