@@ -161,6 +161,17 @@ class Authentication(UseCases):
     async def login(
         self, ctx: Context, email: str, password: str, org_id: str
     ) -> tuple[TokenGrant, User]:
+        try:
+            signed_in = await self._login(ctx, email, password, org_id)
+        except Exception as exc:
+            self.metrics.sign_in("password", exc)
+            raise
+        self.metrics.sign_in("password", None)
+        return signed_in
+
+    async def _login(
+        self, ctx: Context, email: str, password: str, org_id: str
+    ) -> tuple[TokenGrant, User]:
         email = normalize_email(email)
         budgets = [(ACCOUNT, email), *([(SOURCE, ctx.source_ip)] if ctx.source_ip else [])]
         at = self._clock()
@@ -279,6 +290,7 @@ class Authentication(UseCases):
             refresh, refresh_expires = await self._new_refresh(uow, user, token.family_id, at)
             access, access_expires = await self._user_access(uow, user, token.family_id)
             await uow.commit()
+        self.metrics.tokens_issued.add(1, {"grant": "refresh_token"})
         return TokenGrant(access, access_expires, refresh, refresh_expires)
 
     async def logout(self, ctx: Context, refresh_token: str) -> None:
@@ -311,6 +323,15 @@ class Authentication(UseCases):
         return count
 
     async def exchange_api_key(self, ctx: Context, plaintext: str) -> tuple[TokenGrant, str]:
+        try:
+            exchanged = await self._exchange_api_key(ctx, plaintext)
+        except Exception as exc:
+            self.metrics.sign_in("api_key", exc)
+            raise
+        self.metrics.sign_in("api_key", None)
+        return exchanged
+
+    async def _exchange_api_key(self, ctx: Context, plaintext: str) -> tuple[TokenGrant, str]:
         invalid = Unauthenticated("the API key is not valid", reason="INVALID_CREDENTIALS")
         lookup = tokens.api_key_lookup(plaintext)
         if lookup is None:

@@ -16,6 +16,7 @@ from corral.libs.errors import AlreadyExists, NotFound, Unauthenticated
 from corral.libs.idempotency import CreateRequest, create_once
 from corral.libs.names import ResourcePattern
 from corral.services.identity.domain import AuditEvent, Outcome, Principal, Role
+from corral.services.identity.metrics import for_meter
 from corral.services.identity.repository import IdentityUnitOfWork
 from corral.services.identity.revocations import NO_FEED, RevocationFeed
 
@@ -83,12 +84,14 @@ class UseCases:
         # Changes that void tokens publish there after they commit (every service refuses
         # the tokens within seconds).
         self._revocations = revocations
+        self.metrics = for_meter()  # the process's; IdentityService may give another
 
     async def _revoke(self, kind: str, ident: str) -> None:
         """After the change committed: tokens whose ``kind`` claim is ``ident`` issued until
         now are void everywhere (now, not the change's start: a token a concurrent call issued
         before the commit is covered too). Never fails the use case."""
-        await self._revocations.publish(kind, ident, self._clock())
+        result = await self._revocations.publish(kind, ident, self._clock())
+        self.metrics.revocations.add(1, {"kind": kind, "outcome": result})
 
     # ---- the audit log ----
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from corral.libs.errors import (
     Aborted,
+    CorralError,
     FailedPrecondition,
     InvalidArgument,
     QuotaViolation,
@@ -42,6 +43,7 @@ from corral.services.identity.domain import (
     month_period,
     settled_amounts,
 )
+from corral.services.identity.metrics import outcome
 from corral.services.identity.repository import DuplicateKey, IdentityUnitOfWork
 
 
@@ -188,6 +190,23 @@ class Ledger(UseCases):
         request_id: str,
     ) -> Reservation:
         ctx.require().require_service()
+        try:
+            reservation = await self._reserve(org_id, subject, amounts, reference, ttl, request_id)
+        except CorralError as exc:
+            self.metrics.reservations.add(1, {"outcome": outcome(exc)})
+            raise
+        self.metrics.reservations.add(1, {"outcome": "reserved"})
+        return reservation
+
+    async def _reserve(
+        self,
+        org_id: str,
+        subject: str,
+        amounts: Mapping[UsageKind, int],
+        reference: str,
+        ttl: float,
+        request_id: str,
+    ) -> Reservation:
         violations: list[QuotaViolation] = []
         raced = False
         for attempt in range(2):
@@ -323,6 +342,7 @@ class Ledger(UseCases):
                 if amount:
                     await uow.reservations.record(org_id, r.subject, kind, amount, at)
             await uow.commit()
+        self.metrics.reservations_ended.add(1, {"how": "settled"})
         return r
 
     async def release(self, ctx: Context, org_id: str, reservation_id: str) -> Reservation:
@@ -347,6 +367,7 @@ class Ledger(UseCases):
                 settled_gauges=was is ReservationState.SETTLED,
             )
             await uow.commit()
+        self.metrics.reservations_ended.add(1, {"how": "released"})
         return r
 
     async def _expire(self, uow: IdentityUnitOfWork, r: Reservation, at: float) -> bool:
@@ -364,6 +385,8 @@ class Ledger(UseCases):
             for r in await uow.reservations.expired(at):
                 count += await self._expire(uow, r, at)
             await uow.commit()
+        if count:
+            self.metrics.reservations_ended.add(count, {"how": "expired"})
         return count
 
     # ---- usage reports ----

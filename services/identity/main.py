@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opentelemetry.metrics import Meter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from corral.identity.v1 import identity_service_pb2_grpc
@@ -29,6 +30,7 @@ from corral.services.identity.base import SYSTEM_CONTEXT, Clock, Config
 from corral.services.identity.config import IdentitySettings, identity_settings
 from corral.services.identity.domain import Role, now
 from corral.services.identity.jwks_http import JwksHttpServer
+from corral.services.identity.metrics import for_meter
 from corral.services.identity.repository import IdentityUnitOfWork
 from corral.services.identity.revocations import RevocationFeed
 from corral.services.identity.service import IdentityService
@@ -57,6 +59,8 @@ class Dependencies:
     # Where revocations go (and identity's own verifier reads them); default: the
     # deployment's feed (Redis when configured, else this process's own).
     revocations: RevocationStore | None = None
+    # Where its metrics go; default: the process's meter.
+    meter: Meter | None = None
 
 
 class TokenCheckHook:
@@ -101,6 +105,7 @@ def build_service(
     engine: AsyncEngine,
     clock: Clock = now,
     revocations: RevocationStore | None = None,
+    meter: Meter | None = None,
 ) -> IdentityService:
     """The use cases. Reads the key ring (``CORRAL_ENCRYPTION_KEYS``): production refuses to
     start without one."""
@@ -126,6 +131,7 @@ def build_service(
         ),
         clock,
         RevocationFeed(revocations),
+        for_meter(meter),
     )
 
 
@@ -205,7 +211,9 @@ async def build_server(deps: Dependencies, *, port: int | None = None) -> Identi
         infra = Infrastructure(config, NAME, resources)
         engine = await open_database(config, infra, resources)
         revocations = deps.revocations or infra.revocation_store()
-        identity = build_service(config, engine, deps.clock, revocations)
+        identity = build_service(
+            config, engine, deps.clock, revocations, deps.meter or infra.meter()
+        )
         await identity.keys.ensure_signing_keys()
         if config.is_development:
             await bootstrap(identity, config)

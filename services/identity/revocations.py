@@ -28,16 +28,17 @@ class RevocationFeed:
         self._store = store
         self._timeout = timeout
 
-    async def publish(self, kind: str, ident: str, not_before: float) -> None:
+    async def publish(self, kind: str, ident: str, not_before: float) -> str:
         """Tokens whose ``kind`` claim is ``ident`` and that were issued at or before
-        ``not_before`` are void everywhere (once each service re-reads the feed)."""
+        ``not_before`` are void everywhere (once each service re-reads the feed). Returns what
+        became of it: ``published``, ``failed`` or ``unpublished`` (no feed)."""
         revocation = Revocation(kind, ident, not_before)
         if self._store is None:
             log.warning(
                 "no revocation feed: other services accept the revoked tokens until they expire",
                 extra={"kind": kind, "id": ident},
             )
-            return
+            return "unpublished"
         try:
             await asyncio.wait_for(self._store.publish(revocation), self._timeout)
         except Exception:
@@ -46,6 +47,8 @@ class RevocationFeed:
                 " tokens until they expire (identity refuses them)",
                 extra={"kind": kind, "id": ident},
             )
+            return "failed"
+        return "published"
 
 
 NO_FEED = RevocationFeed(None)

@@ -19,6 +19,7 @@ from corral.services.identity.authentication import Authentication
 from corral.services.identity.base import Clock, Config, UnitOfWorkFactory
 from corral.services.identity.domain import now
 from corral.services.identity.ledger import Ledger
+from corral.services.identity.metrics import IdentityMetrics
 from corral.services.identity.revocations import NO_FEED, RevocationFeed
 from corral.services.identity.service_accounts import ServiceAccounts
 from corral.services.identity.signing import SigningKeys
@@ -38,7 +39,9 @@ class IdentityService:
         throttle: LoginThrottle,
         clock: Clock = now,
         revocations: RevocationFeed = NO_FEED,
+        metrics: IdentityMetrics | None = None,
     ) -> None:
+        """``metrics``: where the use cases count (default: the process's meter)."""
         self.config = config
         self.clock = clock
         self.accounts = Accounts(uow, config, clock, passwords, revocations)
@@ -47,6 +50,10 @@ class IdentityService:
         self.auth = Authentication(uow, config, clock, passwords, throttle, self.keys, revocations)
         self.ledger = Ledger(uow, config, clock)
         self.audit = AuditLog(uow, config, clock)
+        if metrics is not None:
+            for part in (self.accounts, self.service_accounts, self.keys, self.auth):
+                part.metrics = metrics
+            self.ledger.metrics = self.audit.metrics = metrics
 
     async def housekeeping(self) -> None:
         """Give back expired usage holds; forget login failures past the throttle's window."""

@@ -23,20 +23,26 @@ from opentelemetry.sdk.metrics.export import (
     NumberDataPoint,
 )
 
+from corral.identity.v1 import identity_service_pb2 as identity_pb
+from corral.identity.v1 import identity_service_pb2_grpc as identity_rpc
 from corral.libs import db
 from corral.libs.auth import StaticJwksSource, TokenVerifier
+from corral.libs.auth.revocation import InMemoryRevocations
 from corral.libs.config import Settings
 from corral.libs.eventhub import InMemoryHub
 from corral.libs.grpc.interceptors import AuthenticationHook
 from corral.libs.grpc.server import CorralServer, ServerConfig
 from corral.runtime.v1 import runtime_service_pb2 as runtime_pb
 from corral.runtime.v1 import runtime_service_pb2_grpc as runtime_rpc
+from corral.services.identity.config import IdentitySettings
+from corral.services.identity.main import Dependencies, build_server
 from corral.services.runtime import model_endpoint
 from corral.services.runtime.main import compose
 from corral.services.session.main import MIGRATIONS, wire
 from corral.session.v1 import permission_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as pb
 from corral.session.v1 import session_service_pb2_grpc as rpc
+from tests.identity.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
 from tests.runtime.conftest import (
     MODEL,
     ORG,
@@ -402,3 +408,50 @@ async def test_the_model_endpoint_has_a_health_name_and_a_gauge_of_its_own(
     serving = health_pb2.HealthCheckResponse.SERVING
     assert await down.status("") == serving
     assert await down.status("corral.runtime.v1.RuntimeService") == serving
+
+
+# -- identity ------------------------------------------------------------------------------------
+
+
+async def test_identity_counts_sign_ins_tokens_and_revocations(tmp_path: Path) -> None:
+    m = Metrics()
+    settings = IdentitySettings(
+        env="development",
+        identity_database_url=f"sqlite+aiosqlite:///{tmp_path}/identity.db",
+        identity_database_schema="identity",
+        data_dir=tmp_path,
+        identity_port=0,
+        identity_http_port=0,
+        bootstrap_admin_email=ADMIN_EMAIL,
+        bootstrap_admin_password=ADMIN_PASSWORD,
+        identity_argon2_time_cost=1,
+        identity_argon2_memory_kib=256,
+        identity_argon2_parallelism=1,
+        identity_key_encryption_key="",
+        metrics_enabled=False,
+    )
+    deps = Dependencies(settings, revocations=InMemoryRevocations(), meter=m.meter("identity"))
+    app = await build_server(deps, port=0)
+    await app.start()
+    channel = grpc.aio.insecure_channel(app.server.address)
+    try:
+        stub = identity_rpc.IdentityServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Login(identity_pb.LoginRequest(email=ADMIN_EMAIL, password="wrong"))
+        signed_in = await stub.Login(
+            identity_pb.LoginRequest(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
+        )
+        refreshed = await stub.RefreshToken(
+            identity_pb.RefreshTokenRequest(refresh_token=signed_in.token.refresh_token)
+        )
+        await stub.Logout(identity_pb.LogoutRequest(refresh_token=refreshed.token.refresh_token))
+    finally:
+        await channel.close()
+        await app.stop(0)
+
+    sign_ins = "corral.identity.sign_ins"
+    assert m.value(sign_ins, method="password", outcome="invalid_credentials") == 1
+    assert m.value(sign_ins, method="password", outcome="succeeded") == 1
+    assert m.value("corral.identity.tokens.issued", grant="password") == 1
+    assert m.value("corral.identity.tokens.issued", grant="refresh_token") == 1
+    assert m.value("corral.identity.revocations", kind="session", outcome="published") == 1
