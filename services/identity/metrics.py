@@ -12,6 +12,15 @@ from opentelemetry.metrics import Meter
 
 from corral.libs.errors import CorralError
 
+# The families as Prometheus names them (for dashboards, alert rules and tests).
+EXPORTED: tuple[str, ...] = (
+    "corral_identity_sign_ins_total",
+    "corral_identity_tokens_issued_total",
+    "corral_identity_revocations_total",
+    "corral_identity_reservations_total",
+    "corral_identity_reservations_ended_total",
+)
+
 
 class IdentityMetrics:
     """The instruments (one set per meter, see :func:`for_meter`)."""

@@ -22,6 +22,17 @@ from corral.services.runtime.pool import ProcessPool
 
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_creation")
 
+# The families as Prometheus names them (for dashboards, alert rules and tests).
+EXPORTED: tuple[str, ...] = (
+    "corral_runtime_tokens_total",
+    "corral_runtime_cost_usd_total",
+    "corral_runtime_cli_processes",
+    "corral_runtime_cli_memory_bytes",
+    "corral_runtime_pool_exhausted_total",
+    "corral_runtime_pool_evictions_total",
+    "corral_runtime_model_endpoint_up",
+)
+
 
 class RuntimeMetrics:
     """The instruments (one set per meter, see :func:`for_meter`)."""

@@ -19,6 +19,18 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 TURN_SECONDS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 FIRST_EVENT_SECONDS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 
+# The families as Prometheus names them (for dashboards, alert rules and tests).
+EXPORTED: tuple[str, ...] = (
+    "corral_session_sessions_created_total",
+    "corral_session_turns_completed_total",
+    "corral_session_turn_duration_seconds",
+    "corral_session_turn_time_to_first_event_seconds",
+    "corral_session_events_appended_total",
+    "corral_session_turns_queued",
+    "corral_session_streams_live",
+    "corral_session_permission_requests_waiting",
+)
+
 
 class RunnerState(Protocol):
     def queued_turns(self) -> int: ...

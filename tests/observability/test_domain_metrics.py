@@ -16,12 +16,14 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
     InMemoryMetricReader,
     NumberDataPoint,
 )
+from prometheus_client import CollectorRegistry, generate_latest
 
 from corral.identity.v1 import identity_service_pb2 as identity_pb
 from corral.identity.v1 import identity_service_pb2_grpc as identity_rpc
@@ -34,10 +36,14 @@ from corral.libs.grpc.interceptors import AuthenticationHook
 from corral.libs.grpc.server import CorralServer, ServerConfig
 from corral.runtime.v1 import runtime_service_pb2 as runtime_pb
 from corral.runtime.v1 import runtime_service_pb2_grpc as runtime_rpc
+from corral.runtime.v1.runtime_event_pb2 import TurnResult
+from corral.services.identity import metrics as identity_metrics
 from corral.services.identity.config import IdentitySettings
 from corral.services.identity.main import Dependencies, build_server
+from corral.services.runtime import metrics as runtime_metrics
 from corral.services.runtime import model_endpoint
 from corral.services.runtime.main import compose
+from corral.services.session import metrics as session_metrics
 from corral.services.session.main import MIGRATIONS, wire
 from corral.session.v1 import permission_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as pb
@@ -455,3 +461,45 @@ async def test_identity_counts_sign_ins_tokens_and_revocations(tmp_path: Path) -
     assert m.value("corral.identity.tokens.issued", grant="password") == 1
     assert m.value("corral.identity.tokens.issued", grant="refresh_token") == 1
     assert m.value("corral.identity.revocations", kind="session", outcome="published") == 1
+
+
+# -- the names an operator types -----------------------------------------------------------------
+
+
+def test_every_family_is_exported_under_its_documented_prometheus_name() -> None:
+    """Each EXPORTED name comes out of the Prometheus exporter, and each service's README table
+    lists its own."""
+    registry = CollectorRegistry()
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
+    session = session_metrics.for_meter(provider.get_meter("s"))
+    runtime = runtime_metrics.for_meter(provider.get_meter("r"))
+    identity = identity_metrics.for_meter(provider.get_meter("i"))
+    session.sessions_created.add(1)
+    session.turns_completed.add(1, {"status": "succeeded"})
+    session.turn_duration.record(1.0, {"status": "succeeded"})
+    session.time_to_first_event.record(0.5)
+    session.events_appended.add(1, {"type": "text_delta"})
+    result = TurnResult()
+    result.usage.input_tokens, result.usage.cost_usd_micros = 10, 20
+    runtime.turn_ended(ORG, MODEL, result)
+    endpoint = model_endpoint.ModelEndpoint("http://127.0.0.1:1")
+    endpoint.reachable = True
+    runtime.track_endpoint(endpoint)
+    identity.sign_in("password", None)
+    identity.revocations.add(1, {"kind": "session", "outcome": "published"})
+    identity.reservations.add(1, {"outcome": "reserved"})
+    identity.reservations_ended.add(1, {"how": "settled"})
+
+    exposition = generate_latest(registry).decode()
+    families = {line.split()[2] for line in exposition.splitlines() if line.startswith("# TYPE")}
+    readmes = Path(__file__).parents[2] / "services"
+    for service, module in (
+        ("session", session_metrics),
+        ("runtime", runtime_metrics),
+        ("identity", identity_metrics),
+    ):
+        table = (readmes / service / "README.md").read_text()
+        for name in module.EXPORTED:
+            assert name in families, name
+            assert f"`{name}`" in table, f"{service} README lacks {name}"
+    provider.shutdown()
