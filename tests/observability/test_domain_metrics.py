@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2, field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
@@ -27,6 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from corral.identity.v1 import identity_service_pb2 as identity_pb
 from corral.identity.v1 import identity_service_pb2_grpc as identity_rpc
+from corral.identity.v1 import quota_pb2, usage_pb2
 from corral.libs import db
 from corral.libs.auth import StaticJwksSource, TokenVerifier
 from corral.libs.auth.revocation import InMemoryRevocations
@@ -48,7 +50,7 @@ from corral.services.session.main import MIGRATIONS, wire
 from corral.session.v1 import permission_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as pb
 from corral.session.v1 import session_service_pb2_grpc as rpc
-from tests.identity.conftest import ADMIN_EMAIL, ADMIN_PASSWORD
+from tests.identity.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, bearer
 from tests.runtime.conftest import (
     MODEL,
     ORG,
@@ -63,6 +65,7 @@ from tests.support.grpc_tools import free_port
 from tests.support.keys import AUDIENCE, ISSUER, SigningKey
 
 ENQUEUE = pb.SendMessageRequest.BUSY_STRATEGY_ENQUEUE
+DEFAULT_ORG = "organizations/default"
 
 
 class Metrics:
@@ -450,6 +453,25 @@ async def test_identity_counts_sign_ins_tokens_and_revocations(tmp_path: Path) -
         refreshed = await stub.RefreshToken(
             identity_pb.RefreshTokenRequest(refresh_token=signed_in.token.refresh_token)
         )
+        root = bearer(signed_in.token.access_token)
+        # The development service account's key (what the other services sign in with).
+        key = (tmp_path / "service-api-key").read_text().strip()
+        await stub.ExchangeApiKey(identity_pb.ExchangeApiKeyRequest(api_key=key))
+        # One concurrent session allowed: a reservation, a refusal, a release.
+        await stub.UpdateQuota(
+            identity_pb.UpdateQuotaRequest(
+                quota=quota_pb2.Quota(name=f"{DEFAULT_ORG}/quota", max_concurrent_sessions=1),
+                update_mask=field_mask_pb2.FieldMask(paths=["max_concurrent_sessions"]),
+            ),
+            metadata=root,
+        )
+        held = await stub.ReserveUsage(reservation(), metadata=root)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ReserveUsage(reservation(), metadata=root)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await stub.ReleaseUsage(
+            identity_pb.ReleaseUsageRequest(name=held.usage_reservation.name), metadata=root
+        )
         await stub.Logout(identity_pb.LogoutRequest(refresh_token=refreshed.token.refresh_token))
     finally:
         await channel.close()
@@ -461,6 +483,23 @@ async def test_identity_counts_sign_ins_tokens_and_revocations(tmp_path: Path) -
     assert m.value("corral.identity.tokens.issued", grant="password") == 1
     assert m.value("corral.identity.tokens.issued", grant="refresh_token") == 1
     assert m.value("corral.identity.revocations", kind="session", outcome="published") == 1
+    assert m.value(sign_ins, method="api_key", outcome="succeeded") == 1
+    assert m.value("corral.identity.tokens.issued", grant="api_key") == 1
+    assert m.value("corral.identity.reservations", outcome="reserved") == 1
+    assert m.value("corral.identity.reservations", outcome="quota_exceeded") == 1
+    assert m.value("corral.identity.reservations.ended", how="released") == 1
+    for name in ("corral.identity.sign_ins", "corral.identity.reservations"):
+        assert all(set(labels) <= {"method", "outcome"} for labels in m.labels(name)), name
+
+
+def reservation() -> identity_pb.ReserveUsageRequest:
+    return identity_pb.ReserveUsageRequest(
+        parent=DEFAULT_ORG,
+        subject=DEFAULT_ORG,
+        amounts=[usage_pb2.UsageAmount(kind=usage_pb2.USAGE_KIND_SESSIONS, amount=1)],
+        ttl=duration_pb2.Duration(seconds=60),
+        request_id=str(uuid.uuid4()),
+    )
 
 
 # -- the names an operator types -----------------------------------------------------------------
