@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from corral.libs.metrics import meter
+from corral.libs.metrics import LATENCY_BUCKETS, meter
 
 
 class _PoolStats:
@@ -81,6 +81,7 @@ _acquire = _meter.create_histogram(
     "corral.db.pool.acquire.duration",
     unit="s",
     description="time a unit of work waited for its database connection",
+    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
 )
 
 

@@ -32,7 +32,7 @@ from typing import Any, Protocol, Self
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 
-from corral.libs.metrics import meter
+from corral.libs.metrics import LATENCY_BUCKETS, meter
 
 log = logging.getLogger("corral.eventhub")
 
@@ -42,6 +42,7 @@ _fanout_lag = _meter.create_histogram(
     "corral.eventhub.fanout.lag",
     unit="s",
     description="from a batch's delivery to a subscription until its consumer reads it",
+    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
 )
 # How far behind the Redis stream a reader is: from XADD (the entry id's time, Redis' clock)
 # to the fan-out to this process's subscribers.
@@ -49,6 +50,7 @@ _stream_lag = _meter.create_histogram(
     "corral.eventhub.stream.lag",
     unit="s",
     description="from a Redis stream entry's append to its local fan-out",
+    explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
 )
 
 

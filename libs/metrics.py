@@ -98,7 +98,6 @@ def configure_metrics(service_name: str, otlp_endpoint: str = "") -> None:
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import MetricReader
-    from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
     from opentelemetry.sdk.resources import Resource
     from prometheus_client import CollectorRegistry
 
@@ -114,18 +113,7 @@ def configure_metrics(service_name: str, otlp_endpoint: str = "") -> None:
             )
         )
     provider = MeterProvider(
-        metric_readers=readers,
-        resource=Resource.create({"service.name": service_name}),
-        views=[
-            View(
-                instrument_name="*duration*",
-                aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS),
-            ),
-            View(
-                instrument_name="*lag*",
-                aggregation=ExplicitBucketHistogramAggregation(LATENCY_BUCKETS),
-            ),
-        ],
+        metric_readers=readers, resource=Resource.create({"service.name": service_name})
     )
     metrics.set_meter_provider(provider)
     _state.provider = provider

@@ -149,6 +149,19 @@ class MetricsInterceptor(
         return call
 
 
+class _StreamSide(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    """The unary-stream half of an interceptor that implements both: grpc.aio files an
+    interceptor under its first matching kind only, so the streaming half needs its own."""
+
+    def __init__(self, both: Any) -> None:
+        self._both = both
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return await self._both.intercept_unary_stream(continuation, client_call_details, request)
+
+
 def create_channel(
     target: str,
     services: Sequence[descriptor.ServiceDescriptor] = (),
@@ -164,9 +177,10 @@ def create_channel(
 
     Streaming calls get no default deadline: a session event stream may last hours.
     """
-    interceptors: list[Any] = [DeadlineAndTokenInterceptor(default_timeout, token_provider)]
+    both: list[Any] = [DeadlineAndTokenInterceptor(default_timeout, token_provider)]
     if metrics:
-        interceptors.append(MetricsInterceptor())
+        both.append(MetricsInterceptor())
+    interceptors: list[Any] = [*both, *(_StreamSide(i) for i in both)]
     if tracing:
         interceptors.extend(aio_client_interceptors())  # type: ignore[no-untyped-call]
     options = [

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from corral.libs.metrics import meter
+from corral.libs.metrics import LATENCY_BUCKETS, meter
 
 Attributes = dict[str, str]
 
@@ -36,7 +36,10 @@ class RpcMetrics:
             else None
         )
         self._duration = m.create_histogram(
-            f"corral.rpc.{side}.duration", unit="s", description=f"gRPC call latency ({side})"
+            f"corral.rpc.{side}.duration",
+            unit="s",
+            description=f"gRPC call latency ({side})",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
         )
         self._labels: dict[tuple[str, Any], Attributes] = {}
 
