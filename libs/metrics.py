@@ -72,6 +72,7 @@ EXPORTED: tuple[str, ...] = (
     "corral_eventhub_fanout_lag_seconds",
     "corral_process_cpu_seconds_total",
     "corral_process_memory_bytes",
+    "corral_tls_certificate_expiry_seconds",  # only in processes serving TLS
 )
 
 

@@ -10,11 +10,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from corral.libs.config import Settings
+from corral.libs.metrics import meter
+
+# Certificates this process serves with, for corral_tls_certificate_expiry_seconds (seconds
+# since the epoch when each stops being valid; alerts fire ahead of it).
+_served: dict[Path, str] = {}
+
+
+def _observe_expiry(_: Any) -> Iterable[Any]:
+    from cryptography import x509
+    from opentelemetry.metrics import Observation
+
+    for path, use in list(_served.items()):
+        try:
+            certificate = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        expiry = certificate.not_valid_after_utc.timestamp()
+        yield Observation(expiry, {"use": use, "file": path.name})
+
+
+meter("corral.tls").create_observable_gauge(
+    "corral.tls.certificate.expiry",
+    [_observe_expiry],
+    unit="s",
+    description="when a served certificate expires (seconds since the epoch)",
+)
 
 
 class TlsError(Exception):
@@ -35,7 +63,11 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         return None
     if cert is None or key is None:
         raise TlsError("set both CORRAL_TLS_CERT_FILE and CORRAL_TLS_KEY_FILE, or neither")
-    return grpc.ssl_server_credentials([(_read(key, "tls_key_file"), _read(cert, "tls_cert_file"))])
+    credentials = grpc.ssl_server_credentials(
+        [(_read(key, "tls_key_file"), _read(cert, "tls_cert_file"))]
+    )
+    _served[cert] = "service"
+    return credentials
 
 
 def channel_credentials(settings: Settings) -> grpc.ChannelCredentials | None:

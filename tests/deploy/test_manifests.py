@@ -31,6 +31,7 @@ from pydantic import AliasChoices
 
 from corral.libs import envoy
 from corral.libs.config import DEFAULT_PORTS, SERVICE_NAMES, Settings
+from corral.libs.grpc.server import LIVENESS
 from corral.services.identity.config import IdentitySettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,8 +139,11 @@ CONDITIONS = {"service_started", "service_healthy", "service_completed_successfu
 RESTART = {"no", "always", "on-failure", "unless-stopped"}
 CORRAL_SERVICES = set(SERVICE_NAMES)
 # One-shot or without a shell in their image (the collector's is built FROM scratch).
-NO_HEALTHCHECK = {"migrate", "otel-collector"}
-EXPECTED_SERVICES = {*CORRAL_SERVICES, "postgres", "redis", "migrate", "envoy", "otel-collector"}
+NO_HEALTHCHECK = {"migrate", "otel-collector", "grafana"}
+EXPECTED_SERVICES = {
+    *CORRAL_SERVICES,
+    *("postgres", "redis", "migrate", "envoy", "otel-collector", "prometheus", "grafana"),
+}
 
 
 @cache
@@ -422,8 +426,11 @@ def test_service_deployments_have_grpc_probes() -> None:
         port = DEFAULT_PORTS[name]
         assert {"name": "grpc", "containerPort": port} in container["ports"]
         expected = {"port": port, "service": proto_service(name)}
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe in ("startupProbe", "readinessProbe"):
             assert container[probe]["grpc"] == expected, f"{name}: {probe}"
+        # Liveness asks whether the process answers, not its database: an outage of a
+        # dependency takes pods out of rotation (readiness) and never restarts them.
+        assert container["livenessProbe"]["grpc"] == {"port": port, "service": LIVENESS}
         assert container["livenessProbe"]["failureThreshold"] * container["livenessProbe"][
             "periodSeconds"
         ] > (
@@ -600,7 +607,9 @@ def test_only_session_and_task_reach_the_runtime() -> None:
     runtime = one("Deployment", "runtime")["spec"]["template"]["metadata"]["labels"]
     ingress = one("NetworkPolicy", "runtime-ingress")["spec"]
     assert _matches(ingress["podSelector"]["matchLabels"], runtime)
-    [rule] = ingress["ingress"]
+    [rule, metrics] = ingress["ingress"]
+    assert metrics["ports"] == [{"protocol": "TCP", "port": 9464}]  # Prometheus, metrics only
+    assert "podSelector" not in metrics["from"][0]
     sources = {p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in rule["from"]}
     assert sources == {"session", "task"}
     port = one("Deployment", "runtime")["spec"]["template"]["spec"]["containers"][0]["ports"][0]
