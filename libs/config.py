@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     edge_enabled: bool = True
     edge_port: int = 8080
     edge_admin_port: int = 0  # Envoy's admin interface, on loopback only; 0 picks a free port
+    # Envoy's stats for Prometheus (GET /stats/prometheus) on a listener of their own, apart from
+    # the edge; needs a fixed edge_admin_port. Unset: none (read the loopback admin port).
+    edge_stats_port: int | None = None
     cors_origins: list[str] = Field(
         default_factory=lambda: [
             "http://localhost:8080",

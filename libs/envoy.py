@@ -240,7 +240,60 @@ def render(
     template = string.Template(
         _repository_file(settings.envoy_template, "envoy_template").read_text()
     )
-    return template.substitute({key: json.dumps(value) for key, value in values.items()})
+    return template.substitute(
+        {key: json.dumps(value) for key, value in values.items()}, **_stats_blocks(settings)
+    )
+
+
+def _stats_blocks(settings: Settings) -> dict[str, str]:
+    """Envoy's own stats for Prometheus on a listener of their own (``edge_stats_port``): only
+    ``GET /stats/prometheus``, proxied to the admin interface, which stays on loopback. Without
+    a stats port: nothing (development reads the loopback admin interface directly)."""
+    if settings.edge_stats_port is None:
+        return {"stats_listener": "", "stats_cluster": ""}
+    if not settings.edge_admin_port:
+        raise EdgeError("a stats listener needs a fixed CORRAL_EDGE_ADMIN_PORT to forward to")
+    address = json.dumps(_listen_address(settings.host))
+    router = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+    manager = (
+        "type.googleapis.com/"
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+    )
+    listener = f"""
+  # Envoy's own stats for Prometheus, apart from the edge: GET /stats/prometheus only (the admin
+  # interface, with its mutating endpoints, stays on loopback). Not published to clients.
+  - name: stats
+    address: {{socket_address: {{address: {address}, port_value: {settings.edge_stats_port}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": {manager}
+          stat_prefix: stats
+          route_config:
+            virtual_hosts:
+            - name: stats
+              domains: ["*"]
+              routes:
+              - match: {{path: /stats/prometheus}}
+                route: {{cluster: envoy_admin}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": {router}}}
+"""
+    cluster = f"""  # The admin interface on loopback, for the stats listener.
+  - name: envoy_admin
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: envoy_admin
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: 127.0.0.1, port_value: {settings.edge_admin_port}}}
+"""
+    return {"stats_listener": listener, "stats_cluster": cluster}
 
 
 def write_config(

@@ -40,12 +40,14 @@ CONFIGMAP = DEPLOY / "k8s" / "envoy-config.yaml"
 # ConfigMap there).
 CONTAINER_DIR = "/etc/envoy"
 ADMIN_PORT = 9901  # loopback only, inside the Envoy container
+STATS_PORT = 9902  # GET /stats/prometheus only, for Prometheus; never published to clients
 
 PRODUCTION: dict[str, Any] = {
     "env": "production",
     "host": "0.0.0.0",
     "edge_port": 8080,
     "edge_admin_port": ADMIN_PORT,
+    "edge_stats_port": STATS_PORT,
     **{f"{name}_target": f"{name}:{port}" for name, port in DEFAULT_PORTS.items()},
     "identity_http_port": 8081,
     "jwks_url": "http://identity:8081/.well-known/jwks.json",

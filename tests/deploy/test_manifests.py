@@ -689,7 +689,9 @@ def test_committed_envoy_files_are_fresh() -> None:
 
 def test_production_rendering_is_production() -> None:
     config = load((DEPLOY / "envoy" / "envoy.production.yaml").read_text())
-    (listener,) = config["static_resources"]["listeners"]
+    # The edge, and Envoy's stats apart from it (tests/deploy/test_observability.py).
+    listener, stats = config["static_resources"]["listeners"]
+    assert stats["name"] == "stats"
     assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}

@@ -194,3 +194,30 @@ def test_compose_prometheus_scrapes_every_service_and_envoy_stats() -> None:
     # Neither is published beyond the host's loopback; the edge stays the only public port.
     for name in ("prometheus", "grafana"):
         assert all(p.startswith("127.0.0.1:") for p in compose["services"][name]["ports"])
+
+
+def test_envoy_stats_are_scrapeable_apart_from_the_public_edge() -> None:
+    rendered = yaml.safe_load((ROOT / "deploy" / "envoy" / "envoy.production.yaml").read_text())
+    listeners = {item["name"]: item for item in rendered["static_resources"]["listeners"]}
+    assert set(listeners) == {"edge", "stats"}
+    stats = listeners["stats"]
+    port = stats["address"]["socket_address"]["port_value"]
+    assert port != listeners["edge"]["address"]["socket_address"]["port_value"]
+    manager = stats["filter_chains"][0]["filters"][0]["typed_config"]
+    [host] = manager["route_config"]["virtual_hosts"]
+    assert host["routes"] == [
+        {"match": {"path": "/stats/prometheus"}, "route": {"cluster": "envoy_admin"}}
+    ]
+    assert rendered["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    documents = list(yaml.safe_load_all((K8S / "envoy.yaml").read_text()))
+    deployment = next(d for d in documents if d and d["kind"] == "Deployment")
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    assert template["metadata"]["annotations"]["prometheus.io/path"] == "/stats/prometheus"
+    service = next(d for d in documents if d and d["kind"] == "Service")
+    assert [p["port"] for p in service["spec"]["ports"]] == [8080], "the edge alone is public"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["envoy"]["ports"] == ["8080:8080"]
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    envoy_job = next(j for j in config["scrape_configs"] if j["job_name"] == "envoy")
+    assert envoy_job["static_configs"][0]["targets"] == [f"envoy:{port}"]
