@@ -29,6 +29,12 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value
+        if "trace_id" not in entry:
+            # Whenever tracing is on, a line written inside a span names its trace.
+            context = trace.get_current_span().get_span_context()
+            if context.is_valid:
+                entry["trace_id"] = format(context.trace_id, "032x")
+                entry["span_id"] = format(context.span_id, "016x")
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -62,6 +68,26 @@ def configure_tracing(service_name: str, otlp_endpoint: str) -> None:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
     trace.set_tracer_provider(provider)
     _tracing_configured = True
+
+
+# Request fields naming a session or a turn, and the span attributes they become.
+_SPAN_FIELDS = (("session", "corral.session"), ("turn_id", "corral.turn"), ("turn", "corral.turn"))
+
+
+def annotate_span(request: Any) -> None:
+    """Put the session and turn a request names on the current span (when one is recording):
+    ``corral.session`` (``sessions/...``) and ``corral.turn``. Span attributes, never metric
+    labels: a trace may carry ids, a metric must not."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    for field, attribute in _SPAN_FIELDS:
+        value = getattr(request, field, None)
+        if isinstance(value, str) and value:
+            span.set_attribute(attribute, value)
+    name = getattr(request, "name", None)
+    if isinstance(name, str) and name.startswith("sessions/"):
+        span.set_attribute("corral.session", "/".join(name.split("/", 2)[:2]))
 
 
 def current_trace_id() -> str:

@@ -26,7 +26,7 @@ from corral.libs.auth.jwt import TokenVerifier
 from corral.libs.errors import CorralError, InvalidArgument, Unauthenticated, Unimplemented
 from corral.libs.grpc.errors import code_for, internal_status, to_status
 from corral.libs.grpc.metrics import RpcMetrics, rpc_metrics
-from corral.libs.observability import current_trace_id
+from corral.libs.observability import annotate_span, current_trace_id
 
 log = logging.getLogger("corral.rpc")
 
@@ -234,6 +234,7 @@ class CorralServerInterceptor(_ServerInterceptor):
                 raise InvalidArgument(
                     "the request message cannot be decoded (is it of this method's type?)"
                 )
+            annotate_span(request)
             yield
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             self._log(call, _code(context, grpc.StatusCode.UNKNOWN))
