@@ -7,6 +7,7 @@ import asyncio
 import re
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -148,3 +149,23 @@ async def test_the_endpoint_answers_only_metrics(server: tuple[CorralServer, Dep
             urllib.request.urlopen, f"http://127.0.0.1:{srv.metrics_port}/admin", timeout=5
         )
     assert missing.value.code == 404
+
+
+def test_a_served_certificate_reports_when_it_expires(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from corral.libs.config import Settings
+    from corral.libs.metrics import exposition
+    from corral.libs.tls import server_credentials
+    from tests.edge.test_tls import _make_pki
+
+    configure_metrics("corral-test")
+    pki = _make_pki(tmp_path)
+    cert = tmp_path / "metrics-test-cert.pem"  # a name no other test's certificate has
+    cert.write_bytes(pki.cert.read_bytes())
+    assert server_credentials(Settings(tls_cert_file=cert, tls_key_file=pki.key)) is not None
+    expires = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+    text = exposition().decode()
+    assert sample(
+        text, "corral_tls_certificate_expiry_seconds", use="service", file=cert.name
+    ) == pytest.approx(expires.timestamp())
