@@ -169,3 +169,35 @@ def test_a_served_certificate_reports_when_it_expires(tmp_path: Path) -> None:
     assert sample(
         text, "corral_tls_certificate_expiry_seconds", use="service", file=cert.name
     ) == pytest.approx(expires.timestamp())
+
+
+@pytest.mark.postgres
+async def test_pool_metrics_show_connections_in_use_and_units_of_work_waiting(
+    postgres_url: str,
+) -> None:
+    from corral.libs import db
+    from corral.libs.metrics import exposition
+
+    configure_metrics("corral-test")
+    engine = db.create_engine(postgres_url, pool_size=1)  # and as many again in overflow
+    service = f"pool-test-{id(engine)}"
+    db.instrument_engine(engine, service)
+
+    def read(family: str, **labels: str) -> float:
+        return sample(exposition().decode(), family, service=service, **labels)
+
+    try:
+        async with db.UnitOfWork(engine), db.UnitOfWork(engine):
+            assert read("corral_db_pool_connections", state="in_use") == 2
+            assert read("corral_db_pool_connections", state="size") == 1
+            third = asyncio.create_task(db.UnitOfWork(engine).__aenter__())
+            for _ in range(20):  # let it reach the pool and queue there
+                await asyncio.sleep(0)
+            assert read("corral_db_pool_waiting") == 1
+        unit = await asyncio.wait_for(third, 10)  # a connection came back: it got one
+        assert read("corral_db_pool_waiting") == 0
+        await unit.__aexit__(None, None, None)
+        assert read("corral_db_pool_acquire_duration_seconds_count") == 3
+        assert read("corral_db_pool_connections", state="in_use") == 0
+    finally:
+        await engine.dispose()
