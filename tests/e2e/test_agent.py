@@ -22,7 +22,7 @@ from corral.session.v1 import session_service_pb2 as pb
 from corral.session.v1 import session_service_pb2_grpc as srpc
 from tests.e2e.conftest import Platform, directive
 from tests.runtime.conftest import processes_with
-from tests.support.platform import MCP_SERVER, allow_mcp_commands
+from tests.support.platform import MCP_SERVER, allow_mcp_commands, until_turn_over
 
 Event = event_pb2.SessionEvent
 
@@ -68,22 +68,6 @@ async def events_until(
                 call.cancel()
                 return seen
     raise AssertionError("the stream ended")
-
-
-async def until_turn_over(platform: Platform, session: str) -> None:
-    """Until the session has no turn running (IDLE, or FAILED after a failed turn), within
-    30 s."""
-    async with asyncio.timeout(30):
-        while True:
-            got = await platform.sessions.GetSession(
-                pb.GetSessionRequest(name=session), metadata=platform.auth
-            )
-            if got.session.state in (
-                session_pb2.Session.STATE_IDLE,
-                session_pb2.Session.STATE_FAILED,
-            ):
-                return
-            await asyncio.sleep(0.05)
 
 
 async def say_when_allowed(platform: Platform, session: str, text: str) -> None:

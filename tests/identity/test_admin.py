@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from typing import Any
 
 import grpc
 import pytest
@@ -107,33 +108,26 @@ async def test_internal_service_accounts_may_use_the_ledger(
         ttl=duration_pb2.Duration(seconds=30),
         request_id=str(uuid.uuid4()),
     )
-    for label, code in (
-        ("internal", grpc.StatusCode.OK),
-        ("plain", grpc.StatusCode.PERMISSION_DENIED),
-    ):
+
+    async def code_of(call: Any, message: Any, label: str) -> grpc.StatusCode:
         token = await identity.stub.ExchangeApiKey(pb.ExchangeApiKeyRequest(api_key=keys[label]))
         try:
-            await identity.stub.ReserveUsage(request, metadata=bearer(token.token.access_token))
-            got = grpc.StatusCode.OK
+            await call(message, metadata=bearer(token.token.access_token))
         except grpc.aio.AioRpcError as exc:
-            got = exc.code()
-        assert got == code, label
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    assert await code_of(identity.stub.ReserveUsage, request, "internal") == grpc.StatusCode.OK
+    assert await code_of(identity.stub.ReserveUsage, request, "plain") == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
     # The runtime's budget hold reads what remains of any organisation's budget: only the
     # internal account may read another organisation's quota.
     assert await admin.run(["create-org", "acme", "--display-name", "Acme"], settings) == 0
     capsys.readouterr()
     quota = pb.GetQuotaRequest(name="organizations/acme/quota")
-    for label, code in (
-        ("internal", grpc.StatusCode.OK),
-        ("plain", grpc.StatusCode.NOT_FOUND),
-    ):
-        token = await identity.stub.ExchangeApiKey(pb.ExchangeApiKeyRequest(api_key=keys[label]))
-        try:
-            await identity.stub.GetQuota(quota, metadata=bearer(token.token.access_token))
-            got = grpc.StatusCode.OK
-        except grpc.aio.AioRpcError as exc:
-            got = exc.code()
-        assert got == code, label
+    assert await code_of(identity.stub.GetQuota, quota, "internal") == grpc.StatusCode.OK
+    assert await code_of(identity.stub.GetQuota, quota, "plain") == grpc.StatusCode.NOT_FOUND
 
 
 async def test_new_encryption_key_prints_a_key_ring_entry(

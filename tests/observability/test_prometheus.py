@@ -16,7 +16,7 @@ from corral.session.v1 import session_pb2
 from corral.session.v1 import session_service_pb2 as pb
 from tests.conftest import require_redis
 from tests.observability.prom import Prometheus, family_names, running_prometheus
-from tests.support.platform import Platform, directive, running_platform
+from tests.support.platform import Platform, directive, running_platform, until_turn_over
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(240)]
 
@@ -92,18 +92,7 @@ async def run_turns(platform: Platform, count: int) -> None:
                     if results == turn + 1:
                         call.cancel()
                         break
-        await until_idle(platform, session)
-
-
-async def until_idle(platform: Platform, session: str) -> None:
-    async with asyncio.timeout(30):
-        while True:
-            got = await platform.sessions.GetSession(
-                pb.GetSessionRequest(name=session), metadata=platform.auth
-            )
-            if got.session.state == session_pb2.Session.STATE_IDLE:
-                return
-            await asyncio.sleep(0.05)
+        await until_turn_over(platform, session)
 
 
 async def a_not_found(platform: Platform) -> None:

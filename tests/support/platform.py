@@ -4,6 +4,7 @@ offline model server, signed in as the bootstrap admin. Used by tests/e2e and th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sys
@@ -21,7 +22,7 @@ from corral.libs.app import ServiceApp
 from corral.services import registry
 from corral.services.identity.config import IdentitySettings
 from corral.services.identity.main import IdentityApp
-from corral.session.v1 import agent_policy_pb2
+from corral.session.v1 import agent_policy_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as spb
 from corral.session.v1 import session_service_pb2_grpc as srpc
 
@@ -71,6 +72,25 @@ class Platform:
         await self.apps[name].stop(0)
         self.apps[name] = await registry.build(name, self.settings)
         await self.apps[name].start()
+
+
+TURN_OVER = (session_pb2.Session.STATE_IDLE, session_pb2.Session.STATE_FAILED)
+
+
+async def until_turn_over(platform: Platform, session: str) -> None:
+    """Until the session has no turn running (IDLE, or FAILED after a failed turn), within
+    30 s: bounded polling of the session's state."""
+    async with asyncio.timeout(30):
+        while True:
+            got = await platform.sessions.GetSession(
+                spb.GetSessionRequest(name=session), metadata=platform.auth
+            )
+            if got.session.state in (
+                session_pb2.Session.STATE_IDLE,
+                session_pb2.Session.STATE_FAILED,
+            ):
+                return
+            await asyncio.sleep(0.05)
 
 
 async def allow_mcp_commands(platform: Platform, *commands: str) -> None:
