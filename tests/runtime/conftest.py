@@ -18,8 +18,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from corral.libs.app import ServiceApp
 from corral.libs.auth import StaticJwksSource
@@ -89,17 +87,6 @@ def processes_with(marker: str) -> list[int]:
         except OSError:
             continue
     return found
-
-
-def error_reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
 
 
 def options(**fields: Any) -> options_pb.AgentOptions:

@@ -12,7 +12,8 @@ from google.protobuf import duration_pb2
 from corral.runtime.v1 import agent_options_pb2 as options_pb
 from corral.runtime.v1 import runtime_event_pb2 as event_pb
 from corral.runtime.v1 import runtime_service_pb2 as pb
-from tests.runtime.conftest import Runtime, directive, error_reason, new_session, options
+from tests.runtime.conftest import Runtime, directive, new_session, options
+from tests.support.grpc_tools import error_reason
 
 Rule = options_pb.PermissionRule
 Source = event_pb.PermissionDecision

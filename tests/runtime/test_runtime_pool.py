@@ -23,13 +23,13 @@ from tests.runtime.conftest import (
     Runtime,
     cli_processes,
     directive,
-    error_reason,
     new_session,
     options,
     processes_with,
     recorded_model_requests,
 )
 from tests.runtime.test_runtime_permissions import Turn, write_file
+from tests.support.grpc_tools import error_reason
 
 INTERRUPTED = event_pb.TurnResult.STATUS_INTERRUPTED
 SUCCEEDED = event_pb.TurnResult.STATUS_SUCCEEDED

@@ -19,13 +19,12 @@ from corral.runtime.v1 import runtime_service_pb2 as pb
 from tests.runtime.conftest import (
     Runtime,
     directive,
-    error_reason,
     new_session,
     options,
     payloads,
     recorded_model_requests,
 )
-from tests.support.grpc_tools import free_port
+from tests.support.grpc_tools import error_reason, free_port
 
 MCP_SERVER = Path(__file__).with_name("mcp_calc_server.py")
 ALLOW = options_pb.PermissionRule.ACTION_ALLOW

@@ -21,8 +21,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from corral.identity.v1 import identity_service_pb2 as ipb
 from corral.identity.v1 import identity_service_pb2_grpc as irpc
@@ -34,6 +32,7 @@ from corral.services.identity.main import Dependencies, build_server
 from corral.session.v1 import session_service_pb2 as spb
 from corral.session.v1 import session_service_pb2_grpc as srpc
 from tests.conftest import require_redis
+from tests.support.grpc_tools import error_reason as _reason
 
 LATENCY_BOUND_SECONDS = 5.0
 POLL_SECONDS = 0.05
@@ -43,17 +42,6 @@ ROOT = ("root@corral.test", "correct horse battery staple")
 
 def _bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
-
-
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    assert status is not None, "the error carries no google.rpc.Status"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    raise AssertionError("no ErrorInfo detail")
 
 
 @dataclass

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from corral.identity.v1 import identity_service_pb2 as pb
 from corral.identity.v1 import identity_service_pb2_grpc as rpc
 from corral.identity.v1 import role_pb2, user_pb2
 from corral.services.identity.config import IdentitySettings
 from corral.services.identity.main import Dependencies, IdentityApp, build_server
+from tests.support.grpc_tools import error_reason as _reason
 
 EDGE = "127.0.0.2"
 ROOT = ("root@corral.test", "correct horse battery staple")
@@ -89,17 +88,6 @@ class Setup:
                 pb.LoginRequest(email=email, password="guess guess"), metadata=metadata
             )
         return _reason(caught.value)
-
-
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    assert status is not None, error.details()
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    raise AssertionError("no ErrorInfo")
 
 
 def forwarded(*addresses: str) -> Metadata:

@@ -1,12 +1,27 @@
-"""Client-side helpers tests use: health checks, reflection listings, free ports."""
+"""Client-side helpers tests use: error reasons, health checks, reflection listings, free
+ports."""
 
 from __future__ import annotations
 
 import socket
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+
+def error_reason(error: grpc.aio.AioRpcError) -> str:
+    """The ``ErrorInfo.reason`` of a failed call; fails the test when there is none."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"the error carries no google.rpc.Status: {error.details()}"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    raise AssertionError("the error carries no ErrorInfo")
 
 
 async def health_status(address: str, service: str = "") -> str:

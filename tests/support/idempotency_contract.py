@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
+
+from tests.support.grpc_tools import error_reason as _reason
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -42,17 +42,6 @@ class CreateCase:
     method: str
     create: Callable[[Caller, str, str], Awaitable[str]]
     count: Callable[[], Awaitable[int]]
-
-
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)
-    assert status is not None, "the error carries no google.rpc.Status"
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    raise AssertionError("no ErrorInfo detail")
 
 
 async def assert_idempotent_create(case: CreateCase, first: Caller, second: Caller) -> None:
