@@ -204,6 +204,7 @@ async def test_values_sealed_under_the_old_key_open_after_rotation(
         got = await forgetful.get_session(ALICE, old_id)
         assert len(stack.runtime.turns) == 1  # the runtime never saw the turn
         assert got.state == SessionState.FAILED
+        assert got.failure_reason == "SECRET_UNAVAILABLE"  # as the session contract names it
         assert "key ring" in got.failure_message and ENV_SECRET not in got.failure_message
     finally:
         await forgetful.close()
