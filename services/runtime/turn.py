@@ -236,36 +236,54 @@ class Turn:
             if not reader.done():
                 reader.cancel()
             self.interrupt_delivered.set()
+            try:
+                await self._end(agent, pool, result, failure, stop_process, running)
+            finally:  # whatever cleaning up raised, the session is free and the stream ends
+                state.turn = None
+                on_end(self)
+                self.finished.set()
+                self.queue.put_nowait(None)
+
+    async def _end(
+        self,
+        agent: AgentProcess,
+        pool: ProcessPool,
+        result: ResultMessage | None,
+        failure: pb.Error | None,
+        stop_process: bool,
+        running: asyncio.Task[set[process.ProcessId]] | None,
+    ) -> None:
+        """Stop what an interrupted turn left running, emit the result, and give the process
+        back to the pool (or stop it)."""
+        state = self.session
+        try:
             if running is not None:  # an interrupted turn leaves nothing running behind it
                 process.kill_all(agent.strays(await running, await agent.survey()))
-            # An interrupt that came as the turn succeeded anyway changes nothing.
-            interrupted = self.interrupt_requested.is_set() and not (
-                result is not None and result.subtype == "success" and not result.is_error
-            )
-            cost = (
-                state.cost.settle(result.total_cost_usd if result else None) if state.cost else 0.0
-            )
-            if result is not None and result.session_id:
-                state.transcript_id = result.session_id
-            self.result = ev.turn_result(
-                result,
-                cost_usd=cost,
-                interrupted=interrupted,
-                transcript_id=state.transcript_id,
-                failure=failure,
-                elapsed_seconds=time.monotonic() - self.started,
-            )
-            self.emit(turn_result=self.result)
-            if stop_process or self.stop_process or failure is not None or result is None:
-                await pool.discard(agent)
-                state.cost = None if result is None else state.cost
-            else:
-                await agent.settle_residents()
-                pool.checkin(agent)
-            state.turn = None
-            on_end(self)
-            self.finished.set()
-            self.queue.put_nowait(None)
+        except Exception:
+            log.exception("could not survey the turn's processes", extra={"turn": self.turn_id})
+            stop_process = True  # stopping the agent takes whatever it started with it
+        # An interrupt that came as the turn succeeded anyway changes nothing.
+        interrupted = self.interrupt_requested.is_set() and not (
+            result is not None and result.subtype == "success" and not result.is_error
+        )
+        cost = state.cost.settle(result.total_cost_usd if result else None) if state.cost else 0.0
+        if result is not None and result.session_id:
+            state.transcript_id = result.session_id
+        self.result = ev.turn_result(
+            result,
+            cost_usd=cost,
+            interrupted=interrupted,
+            transcript_id=state.transcript_id,
+            failure=failure,
+            elapsed_seconds=time.monotonic() - self.started,
+        )
+        self.emit(turn_result=self.result)
+        if stop_process or self.stop_process or failure is not None or result is None:
+            await pool.discard(agent)
+            state.cost = None if result is None else state.cost
+        else:
+            await agent.settle_residents()
+            pool.checkin(agent)
 
     async def _interrupt(
         self, agent: AgentProcess, pool: ProcessPool, reader: asyncio.Task[Any]

@@ -20,7 +20,7 @@ from corral.runtime.v1 import agent_options_pb2 as options_pb
 from corral.runtime.v1 import runtime_event_pb2 as event_pb
 from corral.services.runtime.claude import ClaudeSdk
 from corral.services.runtime.domain import Behavior, Decision, DecisionSource, RuleAction
-from corral.services.runtime.pool import ProcessPool
+from corral.services.runtime.pool import AgentProcess, ProcessPool
 from corral.services.runtime.sdk import AgentSpec, RuleVerdict
 from corral.services.runtime.service import RuntimeConfig, RuntimeService
 from corral.services.runtime.store import SessionStore
@@ -266,6 +266,42 @@ async def test_an_interrupt_denies_what_is_pending_and_keeps_the_process(
         )
     )
     assert not after[0].turn_started.process_started
+    assert after[-1].turn_result.status == SUCCEEDED
+
+
+async def test_a_turn_ends_and_frees_its_session_when_cleaning_up_fails(
+    make_runtime: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Surveying what an interrupted turn left running can fail (/proc races): the turn still
+    ends with its result, its process is stopped, and the session takes the next turn."""
+
+    async def script(agent: FakeClient, prompt: str) -> None:
+        agent.send(init(agent.transcript_id))
+        if prompt == "ask":
+            agent.ignore_interrupts = True
+            await agent.gate.ask("Write", {"path": "x"}, "toolu_1", "write x?")
+            agent.finish(0.0, subtype="error_during_execution")
+        else:
+            agent.finish(0.01)
+
+    async def broken_survey(self: AgentProcess) -> set[Any]:
+        raise OSError("/proc vanished under us")
+
+    runtime = await fake_runtime(make_runtime, FakeSdk(script), runtime_interrupt_grace_seconds=1.0)
+    service, session = runtime.service, new_session()
+    request = TurnRequest(**{**turn_request(session).__dict__, "prompt": "ask"})
+    events = []
+    async with asyncio.timeout(20):  # before the fix the stream never ended
+        async for event in service.run_turn(ALICE, request):
+            events.append(event)
+            if event.HasField("permission_request"):
+                monkeypatch.setattr(AgentProcess, "survey", broken_survey)
+                await service.interrupt(ALICE, session, "turn-1")
+    assert events[-1].turn_result.status == INTERRUPTED
+    assert service.status().running_turns == 0
+    monkeypatch.undo()
+    after = await collect(service.run_turn(ALICE, turn_request(session, turn_id="turn-2")))
+    assert after[0].turn_started.process_started  # the first process was stopped
     assert after[-1].turn_result.status == SUCCEEDED
 
 
