@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 from google.rpc import code_pb2
 
-from corral.libs.errors import CorralError, ResourceExhausted
+from corral.libs.errors import CorralError, ResourceExhausted, Unavailable
 from corral.libs.grpc.errors import code_for
 from corral.libs.names import new_id
 from corral.runtime.v1 import runtime_event_pb2 as rt
@@ -206,13 +206,15 @@ class TurnRunner:
         await self._log.append(
             session.id, turn.id, [state_event(SessionState.RUNNING, session.state)], begin
         )
-        request = await self._request(session, turn, live.actor)
         try:
+            request = await self._request(session, turn, live.actor)
             hold = await self._hold_budget(turn, request, live)
-        except CorralError as exc:  # no budget left for it: it ends before it starts
+        except Exception as exc:  # no budget left, or it cannot be prepared: it ends unrun
+            if not isinstance(exc, CorralError):
+                log.exception("a turn could not be prepared", extra={"turn": turn.id})
+                exc = Unavailable("the turn could not be prepared; retry", reason="TURN_ABORTED")
             outcome = TurnOutcome()
-            tail = outcome.failed(exc)
-            await self._finish(session.id, turn, outcome, 0.0, live.token, tail)
+            await self._finish(session.id, turn, outcome, 0.0, live.token, outcome.failed(exc))
             return
         try:
             await self._drive_turn(session, turn, request, live, started)

@@ -561,3 +561,35 @@ async def test_labels_follow_the_documented_rule_and_filter_sessions(stack: Stac
         pb.ListSessionsRequest(filter='labels.env = "prod"'), metadata=stack.auth()
     )
     assert [s.name for s in found.sessions] == [tagged.session.name]
+
+
+async def test_a_turn_that_cannot_be_prepared_ends_failed_and_frees_the_session(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between RUNNING and the runtime call (reading the policy, holding the budget) a failure
+    ends the turn as FAILED: the session never stays RUNNING with a lease renewed for good."""
+    session = await create(stack)
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the policy row is unreadable")
+
+    monkeypatch.setattr(stack.service.runner, "_request", broken)
+    await stack.stub.SendMessage(
+        pb.SendMessageRequest(session=session.name, text="hi"), metadata=stack.auth("alice")
+    )
+    events = await collect(stack, session.name)
+    result = events[-1].turn_result
+    assert result.status == event_pb2.TurnResult.STATUS_FAILED
+    assert result.error.reason == "TURN_ABORTED"
+    assert "unreadable" not in result.error.message  # nothing of our internals
+    got = await stack.stub.GetSession(
+        pb.GetSessionRequest(name=session.name), metadata=stack.auth("alice")
+    )
+    assert got.session.state != session_pb2.Session.STATE_RUNNING
+    monkeypatch.undo()
+    stack.runtime.auto_reply = "ok"
+    await stack.stub.SendMessage(
+        pb.SendMessageRequest(session=session.name, text="again"), metadata=stack.auth("alice")
+    )
+    again = await collect(stack, session.name, after=events[-1].sequence)
+    assert again[-1].turn_result.status == event_pb2.TurnResult.STATUS_SUCCEEDED
