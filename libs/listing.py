@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import re
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -155,8 +156,11 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 
 
-_token_key: contextvars.ContextVar[bytes] = contextvars.ContextVar(
-    "page_token_key", default=b"corral-unconfigured-page-token-key"
+# Without a configured key (a service that has no key ring), tokens are signed with a key of
+# this process's own: still unforgeable, valid on this replica only.
+_PROCESS_KEY = secrets.token_bytes(32)
+_token_key: contextvars.ContextVar[bytes | None] = contextvars.ContextVar(
+    "page_token_key", default=None
 )
 
 
@@ -171,7 +175,7 @@ class PageTokenKeyHook:
 
 
 def _signature(body: bytes) -> bytes:
-    return hmac.new(_token_key.get(), body, hashlib.sha256).digest()[:16]
+    return hmac.new(_token_key.get() or _PROCESS_KEY, body, hashlib.sha256).digest()[:16]
 
 
 _SCALARS = (str, int, float, bool, type(None))

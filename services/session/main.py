@@ -21,6 +21,7 @@ from corral.libs.eventhub import EventHub
 from corral.libs.grpc.client import create_channel
 from corral.libs.grpc.server import ServiceRegistration
 from corral.libs.ratelimit import Networks, trusted_networks
+from corral.libs.tls import channel_credentials
 from corral.runtime.v1 import runtime_service_pb2
 from corral.services.session.adapters import (
     GrpcRuntime,
@@ -102,6 +103,7 @@ async def build(
             default_timeout=settings.default_deadline_seconds,
             token_provider=None,  # every call passes the token it acts with
             tracing=bool(settings.otel_exporter_otlp_endpoint),
+            credentials=channel_credentials(settings),
         )
         resources.push_async_callback(channel.close, None)
         channels[name] = channel
