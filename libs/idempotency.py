@@ -9,7 +9,8 @@ fails ``INVALID_ARGUMENT`` with reason ``REQUEST_ID_REUSED``.
 - Keys are scoped by method and caller (:func:`scope`): one caller's ``request_id`` never
   answers for another's.
 - Records are kept for :data:`RETENTION` (24 hours, as the protos document); an older record
-  is ignored, and :meth:`SqlIdempotencyStore.purge` deletes them.
+  is ignored, and :meth:`SqlIdempotencyStore.purge` deletes them (identity's housekeeping and
+  session's maintenance call it).
 - Two concurrent requests with one ``request_id``: the second insert violates the primary key
   (:class:`RequestRaced`), its transaction fails, and :func:`create_once` answers with the
   first one's result.
@@ -49,6 +50,8 @@ class IdempotencyStore(Protocol):
     async def put(
         self, scope: str, request_id: str, fingerprint: str, result: str, at: float
     ) -> None: ...
+
+    async def purge(self, before: float) -> int: ...
 
 
 def scope(method: str, caller: str) -> str:

@@ -238,9 +238,9 @@ class Accounts(UseCases):
                         if await uow.users.by_email(user.email) is not None:
                             raise AlreadyExists("the email is taken", reason="EMAIL_TAKEN")
                         await uow.users.add(user)
-                except DuplicateKey as exc:
-                    raise Aborted(
-                        "a concurrent request created it; retry", reason="CONFLICT"
+                except DuplicateKey as exc:  # a concurrent twin (replayed) or another request
+                    raise AlreadyExists(
+                        f"{org.name} already exists", reason="ORGANIZATION_ID_TAKEN"
                     ) from exc
                 await request.remember(uow.idempotency, org.name, at)
                 await self._audit(uow, ctx, org_id, "organizations.create", org.name)

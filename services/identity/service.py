@@ -12,6 +12,7 @@ They share :mod:`.base` (the caller's context, the audit-event helper, idempoten
 
 from __future__ import annotations
 
+from corral.libs.idempotency import RETENTION_SECONDS
 from corral.services.identity import tokens
 from corral.services.identity.accounts import Accounts
 from corral.services.identity.audit import AuditLog
@@ -44,6 +45,7 @@ class IdentityService:
         """``metrics``: where the use cases count (default: the process's meter)."""
         self.config = config
         self.clock = clock
+        self._uow = uow
         self.accounts = Accounts(uow, config, clock, passwords, revocations)
         self.service_accounts = ServiceAccounts(uow, config, clock, revocations)
         self.keys = SigningKeys(uow, config, clock, cipher, revocations)
@@ -56,6 +58,10 @@ class IdentityService:
             self.ledger.metrics = self.audit.metrics = metrics
 
     async def housekeeping(self) -> None:
-        """Give back expired usage holds; forget login failures past the throttle's window."""
+        """Give back expired usage holds; forget login failures past the throttle's window and
+        request ids past their retention."""
         await self.ledger.expire_reservations()
         await self.auth.prune_login_failures()
+        async with self._uow() as uow:
+            await uow.idempotency.purge(self.clock() - RETENTION_SECONDS)
+            await uow.commit()

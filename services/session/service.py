@@ -24,7 +24,7 @@ from corral.libs.errors import (
 )
 from corral.libs.etags import check_etag, mismatch
 from corral.libs.eventhub import EventHub
-from corral.libs.idempotency import CreateRequest
+from corral.libs.idempotency import RETENTION_SECONDS, CreateRequest
 from corral.libs.listing import Condition, Page, finish_page
 from corral.libs.names import new_id
 from corral.services.session import domain, policy
@@ -91,8 +91,25 @@ class SessionService(TurnUseCases):
         await self.runner.recover()
 
     async def maintain(self) -> None:
-        """The background jobs: the orphaned-turn sweep and the audit outbox's retries."""
-        await asyncio.gather(self.runner.maintain(), self.audit.run())
+        """The background jobs: the orphaned-turn sweep, the audit outbox's retries, and
+        forgetting request ids past their retention (hourly)."""
+        await asyncio.gather(self.runner.maintain(), self.audit.run(), self._purge_requests())
+
+    async def _purge_requests(self) -> None:
+        while True:
+            await self.purge_request_ids()
+            await asyncio.sleep(3600)
+
+    async def purge_request_ids(self) -> int:
+        """Forget request ids older than their 24 h retention; returns how many."""
+        try:
+            async with self._uow() as uow:
+                purged = await uow.idempotency.purge(time.time() - RETENTION_SECONDS)
+                await uow.commit()
+        except Exception:
+            log.exception("purging old request ids failed")
+            return 0
+        return purged
 
     async def close(self) -> None:
         await self.audit.close()

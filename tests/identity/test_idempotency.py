@@ -162,8 +162,31 @@ async def test_create_is_idempotent_per_caller(identity: Identity, method: str) 
     await assert_idempotent_create(case, root, second)
 
 
-async def test_concurrent_duplicates_create_one_resource(identity: Identity) -> None:
-    """Two copies of one request racing: one creates, the other answers with its resource."""
+@pytest.mark.parametrize("method", ["CreateOrganization", "CreateUser"])
+async def test_concurrent_duplicates_create_one_resource(identity: Identity, method: str) -> None:
+    """Two copies of one request racing: one creates, the other answers with its resource
+    (whether it loses on the request id or on the resource's own unique id)."""
+    root = Caller("root", bearer(await identity.root()))
+    await identity.stub.CreateOrganization(
+        pb.CreateOrganizationRequest(
+            organization=organization_pb2.Organization(display_name="Acme"),
+            organization_id="acme",
+        ),
+        metadata=root.metadata,
+    )
+    case = await CASES[method](identity, root)
+    before = await case.count()
+    request_id = str(uuid.uuid4())
+    first, second = await asyncio.gather(
+        case.create(root, request_id, "A"), case.create(root, request_id, "A")
+    )
+    assert first == second
+    assert await case.count() == before + 1
+
+
+async def test_request_ids_are_forgotten_after_their_retention(identity: Identity) -> None:
+    """Housekeeping deletes request ids older than 24 hours: the same id may then carry a new
+    request, which creates a new resource instead of failing REQUEST_ID_REUSED."""
     root = Caller("root", bearer(await identity.root()))
     await identity.stub.CreateOrganization(
         pb.CreateOrganizationRequest(
@@ -173,10 +196,11 @@ async def test_concurrent_duplicates_create_one_resource(identity: Identity) -> 
         metadata=root.metadata,
     )
     case = await _user(identity, root)
-    before = await case.count()
     request_id = str(uuid.uuid4())
-    first, second = await asyncio.gather(
-        case.create(root, request_id, "A"), case.create(root, request_id, "A")
-    )
-    assert first == second
-    assert await case.count() == before + 1
+    first = await case.create(root, request_id, "A")
+    assert identity.app.identity is not None
+    identity.clock.advance(25 * 3600)  # housekeeping a day later
+    await identity.app.identity.housekeeping()
+    identity.clock.advance(-25 * 3600)  # the caller's token is still the one it had
+    later = await case.create(Caller("late", root.metadata), request_id, "B")
+    assert later != first

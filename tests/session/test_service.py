@@ -16,6 +16,7 @@ from corral.libs.auth.caller import Caller
 from corral.libs.errors import Aborted, FailedPrecondition, PermissionDenied
 from corral.libs.eventhub import InMemoryHub
 from corral.libs.listing import page_from
+from corral.services.session import service as session_service
 from corral.services.session.domain import BusyStrategy, TurnState
 from corral.services.session.main import MIGRATIONS, wire
 from corral.services.session.service import SessionService
@@ -202,3 +203,23 @@ async def test_concurrent_twins_create_one_session(
         ALICE, [], order="create_time", descending=False, page=page_from(0, "", "q")
     )
     assert total == 1 and [s.name for s in listed] == [first]
+
+
+async def test_request_ids_past_their_retention_are_purged(
+    parts: Parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The maintenance job forgets request ids past their retention: the same id may then carry
+    another request (here the retention is made zero instead of waiting a day)."""
+    service = parts.service
+
+    async def create(name: str) -> str:
+        session = await service.create_session(
+            ALICE, display_name=name, options=OPTIONS, labels={}, organization="", request_id="r-9"
+        )
+        return session.name
+
+    first = await create("one")
+    assert await service.purge_request_ids() == 0  # within its retention: kept
+    monkeypatch.setattr(session_service, "RETENTION_SECONDS", -60)
+    assert await service.purge_request_ids() == 1
+    assert await create("two") != first  # no REQUEST_ID_REUSED: the id was forgotten
