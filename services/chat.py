@@ -20,12 +20,11 @@ from typing import Any, TextIO
 
 import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from corral.identity.v1 import identity_service_pb2 as identity_pb
 from corral.identity.v1 import identity_service_pb2_grpc as identity_rpc
 from corral.libs.config import Settings
+from corral.libs.grpc.errors import from_rpc_error
 from corral.session.v1 import agent_options_pb2, event_pb2, permission_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as pb
 from corral.session.v1 import session_service_pb2_grpc as rpc
@@ -183,16 +182,6 @@ POLICY_HINTS = {
 }
 
 
-def _reason(error: grpc.aio.AioRpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
-
-
 async def run(
     settings: Settings,
     token: str,
@@ -216,8 +205,9 @@ async def run(
                 )
             except grpc.aio.AioRpcError as exc:
                 print(f"cannot create the session: {exc.details()}", file=sys.stderr)
-                if _reason(exc) in POLICY_HINTS:
-                    print(POLICY_HINTS[_reason(exc)], file=sys.stderr)
+                hint = POLICY_HINTS.get(from_rpc_error(exc).reason)
+                if hint:
+                    print(hint, file=sys.stderr)
                 return 1
             session = created.session.name
         chat = Chat(stub, token, session)

@@ -40,7 +40,7 @@ from corral.services.session.domain import (
     Usage,
 )
 from corral.services.session.event_log import EventFilter
-from corral.services.session.service import POLICY_FIELDS, SessionService
+from corral.services.session.service import SessionService
 from corral.session.v1 import (
     agent_options_pb2,
     agent_policy_pb2,
@@ -403,7 +403,7 @@ class SessionApi(rpc.SessionServiceServicer):
         check = Validator()
         sent = request.agent_policy
         (org_id,) = _ids(POLICY, sent.name, "agent_policy.name", check)
-        paths = _mask(request.update_mask, POLICY_FIELDS, check)
+        paths = _mask(request.update_mask, policy.FIELDS, check)
         check.check(
             all("." not in p for p in paths), "update_mask", "name whole fields of the policy"
         )

@@ -82,7 +82,7 @@ def allowances(policy: agent_policy_pb2.AgentPolicy | None) -> Allowances:
         return Allowances()
     return Allowances(
         mcp_commands=frozenset(policy.allowed_mcp_commands),
-        mcp_hosts=frozenset(h.lower() for h in policy.allowed_mcp_hosts),
+        mcp_hosts=frozenset(policy.allowed_mcp_hosts),
         models=frozenset(policy.allowed_models),
         permission_modes=frozenset(int(m) for m in policy.allowed_permission_modes),
         env_keys=frozenset(policy.allowed_env),

@@ -49,8 +49,6 @@ from corral.session.v1 import agent_options_pb2, agent_policy_pb2
 
 log = logging.getLogger("corral.session")
 
-POLICY_FIELDS = policy.FIELDS
-
 
 class SessionService(TurnUseCases):
     def __init__(
@@ -419,7 +417,7 @@ class SessionService(TurnUseCases):
         paths: frozenset[str],
         sent: agent_policy_pb2.AgentPolicy,
     ) -> AgentPolicyRecord:
-        """Replace the policy's fields ``paths`` names (see :data:`POLICY_FIELDS`) with
+        """Replace the policy's fields ``paths`` names (see :data:`.policy.FIELDS`) with
         ``sent``'s; the others stay. Secrets of the servers sent are sealed."""
         domain.authorize_policy(caller, organization, write=True)
         sealed = agent_policy_pb2.AgentPolicy()
