@@ -89,13 +89,8 @@ class TurnUseCases:
             policy.parsed(stored.payload if stored else None),
             "session.agent_options",
         )
-        queued = sum(1 for t in active if t.state == TurnState.QUEUED)
-        if strategy == BusyStrategy.ENQUEUE and queued >= MAX_QUEUED_TURNS:
-            raise ResourceExhausted(
-                f"{MAX_QUEUED_TURNS} turns are already queued in this session",
-                reason="QUEUE_FULL",
-                metadata={"max_queued_turns": str(MAX_QUEUED_TURNS)},
-            )
+        if strategy == BusyStrategy.ENQUEUE:
+            _check_queue(active)  # before holding usage for a turn that cannot queue
         if active and strategy == BusyStrategy.REJECT:
             raise FailedPrecondition(
                 "a turn is in progress; enqueue or interrupt it",
@@ -128,6 +123,8 @@ class TurnUseCases:
                 current = await uow.sessions.get(session_id, for_update=True)
                 if current is None:
                     raise NotFound(f"{name} does not exist", reason="SESSION_NOT_FOUND")
+                if strategy == BusyStrategy.ENQUEUE:  # again under the row lock: no race past it
+                    _check_queue(await uow.turns.in_state(session_id, *UNFINISHED))
                 current.turn_count += 1
                 current.version += 1
                 current.update_time = now()
@@ -269,3 +266,13 @@ class TurnUseCases:
             await self.audit.record(entry, token=caller.token)
         except Exception:  # the change is made; only a database outage loses this entry
             log.exception("audit entry not kept", extra={"action": action, "resource": resource})
+
+
+def _check_queue(active: list[Turn]) -> None:
+    """RESOURCE_EXHAUSTED (QUEUE_FULL) when the session already has the most queued turns."""
+    if sum(1 for t in active if t.state == TurnState.QUEUED) >= MAX_QUEUED_TURNS:
+        raise ResourceExhausted(
+            f"{MAX_QUEUED_TURNS} turns are already queued in this session",
+            reason="QUEUE_FULL",
+            metadata={"max_queued_turns": str(MAX_QUEUED_TURNS)},
+        )

@@ -4,6 +4,7 @@ session's queue holds at most 16 turns (RESOURCE_EXHAUSTED, QUEUE_FULL)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -205,3 +206,36 @@ async def test_the_queue_holds_sixteen_turns(stack: Stack) -> None:
     running.finish()
     await stack.runtime.next_turn()  # the first queued turn runs: there is room for one
     assert (await send("room again")).turn.name
+
+
+async def test_concurrent_sends_do_not_overfill_the_queue(stack: Stack) -> None:
+    """Four sends at once with room for two: two queue, two get QUEUE_FULL (the count is
+    taken again under the session's row lock, not only before it)."""
+    session = (
+        await stack.stub.CreateSession(
+            pb.CreateSessionRequest(session=session_pb2.Session()), metadata=stack.auth()
+        )
+    ).session
+
+    async def send(text: str) -> str:
+        try:
+            await stack.stub.SendMessage(
+                pb.SendMessageRequest(session=session.name, text=text, busy_strategy=ENQUEUE),
+                metadata=stack.auth(),
+            )
+        except grpc.aio.AioRpcError as error:
+            return reason(error)
+        return "OK"
+
+    assert await send("running") == "OK"
+    await stack.runtime.next_turn()
+    for i in range(14):
+        assert await send(f"queued {i}") == "OK"
+    held = len(stack.ledger.held)
+    answers = await asyncio.gather(*(send(f"racing {i}") for i in range(4)))
+    assert sorted(answers) == ["OK", "OK", "QUEUE_FULL", "QUEUE_FULL"]
+    listed = await stack.stub.ListTurns(
+        pb.ListTurnsRequest(parent=session.name, page_size=100), metadata=stack.auth()
+    )
+    assert sum(t.state == turn_pb2.Turn.STATE_QUEUED for t in listed.turns) == 16
+    assert len(stack.ledger.held) == held + 2  # the refused ones hold nothing
