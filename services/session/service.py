@@ -336,12 +336,12 @@ class SessionService(TurnUseCases):
             organization=session.organization,
         )
         async with self._uow() as uow:
-            for turn in await uow.turns.in_state(session_id, *UNFINISHED):
-                if turn.reservation:
-                    await self.runner.release_quietly(turn.reservation, caller.token)
+            held = [t.reservation for t in await uow.turns.in_state(session_id, *UNFINISHED)]
             await uow.sessions.delete(session_id)
             await self.audit.add(uow, entry)
             await uow.commit()
+        for reservation in filter(None, held):  # identity is called with no transaction open
+            await self.runner.release_quietly(reservation, caller.token)
         self.events.forget(session_id)
         self.audit.send(entry, token=caller.token)
 
