@@ -214,6 +214,17 @@ class UsageLedger(Protocol):
 
     async def release(self, reservation: str, *, token: str) -> None: ...
 
+    async def reserve_budget(
+        self, *, organization: str, user: str, cost_usd_micros: int, request_id: str, token: str
+    ) -> str:
+        """Hold a running turn's spending cap against the cost budget (released like any
+        reservation); raises ResourceExhausted when that much is not left."""
+        ...
+
+    async def remaining_budget(self, *, organization: str, user: str, token: str) -> int | None:
+        """What is left of the cost budget, in micro-USD; None when it cannot be read."""
+        ...
+
 
 @dataclass
 class AuditEntry:

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol, runtime_checkable
 
 from google.rpc import code_pb2
 
@@ -44,17 +43,6 @@ UNFINISHED = (TurnState.QUEUED, TurnState.RUNNING, TurnState.AWAITING_PERMISSION
 # A turn's spending cap when neither its session nor its organisation's policy sets one (the
 # composition root sets CORRAL_SESSION_DEFAULT_TURN_BUDGET_USD on the runner).
 DEFAULT_TURN_BUDGET_USD_MICROS = 1_000_000
-
-
-@runtime_checkable
-class BudgetLedger(Protocol):
-    """What a ledger needs to hold a running turn's spending cap (identity's does)."""
-
-    async def reserve_budget(
-        self, *, organization: str, user: str, cost_usd_micros: int, request_id: str, token: str
-    ) -> str: ...
-
-    async def remaining_budget(self, *, organization: str, user: str, token: str) -> int | None: ...
 
 
 @dataclass
@@ -227,10 +215,7 @@ class TurnRunner:
     async def _hold_budget(self, turn: Turn, request: TurnRequest, live: _LiveTurn) -> str:
         """Hold the turn's cap (``request.options.max_budget_usd_micros``) against the
         organisation's cost budget while it runs. When less remains, hold what remains and
-        lower the cap to it; with nothing left, QUOTA_EXCEEDED. Returns the hold's name ("" with
-        a ledger that cannot hold budgets)."""
-        if not isinstance(self._ledger, BudgetLedger):
-            return ""
+        lower the cap to it; with nothing left, QUOTA_EXCEEDED. Returns the hold's name."""
         cap = request.options.max_budget_usd_micros
         who = {"organization": request.organization, "user": live.actor, "token": live.token}
         try:

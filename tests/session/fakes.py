@@ -4,7 +4,7 @@ with limits, an audit log that remembers."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,9 +164,11 @@ class FakeRuntime:
 class FakeLedger:
     """Concurrent-turn limit per organisation; records settlements."""
 
-    def __init__(self, limit: int = 100) -> None:
+    def __init__(self, limit: int = 100, budget: int | None = None) -> None:
         self.limit = limit
+        self.budget = budget  # micro-USD left to hold; None: unlimited
         self.held: dict[str, str] = {}
+        self.budget_holds: dict[str, int] = {}  # running turns' caps
         self.settled: list[tuple[str, Usage]] = []
         self.released: list[str] = []
         self._n = 0
@@ -176,6 +178,11 @@ class FakeLedger:
         """Until ``count`` reservations were settled (a turn settles after its result event)."""
         async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(lambda: len(self.settled) >= count)
+
+    async def wait(self, done: Callable[[], bool], within: float = 5.0) -> None:
+        """Until ``done()`` holds after a settle or release."""
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(done)
 
     async def reserve(self, *, organization: str, user: str, request_id: str, token: str) -> str:
         if sum(1 for org in self.held.values() if org == organization) >= self.limit:
@@ -195,8 +202,29 @@ class FakeLedger:
         self.settled.append((reservation, usage))
         await self.release(reservation, token=token)
 
+    async def reserve_budget(
+        self, *, organization: str, user: str, cost_usd_micros: int, request_id: str, token: str
+    ) -> str:
+        left = await self.remaining_budget(organization=organization, user=user, token=token)
+        if left is not None and cost_usd_micros > left:
+            raise ResourceExhausted(
+                "the organisation's cost budget is used up",
+                reason="QUOTA_EXCEEDED",
+                violations=[QuotaViolation(organization, "max_cost_usd_micros", "limit reached")],
+            )
+        self._n += 1
+        name = f"{organization}/usageReservations/b{self._n}"
+        self.budget_holds[name] = cost_usd_micros
+        return name
+
+    async def remaining_budget(self, *, organization: str, user: str, token: str) -> int | None:
+        if self.budget is None:
+            return None
+        return self.budget - sum(self.budget_holds.values())
+
     async def release(self, reservation: str, *, token: str) -> None:
         self.held.pop(reservation, None)
+        self.budget_holds.pop(reservation, None)
         self.released.append(reservation)
         async with self._changed:
             self._changed.notify_all()

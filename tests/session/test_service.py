@@ -223,3 +223,25 @@ async def test_request_ids_past_their_retention_are_purged(
     monkeypatch.setattr(session_service, "RETENTION_SECONDS", -60)
     assert await service.purge_request_ids() == 1
     assert await create("two") != first  # no REQUEST_ID_REUSED: the id was forgotten
+
+
+async def test_a_running_turn_holds_its_cap_and_less_when_less_is_left(
+    parts: Parts,
+) -> None:
+    """The budget hold on the service layer: a turn holds its cap while it runs; with less of
+    the budget left, it holds (and the runtime is told) what is left; the hold is given back."""
+    service, runtime, ledger = parts.service, parts.runtime, parts.ledger
+    ledger.budget = 300_000
+    capped = opts.AgentOptions(max_budget_usd_micros=500_000)
+    session = await service.create_session(
+        ALICE, display_name="b", options=capped, labels={}, organization="", request_id=""
+    )
+    await service.send_message(
+        ALICE, session.id, text="go", request_id="", strategy=BusyStrategy.ENQUEUE
+    )
+    turn = await runtime.next_turn()
+    assert turn.request.options.max_budget_usd_micros == 300_000  # what was left, not 500,000
+    assert list(ledger.budget_holds.values()) == [300_000]
+    turn.finish()
+    await ledger.wait(lambda: not ledger.budget_holds)  # given back just after the settle
+    assert len(ledger.settled) == 1
