@@ -25,7 +25,6 @@ import contextlib
 import logging
 import os
 import resource
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,10 +119,6 @@ def configure_metrics(service_name: str, otlp_endpoint: str = "") -> None:
     _state.provider = provider
     _state.registry = registry
     _process_instruments()
-
-
-def configured() -> bool:
-    return _state.provider is not None
 
 
 def exposition() -> bytes:
@@ -228,12 +223,3 @@ async def open_endpoint(
                 await endpoint.server.wait_closed()
 
     return endpoint.port, close
-
-
-def endpoint_ports() -> list[int]:
-    """The ports of this process's open metrics endpoints."""
-    return [e.port for e in _state.endpoints.values()]
-
-
-def monotonic() -> float:
-    return time.perf_counter()

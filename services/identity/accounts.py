@@ -208,8 +208,13 @@ class Accounts(UseCases):
             org_id = requested or f"org-{new_id()[:12]}"
             if not ORGANIZATION_ID.match(org_id):
                 raise InvalidArgument(
-                    "organization_id must be 3-63 characters of [a-z0-9-], starting with a letter",
-                    violations=[],
+                    "organization_id is not a valid organization id",
+                    violations=[
+                        FieldViolation(
+                            "organization_id",
+                            "3-63 characters of [a-z0-9-], starting with a letter",
+                        )
+                    ],
                 )
             if admin is not None:
                 check_password(admin_password, "initial_admin.password")
