@@ -62,6 +62,7 @@ def wire(
     key_ring: KeyRing | None = None,
     trusted_proxies: Networks | None = None,
     meter: Meter | None = None,
+    default_turn_budget_usd_micros: int = 1_000_000,
 ) -> Wiring:
     """The session service from its dependencies: the one place it is put together (``build``
     and the tests both use it). ``meter``: where its metrics go (default: the process's)."""
@@ -76,6 +77,7 @@ def wire(
         clock=clock,
         key_ring=key_ring,
         metrics=for_meter(meter),
+        default_turn_budget_usd_micros=default_turn_budget_usd_micros,
     )
     api = SessionApi(service, trusted_proxies)
     registration = ServiceRegistration(
@@ -124,9 +126,7 @@ async def build(
         key_ring=settings.key_ring(),
         trusted_proxies=trusted_networks(settings.trusted_proxies),
         meter=infra.meter(),
-    )
-    wired.service.runner.default_turn_budget_usd_micros = round(
-        settings.session_default_turn_budget_usd * 1_000_000
+        default_turn_budget_usd_micros=round(settings.session_default_turn_budget_usd * 1e6),
     )
     resources.push_async_callback(wired.service.close)
     await wired.service.recover()

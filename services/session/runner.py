@@ -40,9 +40,6 @@ log = logging.getLogger("corral.session")
 
 BATCH_MAX = 256
 UNFINISHED = (TurnState.QUEUED, TurnState.RUNNING, TurnState.AWAITING_PERMISSION)
-# A turn's spending cap when neither its session nor its organisation's policy sets one (the
-# composition root sets CORRAL_SESSION_DEFAULT_TURN_BUDGET_USD on the runner).
-DEFAULT_TURN_BUDGET_USD_MICROS = 1_000_000
 
 
 @dataclass
@@ -66,7 +63,10 @@ class TurnRunner:
         lease_seconds: float,
         clock: Callable[[], datetime] = now,
         metrics: SessionMetrics | None = None,
+        default_turn_budget_usd_micros: int = 1_000_000,
     ) -> None:
+        """``default_turn_budget_usd_micros``: a turn's cap when neither its session nor its
+        organisation's policy sets one (CORRAL_SESSION_DEFAULT_TURN_BUDGET_USD)."""
         self._metrics = metrics or for_meter()
         self._metrics.track_runner(self)
         self._uow = uow
@@ -80,7 +80,7 @@ class TurnRunner:
         self._wake: set[str] = set()  # sessions given a turn since their driver last looked
         self._live: dict[str, _LiveTurn] = {}  # turn id -> the credentials it runs with
         self._keeper: asyncio.Task[None] | None = None
-        self.default_turn_budget_usd_micros = DEFAULT_TURN_BUDGET_USD_MICROS
+        self.default_turn_budget_usd_micros = default_turn_budget_usd_micros
 
     def queued_turns(self) -> int:
         return sum(1 for live in list(self._live.values()) if not live.running)

@@ -64,6 +64,7 @@ class SessionService(TurnUseCases):
         clock: Callable[[], datetime] = now,
         key_ring: KeyRing | None = None,
         metrics: SessionMetrics | None = None,
+        default_turn_budget_usd_micros: int = 1_000_000,
     ) -> None:
         """``key_ring`` seals MCP secrets at rest (the deployment's, from Settings, if not
         given); ``audit`` is identity's audit log, written through the outbox; ``metrics``:
@@ -83,6 +84,7 @@ class SessionService(TurnUseCases):
             lease_seconds=lease_seconds,
             clock=clock,
             metrics=self.metrics,
+            default_turn_budget_usd_micros=default_turn_budget_usd_micros,
         )
 
     async def recover(self) -> None:
