@@ -204,3 +204,33 @@ async def test_request_ids_are_forgotten_after_their_retention(identity: Identit
     identity.clock.advance(-25 * 3600)  # the caller's token is still the one it had
     later = await case.create(Caller("late", root.metadata), request_id, "B")
     assert later != first
+
+
+async def test_a_retry_that_changes_only_the_password_returns_the_first_user(
+    identity: Identity,
+) -> None:
+    """As the proto says: the password is not part of the request's fingerprint (it is never
+    hashed fast), so a retry with another password answers with the first user."""
+    root = Caller("root", bearer(await identity.root()))
+    await identity.stub.CreateOrganization(
+        pb.CreateOrganizationRequest(
+            organization=organization_pb2.Organization(display_name="Acme"),
+            organization_id="acme",
+        ),
+        metadata=root.metadata,
+    )
+    request_id = str(uuid.uuid4())
+
+    async def create(password: str) -> str:
+        user = user_pb2.User(
+            email="retry@acme.test", display_name="R", role=role_pb2.ROLE_USER, password=password
+        )
+        reply = await identity.stub.CreateUser(
+            pb.CreateUserRequest(parent=ORG, user=user, request_id=request_id),
+            metadata=root.metadata,
+        )
+        return reply.user.name
+
+    first = await create(PASSWORD)
+    assert await create(PASSWORD + " but longer") == first
+    assert (await identity.login("retry@acme.test")).user.name == first  # the first one holds
