@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from google.protobuf.message import Message
+
 from corral.libs.errors import Validator
 
 MAX_LABELS = 64
@@ -55,3 +57,31 @@ def check_text(
 
 def check_request_id(value: str, check: Validator, field_path: str = "request_id") -> None:
     check_text(value, check, field_path, max_length=MAX_REQUEST_ID, lines=False)
+
+
+def nul_fields(message: Message, prefix: str = "") -> list[str]:
+    """The paths of every string in ``message`` (nested messages, lists and maps included)
+    that holds a NUL character: never valid text, and PostgreSQL refuses it outright."""
+    found: list[str] = []
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            for key, item in value.items():
+                where = f"{path}[{str(key)[:40]!r}]"
+                if isinstance(key, str) and "\x00" in key:
+                    found.append(path)
+                if isinstance(item, str) and "\x00" in item:
+                    found.append(where)
+                elif isinstance(item, Message):
+                    found.extend(nul_fields(item, f"{where}."))
+        elif field.is_repeated:
+            for index, item in enumerate(value):
+                if isinstance(item, str) and "\x00" in item:
+                    found.append(f"{path}[{index}]")
+                elif isinstance(item, Message):
+                    found.extend(nul_fields(item, f"{path}[{index}]."))
+        elif isinstance(value, str) and "\x00" in value:
+            found.append(path)
+        elif isinstance(value, Message):
+            found.extend(nul_fields(value, f"{path}."))
+    return found

@@ -20,13 +20,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
+from google.protobuf.message import Message
 
 from corral.libs.auth.caller import Caller, set_caller
 from corral.libs.auth.jwt import TokenVerifier
-from corral.libs.errors import CorralError, InvalidArgument, Unauthenticated, Unimplemented
+from corral.libs.errors import (
+    CorralError,
+    FieldViolation,
+    InvalidArgument,
+    Unauthenticated,
+    Unimplemented,
+)
 from corral.libs.grpc.errors import code_for, internal_status, to_status
 from corral.libs.grpc.metrics import RpcMetrics, rpc_metrics
 from corral.libs.observability import annotate_span, current_trace_id
+from corral.libs.validation import nul_fields
 
 log = logging.getLogger("corral.rpc")
 
@@ -233,6 +241,11 @@ class CorralServerInterceptor(_ServerInterceptor):
             if isinstance(request, Undecodable):
                 raise InvalidArgument(
                     "the request message cannot be decoded (is it of this method's type?)"
+                )
+            if isinstance(request, Message) and (paths := nul_fields(request)):
+                raise InvalidArgument(
+                    "text fields must not contain NUL characters",
+                    violations=[FieldViolation(p, "contains a NUL character") for p in paths],
                 )
             annotate_span(request)
             yield

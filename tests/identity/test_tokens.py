@@ -8,6 +8,7 @@ import uuid
 
 import grpc
 import jwt
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
@@ -32,6 +33,7 @@ from tests.identity.conftest import (
     fails,
 )
 from tests.identity.world import create_user
+from tests.support.grpc_tools import error_reason
 
 UA = grpc.StatusCode.UNAUTHENTICATED
 
@@ -395,3 +397,14 @@ async def test_disabling_an_organization_signs_everyone_out(identity: Identity) 
     fresh = (await identity.login("boss@doomed.test")).token
     reply = await identity.stub.GetOrganization(get_org, metadata=bearer(fresh.access_token))
     assert reply.organization.name == created.organization.name
+
+
+async def test_a_nul_in_a_sign_in_is_invalid_argument_on_every_database(
+    identity: Identity,
+) -> None:
+    """Found by the fuzz test: on PostgreSQL a NUL in the email reached the database and came
+    back INTERNAL. The kit refuses it before any handler runs."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await identity.stub.Login(pb.LoginRequest(email="\x00", password="x"))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(caught.value) == "INVALID_ARGUMENT"

@@ -242,6 +242,22 @@ async def test_an_undecodable_message_is_invalid_argument_without_internals(
     assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_a_nul_character_anywhere_in_a_request_is_invalid_argument(
+    channel: grpc.aio.Channel, signing_key: SigningKey
+) -> None:
+    """Before any handler (and so any database) sees it: NUL is no text, and PostgreSQL would
+    refuse it with an error that reached clients as INTERNAL."""
+    request = _struct(name="ok", nested={"inner": "bad\x00value"})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _call(channel, "Whoami")(request, metadata=_bearer(signing_key.token()))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info, bad = _details(caught.value)
+    assert info.reason == "INVALID_ARGUMENT"
+    assert [v.field for v in bad.field_violations] == [
+        "fields['nested'].struct_value.fields['inner'].string_value"
+    ]
+
+
 async def test_stream_error_after_messages(
     channel: grpc.aio.Channel, signing_key: SigningKey
 ) -> None:
