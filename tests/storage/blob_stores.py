@@ -1,0 +1,25 @@
+"""The blob-store adapters the contract suite runs against, by name.
+
+Each factory builds a fresh, empty store for one test; add an adapter by adding a factory
+(and, if it needs a server, a fixture that starts it) and its name to ``ADAPTERS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from corral.services.storage.blob_local import LocalBlobStore
+from corral.services.storage.blobs import BlobStore
+
+
+@asynccontextmanager
+async def local_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    yield LocalBlobStore(tmp_path / "blobs")
+
+
+FACTORIES = {"local": local_store}
+ADAPTERS = list(FACTORIES)

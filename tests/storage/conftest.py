@@ -1,0 +1,18 @@
+"""Fixtures for the storage tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from corral.services.storage.blobs import BlobStore
+from tests.storage.blob_stores import ADAPTERS, FACTORIES
+
+
+@pytest.fixture(params=ADAPTERS)
+async def blob_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobStore]:
+    """A fresh, empty store of each adapter: the contract suite runs once per adapter."""
+    async with FACTORIES[request.param](request, tmp_path) as store:
+        yield store
