@@ -25,8 +25,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
     """Never sent."""
     ERROR_REASON_POOL_EXHAUSTED: _ErrorReason.ValueType  # 1
-    """RESOURCE_EXHAUSTED: every process in the pool is busy; try another
-    replica or retry later (RetryInfo).
+    """RESOURCE_EXHAUSTED: every process in the pool is running a turn and
+    the queue of turns waiting for one is full (RuntimeStatus
+    max_waiting_turns); try another replica or retry later (RetryInfo).
     """
     ERROR_REASON_DRAINING: _ErrorReason.ValueType  # 2
     """UNAVAILABLE: the replica is draining; use another one."""
@@ -61,8 +62,9 @@ class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
 """Never sent."""
 ERROR_REASON_POOL_EXHAUSTED: ErrorReason.ValueType  # 1
-"""RESOURCE_EXHAUSTED: every process in the pool is busy; try another
-replica or retry later (RetryInfo).
+"""RESOURCE_EXHAUSTED: every process in the pool is running a turn and
+the queue of turns waiting for one is full (RuntimeStatus
+max_waiting_turns); try another replica or retry later (RetryInfo).
 """
 ERROR_REASON_DRAINING: ErrorReason.ValueType  # 2
 """UNAVAILABLE: the replica is draining; use another one."""

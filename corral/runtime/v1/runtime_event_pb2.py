@@ -28,45 +28,47 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import code_pb2 as google_dot_rpc_dot_code__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%corral/runtime/v1/runtime_event.proto\x12\x11\x63orral.runtime.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\"\x80\x06\n\x0cRuntimeEvent\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0f\n\x07ordinal\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0cturn_started\x18\n \x01(\x0b\x32\x1e.corral.runtime.v1.TurnStartedH\x00\x12\x32\n\ntext_delta\x18\x0b \x01(\x0b\x32\x1c.corral.runtime.v1.TextDeltaH\x00\x12\x32\n\ntext_block\x18\x0c \x01(\x0b\x32\x1c.corral.runtime.v1.TextBlockH\x00\x12:\n\x0ethinking_delta\x18\r \x01(\x0b\x32 .corral.runtime.v1.ThinkingDeltaH\x00\x12:\n\x0ethinking_block\x18\x0e \x01(\x0b\x32 .corral.runtime.v1.ThinkingBlockH\x00\x12.\n\x08tool_use\x18\x0f \x01(\x0b\x32\x1a.corral.runtime.v1.ToolUseH\x00\x12\x34\n\x0btool_result\x18\x10 \x01(\x0b\x32\x1d.corral.runtime.v1.ToolResultH\x00\x12\x42\n\x12permission_request\x18\x11 \x01(\x0b\x32$.corral.runtime.v1.PermissionRequestH\x00\x12\x44\n\x13permission_decision\x18\x12 \x01(\x0b\x32%.corral.runtime.v1.PermissionDecisionH\x00\x12)\n\x05usage\x18\x13 \x01(\x0b\x32\x18.corral.runtime.v1.UsageH\x00\x12\x34\n\x0bturn_result\x18\x14 \x01(\x0b\x32\x1d.corral.runtime.v1.TurnResultH\x00\x12)\n\x05\x65rror\x18\x15 \x01(\x0b\x32\x18.corral.runtime.v1.ErrorH\x00\x42\t\n\x07payload\"\x94\x01\n\x0bTurnStarted\x12\x15\n\rtranscript_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0fprocess_started\x18\x03 \x01(\x08\x12\r\n\x05tools\x18\x04 \x03(\t\x12\x37\n\x0bmcp_servers\x18\x05 \x03(\x0b\x32\".corral.runtime.v1.McpServerStatus\"/\n\x0fMcpServerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"<\n\tTextDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"<\n\tTextBlock\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"D\n\rThinkingDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08thinking\x18\x03 \x01(\t\"D\n\rThinkingBlock\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08thinking\x18\x03 \x01(\t\"{\n\x07ToolUse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nmcp_server\x18\x04 \x01(\t\x12\x1a\n\x12parent_tool_use_id\x18\x05 \x01(\t\"_\n\nToolResult\x12\x13\n\x0btool_use_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12\x19\n\x11\x63ontent_truncated\x18\x04 \x01(\x08\"\xb0\x01\n\x11PermissionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x13\n\x0btool_use_id\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xef\x02\n\x12PermissionDecision\x12\x1d\n\x15permission_request_id\x18\x01 \x01(\t\x12\x37\n\x08\x62\x65havior\x18\x02 \x01(\x0e\x32%.corral.runtime.v1.PermissionBehavior\x12<\n\x06source\x18\x03 \x01(\x0e\x32,.corral.runtime.v1.PermissionDecision.Source\x12\x12\n\ndecided_by\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12.\n\rupdated_input\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"n\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSOURCE_USER\x10\x01\x12\x11\n\rSOURCE_POLICY\x10\x02\x12\x12\n\x0eSOURCE_TIMEOUT\x10\x03\x12\x14\n\x10SOURCE_INTERRUPT\x10\x04\"\x93\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x03 \x01(\x03\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x04 \x01(\x03\x12\x17\n\x0f\x63ost_usd_micros\x18\x05 \x01(\x03\"\xe6\x03\n\nTurnResult\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.corral.runtime.v1.TurnResult.Status\x12\x11\n\tnum_turns\x18\x02 \x01(\x05\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x61pi_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.corral.runtime.v1.Usage\x12\x0e\n\x06result\x18\x06 \x01(\t\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x18.corral.runtime.v1.Error\x12\x1a\n\x12permission_denials\x18\x08 \x01(\x05\x12\x15\n\rtranscript_id\x18\t \x01(\t\"\x9b\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_SUCCEEDED\x10\x01\x12\x11\n\rSTATUS_FAILED\x10\x02\x12\x16\n\x12STATUS_INTERRUPTED\x10\x03\x12\x1c\n\x18STATUS_MAX_TURNS_REACHED\x10\x04\x12\x1a\n\x16STATUS_BUDGET_EXCEEDED\x10\x05\"H\n\x05\x45rror\x12\x1e\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x10.google.rpc.Code\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*v\n\x12PermissionBehavior\x12#\n\x1fPERMISSION_BEHAVIOR_UNSPECIFIED\x10\x00\x12\x1d\n\x19PERMISSION_BEHAVIOR_ALLOW\x10\x01\x12\x1c\n\x18PERMISSION_BEHAVIOR_DENY\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%corral/runtime/v1/runtime_event.proto\x12\x11\x63orral.runtime.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\"\xc1\x06\n\x0cRuntimeEvent\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\x12\x0f\n\x07ordinal\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0cturn_started\x18\n \x01(\x0b\x32\x1e.corral.runtime.v1.TurnStartedH\x00\x12\x32\n\ntext_delta\x18\x0b \x01(\x0b\x32\x1c.corral.runtime.v1.TextDeltaH\x00\x12\x32\n\ntext_block\x18\x0c \x01(\x0b\x32\x1c.corral.runtime.v1.TextBlockH\x00\x12:\n\x0ethinking_delta\x18\r \x01(\x0b\x32 .corral.runtime.v1.ThinkingDeltaH\x00\x12:\n\x0ethinking_block\x18\x0e \x01(\x0b\x32 .corral.runtime.v1.ThinkingBlockH\x00\x12.\n\x08tool_use\x18\x0f \x01(\x0b\x32\x1a.corral.runtime.v1.ToolUseH\x00\x12\x34\n\x0btool_result\x18\x10 \x01(\x0b\x32\x1d.corral.runtime.v1.ToolResultH\x00\x12\x42\n\x12permission_request\x18\x11 \x01(\x0b\x32$.corral.runtime.v1.PermissionRequestH\x00\x12\x44\n\x13permission_decision\x18\x12 \x01(\x0b\x32%.corral.runtime.v1.PermissionDecisionH\x00\x12)\n\x05usage\x18\x13 \x01(\x0b\x32\x18.corral.runtime.v1.UsageH\x00\x12\x34\n\x0bturn_result\x18\x14 \x01(\x0b\x32\x1d.corral.runtime.v1.TurnResultH\x00\x12)\n\x05\x65rror\x18\x15 \x01(\x0b\x32\x18.corral.runtime.v1.ErrorH\x00\x12?\n\x11waiting_for_agent\x18\x16 \x01(\x0b\x32\".corral.runtime.v1.WaitingForAgentH\x00\x42\t\n\x07payload\"\xc6\x01\n\x0bTurnStarted\x12\x15\n\rtranscript_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x17\n\x0fprocess_started\x18\x03 \x01(\x08\x12\r\n\x05tools\x18\x04 \x03(\t\x12\x37\n\x0bmcp_servers\x18\x05 \x03(\x0b\x32\".corral.runtime.v1.McpServerStatus\x12\x30\n\rwait_duration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"#\n\x0fWaitingForAgent\x12\x10\n\x08position\x18\x01 \x01(\x05\"/\n\x0fMcpServerStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\"<\n\tTextDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"<\n\tTextBlock\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"D\n\rThinkingDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08thinking\x18\x03 \x01(\t\"D\n\rThinkingBlock\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08thinking\x18\x03 \x01(\t\"{\n\x07ToolUse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nmcp_server\x18\x04 \x01(\t\x12\x1a\n\x12parent_tool_use_id\x18\x05 \x01(\t\"_\n\nToolResult\x12\x13\n\x0btool_use_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12\x19\n\x11\x63ontent_truncated\x18\x04 \x01(\x08\"\xb0\x01\n\x11PermissionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x13\n\x0btool_use_id\x18\x03 \x01(\t\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xef\x02\n\x12PermissionDecision\x12\x1d\n\x15permission_request_id\x18\x01 \x01(\t\x12\x37\n\x08\x62\x65havior\x18\x02 \x01(\x0e\x32%.corral.runtime.v1.PermissionBehavior\x12<\n\x06source\x18\x03 \x01(\x0e\x32,.corral.runtime.v1.PermissionDecision.Source\x12\x12\n\ndecided_by\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12.\n\rupdated_input\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\"n\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSOURCE_USER\x10\x01\x12\x11\n\rSOURCE_POLICY\x10\x02\x12\x12\n\x0eSOURCE_TIMEOUT\x10\x03\x12\x14\n\x10SOURCE_INTERRUPT\x10\x04\"\x93\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x03 \x01(\x03\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x04 \x01(\x03\x12\x17\n\x0f\x63ost_usd_micros\x18\x05 \x01(\x03\"\xe6\x03\n\nTurnResult\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.corral.runtime.v1.TurnResult.Status\x12\x11\n\tnum_turns\x18\x02 \x01(\x05\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x61pi_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.corral.runtime.v1.Usage\x12\x0e\n\x06result\x18\x06 \x01(\t\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x18.corral.runtime.v1.Error\x12\x1a\n\x12permission_denials\x18\x08 \x01(\x05\x12\x15\n\rtranscript_id\x18\t \x01(\t\"\x9b\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_SUCCEEDED\x10\x01\x12\x11\n\rSTATUS_FAILED\x10\x02\x12\x16\n\x12STATUS_INTERRUPTED\x10\x03\x12\x1c\n\x18STATUS_MAX_TURNS_REACHED\x10\x04\x12\x1a\n\x16STATUS_BUDGET_EXCEEDED\x10\x05\"H\n\x05\x45rror\x12\x1e\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x10.google.rpc.Code\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*v\n\x12PermissionBehavior\x12#\n\x1fPERMISSION_BEHAVIOR_UNSPECIFIED\x10\x00\x12\x1d\n\x19PERMISSION_BEHAVIOR_ALLOW\x10\x01\x12\x1c\n\x18PERMISSION_BEHAVIOR_DENY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corral.runtime.v1.runtime_event_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PERMISSIONBEHAVIOR']._serialized_start=2897
-  _globals['_PERMISSIONBEHAVIOR']._serialized_end=3015
+  _globals['_PERMISSIONBEHAVIOR']._serialized_start=3049
+  _globals['_PERMISSIONBEHAVIOR']._serialized_end=3167
   _globals['_RUNTIMEEVENT']._serialized_start=179
-  _globals['_RUNTIMEEVENT']._serialized_end=947
-  _globals['_TURNSTARTED']._serialized_start=950
-  _globals['_TURNSTARTED']._serialized_end=1098
-  _globals['_MCPSERVERSTATUS']._serialized_start=1100
-  _globals['_MCPSERVERSTATUS']._serialized_end=1147
-  _globals['_TEXTDELTA']._serialized_start=1149
-  _globals['_TEXTDELTA']._serialized_end=1209
-  _globals['_TEXTBLOCK']._serialized_start=1211
-  _globals['_TEXTBLOCK']._serialized_end=1271
-  _globals['_THINKINGDELTA']._serialized_start=1273
-  _globals['_THINKINGDELTA']._serialized_end=1341
-  _globals['_THINKINGBLOCK']._serialized_start=1343
-  _globals['_THINKINGBLOCK']._serialized_end=1411
-  _globals['_TOOLUSE']._serialized_start=1413
-  _globals['_TOOLUSE']._serialized_end=1536
-  _globals['_TOOLRESULT']._serialized_start=1538
-  _globals['_TOOLRESULT']._serialized_end=1633
-  _globals['_PERMISSIONREQUEST']._serialized_start=1636
-  _globals['_PERMISSIONREQUEST']._serialized_end=1812
-  _globals['_PERMISSIONDECISION']._serialized_start=1815
-  _globals['_PERMISSIONDECISION']._serialized_end=2182
-  _globals['_PERMISSIONDECISION_SOURCE']._serialized_start=2072
-  _globals['_PERMISSIONDECISION_SOURCE']._serialized_end=2182
-  _globals['_USAGE']._serialized_start=2185
-  _globals['_USAGE']._serialized_end=2332
-  _globals['_TURNRESULT']._serialized_start=2335
-  _globals['_TURNRESULT']._serialized_end=2821
-  _globals['_TURNRESULT_STATUS']._serialized_start=2666
-  _globals['_TURNRESULT_STATUS']._serialized_end=2821
-  _globals['_ERROR']._serialized_start=2823
-  _globals['_ERROR']._serialized_end=2895
+  _globals['_RUNTIMEEVENT']._serialized_end=1012
+  _globals['_TURNSTARTED']._serialized_start=1015
+  _globals['_TURNSTARTED']._serialized_end=1213
+  _globals['_WAITINGFORAGENT']._serialized_start=1215
+  _globals['_WAITINGFORAGENT']._serialized_end=1250
+  _globals['_MCPSERVERSTATUS']._serialized_start=1252
+  _globals['_MCPSERVERSTATUS']._serialized_end=1299
+  _globals['_TEXTDELTA']._serialized_start=1301
+  _globals['_TEXTDELTA']._serialized_end=1361
+  _globals['_TEXTBLOCK']._serialized_start=1363
+  _globals['_TEXTBLOCK']._serialized_end=1423
+  _globals['_THINKINGDELTA']._serialized_start=1425
+  _globals['_THINKINGDELTA']._serialized_end=1493
+  _globals['_THINKINGBLOCK']._serialized_start=1495
+  _globals['_THINKINGBLOCK']._serialized_end=1563
+  _globals['_TOOLUSE']._serialized_start=1565
+  _globals['_TOOLUSE']._serialized_end=1688
+  _globals['_TOOLRESULT']._serialized_start=1690
+  _globals['_TOOLRESULT']._serialized_end=1785
+  _globals['_PERMISSIONREQUEST']._serialized_start=1788
+  _globals['_PERMISSIONREQUEST']._serialized_end=1964
+  _globals['_PERMISSIONDECISION']._serialized_start=1967
+  _globals['_PERMISSIONDECISION']._serialized_end=2334
+  _globals['_PERMISSIONDECISION_SOURCE']._serialized_start=2224
+  _globals['_PERMISSIONDECISION_SOURCE']._serialized_end=2334
+  _globals['_USAGE']._serialized_start=2337
+  _globals['_USAGE']._serialized_end=2484
+  _globals['_TURNRESULT']._serialized_start=2487
+  _globals['_TURNRESULT']._serialized_end=2973
+  _globals['_TURNRESULT_STATUS']._serialized_start=2818
+  _globals['_TURNRESULT_STATUS']._serialized_end=2973
+  _globals['_ERROR']._serialized_start=2975
+  _globals['_ERROR']._serialized_end=3047
 # @@protoc_insertion_point(module_scope)

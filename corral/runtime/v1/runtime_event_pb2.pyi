@@ -56,9 +56,11 @@ class RuntimeEvent(_message.Message):
     corral.session.v1.SessionEvent, assigning session-wide sequence numbers.
 
     Within a turn, ordinals start at 1 and increase by 1 with no gaps; the
-    first event is turn_started and the last is turn_result (unless the
-    stream breaks, in which case the session service records the turn as
-    lost).
+    first event is waiting_for_agent (when every agent process was busy) or
+    turn_started, and the last is turn_result (unless the stream breaks, in
+    which case the session service records the turn as lost). A turn
+    interrupted while it waited has no turn_started: waiting_for_agent, then
+    turn_result (INTERRUPTED, nothing spent).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -78,6 +80,7 @@ class RuntimeEvent(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TURN_RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_AGENT_FIELD_NUMBER: _builtins.int
     turn_id: _builtins.str
     """The turn this event belongs to (RunTurnRequest.turn_id)."""
     ordinal: _builtins.int
@@ -136,6 +139,12 @@ class RuntimeEvent(_message.Message):
     def error(self) -> Global___Error:
         """A non-fatal problem, or the cause of a failure reported next."""
 
+    @_builtins.property
+    def waiting_for_agent(self) -> Global___WaitingForAgent:
+        """Every agent process of the replica is running a turn: this one waits
+        for one, in order of arrival; turn_started follows when it gets one.
+        """
+
     def __init__(
         self,
         *,
@@ -154,12 +163,13 @@ class RuntimeEvent(_message.Message):
         usage: Global___Usage | None = ...,
         turn_result: Global___TurnResult | None = ...,
         error: Global___Error | None = ...,
+        waiting_for_agent: Global___WaitingForAgent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "payload", b"payload", "permission_decision", b"permission_decision", "permission_request", b"permission_request", "text_block", b"text_block", "text_delta", b"text_delta", "thinking_block", b"thinking_block", "thinking_delta", b"thinking_delta", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_result", b"turn_result", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "payload", b"payload", "permission_decision", b"permission_decision", "permission_request", b"permission_request", "text_block", b"text_block", "text_delta", b"text_delta", "thinking_block", b"thinking_block", "thinking_delta", b"thinking_delta", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_result", b"turn_result", "turn_started", b"turn_started", "usage", b"usage", "waiting_for_agent", b"waiting_for_agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "ordinal", b"ordinal", "payload", b"payload", "permission_decision", b"permission_decision", "permission_request", b"permission_request", "text_block", b"text_block", "text_delta", b"text_delta", "thinking_block", b"thinking_block", "thinking_delta", b"thinking_delta", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_id", b"turn_id", "turn_result", b"turn_result", "turn_started", b"turn_started", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "ordinal", b"ordinal", "payload", b"payload", "permission_decision", b"permission_decision", "permission_request", b"permission_request", "text_block", b"text_block", "text_delta", b"text_delta", "thinking_block", b"thinking_block", "thinking_delta", b"thinking_delta", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_id", b"turn_id", "turn_result", b"turn_result", "turn_started", b"turn_started", "usage", b"usage", "waiting_for_agent", b"waiting_for_agent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["turn_started", "text_delta", "text_block", "thinking_delta", "thinking_block", "tool_use", "tool_result", "permission_request", "permission_decision", "usage", "turn_result", "error"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["turn_started", "text_delta", "text_block", "thinking_delta", "thinking_block", "tool_use", "tool_result", "permission_request", "permission_decision", "usage", "turn_result", "error", "waiting_for_agent"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -176,6 +186,7 @@ class TurnStarted(_message.Message):
     PROCESS_STARTED_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     MCP_SERVERS_FIELD_NUMBER: _builtins.int
+    WAIT_DURATION_FIELD_NUMBER: _builtins.int
     transcript_id: _builtins.str
     """The SDK session id of the transcript this turn appends to: the same as
     RunTurnRequest.resume_transcript_id, or a new one for a first turn or a
@@ -195,6 +206,12 @@ class TurnStarted(_message.Message):
     def mcp_servers(self) -> _containers.RepeatedCompositeFieldContainer[Global___McpServerStatus]:
         """MCP servers and whether each connected."""
 
+    @_builtins.property
+    def wait_duration(self) -> _duration_pb2.Duration:
+        """How long the turn waited for an agent process (after a
+        waiting_for_agent event); zero when one was free.
+        """
+
     def __init__(
         self,
         *,
@@ -203,14 +220,37 @@ class TurnStarted(_message.Message):
         process_started: _builtins.bool = ...,
         tools: _abc.Iterable[_builtins.str] | None = ...,
         mcp_servers: _abc.Iterable[Global___McpServerStatus] | None = ...,
+        wait_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wait_duration", b"wait_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mcp_servers", b"mcp_servers", "model", b"model", "process_started", b"process_started", "tools", b"tools", "transcript_id", b"transcript_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mcp_servers", b"mcp_servers", "model", b"model", "process_started", b"process_started", "tools", b"tools", "transcript_id", b"transcript_id", "wait_duration", b"wait_duration"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TurnStarted: _TypeAlias = TurnStarted  # noqa: Y015
+
+@_typing.final
+class WaitingForAgent(_message.Message):
+    """The turn waits for an agent process."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Its place in the replica's queue when it arrived: 1 is next."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitingForAgent: _TypeAlias = WaitingForAgent  # noqa: Y015
 
 @_typing.final
 class McpServerStatus(_message.Message):

@@ -50,9 +50,14 @@ class RuntimeServiceStub:
     RunTurn: _grpc.UnaryStreamMultiCallable[_runtime_service_pb2.RunTurnRequest, _runtime_service_pb2.RunTurnResponse]
     """Runs one turn and streams what happens, from turn_started to
     turn_result. Takes a process from the pool (starting one, resumed from
-    resume_transcript_id, if the session has none). The turn is bound to the
-    call: if the caller cancels it or the connection breaks, the turn is
-    interrupted and the process stopped.
+    resume_transcript_id, if the session has none). When every process is
+    running a turn, the turn waits for one, in order of arrival: the stream
+    opens with waiting_for_agent, and turn_started (with its wait_duration)
+    follows once a process is free. The turn is bound to the call: if the
+    caller cancels it or the connection breaks, a waiting turn leaves the
+    queue, a running one is interrupted and its process stopped. A replica
+    that stops gracefully interrupts its running turns first: each stream
+    still ends with its turn_result (INTERRUPTED, with what the turn cost).
 
     Callers: the session service.
     Errors: PERMISSION_DENIED if the caller is not a Corral service;
@@ -64,17 +69,24 @@ class RuntimeServiceStub:
     session's and its organization policy's, up to 20 each); ALREADY_EXISTS
     (TURN_ALREADY_RUNNING) if the session has a turn running here;
     NOT_FOUND if the session belongs to another organization;
-    RESOURCE_EXHAUSTED (POOL_EXHAUSTED); UNAVAILABLE (DRAINING);
-    FAILED_PRECONDITION (TRANSCRIPT_NOT_FOUND, WORKSPACE_UNAVAILABLE).
-    Failures after the turn started are reported in-stream as an error
-    event and a turn_result, and the stream ends with OK.
+    RESOURCE_EXHAUSTED (POOL_EXHAUSTED, with RetryInfo) if every process is
+    busy and max_waiting_turns turns already wait; UNAVAILABLE (DRAINING) if
+    the replica is shutting down, also for a turn still waiting when it
+    starts to; FAILED_PRECONDITION (TRANSCRIPT_NOT_FOUND,
+    WORKSPACE_UNAVAILABLE); UNAVAILABLE (PROCESS_CRASHED) if the agent
+    process cannot be started. These end the call before turn_started (a
+    waiting turn's after waiting_for_agent). Failures after the turn
+    started are reported in-stream as an error event and a turn_result, and
+    the stream ends with OK.
     """
     InterruptTurn: _grpc.UnaryUnaryMultiCallable[_runtime_service_pb2.InterruptTurnRequest, _runtime_service_pb2.InterruptTurnResponse]
     """Interrupts a running turn: the SDK interrupt is sent, the CLI process
     and its tools are stopped if they do not stop promptly, pending
     permission requests are denied (source INTERRUPT), and the RunTurn
-    stream ends with a turn_result of status INTERRUPTED. Returns once the
-    interrupt is delivered. Idempotent while the turn is ending.
+    stream ends with a turn_result of status INTERRUPTED. A turn still
+    waiting for a process leaves the queue and ends the same way, having
+    spent nothing. Returns once the interrupt is delivered. Idempotent while
+    the turn is ending.
 
     Callers: the session service.
     Errors: PERMISSION_DENIED; NOT_FOUND (TURN_NOT_FOUND) if the turn is not
@@ -130,9 +142,14 @@ class RuntimeServiceAsyncStub(RuntimeServiceStub):
     RunTurn: _aio.UnaryStreamMultiCallable[_runtime_service_pb2.RunTurnRequest, _runtime_service_pb2.RunTurnResponse]  # type: ignore[assignment]
     """Runs one turn and streams what happens, from turn_started to
     turn_result. Takes a process from the pool (starting one, resumed from
-    resume_transcript_id, if the session has none). The turn is bound to the
-    call: if the caller cancels it or the connection breaks, the turn is
-    interrupted and the process stopped.
+    resume_transcript_id, if the session has none). When every process is
+    running a turn, the turn waits for one, in order of arrival: the stream
+    opens with waiting_for_agent, and turn_started (with its wait_duration)
+    follows once a process is free. The turn is bound to the call: if the
+    caller cancels it or the connection breaks, a waiting turn leaves the
+    queue, a running one is interrupted and its process stopped. A replica
+    that stops gracefully interrupts its running turns first: each stream
+    still ends with its turn_result (INTERRUPTED, with what the turn cost).
 
     Callers: the session service.
     Errors: PERMISSION_DENIED if the caller is not a Corral service;
@@ -144,17 +161,24 @@ class RuntimeServiceAsyncStub(RuntimeServiceStub):
     session's and its organization policy's, up to 20 each); ALREADY_EXISTS
     (TURN_ALREADY_RUNNING) if the session has a turn running here;
     NOT_FOUND if the session belongs to another organization;
-    RESOURCE_EXHAUSTED (POOL_EXHAUSTED); UNAVAILABLE (DRAINING);
-    FAILED_PRECONDITION (TRANSCRIPT_NOT_FOUND, WORKSPACE_UNAVAILABLE).
-    Failures after the turn started are reported in-stream as an error
-    event and a turn_result, and the stream ends with OK.
+    RESOURCE_EXHAUSTED (POOL_EXHAUSTED, with RetryInfo) if every process is
+    busy and max_waiting_turns turns already wait; UNAVAILABLE (DRAINING) if
+    the replica is shutting down, also for a turn still waiting when it
+    starts to; FAILED_PRECONDITION (TRANSCRIPT_NOT_FOUND,
+    WORKSPACE_UNAVAILABLE); UNAVAILABLE (PROCESS_CRASHED) if the agent
+    process cannot be started. These end the call before turn_started (a
+    waiting turn's after waiting_for_agent). Failures after the turn
+    started are reported in-stream as an error event and a turn_result, and
+    the stream ends with OK.
     """
     InterruptTurn: _aio.UnaryUnaryMultiCallable[_runtime_service_pb2.InterruptTurnRequest, _runtime_service_pb2.InterruptTurnResponse]  # type: ignore[assignment]
     """Interrupts a running turn: the SDK interrupt is sent, the CLI process
     and its tools are stopped if they do not stop promptly, pending
     permission requests are denied (source INTERRUPT), and the RunTurn
-    stream ends with a turn_result of status INTERRUPTED. Returns once the
-    interrupt is delivered. Idempotent while the turn is ending.
+    stream ends with a turn_result of status INTERRUPTED. A turn still
+    waiting for a process leaves the queue and ends the same way, having
+    spent nothing. Returns once the interrupt is delivered. Idempotent while
+    the turn is ending.
 
     Callers: the session service.
     Errors: PERMISSION_DENIED; NOT_FOUND (TURN_NOT_FOUND) if the turn is not
@@ -213,9 +237,14 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_runtime_service_pb2.RunTurnResponse], _abc.AsyncIterator[_runtime_service_pb2.RunTurnResponse]]:
         """Runs one turn and streams what happens, from turn_started to
         turn_result. Takes a process from the pool (starting one, resumed from
-        resume_transcript_id, if the session has none). The turn is bound to the
-        call: if the caller cancels it or the connection breaks, the turn is
-        interrupted and the process stopped.
+        resume_transcript_id, if the session has none). When every process is
+        running a turn, the turn waits for one, in order of arrival: the stream
+        opens with waiting_for_agent, and turn_started (with its wait_duration)
+        follows once a process is free. The turn is bound to the call: if the
+        caller cancels it or the connection breaks, a waiting turn leaves the
+        queue, a running one is interrupted and its process stopped. A replica
+        that stops gracefully interrupts its running turns first: each stream
+        still ends with its turn_result (INTERRUPTED, with what the turn cost).
 
         Callers: the session service.
         Errors: PERMISSION_DENIED if the caller is not a Corral service;
@@ -227,10 +256,15 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         session's and its organization policy's, up to 20 each); ALREADY_EXISTS
         (TURN_ALREADY_RUNNING) if the session has a turn running here;
         NOT_FOUND if the session belongs to another organization;
-        RESOURCE_EXHAUSTED (POOL_EXHAUSTED); UNAVAILABLE (DRAINING);
-        FAILED_PRECONDITION (TRANSCRIPT_NOT_FOUND, WORKSPACE_UNAVAILABLE).
-        Failures after the turn started are reported in-stream as an error
-        event and a turn_result, and the stream ends with OK.
+        RESOURCE_EXHAUSTED (POOL_EXHAUSTED, with RetryInfo) if every process is
+        busy and max_waiting_turns turns already wait; UNAVAILABLE (DRAINING) if
+        the replica is shutting down, also for a turn still waiting when it
+        starts to; FAILED_PRECONDITION (TRANSCRIPT_NOT_FOUND,
+        WORKSPACE_UNAVAILABLE); UNAVAILABLE (PROCESS_CRASHED) if the agent
+        process cannot be started. These end the call before turn_started (a
+        waiting turn's after waiting_for_agent). Failures after the turn
+        started are reported in-stream as an error event and a turn_result, and
+        the stream ends with OK.
         """
 
     @_abc_1.abstractmethod
@@ -242,8 +276,10 @@ class RuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         """Interrupts a running turn: the SDK interrupt is sent, the CLI process
         and its tools are stopped if they do not stop promptly, pending
         permission requests are denied (source INTERRUPT), and the RunTurn
-        stream ends with a turn_result of status INTERRUPTED. Returns once the
-        interrupt is delivered. Idempotent while the turn is ending.
+        stream ends with a turn_result of status INTERRUPTED. A turn still
+        waiting for a process leaves the queue and ends the same way, having
+        spent nothing. Returns once the interrupt is delivered. Idempotent while
+        the turn is ending.
 
         Callers: the session service.
         Errors: PERMISSION_DENIED; NOT_FOUND (TURN_NOT_FOUND) if the turn is not

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&corral/runtime/v1/runtime_status.proto\x12\x11\x63orral.runtime.v1\"\xf5\x01\n\rRuntimeStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x11\n\tpool_size\x18\x03 \x01(\x05\x12\x16\n\x0elive_processes\x18\x04 \x01(\x05\x12\x16\n\x0e\x62usy_processes\x18\x05 \x01(\x05\x12\x15\n\ropen_sessions\x18\x06 \x01(\x05\x12\x15\n\rrunning_turns\x18\x07 \x01(\x05\x12#\n\x1bpending_permission_requests\x18\x08 \x01(\x05\x12\x13\n\x0bsdk_version\x18\t \x01(\t\x12\x13\n\x0b\x63li_version\x18\n \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&corral/runtime/v1/runtime_status.proto\x12\x11\x63orral.runtime.v1\"\xa7\x02\n\rRuntimeStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x11\n\tpool_size\x18\x03 \x01(\x05\x12\x16\n\x0elive_processes\x18\x04 \x01(\x05\x12\x16\n\x0e\x62usy_processes\x18\x05 \x01(\x05\x12\x15\n\ropen_sessions\x18\x06 \x01(\x05\x12\x15\n\rrunning_turns\x18\x07 \x01(\x05\x12#\n\x1bpending_permission_requests\x18\x08 \x01(\x05\x12\x13\n\x0bsdk_version\x18\t \x01(\t\x12\x13\n\x0b\x63li_version\x18\n \x01(\t\x12\x15\n\rwaiting_turns\x18\x0b \x01(\x05\x12\x19\n\x11max_waiting_turns\x18\x0c \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corral.runtime.v1.runtime_s
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUNTIMESTATUS']._serialized_start=62
-  _globals['_RUNTIMESTATUS']._serialized_end=307
+  _globals['_RUNTIMESTATUS']._serialized_end=357
 # @@protoc_insertion_point(module_scope)

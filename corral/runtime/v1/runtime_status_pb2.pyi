@@ -32,11 +32,14 @@ class RuntimeStatus(_message.Message):
     PENDING_PERMISSION_REQUESTS_FIELD_NUMBER: _builtins.int
     SDK_VERSION_FIELD_NUMBER: _builtins.int
     CLI_VERSION_FIELD_NUMBER: _builtins.int
+    WAITING_TURNS_FIELD_NUMBER: _builtins.int
+    MAX_WAITING_TURNS_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """This replica's id (pod or host name)."""
     draining: _builtins.bool
-    """Whether the replica is draining: it finishes running turns but accepts
-    no new ones.
+    """Whether the replica is draining (shutting down): it accepts no new
+    turns, interrupts its running ones and ends those still waiting
+    (DRAINING).
     """
     pool_size: _builtins.int
     """Maximum number of live agent (CLI) processes."""
@@ -50,13 +53,21 @@ class RuntimeStatus(_message.Message):
     back. Far larger than pool_size by design.
     """
     running_turns: _builtins.int
-    """Turns running now."""
+    """Turns running now in an agent process (not counting waiting_turns)."""
     pending_permission_requests: _builtins.int
     """Permission requests waiting for a decision now."""
     sdk_version: _builtins.str
     """Version of the claude-agent-sdk package in use."""
     cli_version: _builtins.str
     """Version of the Claude Code CLI the SDK runs."""
+    waiting_turns: _builtins.int
+    """Turns waiting for an agent process now (every process is running a
+    turn); they get one in order of arrival.
+    """
+    max_waiting_turns: _builtins.int
+    """The most turns that may wait; RunTurn answers RESOURCE_EXHAUSTED
+    (POOL_EXHAUSTED) beyond it.
+    """
     def __init__(
         self,
         *,
@@ -70,10 +81,12 @@ class RuntimeStatus(_message.Message):
         pending_permission_requests: _builtins.int = ...,
         sdk_version: _builtins.str = ...,
         cli_version: _builtins.str = ...,
+        waiting_turns: _builtins.int = ...,
+        max_waiting_turns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_processes", b"busy_processes", "cli_version", b"cli_version", "draining", b"draining", "live_processes", b"live_processes", "open_sessions", b"open_sessions", "pending_permission_requests", b"pending_permission_requests", "pool_size", b"pool_size", "replica_id", b"replica_id", "running_turns", b"running_turns", "sdk_version", b"sdk_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy_processes", b"busy_processes", "cli_version", b"cli_version", "draining", b"draining", "live_processes", b"live_processes", "max_waiting_turns", b"max_waiting_turns", "open_sessions", b"open_sessions", "pending_permission_requests", b"pending_permission_requests", "pool_size", b"pool_size", "replica_id", b"replica_id", "running_turns", b"running_turns", "sdk_version", b"sdk_version", "waiting_turns", b"waiting_turns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,8 +28,9 @@ export enum ErrorReason {
   UNSPECIFIED = 0,
 
   /**
-   * RESOURCE_EXHAUSTED: every process in the pool is busy; try another
-   * replica or retry later (RetryInfo).
+   * RESOURCE_EXHAUSTED: every process in the pool is running a turn and
+   * the queue of turns waiting for one is full (RuntimeStatus
+   * max_waiting_turns); try another replica or retry later (RetryInfo).
    *
    * @generated from enum value: ERROR_REASON_POOL_EXHAUSTED = 1;
    */

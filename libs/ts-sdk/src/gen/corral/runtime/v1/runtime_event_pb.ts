@@ -14,7 +14,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file corral/runtime/v1/runtime_event.proto.
  */
 export const file_corral_runtime_v1_runtime_event: GenFile = /*@__PURE__*/
-  fileDesc("CiVjb3JyYWwvcnVudGltZS92MS9ydW50aW1lX2V2ZW50LnByb3RvEhFjb3JyYWwucnVudGltZS52MSKABgoMUnVudGltZUV2ZW50Eg8KB3R1cm5faWQYASABKAkSDwoHb3JkaW5hbBgCIAEoAxIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNgoMdHVybl9zdGFydGVkGAogASgLMh4uY29ycmFsLnJ1bnRpbWUudjEuVHVyblN0YXJ0ZWRIABIyCgp0ZXh0X2RlbHRhGAsgASgLMhwuY29ycmFsLnJ1bnRpbWUudjEuVGV4dERlbHRhSAASMgoKdGV4dF9ibG9jaxgMIAEoCzIcLmNvcnJhbC5ydW50aW1lLnYxLlRleHRCbG9ja0gAEjoKDnRoaW5raW5nX2RlbHRhGA0gASgLMiAuY29ycmFsLnJ1bnRpbWUudjEuVGhpbmtpbmdEZWx0YUgAEjoKDnRoaW5raW5nX2Jsb2NrGA4gASgLMiAuY29ycmFsLnJ1bnRpbWUudjEuVGhpbmtpbmdCbG9ja0gAEi4KCHRvb2xfdXNlGA8gASgLMhouY29ycmFsLnJ1bnRpbWUudjEuVG9vbFVzZUgAEjQKC3Rvb2xfcmVzdWx0GBAgASgLMh0uY29ycmFsLnJ1bnRpbWUudjEuVG9vbFJlc3VsdEgAEkIKEnBlcm1pc3Npb25fcmVxdWVzdBgRIAEoCzIkLmNvcnJhbC5ydW50aW1lLnYxLlBlcm1pc3Npb25SZXF1ZXN0SAASRAoTcGVybWlzc2lvbl9kZWNpc2lvbhgSIAEoCzIlLmNvcnJhbC5ydW50aW1lLnYxLlBlcm1pc3Npb25EZWNpc2lvbkgAEikKBXVzYWdlGBMgASgLMhguY29ycmFsLnJ1bnRpbWUudjEuVXNhZ2VIABI0Cgt0dXJuX3Jlc3VsdBgUIAEoCzIdLmNvcnJhbC5ydW50aW1lLnYxLlR1cm5SZXN1bHRIABIpCgVlcnJvchgVIAEoCzIYLmNvcnJhbC5ydW50aW1lLnYxLkVycm9ySABCCQoHcGF5bG9hZCKUAQoLVHVyblN0YXJ0ZWQSFQoNdHJhbnNjcmlwdF9pZBgBIAEoCRINCgVtb2RlbBgCIAEoCRIXCg9wcm9jZXNzX3N0YXJ0ZWQYAyABKAgSDQoFdG9vbHMYBCADKAkSNwoLbWNwX3NlcnZlcnMYBSADKAsyIi5jb3JyYWwucnVudGltZS52MS5NY3BTZXJ2ZXJTdGF0dXMiLwoPTWNwU2VydmVyU3RhdHVzEgwKBG5hbWUYASABKAkSDgoGc3RhdHVzGAIgASgJIjwKCVRleHREZWx0YRISCgptZXNzYWdlX2lkGAEgASgJEg0KBWluZGV4GAIgASgFEgwKBHRleHQYAyABKAkiPAoJVGV4dEJsb2NrEhIKCm1lc3NhZ2VfaWQYASABKAkSDQoFaW5kZXgYAiABKAUSDAoEdGV4dBgDIAEoCSJECg1UaGlua2luZ0RlbHRhEhIKCm1lc3NhZ2VfaWQYASABKAkSDQoFaW5kZXgYAiABKAUSEAoIdGhpbmtpbmcYAyABKAkiRAoNVGhpbmtpbmdCbG9jaxISCgptZXNzYWdlX2lkGAEgASgJEg0KBWluZGV4GAIgASgFEhAKCHRoaW5raW5nGAMgASgJInsKB1Rvb2xVc2USCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRImCgVpbnB1dBgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEgoKbWNwX3NlcnZlchgEIAEoCRIaChJwYXJlbnRfdG9vbF91c2VfaWQYBSABKAkiXwoKVG9vbFJlc3VsdBITCgt0b29sX3VzZV9pZBgBIAEoCRIPCgdjb250ZW50GAIgASgJEhAKCGlzX2Vycm9yGAMgASgIEhkKEWNvbnRlbnRfdHJ1bmNhdGVkGAQgASgIIrABChFQZXJtaXNzaW9uUmVxdWVzdBIKCgJpZBgBIAEoCRIRCgl0b29sX25hbWUYAiABKAkSEwoLdG9vbF91c2VfaWQYAyABKAkSJgoFaW5wdXQYBCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0Eg4KBnJlYXNvbhgFIAEoCRIvCgtleHBpcmVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAi7wIKElBlcm1pc3Npb25EZWNpc2lvbhIdChVwZXJtaXNzaW9uX3JlcXVlc3RfaWQYASABKAkSNwoIYmVoYXZpb3IYAiABKA4yJS5jb3JyYWwucnVudGltZS52MS5QZXJtaXNzaW9uQmVoYXZpb3ISPAoGc291cmNlGAMgASgOMiwuY29ycmFsLnJ1bnRpbWUudjEuUGVybWlzc2lvbkRlY2lzaW9uLlNvdXJjZRISCgpkZWNpZGVkX2J5GAQgASgJEg8KB21lc3NhZ2UYBSABKAkSLgoNdXBkYXRlZF9pbnB1dBgGIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QibgoGU291cmNlEhYKElNPVVJDRV9VTlNQRUNJRklFRBAAEg8KC1NPVVJDRV9VU0VSEAESEQoNU09VUkNFX1BPTElDWRACEhIKDlNPVVJDRV9USU1FT1VUEAMSFAoQU09VUkNFX0lOVEVSUlVQVBAEIpMBCgVVc2FnZRIUCgxpbnB1dF90b2tlbnMYASABKAMSFQoNb3V0cHV0X3Rva2VucxgCIAEoAxIfChdjYWNoZV9yZWFkX2lucHV0X3Rva2VucxgDIAEoAxIjChtjYWNoZV9jcmVhdGlvbl9pbnB1dF90b2tlbnMYBCABKAMSFwoPY29zdF91c2RfbWljcm9zGAUgASgDIuYDCgpUdXJuUmVzdWx0EjQKBnN0YXR1cxgBIAEoDjIkLmNvcnJhbC5ydW50aW1lLnYxLlR1cm5SZXN1bHQuU3RhdHVzEhEKCW51bV90dXJucxgCIAEoBRIrCghkdXJhdGlvbhgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIvCgxhcGlfZHVyYXRpb24YBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SJwoFdXNhZ2UYBSABKAsyGC5jb3JyYWwucnVudGltZS52MS5Vc2FnZRIOCgZyZXN1bHQYBiABKAkSJwoFZXJyb3IYByABKAsyGC5jb3JyYWwucnVudGltZS52MS5FcnJvchIaChJwZXJtaXNzaW9uX2RlbmlhbHMYCCABKAUSFQoNdHJhbnNjcmlwdF9pZBgJIAEoCSKbAQoGU3RhdHVzEhYKElNUQVRVU19VTlNQRUNJRklFRBAAEhQKEFNUQVRVU19TVUNDRUVERUQQARIRCg1TVEFUVVNfRkFJTEVEEAISFgoSU1RBVFVTX0lOVEVSUlVQVEVEEAMSHAoYU1RBVFVTX01BWF9UVVJOU19SRUFDSEVEEAQSGgoWU1RBVFVTX0JVREdFVF9FWENFRURFRBAFIkgKBUVycm9yEh4KBGNvZGUYASABKA4yEC5nb29nbGUucnBjLkNvZGUSDgoGcmVhc29uGAIgASgJEg8KB21lc3NhZ2UYAyABKAkqdgoSUGVybWlzc2lvbkJlaGF2aW9yEiMKH1BFUk1JU1NJT05fQkVIQVZJT1JfVU5TUEVDSUZJRUQQABIdChlQRVJNSVNTSU9OX0JFSEFWSU9SX0FMTE9XEAESHAoYUEVSTUlTU0lPTl9CRUhBVklPUl9ERU5ZEAJiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp, file_google_rpc_code]);
+  fileDesc("CiVjb3JyYWwvcnVudGltZS92MS9ydW50aW1lX2V2ZW50LnByb3RvEhFjb3JyYWwucnVudGltZS52MSLBBgoMUnVudGltZUV2ZW50Eg8KB3R1cm5faWQYASABKAkSDwoHb3JkaW5hbBgCIAEoAxIvCgtjcmVhdGVfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNgoMdHVybl9zdGFydGVkGAogASgLMh4uY29ycmFsLnJ1bnRpbWUudjEuVHVyblN0YXJ0ZWRIABIyCgp0ZXh0X2RlbHRhGAsgASgLMhwuY29ycmFsLnJ1bnRpbWUudjEuVGV4dERlbHRhSAASMgoKdGV4dF9ibG9jaxgMIAEoCzIcLmNvcnJhbC5ydW50aW1lLnYxLlRleHRCbG9ja0gAEjoKDnRoaW5raW5nX2RlbHRhGA0gASgLMiAuY29ycmFsLnJ1bnRpbWUudjEuVGhpbmtpbmdEZWx0YUgAEjoKDnRoaW5raW5nX2Jsb2NrGA4gASgLMiAuY29ycmFsLnJ1bnRpbWUudjEuVGhpbmtpbmdCbG9ja0gAEi4KCHRvb2xfdXNlGA8gASgLMhouY29ycmFsLnJ1bnRpbWUudjEuVG9vbFVzZUgAEjQKC3Rvb2xfcmVzdWx0GBAgASgLMh0uY29ycmFsLnJ1bnRpbWUudjEuVG9vbFJlc3VsdEgAEkIKEnBlcm1pc3Npb25fcmVxdWVzdBgRIAEoCzIkLmNvcnJhbC5ydW50aW1lLnYxLlBlcm1pc3Npb25SZXF1ZXN0SAASRAoTcGVybWlzc2lvbl9kZWNpc2lvbhgSIAEoCzIlLmNvcnJhbC5ydW50aW1lLnYxLlBlcm1pc3Npb25EZWNpc2lvbkgAEikKBXVzYWdlGBMgASgLMhguY29ycmFsLnJ1bnRpbWUudjEuVXNhZ2VIABI0Cgt0dXJuX3Jlc3VsdBgUIAEoCzIdLmNvcnJhbC5ydW50aW1lLnYxLlR1cm5SZXN1bHRIABIpCgVlcnJvchgVIAEoCzIYLmNvcnJhbC5ydW50aW1lLnYxLkVycm9ySAASPwoRd2FpdGluZ19mb3JfYWdlbnQYFiABKAsyIi5jb3JyYWwucnVudGltZS52MS5XYWl0aW5nRm9yQWdlbnRIAEIJCgdwYXlsb2FkIsYBCgtUdXJuU3RhcnRlZBIVCg10cmFuc2NyaXB0X2lkGAEgASgJEg0KBW1vZGVsGAIgASgJEhcKD3Byb2Nlc3Nfc3RhcnRlZBgDIAEoCBINCgV0b29scxgEIAMoCRI3CgttY3Bfc2VydmVycxgFIAMoCzIiLmNvcnJhbC5ydW50aW1lLnYxLk1jcFNlcnZlclN0YXR1cxIwCg13YWl0X2R1cmF0aW9uGAYgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIiMKD1dhaXRpbmdGb3JBZ2VudBIQCghwb3NpdGlvbhgBIAEoBSIvCg9NY3BTZXJ2ZXJTdGF0dXMSDAoEbmFtZRgBIAEoCRIOCgZzdGF0dXMYAiABKAkiPAoJVGV4dERlbHRhEhIKCm1lc3NhZ2VfaWQYASABKAkSDQoFaW5kZXgYAiABKAUSDAoEdGV4dBgDIAEoCSI8CglUZXh0QmxvY2sSEgoKbWVzc2FnZV9pZBgBIAEoCRINCgVpbmRleBgCIAEoBRIMCgR0ZXh0GAMgASgJIkQKDVRoaW5raW5nRGVsdGESEgoKbWVzc2FnZV9pZBgBIAEoCRINCgVpbmRleBgCIAEoBRIQCgh0aGlua2luZxgDIAEoCSJECg1UaGlua2luZ0Jsb2NrEhIKCm1lc3NhZ2VfaWQYASABKAkSDQoFaW5kZXgYAiABKAUSEAoIdGhpbmtpbmcYAyABKAkiewoHVG9vbFVzZRIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEiYKBWlucHV0GAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBISCgptY3Bfc2VydmVyGAQgASgJEhoKEnBhcmVudF90b29sX3VzZV9pZBgFIAEoCSJfCgpUb29sUmVzdWx0EhMKC3Rvb2xfdXNlX2lkGAEgASgJEg8KB2NvbnRlbnQYAiABKAkSEAoIaXNfZXJyb3IYAyABKAgSGQoRY29udGVudF90cnVuY2F0ZWQYBCABKAgisAEKEVBlcm1pc3Npb25SZXF1ZXN0EgoKAmlkGAEgASgJEhEKCXRvb2xfbmFtZRgCIAEoCRITCgt0b29sX3VzZV9pZBgDIAEoCRImCgVpbnB1dBgEIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSDgoGcmVhc29uGAUgASgJEi8KC2V4cGlyZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCLvAgoSUGVybWlzc2lvbkRlY2lzaW9uEh0KFXBlcm1pc3Npb25fcmVxdWVzdF9pZBgBIAEoCRI3CghiZWhhdmlvchgCIAEoDjIlLmNvcnJhbC5ydW50aW1lLnYxLlBlcm1pc3Npb25CZWhhdmlvchI8CgZzb3VyY2UYAyABKA4yLC5jb3JyYWwucnVudGltZS52MS5QZXJtaXNzaW9uRGVjaXNpb24uU291cmNlEhIKCmRlY2lkZWRfYnkYBCABKAkSDwoHbWVzc2FnZRgFIAEoCRIuCg11cGRhdGVkX2lucHV0GAYgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdCJuCgZTb3VyY2USFgoSU09VUkNFX1VOU1BFQ0lGSUVEEAASDwoLU09VUkNFX1VTRVIQARIRCg1TT1VSQ0VfUE9MSUNZEAISEgoOU09VUkNFX1RJTUVPVVQQAxIUChBTT1VSQ0VfSU5URVJSVVBUEAQikwEKBVVzYWdlEhQKDGlucHV0X3Rva2VucxgBIAEoAxIVCg1vdXRwdXRfdG9rZW5zGAIgASgDEh8KF2NhY2hlX3JlYWRfaW5wdXRfdG9rZW5zGAMgASgDEiMKG2NhY2hlX2NyZWF0aW9uX2lucHV0X3Rva2VucxgEIAEoAxIXCg9jb3N0X3VzZF9taWNyb3MYBSABKAMi5gMKClR1cm5SZXN1bHQSNAoGc3RhdHVzGAEgASgOMiQuY29ycmFsLnJ1bnRpbWUudjEuVHVyblJlc3VsdC5TdGF0dXMSEQoJbnVtX3R1cm5zGAIgASgFEisKCGR1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi8KDGFwaV9kdXJhdGlvbhgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhInCgV1c2FnZRgFIAEoCzIYLmNvcnJhbC5ydW50aW1lLnYxLlVzYWdlEg4KBnJlc3VsdBgGIAEoCRInCgVlcnJvchgHIAEoCzIYLmNvcnJhbC5ydW50aW1lLnYxLkVycm9yEhoKEnBlcm1pc3Npb25fZGVuaWFscxgIIAEoBRIVCg10cmFuc2NyaXB0X2lkGAkgASgJIpsBCgZTdGF0dXMSFgoSU1RBVFVTX1VOU1BFQ0lGSUVEEAASFAoQU1RBVFVTX1NVQ0NFRURFRBABEhEKDVNUQVRVU19GQUlMRUQQAhIWChJTVEFUVVNfSU5URVJSVVBURUQQAxIcChhTVEFUVVNfTUFYX1RVUk5TX1JFQUNIRUQQBBIaChZTVEFUVVNfQlVER0VUX0VYQ0VFREVEEAUiSAoFRXJyb3ISHgoEY29kZRgBIAEoDjIQLmdvb2dsZS5ycGMuQ29kZRIOCgZyZWFzb24YAiABKAkSDwoHbWVzc2FnZRgDIAEoCSp2ChJQZXJtaXNzaW9uQmVoYXZpb3ISIwofUEVSTUlTU0lPTl9CRUhBVklPUl9VTlNQRUNJRklFRBAAEh0KGVBFUk1JU1NJT05fQkVIQVZJT1JfQUxMT1cQARIcChhQRVJNSVNTSU9OX0JFSEFWSU9SX0RFTlkQAmIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp, file_google_rpc_code]);
 
 /**
  * One thing that happened while the runtime ran a turn, mapped from the
@@ -24,9 +24,11 @@ export const file_corral_runtime_v1_runtime_event: GenFile = /*@__PURE__*/
  * corral.session.v1.SessionEvent, assigning session-wide sequence numbers.
  *
  * Within a turn, ordinals start at 1 and increase by 1 with no gaps; the
- * first event is turn_started and the last is turn_result (unless the
- * stream breaks, in which case the session service records the turn as
- * lost).
+ * first event is waiting_for_agent (when every agent process was busy) or
+ * turn_started, and the last is turn_result (unless the stream breaks, in
+ * which case the session service records the turn as lost). A turn
+ * interrupted while it waited has no turn_started: waiting_for_agent, then
+ * turn_result (INTERRUPTED, nothing spent).
  *
  * @generated from message corral.runtime.v1.RuntimeEvent
  */
@@ -154,6 +156,15 @@ export type RuntimeEvent = Message<"corral.runtime.v1.RuntimeEvent"> & {
      */
     value: Error;
     case: "error";
+  } | {
+    /**
+     * Every agent process of the replica is running a turn: this one waits
+     * for one, in order of arrival; turn_started follows when it gets one.
+     *
+     * @generated from field: corral.runtime.v1.WaitingForAgent waiting_for_agent = 22;
+     */
+    value: WaitingForAgent;
+    case: "waitingForAgent";
   } | { case: undefined; value?: undefined };
 };
 
@@ -207,6 +218,14 @@ export type TurnStarted = Message<"corral.runtime.v1.TurnStarted"> & {
    * @generated from field: repeated corral.runtime.v1.McpServerStatus mcp_servers = 5;
    */
   mcpServers: McpServerStatus[];
+
+  /**
+   * How long the turn waited for an agent process (after a
+   * waiting_for_agent event); zero when one was free.
+   *
+   * @generated from field: google.protobuf.Duration wait_duration = 6;
+   */
+  waitDuration?: Duration | undefined;
 };
 
 /**
@@ -215,6 +234,27 @@ export type TurnStarted = Message<"corral.runtime.v1.TurnStarted"> & {
  */
 export const TurnStartedSchema: GenMessage<TurnStarted> = /*@__PURE__*/
   messageDesc(file_corral_runtime_v1_runtime_event, 1);
+
+/**
+ * The turn waits for an agent process.
+ *
+ * @generated from message corral.runtime.v1.WaitingForAgent
+ */
+export type WaitingForAgent = Message<"corral.runtime.v1.WaitingForAgent"> & {
+  /**
+   * Its place in the replica's queue when it arrived: 1 is next.
+   *
+   * @generated from field: int32 position = 1;
+   */
+  position: number;
+};
+
+/**
+ * Describes the message corral.runtime.v1.WaitingForAgent.
+ * Use `create(WaitingForAgentSchema)` to create a new message.
+ */
+export const WaitingForAgentSchema: GenMessage<WaitingForAgent> = /*@__PURE__*/
+  messageDesc(file_corral_runtime_v1_runtime_event, 2);
 
 /**
  * Whether an MCP server connected at turn start.
@@ -242,7 +282,7 @@ export type McpServerStatus = Message<"corral.runtime.v1.McpServerStatus"> & {
  * Use `create(McpServerStatusSchema)` to create a new message.
  */
 export const McpServerStatusSchema: GenMessage<McpServerStatus> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 2);
+  messageDesc(file_corral_runtime_v1_runtime_event, 3);
 
 /**
  * A fragment of assistant text.
@@ -277,7 +317,7 @@ export type TextDelta = Message<"corral.runtime.v1.TextDelta"> & {
  * Use `create(TextDeltaSchema)` to create a new message.
  */
 export const TextDeltaSchema: GenMessage<TextDelta> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 3);
+  messageDesc(file_corral_runtime_v1_runtime_event, 4);
 
 /**
  * A complete assistant text block.
@@ -312,7 +352,7 @@ export type TextBlock = Message<"corral.runtime.v1.TextBlock"> & {
  * Use `create(TextBlockSchema)` to create a new message.
  */
 export const TextBlockSchema: GenMessage<TextBlock> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 4);
+  messageDesc(file_corral_runtime_v1_runtime_event, 5);
 
 /**
  * A fragment of thinking.
@@ -347,7 +387,7 @@ export type ThinkingDelta = Message<"corral.runtime.v1.ThinkingDelta"> & {
  * Use `create(ThinkingDeltaSchema)` to create a new message.
  */
 export const ThinkingDeltaSchema: GenMessage<ThinkingDelta> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 5);
+  messageDesc(file_corral_runtime_v1_runtime_event, 6);
 
 /**
  * A complete thinking block.
@@ -382,7 +422,7 @@ export type ThinkingBlock = Message<"corral.runtime.v1.ThinkingBlock"> & {
  * Use `create(ThinkingBlockSchema)` to create a new message.
  */
 export const ThinkingBlockSchema: GenMessage<ThinkingBlock> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 6);
+  messageDesc(file_corral_runtime_v1_runtime_event, 7);
 
 /**
  * A tool call.
@@ -431,7 +471,7 @@ export type ToolUse = Message<"corral.runtime.v1.ToolUse"> & {
  * Use `create(ToolUseSchema)` to create a new message.
  */
 export const ToolUseSchema: GenMessage<ToolUse> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 7);
+  messageDesc(file_corral_runtime_v1_runtime_event, 8);
 
 /**
  * A tool call's result.
@@ -473,7 +513,7 @@ export type ToolResult = Message<"corral.runtime.v1.ToolResult"> & {
  * Use `create(ToolResultSchema)` to create a new message.
  */
 export const ToolResultSchema: GenMessage<ToolResult> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 8);
+  messageDesc(file_corral_runtime_v1_runtime_event, 9);
 
 /**
  * The agent wants to use a tool and waits for a decision.
@@ -529,7 +569,7 @@ export type PermissionRequest = Message<"corral.runtime.v1.PermissionRequest"> &
  * Use `create(PermissionRequestSchema)` to create a new message.
  */
 export const PermissionRequestSchema: GenMessage<PermissionRequest> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 9);
+  messageDesc(file_corral_runtime_v1_runtime_event, 10);
 
 /**
  * A permission request was decided.
@@ -585,7 +625,7 @@ export type PermissionDecision = Message<"corral.runtime.v1.PermissionDecision">
  * Use `create(PermissionDecisionSchema)` to create a new message.
  */
 export const PermissionDecisionSchema: GenMessage<PermissionDecision> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 10);
+  messageDesc(file_corral_runtime_v1_runtime_event, 11);
 
 /**
  * Who or what decided.
@@ -633,7 +673,7 @@ export enum PermissionDecision_Source {
  * Describes the enum corral.runtime.v1.PermissionDecision.Source.
  */
 export const PermissionDecision_SourceSchema: GenEnum<PermissionDecision_Source> = /*@__PURE__*/
-  enumDesc(file_corral_runtime_v1_runtime_event, 10, 0);
+  enumDesc(file_corral_runtime_v1_runtime_event, 11, 0);
 
 /**
  * Token usage and cost.
@@ -682,7 +722,7 @@ export type Usage = Message<"corral.runtime.v1.Usage"> & {
  * Use `create(UsageSchema)` to create a new message.
  */
 export const UsageSchema: GenMessage<Usage> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 11);
+  messageDesc(file_corral_runtime_v1_runtime_event, 12);
 
 /**
  * How the turn ended.
@@ -760,7 +800,7 @@ export type TurnResult = Message<"corral.runtime.v1.TurnResult"> & {
  * Use `create(TurnResultSchema)` to create a new message.
  */
 export const TurnResultSchema: GenMessage<TurnResult> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 12);
+  messageDesc(file_corral_runtime_v1_runtime_event, 13);
 
 /**
  * The outcome.
@@ -815,7 +855,7 @@ export enum TurnResult_Status {
  * Describes the enum corral.runtime.v1.TurnResult.Status.
  */
 export const TurnResult_StatusSchema: GenEnum<TurnResult_Status> = /*@__PURE__*/
-  enumDesc(file_corral_runtime_v1_runtime_event, 12, 0);
+  enumDesc(file_corral_runtime_v1_runtime_event, 13, 0);
 
 /**
  * A problem during the turn.
@@ -850,7 +890,7 @@ export type Error = Message<"corral.runtime.v1.Error"> & {
  * Use `create(ErrorSchema)` to create a new message.
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
-  messageDesc(file_corral_runtime_v1_runtime_event, 13);
+  messageDesc(file_corral_runtime_v1_runtime_event, 14);
 
 /**
  * Allow or deny, for permission requests.

@@ -10,7 +10,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file corral/runtime/v1/runtime_status.proto.
  */
 export const file_corral_runtime_v1_runtime_status: GenFile = /*@__PURE__*/
-  fileDesc("CiZjb3JyYWwvcnVudGltZS92MS9ydW50aW1lX3N0YXR1cy5wcm90bxIRY29ycmFsLnJ1bnRpbWUudjEi9QEKDVJ1bnRpbWVTdGF0dXMSEgoKcmVwbGljYV9pZBgBIAEoCRIQCghkcmFpbmluZxgCIAEoCBIRCglwb29sX3NpemUYAyABKAUSFgoObGl2ZV9wcm9jZXNzZXMYBCABKAUSFgoOYnVzeV9wcm9jZXNzZXMYBSABKAUSFQoNb3Blbl9zZXNzaW9ucxgGIAEoBRIVCg1ydW5uaW5nX3R1cm5zGAcgASgFEiMKG3BlbmRpbmdfcGVybWlzc2lvbl9yZXF1ZXN0cxgIIAEoBRITCgtzZGtfdmVyc2lvbhgJIAEoCRITCgtjbGlfdmVyc2lvbhgKIAEoCWIGcHJvdG8z");
+  fileDesc("CiZjb3JyYWwvcnVudGltZS92MS9ydW50aW1lX3N0YXR1cy5wcm90bxIRY29ycmFsLnJ1bnRpbWUudjEipwIKDVJ1bnRpbWVTdGF0dXMSEgoKcmVwbGljYV9pZBgBIAEoCRIQCghkcmFpbmluZxgCIAEoCBIRCglwb29sX3NpemUYAyABKAUSFgoObGl2ZV9wcm9jZXNzZXMYBCABKAUSFgoOYnVzeV9wcm9jZXNzZXMYBSABKAUSFQoNb3Blbl9zZXNzaW9ucxgGIAEoBRIVCg1ydW5uaW5nX3R1cm5zGAcgASgFEiMKG3BlbmRpbmdfcGVybWlzc2lvbl9yZXF1ZXN0cxgIIAEoBRITCgtzZGtfdmVyc2lvbhgJIAEoCRITCgtjbGlfdmVyc2lvbhgKIAEoCRIVCg13YWl0aW5nX3R1cm5zGAsgASgFEhkKEW1heF93YWl0aW5nX3R1cm5zGAwgASgFYgZwcm90bzM");
 
 /**
  * A snapshot of one runtime replica's agent process pool.
@@ -26,8 +26,9 @@ export type RuntimeStatus = Message<"corral.runtime.v1.RuntimeStatus"> & {
   replicaId: string;
 
   /**
-   * Whether the replica is draining: it finishes running turns but accepts
-   * no new ones.
+   * Whether the replica is draining (shutting down): it accepts no new
+   * turns, interrupts its running ones and ends those still waiting
+   * (DRAINING).
    *
    * @generated from field: bool draining = 2;
    */
@@ -64,7 +65,7 @@ export type RuntimeStatus = Message<"corral.runtime.v1.RuntimeStatus"> & {
   openSessions: number;
 
   /**
-   * Turns running now.
+   * Turns running now in an agent process (not counting waiting_turns).
    *
    * @generated from field: int32 running_turns = 7;
    */
@@ -90,6 +91,22 @@ export type RuntimeStatus = Message<"corral.runtime.v1.RuntimeStatus"> & {
    * @generated from field: string cli_version = 10;
    */
   cliVersion: string;
+
+  /**
+   * Turns waiting for an agent process now (every process is running a
+   * turn); they get one in order of arrival.
+   *
+   * @generated from field: int32 waiting_turns = 11;
+   */
+  waitingTurns: number;
+
+  /**
+   * The most turns that may wait; RunTurn answers RESOURCE_EXHAUSTED
+   * (POOL_EXHAUSTED) beyond it.
+   *
+   * @generated from field: int32 max_waiting_turns = 12;
+   */
+  maxWaitingTurns: number;
 };
 
 /**
