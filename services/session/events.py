@@ -23,6 +23,7 @@ WIRE_COPIED = (
     "usage",
     "turn_result",
     "error",
+    "waiting_for_agent",
 )
 STREAMING_FRAGMENTS = frozenset({"text_delta", "thinking_delta"})
 
@@ -37,6 +38,8 @@ def from_runtime(event: rt.RuntimeEvent) -> ev.SessionEvent | None:
         out.create_time.GetCurrentTime()
     if kind == "turn_started":
         out.turn_started.model = event.turn_started.model
+        if event.turn_started.HasField("wait_duration"):
+            out.turn_started.wait_duration.CopyFrom(event.turn_started.wait_duration)
     elif kind in WIRE_COPIED:
         target = getattr(out, kind)
         target.ParseFromString(getattr(event, kind).SerializeToString())

@@ -32,7 +32,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import code_pb2 as google_dot_rpc_dot_code__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63orral/session/v1/event.proto\x12\x11\x63orral.session.v1\x1a\"corral/session/v1/permission.proto\x1a\x1f\x63orral/session/v1/session.proto\x1a\x1d\x63orral/session/v1/usage.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\"\xdf\x07\n\x0cSessionEvent\x12\x30\n\x07session\x18\x01 \x01(\tB\x1f\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07turn_id\x18\x04 \x01(\t\x12\x36\n\x0cuser_message\x18\n \x01(\x0b\x32\x1e.corral.session.v1.UserMessageH\x00\x12\x36\n\x0cturn_started\x18\x0b \x01(\x0b\x32\x1e.corral.session.v1.TurnStartedH\x00\x12\x32\n\ntext_delta\x18\x0c \x01(\x0b\x32\x1c.corral.session.v1.TextDeltaH\x00\x12\x32\n\ntext_block\x18\r \x01(\x0b\x32\x1c.corral.session.v1.TextBlockH\x00\x12:\n\x0ethinking_delta\x18\x0e \x01(\x0b\x32 .corral.session.v1.ThinkingDeltaH\x00\x12:\n\x0ethinking_block\x18\x0f \x01(\x0b\x32 .corral.session.v1.ThinkingBlockH\x00\x12.\n\x08tool_use\x18\x10 \x01(\x0b\x32\x1a.corral.session.v1.ToolUseH\x00\x12\x34\n\x0btool_result\x18\x11 \x01(\x0b\x32\x1d.corral.session.v1.ToolResultH\x00\x12\x42\n\x12permission_request\x18\x12 \x01(\x0b\x32$.corral.session.v1.PermissionRequestH\x00\x12\x44\n\x13permission_decision\x18\x13 \x01(\x0b\x32%.corral.session.v1.PermissionDecisionH\x00\x12)\n\x05usage\x18\x14 \x01(\x0b\x32\x18.corral.session.v1.UsageH\x00\x12\x34\n\x0bturn_result\x18\x15 \x01(\x0b\x32\x1d.corral.session.v1.TurnResultH\x00\x12)\n\x05\x65rror\x18\x16 \x01(\x0b\x32\x18.corral.session.v1.ErrorH\x00\x12\x31\n\theartbeat\x18\x17 \x01(\x0b\x32\x1c.corral.session.v1.HeartbeatH\x00\x12?\n\rstate_changed\x18\x18 \x01(\x0b\x32&.corral.session.v1.SessionStateChangedH\x00\x42\t\n\x07payload\"+\n\x0bUserMessage\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\"\x1c\n\x0bTurnStarted\x12\r\n\x05model\x18\x01 \x01(\t\"<\n\tTextDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"<\n\tTextBlock\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"D\n\rThinkingDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08thinking\x18\x03 \x01(\t\"D\n\rThinkingBlock\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08thinking\x18\x03 \x01(\t\"{\n\x07ToolUse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nmcp_server\x18\x04 \x01(\t\x12\x1a\n\x12parent_tool_use_id\x18\x05 \x01(\t\"_\n\nToolResult\x12\x13\n\x0btool_use_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12\x19\n\x11\x63ontent_truncated\x18\x04 \x01(\x08\"\xcf\x03\n\nTurnResult\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.corral.session.v1.TurnResult.Status\x12\x11\n\tnum_turns\x18\x02 \x01(\x05\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x61pi_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.corral.session.v1.Usage\x12\x0e\n\x06result\x18\x06 \x01(\t\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x18.corral.session.v1.Error\x12\x1a\n\x12permission_denials\x18\x08 \x01(\x05\"\x9b\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_SUCCEEDED\x10\x01\x12\x11\n\rSTATUS_FAILED\x10\x02\x12\x16\n\x12STATUS_INTERRUPTED\x10\x03\x12\x1c\n\x18STATUS_MAX_TURNS_REACHED\x10\x04\x12\x1a\n\x16STATUS_BUDGET_EXCEEDED\x10\x05\"H\n\x05\x45rror\x12\x1e\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x10.google.rpc.Code\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x0b\n\tHeartbeat\"\x80\x01\n\x13SessionStateChanged\x12/\n\x05state\x18\x01 \x01(\x0e\x32 .corral.session.v1.Session.State\x12\x38\n\x0eprevious_state\x18\x02 \x01(\x0e\x32 .corral.session.v1.Session.Stateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63orral/session/v1/event.proto\x12\x11\x63orral.session.v1\x1a\"corral/session/v1/permission.proto\x1a\x1f\x63orral/session/v1/session.proto\x1a\x1d\x63orral/session/v1/usage.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15google/rpc/code.proto\"\xa0\x08\n\x0cSessionEvent\x12\x30\n\x07session\x18\x01 \x01(\tB\x1f\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07turn_id\x18\x04 \x01(\t\x12\x36\n\x0cuser_message\x18\n \x01(\x0b\x32\x1e.corral.session.v1.UserMessageH\x00\x12\x36\n\x0cturn_started\x18\x0b \x01(\x0b\x32\x1e.corral.session.v1.TurnStartedH\x00\x12\x32\n\ntext_delta\x18\x0c \x01(\x0b\x32\x1c.corral.session.v1.TextDeltaH\x00\x12\x32\n\ntext_block\x18\r \x01(\x0b\x32\x1c.corral.session.v1.TextBlockH\x00\x12:\n\x0ethinking_delta\x18\x0e \x01(\x0b\x32 .corral.session.v1.ThinkingDeltaH\x00\x12:\n\x0ethinking_block\x18\x0f \x01(\x0b\x32 .corral.session.v1.ThinkingBlockH\x00\x12.\n\x08tool_use\x18\x10 \x01(\x0b\x32\x1a.corral.session.v1.ToolUseH\x00\x12\x34\n\x0btool_result\x18\x11 \x01(\x0b\x32\x1d.corral.session.v1.ToolResultH\x00\x12\x42\n\x12permission_request\x18\x12 \x01(\x0b\x32$.corral.session.v1.PermissionRequestH\x00\x12\x44\n\x13permission_decision\x18\x13 \x01(\x0b\x32%.corral.session.v1.PermissionDecisionH\x00\x12)\n\x05usage\x18\x14 \x01(\x0b\x32\x18.corral.session.v1.UsageH\x00\x12\x34\n\x0bturn_result\x18\x15 \x01(\x0b\x32\x1d.corral.session.v1.TurnResultH\x00\x12)\n\x05\x65rror\x18\x16 \x01(\x0b\x32\x18.corral.session.v1.ErrorH\x00\x12\x31\n\theartbeat\x18\x17 \x01(\x0b\x32\x1c.corral.session.v1.HeartbeatH\x00\x12?\n\rstate_changed\x18\x18 \x01(\x0b\x32&.corral.session.v1.SessionStateChangedH\x00\x12?\n\x11waiting_for_agent\x18\x19 \x01(\x0b\x32\".corral.session.v1.WaitingForAgentH\x00\x42\t\n\x07payload\"+\n\x0bUserMessage\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\"N\n\x0bTurnStarted\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\rwait_duration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"#\n\x0fWaitingForAgent\x12\x10\n\x08position\x18\x01 \x01(\x05\"<\n\tTextDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"<\n\tTextBlock\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\"D\n\rThinkingDelta\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08thinking\x18\x03 \x01(\t\"D\n\rThinkingBlock\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x10\n\x08thinking\x18\x03 \x01(\t\"{\n\x07ToolUse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nmcp_server\x18\x04 \x01(\t\x12\x1a\n\x12parent_tool_use_id\x18\x05 \x01(\t\"_\n\nToolResult\x12\x13\n\x0btool_use_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12\x19\n\x11\x63ontent_truncated\x18\x04 \x01(\x08\"\xcf\x03\n\nTurnResult\x12\x34\n\x06status\x18\x01 \x01(\x0e\x32$.corral.session.v1.TurnResult.Status\x12\x11\n\tnum_turns\x18\x02 \x01(\x05\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x61pi_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x05usage\x18\x05 \x01(\x0b\x32\x18.corral.session.v1.Usage\x12\x0e\n\x06result\x18\x06 \x01(\t\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x18.corral.session.v1.Error\x12\x1a\n\x12permission_denials\x18\x08 \x01(\x05\"\x9b\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_SUCCEEDED\x10\x01\x12\x11\n\rSTATUS_FAILED\x10\x02\x12\x16\n\x12STATUS_INTERRUPTED\x10\x03\x12\x1c\n\x18STATUS_MAX_TURNS_REACHED\x10\x04\x12\x1a\n\x16STATUS_BUDGET_EXCEEDED\x10\x05\"H\n\x05\x45rror\x12\x1e\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x10.google.rpc.Code\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\x0b\n\tHeartbeat\"\x80\x01\n\x13SessionStateChanged\x12/\n\x05state\x18\x01 \x01(\x0e\x32 .corral.session.v1.Session.State\x12\x38\n\x0eprevious_state\x18\x02 \x01(\x0e\x32 .corral.session.v1.Session.Stateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,31 +42,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONEVENT'].fields_by_name['session']._loaded_options = None
   _globals['_SESSIONEVENT'].fields_by_name['session']._serialized_options = b'\372A\034\n\032session.corral.dev/Session'
   _globals['_SESSIONEVENT']._serialized_start=298
-  _globals['_SESSIONEVENT']._serialized_end=1289
-  _globals['_USERMESSAGE']._serialized_start=1291
-  _globals['_USERMESSAGE']._serialized_end=1334
-  _globals['_TURNSTARTED']._serialized_start=1336
-  _globals['_TURNSTARTED']._serialized_end=1364
-  _globals['_TEXTDELTA']._serialized_start=1366
-  _globals['_TEXTDELTA']._serialized_end=1426
-  _globals['_TEXTBLOCK']._serialized_start=1428
-  _globals['_TEXTBLOCK']._serialized_end=1488
-  _globals['_THINKINGDELTA']._serialized_start=1490
-  _globals['_THINKINGDELTA']._serialized_end=1558
-  _globals['_THINKINGBLOCK']._serialized_start=1560
-  _globals['_THINKINGBLOCK']._serialized_end=1628
-  _globals['_TOOLUSE']._serialized_start=1630
-  _globals['_TOOLUSE']._serialized_end=1753
-  _globals['_TOOLRESULT']._serialized_start=1755
-  _globals['_TOOLRESULT']._serialized_end=1850
-  _globals['_TURNRESULT']._serialized_start=1853
-  _globals['_TURNRESULT']._serialized_end=2316
-  _globals['_TURNRESULT_STATUS']._serialized_start=2161
-  _globals['_TURNRESULT_STATUS']._serialized_end=2316
-  _globals['_ERROR']._serialized_start=2318
-  _globals['_ERROR']._serialized_end=2390
-  _globals['_HEARTBEAT']._serialized_start=2392
-  _globals['_HEARTBEAT']._serialized_end=2403
-  _globals['_SESSIONSTATECHANGED']._serialized_start=2406
-  _globals['_SESSIONSTATECHANGED']._serialized_end=2534
+  _globals['_SESSIONEVENT']._serialized_end=1354
+  _globals['_USERMESSAGE']._serialized_start=1356
+  _globals['_USERMESSAGE']._serialized_end=1399
+  _globals['_TURNSTARTED']._serialized_start=1401
+  _globals['_TURNSTARTED']._serialized_end=1479
+  _globals['_WAITINGFORAGENT']._serialized_start=1481
+  _globals['_WAITINGFORAGENT']._serialized_end=1516
+  _globals['_TEXTDELTA']._serialized_start=1518
+  _globals['_TEXTDELTA']._serialized_end=1578
+  _globals['_TEXTBLOCK']._serialized_start=1580
+  _globals['_TEXTBLOCK']._serialized_end=1640
+  _globals['_THINKINGDELTA']._serialized_start=1642
+  _globals['_THINKINGDELTA']._serialized_end=1710
+  _globals['_THINKINGBLOCK']._serialized_start=1712
+  _globals['_THINKINGBLOCK']._serialized_end=1780
+  _globals['_TOOLUSE']._serialized_start=1782
+  _globals['_TOOLUSE']._serialized_end=1905
+  _globals['_TOOLRESULT']._serialized_start=1907
+  _globals['_TOOLRESULT']._serialized_end=2002
+  _globals['_TURNRESULT']._serialized_start=2005
+  _globals['_TURNRESULT']._serialized_end=2468
+  _globals['_TURNRESULT_STATUS']._serialized_start=2313
+  _globals['_TURNRESULT_STATUS']._serialized_end=2468
+  _globals['_ERROR']._serialized_start=2470
+  _globals['_ERROR']._serialized_end=2542
+  _globals['_HEARTBEAT']._serialized_start=2544
+  _globals['_HEARTBEAT']._serialized_end=2555
+  _globals['_SESSIONSTATECHANGED']._serialized_start=2558
+  _globals['_SESSIONSTATECHANGED']._serialized_end=2686
 # @@protoc_insertion_point(module_scope)

@@ -38,7 +38,8 @@ class SessionEvent(_message.Message):
     order, with no gaps and no duplicates for a given cursor (filters aside).
     Heartbeats are the only events that are not persisted.
 
-    A turn looks like: user_message, turn_started, then any mix of
+    A turn looks like: user_message, waiting_for_agent (only when every
+    agent process was busy), turn_started, then any mix of
     text_delta/text_block, thinking_delta/thinking_block, tool_use,
     permission_request, permission_decision, tool_result, usage, error; and
     finally turn_result.
@@ -65,6 +66,7 @@ class SessionEvent(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     STATE_CHANGED_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_AGENT_FIELD_NUMBER: _builtins.int
     session: _builtins.str
     """The session, `sessions/{session}`."""
     sequence: _builtins.int
@@ -140,6 +142,12 @@ class SessionEvent(_message.Message):
     def state_changed(self) -> Global___SessionStateChanged:
         """The session changed state."""
 
+    @_builtins.property
+    def waiting_for_agent(self) -> Global___WaitingForAgent:
+        """Every agent process is running a turn: this one waits for one, in
+        order of arrival; turn_started follows when it gets one.
+        """
+
     def __init__(
         self,
         *,
@@ -162,12 +170,13 @@ class SessionEvent(_message.Message):
         error: Global___Error | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         state_changed: Global___SessionStateChanged | None = ...,
+        waiting_for_agent: Global___WaitingForAgent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "heartbeat", b"heartbeat", "payload", b"payload", "permission_decision", b"permission_decision", "permission_request", b"permission_request", "state_changed", b"state_changed", "text_block", b"text_block", "text_delta", b"text_delta", "thinking_block", b"thinking_block", "thinking_delta", b"thinking_delta", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_result", b"turn_result", "turn_started", b"turn_started", "usage", b"usage", "user_message", b"user_message"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "heartbeat", b"heartbeat", "payload", b"payload", "permission_decision", b"permission_decision", "permission_request", b"permission_request", "state_changed", b"state_changed", "text_block", b"text_block", "text_delta", b"text_delta", "thinking_block", b"thinking_block", "thinking_delta", b"thinking_delta", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_result", b"turn_result", "turn_started", b"turn_started", "usage", b"usage", "user_message", b"user_message", "waiting_for_agent", b"waiting_for_agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "heartbeat", b"heartbeat", "payload", b"payload", "permission_decision", b"permission_decision", "permission_request", b"permission_request", "sequence", b"sequence", "session", b"session", "state_changed", b"state_changed", "text_block", b"text_block", "text_delta", b"text_delta", "thinking_block", b"thinking_block", "thinking_delta", b"thinking_delta", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_id", b"turn_id", "turn_result", b"turn_result", "turn_started", b"turn_started", "usage", b"usage", "user_message", b"user_message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "error", b"error", "heartbeat", b"heartbeat", "payload", b"payload", "permission_decision", b"permission_decision", "permission_request", b"permission_request", "sequence", b"sequence", "session", b"session", "state_changed", b"state_changed", "text_block", b"text_block", "text_delta", b"text_delta", "thinking_block", b"thinking_block", "thinking_delta", b"thinking_delta", "tool_result", b"tool_result", "tool_use", b"tool_use", "turn_id", b"turn_id", "turn_result", b"turn_result", "turn_started", b"turn_started", "usage", b"usage", "user_message", b"user_message", "waiting_for_agent", b"waiting_for_agent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_message", "turn_started", "text_delta", "text_block", "thinking_delta", "thinking_block", "tool_use", "tool_result", "permission_request", "permission_decision", "usage", "turn_result", "error", "heartbeat", "state_changed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["user_message", "turn_started", "text_delta", "text_block", "thinking_delta", "thinking_block", "tool_use", "tool_result", "permission_request", "permission_decision", "usage", "turn_result", "error", "heartbeat", "state_changed", "waiting_for_agent"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -206,20 +215,50 @@ class TurnStarted(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    WAIT_DURATION_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model serving the turn."""
+    @_builtins.property
+    def wait_duration(self) -> _duration_pb2.Duration:
+        """How long the turn waited for an agent process (after a
+        waiting_for_agent event); zero when one was free.
+        """
+
     def __init__(
         self,
         *,
         model: _builtins.str = ...,
+        wait_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wait_duration", b"wait_duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "wait_duration", b"wait_duration"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TurnStarted: _TypeAlias = TurnStarted  # noqa: Y015
+
+@_typing.final
+class WaitingForAgent(_message.Message):
+    """The turn waits for an agent process."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Its place in the queue when it arrived: 1 is next."""
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitingForAgent: _TypeAlias = WaitingForAgent  # noqa: Y015
 
 @_typing.final
 class TextDelta(_message.Message):

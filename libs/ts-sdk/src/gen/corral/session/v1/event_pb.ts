@@ -21,7 +21,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file corral/session/v1/event.proto.
  */
 export const file_corral_session_v1_event: GenFile = /*@__PURE__*/
-  fileDesc("Ch1jb3JyYWwvc2Vzc2lvbi92MS9ldmVudC5wcm90bxIRY29ycmFsLnNlc3Npb24udjEi3wcKDFNlc3Npb25FdmVudBIwCgdzZXNzaW9uGAEgASgJQh/6QRwKGnNlc3Npb24uY29ycmFsLmRldi9TZXNzaW9uEhAKCHNlcXVlbmNlGAIgASgDEi8KC2NyZWF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgd0dXJuX2lkGAQgASgJEjYKDHVzZXJfbWVzc2FnZRgKIAEoCzIeLmNvcnJhbC5zZXNzaW9uLnYxLlVzZXJNZXNzYWdlSAASNgoMdHVybl9zdGFydGVkGAsgASgLMh4uY29ycmFsLnNlc3Npb24udjEuVHVyblN0YXJ0ZWRIABIyCgp0ZXh0X2RlbHRhGAwgASgLMhwuY29ycmFsLnNlc3Npb24udjEuVGV4dERlbHRhSAASMgoKdGV4dF9ibG9jaxgNIAEoCzIcLmNvcnJhbC5zZXNzaW9uLnYxLlRleHRCbG9ja0gAEjoKDnRoaW5raW5nX2RlbHRhGA4gASgLMiAuY29ycmFsLnNlc3Npb24udjEuVGhpbmtpbmdEZWx0YUgAEjoKDnRoaW5raW5nX2Jsb2NrGA8gASgLMiAuY29ycmFsLnNlc3Npb24udjEuVGhpbmtpbmdCbG9ja0gAEi4KCHRvb2xfdXNlGBAgASgLMhouY29ycmFsLnNlc3Npb24udjEuVG9vbFVzZUgAEjQKC3Rvb2xfcmVzdWx0GBEgASgLMh0uY29ycmFsLnNlc3Npb24udjEuVG9vbFJlc3VsdEgAEkIKEnBlcm1pc3Npb25fcmVxdWVzdBgSIAEoCzIkLmNvcnJhbC5zZXNzaW9uLnYxLlBlcm1pc3Npb25SZXF1ZXN0SAASRAoTcGVybWlzc2lvbl9kZWNpc2lvbhgTIAEoCzIlLmNvcnJhbC5zZXNzaW9uLnYxLlBlcm1pc3Npb25EZWNpc2lvbkgAEikKBXVzYWdlGBQgASgLMhguY29ycmFsLnNlc3Npb24udjEuVXNhZ2VIABI0Cgt0dXJuX3Jlc3VsdBgVIAEoCzIdLmNvcnJhbC5zZXNzaW9uLnYxLlR1cm5SZXN1bHRIABIpCgVlcnJvchgWIAEoCzIYLmNvcnJhbC5zZXNzaW9uLnYxLkVycm9ySAASMQoJaGVhcnRiZWF0GBcgASgLMhwuY29ycmFsLnNlc3Npb24udjEuSGVhcnRiZWF0SAASPwoNc3RhdGVfY2hhbmdlZBgYIAEoCzImLmNvcnJhbC5zZXNzaW9uLnYxLlNlc3Npb25TdGF0ZUNoYW5nZWRIAEIJCgdwYXlsb2FkIisKC1VzZXJNZXNzYWdlEgwKBHRleHQYASABKAkSDgoGc2VuZGVyGAIgASgJIhwKC1R1cm5TdGFydGVkEg0KBW1vZGVsGAEgASgJIjwKCVRleHREZWx0YRISCgptZXNzYWdlX2lkGAEgASgJEg0KBWluZGV4GAIgASgFEgwKBHRleHQYAyABKAkiPAoJVGV4dEJsb2NrEhIKCm1lc3NhZ2VfaWQYASABKAkSDQoFaW5kZXgYAiABKAUSDAoEdGV4dBgDIAEoCSJECg1UaGlua2luZ0RlbHRhEhIKCm1lc3NhZ2VfaWQYASABKAkSDQoFaW5kZXgYAiABKAUSEAoIdGhpbmtpbmcYAyABKAkiRAoNVGhpbmtpbmdCbG9jaxISCgptZXNzYWdlX2lkGAEgASgJEg0KBWluZGV4GAIgASgFEhAKCHRoaW5raW5nGAMgASgJInsKB1Rvb2xVc2USCgoCaWQYASABKAkSDAoEbmFtZRgCIAEoCRImCgVpbnB1dBgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEgoKbWNwX3NlcnZlchgEIAEoCRIaChJwYXJlbnRfdG9vbF91c2VfaWQYBSABKAkiXwoKVG9vbFJlc3VsdBITCgt0b29sX3VzZV9pZBgBIAEoCRIPCgdjb250ZW50GAIgASgJEhAKCGlzX2Vycm9yGAMgASgIEhkKEWNvbnRlbnRfdHJ1bmNhdGVkGAQgASgIIs8DCgpUdXJuUmVzdWx0EjQKBnN0YXR1cxgBIAEoDjIkLmNvcnJhbC5zZXNzaW9uLnYxLlR1cm5SZXN1bHQuU3RhdHVzEhEKCW51bV90dXJucxgCIAEoBRIrCghkdXJhdGlvbhgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIvCgxhcGlfZHVyYXRpb24YBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SJwoFdXNhZ2UYBSABKAsyGC5jb3JyYWwuc2Vzc2lvbi52MS5Vc2FnZRIOCgZyZXN1bHQYBiABKAkSJwoFZXJyb3IYByABKAsyGC5jb3JyYWwuc2Vzc2lvbi52MS5FcnJvchIaChJwZXJtaXNzaW9uX2RlbmlhbHMYCCABKAUimwEKBlN0YXR1cxIWChJTVEFUVVNfVU5TUEVDSUZJRUQQABIUChBTVEFUVVNfU1VDQ0VFREVEEAESEQoNU1RBVFVTX0ZBSUxFRBACEhYKElNUQVRVU19JTlRFUlJVUFRFRBADEhwKGFNUQVRVU19NQVhfVFVSTlNfUkVBQ0hFRBAEEhoKFlNUQVRVU19CVURHRVRfRVhDRUVERUQQBSJICgVFcnJvchIeCgRjb2RlGAEgASgOMhAuZ29vZ2xlLnJwYy5Db2RlEg4KBnJlYXNvbhgCIAEoCRIPCgdtZXNzYWdlGAMgASgJIgsKCUhlYXJ0YmVhdCKAAQoTU2Vzc2lvblN0YXRlQ2hhbmdlZBIvCgVzdGF0ZRgBIAEoDjIgLmNvcnJhbC5zZXNzaW9uLnYxLlNlc3Npb24uU3RhdGUSOAoOcHJldmlvdXNfc3RhdGUYAiABKA4yIC5jb3JyYWwuc2Vzc2lvbi52MS5TZXNzaW9uLlN0YXRlYgZwcm90bzM", [file_corral_session_v1_permission, file_corral_session_v1_session, file_corral_session_v1_usage, file_google_api_resource, file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp, file_google_rpc_code]);
+  fileDesc("Ch1jb3JyYWwvc2Vzc2lvbi92MS9ldmVudC5wcm90bxIRY29ycmFsLnNlc3Npb24udjEioAgKDFNlc3Npb25FdmVudBIwCgdzZXNzaW9uGAEgASgJQh/6QRwKGnNlc3Npb24uY29ycmFsLmRldi9TZXNzaW9uEhAKCHNlcXVlbmNlGAIgASgDEi8KC2NyZWF0ZV90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgd0dXJuX2lkGAQgASgJEjYKDHVzZXJfbWVzc2FnZRgKIAEoCzIeLmNvcnJhbC5zZXNzaW9uLnYxLlVzZXJNZXNzYWdlSAASNgoMdHVybl9zdGFydGVkGAsgASgLMh4uY29ycmFsLnNlc3Npb24udjEuVHVyblN0YXJ0ZWRIABIyCgp0ZXh0X2RlbHRhGAwgASgLMhwuY29ycmFsLnNlc3Npb24udjEuVGV4dERlbHRhSAASMgoKdGV4dF9ibG9jaxgNIAEoCzIcLmNvcnJhbC5zZXNzaW9uLnYxLlRleHRCbG9ja0gAEjoKDnRoaW5raW5nX2RlbHRhGA4gASgLMiAuY29ycmFsLnNlc3Npb24udjEuVGhpbmtpbmdEZWx0YUgAEjoKDnRoaW5raW5nX2Jsb2NrGA8gASgLMiAuY29ycmFsLnNlc3Npb24udjEuVGhpbmtpbmdCbG9ja0gAEi4KCHRvb2xfdXNlGBAgASgLMhouY29ycmFsLnNlc3Npb24udjEuVG9vbFVzZUgAEjQKC3Rvb2xfcmVzdWx0GBEgASgLMh0uY29ycmFsLnNlc3Npb24udjEuVG9vbFJlc3VsdEgAEkIKEnBlcm1pc3Npb25fcmVxdWVzdBgSIAEoCzIkLmNvcnJhbC5zZXNzaW9uLnYxLlBlcm1pc3Npb25SZXF1ZXN0SAASRAoTcGVybWlzc2lvbl9kZWNpc2lvbhgTIAEoCzIlLmNvcnJhbC5zZXNzaW9uLnYxLlBlcm1pc3Npb25EZWNpc2lvbkgAEikKBXVzYWdlGBQgASgLMhguY29ycmFsLnNlc3Npb24udjEuVXNhZ2VIABI0Cgt0dXJuX3Jlc3VsdBgVIAEoCzIdLmNvcnJhbC5zZXNzaW9uLnYxLlR1cm5SZXN1bHRIABIpCgVlcnJvchgWIAEoCzIYLmNvcnJhbC5zZXNzaW9uLnYxLkVycm9ySAASMQoJaGVhcnRiZWF0GBcgASgLMhwuY29ycmFsLnNlc3Npb24udjEuSGVhcnRiZWF0SAASPwoNc3RhdGVfY2hhbmdlZBgYIAEoCzImLmNvcnJhbC5zZXNzaW9uLnYxLlNlc3Npb25TdGF0ZUNoYW5nZWRIABI/ChF3YWl0aW5nX2Zvcl9hZ2VudBgZIAEoCzIiLmNvcnJhbC5zZXNzaW9uLnYxLldhaXRpbmdGb3JBZ2VudEgAQgkKB3BheWxvYWQiKwoLVXNlck1lc3NhZ2USDAoEdGV4dBgBIAEoCRIOCgZzZW5kZXIYAiABKAkiTgoLVHVyblN0YXJ0ZWQSDQoFbW9kZWwYASABKAkSMAoNd2FpdF9kdXJhdGlvbhgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiIjCg9XYWl0aW5nRm9yQWdlbnQSEAoIcG9zaXRpb24YASABKAUiPAoJVGV4dERlbHRhEhIKCm1lc3NhZ2VfaWQYASABKAkSDQoFaW5kZXgYAiABKAUSDAoEdGV4dBgDIAEoCSI8CglUZXh0QmxvY2sSEgoKbWVzc2FnZV9pZBgBIAEoCRINCgVpbmRleBgCIAEoBRIMCgR0ZXh0GAMgASgJIkQKDVRoaW5raW5nRGVsdGESEgoKbWVzc2FnZV9pZBgBIAEoCRINCgVpbmRleBgCIAEoBRIQCgh0aGlua2luZxgDIAEoCSJECg1UaGlua2luZ0Jsb2NrEhIKCm1lc3NhZ2VfaWQYASABKAkSDQoFaW5kZXgYAiABKAUSEAoIdGhpbmtpbmcYAyABKAkiewoHVG9vbFVzZRIKCgJpZBgBIAEoCRIMCgRuYW1lGAIgASgJEiYKBWlucHV0GAMgASgLMhcuZ29vZ2xlLnByb3RvYnVmLlN0cnVjdBISCgptY3Bfc2VydmVyGAQgASgJEhoKEnBhcmVudF90b29sX3VzZV9pZBgFIAEoCSJfCgpUb29sUmVzdWx0EhMKC3Rvb2xfdXNlX2lkGAEgASgJEg8KB2NvbnRlbnQYAiABKAkSEAoIaXNfZXJyb3IYAyABKAgSGQoRY29udGVudF90cnVuY2F0ZWQYBCABKAgizwMKClR1cm5SZXN1bHQSNAoGc3RhdHVzGAEgASgOMiQuY29ycmFsLnNlc3Npb24udjEuVHVyblJlc3VsdC5TdGF0dXMSEQoJbnVtX3R1cm5zGAIgASgFEisKCGR1cmF0aW9uGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi8KDGFwaV9kdXJhdGlvbhgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhInCgV1c2FnZRgFIAEoCzIYLmNvcnJhbC5zZXNzaW9uLnYxLlVzYWdlEg4KBnJlc3VsdBgGIAEoCRInCgVlcnJvchgHIAEoCzIYLmNvcnJhbC5zZXNzaW9uLnYxLkVycm9yEhoKEnBlcm1pc3Npb25fZGVuaWFscxgIIAEoBSKbAQoGU3RhdHVzEhYKElNUQVRVU19VTlNQRUNJRklFRBAAEhQKEFNUQVRVU19TVUNDRUVERUQQARIRCg1TVEFUVVNfRkFJTEVEEAISFgoSU1RBVFVTX0lOVEVSUlVQVEVEEAMSHAoYU1RBVFVTX01BWF9UVVJOU19SRUFDSEVEEAQSGgoWU1RBVFVTX0JVREdFVF9FWENFRURFRBAFIkgKBUVycm9yEh4KBGNvZGUYASABKA4yEC5nb29nbGUucnBjLkNvZGUSDgoGcmVhc29uGAIgASgJEg8KB21lc3NhZ2UYAyABKAkiCwoJSGVhcnRiZWF0IoABChNTZXNzaW9uU3RhdGVDaGFuZ2VkEi8KBXN0YXRlGAEgASgOMiAuY29ycmFsLnNlc3Npb24udjEuU2Vzc2lvbi5TdGF0ZRI4Cg5wcmV2aW91c19zdGF0ZRgCIAEoDjIgLmNvcnJhbC5zZXNzaW9uLnYxLlNlc3Npb24uU3RhdGViBnByb3RvMw", [file_corral_session_v1_permission, file_corral_session_v1_session, file_corral_session_v1_usage, file_google_api_resource, file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp, file_google_rpc_code]);
 
 /**
  * One entry of a session's history: what the user said, what the agent
@@ -36,7 +36,8 @@ export const file_corral_session_v1_event: GenFile = /*@__PURE__*/
  * order, with no gaps and no duplicates for a given cursor (filters aside).
  * Heartbeats are the only events that are not persisted.
  *
- * A turn looks like: user_message, turn_started, then any mix of
+ * A turn looks like: user_message, waiting_for_agent (only when every
+ * agent process was busy), turn_started, then any mix of
  * text_delta/text_block, thinking_delta/thinking_block, tool_use,
  * permission_request, permission_decision, tool_result, usage, error; and
  * finally turn_result.
@@ -201,6 +202,15 @@ export type SessionEvent = Message<"corral.session.v1.SessionEvent"> & {
      */
     value: SessionStateChanged;
     case: "stateChanged";
+  } | {
+    /**
+     * Every agent process is running a turn: this one waits for one, in
+     * order of arrival; turn_started follows when it gets one.
+     *
+     * @generated from field: corral.session.v1.WaitingForAgent waiting_for_agent = 25;
+     */
+    value: WaitingForAgent;
+    case: "waitingForAgent";
   } | { case: undefined; value?: undefined };
 };
 
@@ -251,6 +261,14 @@ export type TurnStarted = Message<"corral.session.v1.TurnStarted"> & {
    * @generated from field: string model = 1;
    */
   model: string;
+
+  /**
+   * How long the turn waited for an agent process (after a
+   * waiting_for_agent event); zero when one was free.
+   *
+   * @generated from field: google.protobuf.Duration wait_duration = 2;
+   */
+  waitDuration?: Duration | undefined;
 };
 
 /**
@@ -259,6 +277,27 @@ export type TurnStarted = Message<"corral.session.v1.TurnStarted"> & {
  */
 export const TurnStartedSchema: GenMessage<TurnStarted> = /*@__PURE__*/
   messageDesc(file_corral_session_v1_event, 2);
+
+/**
+ * The turn waits for an agent process.
+ *
+ * @generated from message corral.session.v1.WaitingForAgent
+ */
+export type WaitingForAgent = Message<"corral.session.v1.WaitingForAgent"> & {
+  /**
+   * Its place in the queue when it arrived: 1 is next.
+   *
+   * @generated from field: int32 position = 1;
+   */
+  position: number;
+};
+
+/**
+ * Describes the message corral.session.v1.WaitingForAgent.
+ * Use `create(WaitingForAgentSchema)` to create a new message.
+ */
+export const WaitingForAgentSchema: GenMessage<WaitingForAgent> = /*@__PURE__*/
+  messageDesc(file_corral_session_v1_event, 3);
 
 /**
  * A fragment of assistant text. Concatenate the deltas with the same
@@ -294,7 +333,7 @@ export type TextDelta = Message<"corral.session.v1.TextDelta"> & {
  * Use `create(TextDeltaSchema)` to create a new message.
  */
 export const TextDeltaSchema: GenMessage<TextDelta> = /*@__PURE__*/
-  messageDesc(file_corral_session_v1_event, 3);
+  messageDesc(file_corral_session_v1_event, 4);
 
 /**
  * A complete assistant text block.
@@ -329,7 +368,7 @@ export type TextBlock = Message<"corral.session.v1.TextBlock"> & {
  * Use `create(TextBlockSchema)` to create a new message.
  */
 export const TextBlockSchema: GenMessage<TextBlock> = /*@__PURE__*/
-  messageDesc(file_corral_session_v1_event, 4);
+  messageDesc(file_corral_session_v1_event, 5);
 
 /**
  * A fragment of extended thinking, to be concatenated like TextDelta.
@@ -364,7 +403,7 @@ export type ThinkingDelta = Message<"corral.session.v1.ThinkingDelta"> & {
  * Use `create(ThinkingDeltaSchema)` to create a new message.
  */
 export const ThinkingDeltaSchema: GenMessage<ThinkingDelta> = /*@__PURE__*/
-  messageDesc(file_corral_session_v1_event, 5);
+  messageDesc(file_corral_session_v1_event, 6);
 
 /**
  * A complete extended-thinking block.
@@ -399,7 +438,7 @@ export type ThinkingBlock = Message<"corral.session.v1.ThinkingBlock"> & {
  * Use `create(ThinkingBlockSchema)` to create a new message.
  */
 export const ThinkingBlockSchema: GenMessage<ThinkingBlock> = /*@__PURE__*/
-  messageDesc(file_corral_session_v1_event, 6);
+  messageDesc(file_corral_session_v1_event, 7);
 
 /**
  * The agent calls a tool.
@@ -451,7 +490,7 @@ export type ToolUse = Message<"corral.session.v1.ToolUse"> & {
  * Use `create(ToolUseSchema)` to create a new message.
  */
 export const ToolUseSchema: GenMessage<ToolUse> = /*@__PURE__*/
-  messageDesc(file_corral_session_v1_event, 7);
+  messageDesc(file_corral_session_v1_event, 8);
 
 /**
  * The result of a tool call.
@@ -494,7 +533,7 @@ export type ToolResult = Message<"corral.session.v1.ToolResult"> & {
  * Use `create(ToolResultSchema)` to create a new message.
  */
 export const ToolResultSchema: GenMessage<ToolResult> = /*@__PURE__*/
-  messageDesc(file_corral_session_v1_event, 8);
+  messageDesc(file_corral_session_v1_event, 9);
 
 /**
  * How a turn ended.
@@ -564,7 +603,7 @@ export type TurnResult = Message<"corral.session.v1.TurnResult"> & {
  * Use `create(TurnResultSchema)` to create a new message.
  */
 export const TurnResultSchema: GenMessage<TurnResult> = /*@__PURE__*/
-  messageDesc(file_corral_session_v1_event, 9);
+  messageDesc(file_corral_session_v1_event, 10);
 
 /**
  * The turn's outcome.
@@ -619,7 +658,7 @@ export enum TurnResult_Status {
  * Describes the enum corral.session.v1.TurnResult.Status.
  */
 export const TurnResult_StatusSchema: GenEnum<TurnResult_Status> = /*@__PURE__*/
-  enumDesc(file_corral_session_v1_event, 9, 0);
+  enumDesc(file_corral_session_v1_event, 10, 0);
 
 /**
  * An error seen by the session or the agent.
@@ -654,7 +693,7 @@ export type Error = Message<"corral.session.v1.Error"> & {
  * Use `create(ErrorSchema)` to create a new message.
  */
 export const ErrorSchema: GenMessage<Error> = /*@__PURE__*/
-  messageDesc(file_corral_session_v1_event, 10);
+  messageDesc(file_corral_session_v1_event, 11);
 
 /**
  * Sent by StreamSessionEvents after 15 seconds without other events, so
@@ -671,7 +710,7 @@ export type Heartbeat = Message<"corral.session.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_corral_session_v1_event, 11);
+  messageDesc(file_corral_session_v1_event, 12);
 
 /**
  * The session moved to another state.
@@ -699,5 +738,5 @@ export type SessionStateChanged = Message<"corral.session.v1.SessionStateChanged
  * Use `create(SessionStateChangedSchema)` to create a new message.
  */
 export const SessionStateChangedSchema: GenMessage<SessionStateChanged> = /*@__PURE__*/
-  messageDesc(file_corral_session_v1_event, 12);
+  messageDesc(file_corral_session_v1_event, 13);
 
