@@ -61,24 +61,28 @@ def to_status(error: errors.CorralError) -> grpc.Status:
                 )
             )
         )
-    if isinstance(error, errors.ResourceExhausted):
-        if error.violations:
-            details.append(
-                _pack(
-                    error_details_pb2.QuotaFailure(
-                        violations=[
-                            error_details_pb2.QuotaFailure.Violation(
-                                subject=v.subject, description=f"{v.limit}: {v.description}"
-                            )
-                            for v in error.violations
-                        ]
-                    )
+    if isinstance(error, errors.ResourceExhausted) and error.violations:
+        details.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=v.subject, description=f"{v.limit}: {v.description}"
+                        )
+                        for v in error.violations
+                    ]
                 )
             )
-        if error.retry_after_seconds is not None:
-            delay = duration_pb2.Duration()
-            delay.FromNanoseconds(int(error.retry_after_seconds * 1e9))
-            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        )
+    retry_after = (
+        error.retry_after_seconds
+        if isinstance(error, errors.ResourceExhausted | errors.Unavailable)
+        else None
+    )
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(retry_after * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=code.value[0], message=error.message, details=details)
     result: grpc.Status = rpc_status.to_status(status)
     return result
@@ -143,6 +147,10 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.CorralError:
             retry_after_seconds=retry_after,
             reason=reason,
             metadata=metadata,
+        )
+    if category is errors.Unavailable and code == grpc.StatusCode.UNAVAILABLE:
+        return errors.Unavailable(
+            message, retry_after_seconds=retry_after, reason=reason, metadata=metadata
         )
     if code == grpc.StatusCode.INTERNAL or code == grpc.StatusCode.UNKNOWN:
         return errors.Unavailable("a dependency failed", reason="DEPENDENCY_FAILED")

@@ -2,9 +2,11 @@
 
 For every call it: takes or makes a request id, runs the ``CallHook``s in order (authentication,
 rate limiting, ...), calls the handler with the caller bound to a context variable, maps
-:class:`~corral.libs.errors.CorralError` to a rich status (anything unexpected to ``INTERNAL``,
-logged, never leaked), and writes one structured log line. One wrapper rather than a chain of
-interceptors keeps the per-call overhead to a single extra coroutine frame.
+:class:`~corral.libs.errors.CorralError` to a rich status (an outage of the database or Redis
+to ``UNAVAILABLE`` with a retry delay, see :func:`~corral.libs.errors.outage`; anything else
+unexpected to ``INTERNAL``, logged, never leaked), and writes one structured log line. One
+wrapper rather than a chain of interceptors keeps the per-call overhead to a single extra
+coroutine frame.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -30,6 +33,7 @@ from corral.libs.errors import (
     InvalidArgument,
     Unauthenticated,
     Unimplemented,
+    outage,
 )
 from corral.libs.grpc.errors import code_for, internal_status, to_status
 from corral.libs.grpc.metrics import RpcMetrics, rpc_metrics
@@ -40,6 +44,7 @@ log = logging.getLogger("corral.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
 QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+OUTAGE_LOG_SECONDS = 10.0
 
 
 @dataclass
@@ -136,6 +141,7 @@ def _status_name(code: grpc.StatusCode) -> str:
 class CorralServerInterceptor(_ServerInterceptor):
     def __init__(self, hooks: Sequence[CallHook] = (), *, metrics: bool = True) -> None:
         self._hooks = list(hooks)
+        self._outages_logged: dict[str, float] = {}
         self._metrics: RpcMetrics | None = rpc_metrics("server") if metrics else None
 
     async def intercept_service(
@@ -192,6 +198,10 @@ class CorralServerInterceptor(_ServerInterceptor):
         if isinstance(exc, CorralError):
             status = to_status(exc)
             code = code_for(exc)
+        elif (mapped := outage(exc)) is not None:  # the database or Redis, not a bug
+            self._outage(call, mapped, exc)
+            status = to_status(mapped)
+            code = code_for(mapped)
         elif isinstance(exc, NotImplementedError):  # a generated base servicer's method
             status = to_status(Unimplemented("this method is not implemented yet"))
             code = grpc.StatusCode.UNIMPLEMENTED
@@ -208,6 +218,23 @@ class CorralServerInterceptor(_ServerInterceptor):
             trailing_metadata=(*status.trailing_metadata, (REQUEST_ID_KEY, call.request_id)),
         )
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    def _outage(self, call: CallInfo, error: CorralError, exc: Exception) -> None:
+        """One warning per reason every ``OUTAGE_LOG_SECONDS``, not one stack per call: an
+        outage fails every call at once, and each call has its own log line anyway."""
+        now = time.monotonic()
+        if now - self._outages_logged.get(error.reason, -math.inf) < OUTAGE_LOG_SECONDS:
+            return
+        self._outages_logged[error.reason] = now
+        log.warning(
+            "backing store unavailable",
+            extra={
+                "reason": error.reason,
+                "error": repr(exc)[:500],
+                "request_id": call.request_id,
+                "method": call.method,
+            },
+        )
 
     def _log(self, call: CallInfo, code: grpc.StatusCode) -> None:
         """How the call ended: its metrics, then its log line."""

@@ -117,6 +117,15 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT: the permission mode is not allowed by the organisation
     (bypass-permissions is off unless its agent policy allows it).
     """
+    ERROR_REASON_DATABASE_UNAVAILABLE: _ErrorReason.ValueType  # 36
+    """UNAVAILABLE: the service's database cannot be reached, went away
+    mid-request, or is shutting down or starting up; retry after the
+    RetryInfo delay. Nothing was changed by the failed call.
+    """
+    ERROR_REASON_REDIS_UNAVAILABLE: _ErrorReason.ValueType  # 37
+    """UNAVAILABLE: the Redis the service uses (event fan-out, rate limits,
+    revocations) cannot be reached; retry after the RetryInfo delay.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Reasons every Corral service may return, whatever its context: they come
@@ -221,5 +230,14 @@ host unless the organisation lists hosts; plain http only to listed ones).
 ERROR_REASON_PERMISSION_MODE_NOT_ALLOWED: ErrorReason.ValueType  # 35
 """INVALID_ARGUMENT: the permission mode is not allowed by the organisation
 (bypass-permissions is off unless its agent policy allows it).
+"""
+ERROR_REASON_DATABASE_UNAVAILABLE: ErrorReason.ValueType  # 36
+"""UNAVAILABLE: the service's database cannot be reached, went away
+mid-request, or is shutting down or starting up; retry after the
+RetryInfo delay. Nothing was changed by the failed call.
+"""
+ERROR_REASON_REDIS_UNAVAILABLE: ErrorReason.ValueType  # 37
+"""UNAVAILABLE: the Redis the service uses (event fan-out, rate limits,
+revocations) cannot be reached; retry after the RetryInfo delay.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
