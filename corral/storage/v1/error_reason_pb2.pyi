@@ -25,8 +25,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
     """Never sent."""
     ERROR_REASON_INVALID_PATH: _ErrorReason.ValueType  # 1
-    """INVALID_ARGUMENT: the path is absolute, escapes the workspace (`..`),
-    contains NUL, is too long, or uses the reserved `.corral/` prefix.
+    """INVALID_ARGUMENT: the path breaks File's rules (absolute, `.` or `..`
+    segments, control characters, too long, not NFC, ...).
     """
     ERROR_REASON_FILE_EXISTS: _ErrorReason.ValueType  # 2
     """ALREADY_EXISTS: a file exists at the path and overwrite is false."""
@@ -37,35 +37,91 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_CHECKSUM_MISMATCH: _ErrorReason.ValueType  # 4
     """INVALID_ARGUMENT: the SHA-256 given at commit does not match the bytes
-    received; the upload was aborted.
+    received; the upload FAILED.
     """
     ERROR_REASON_SIZE_MISMATCH: _ErrorReason.ValueType  # 5
     """INVALID_ARGUMENT: the bytes received differ from the declared
-    size_bytes; the upload was aborted.
+    size_bytes (at commit; the upload FAILED), or a chunk would go past it.
     """
     ERROR_REASON_UPLOAD_NOT_ACTIVE: _ErrorReason.ValueType  # 6
-    """FAILED_PRECONDITION: the upload is committed, aborted or expired."""
+    """FAILED_PRECONDITION: the upload is committed, aborted, expired or failed.
+    ErrorInfo metadata `state` says which.
+    """
     ERROR_REASON_CHUNK_TOO_LARGE: _ErrorReason.ValueType  # 7
-    """INVALID_ARGUMENT: a chunk is larger than 2 MiB."""
+    """INVALID_ARGUMENT: a chunk is larger than 2 MiB, or WriteFile's data
+    larger than 4 MiB.
+    """
     ERROR_REASON_CONTENT_INVALID: _ErrorReason.ValueType  # 8
-    """INVALID_ARGUMENT: report content is larger than 2 MiB, or a JSON report
+    """INVALID_ARGUMENT: report content is larger than 4 MiB, or a JSON report
     does not parse.
     """
     ERROR_REASON_STORAGE_QUOTA_EXCEEDED: _ErrorReason.ValueType  # 9
-    """RESOURCE_EXHAUSTED: the storage quota would be exceeded (QuotaFailure)."""
+    """RESOURCE_EXHAUSTED: the owner's or the organization's storage quota
+    cannot hold the bytes (QuotaFailure names the limit).
+    """
     ERROR_REASON_FILE_CHANGED: _ErrorReason.ValueType  # 10
-    """ABORTED: the file changed since the offset-resumed download began
-    (if_sha256 no longer matches); restart from offset 0.
+    """ABORTED: the file's content is not the one if_sha256 names (it changed
+    since it was read); read it again.
     """
     ERROR_REASON_REQUEST_ID_REUSED: _ErrorReason.ValueType  # 11
     """INVALID_ARGUMENT: a request_id was reused with a different request."""
     ERROR_REASON_READ_ONLY_ACCESS: _ErrorReason.ValueType  # 12
-    """PERMISSION_DENIED: the caller may read but not change the workspace or
-    report.
+    """PERMISSION_DENIED: the caller may read but not change the workspace,
+    upload or report.
     """
     ERROR_REASON_ARCHIVE_TOO_LARGE: _ErrorReason.ValueType  # 13
-    """FAILED_PRECONDITION: the workspace is too large to archive
-    synchronously (more than 1 GiB or 100,000 files).
+    """FAILED_PRECONDITION (on the archive: failure_reason): the workspace is
+    too large to archive.
+    """
+    ERROR_REASON_WORKSPACE_NOT_FOUND: _ErrorReason.ValueType  # 14
+    """NOT_FOUND: no such workspace, or the caller may not see it."""
+    ERROR_REASON_FILE_NOT_FOUND: _ErrorReason.ValueType  # 15
+    """NOT_FOUND: no regular file at the path (or a part of the path is a
+    symbolic link), or the caller may not see its workspace.
+    """
+    ERROR_REASON_UPLOAD_NOT_FOUND: _ErrorReason.ValueType  # 16
+    """NOT_FOUND: no such upload, or the caller may not see it."""
+    ERROR_REASON_REPORT_NOT_FOUND: _ErrorReason.ValueType  # 17
+    """NOT_FOUND: no such report, or the caller may not see it."""
+    ERROR_REASON_ARCHIVE_NOT_FOUND: _ErrorReason.ValueType  # 18
+    """NOT_FOUND: no such archive, or the caller may not see it."""
+    ERROR_REASON_WORKSPACE_EXISTS: _ErrorReason.ValueType  # 19
+    """ALREADY_EXISTS: the session already has a workspace."""
+    ERROR_REASON_SERVICE_ONLY: _ErrorReason.ValueType  # 20
+    """PERMISSION_DENIED: the method is internal: Corral services only."""
+    ERROR_REASON_FILE_TOO_LARGE: _ErrorReason.ValueType  # 21
+    """FAILED_PRECONDITION: the file would be larger than the deployment's
+    per-file limit (ErrorInfo metadata `limit_bytes`).
+    """
+    ERROR_REASON_WORKSPACE_FULL: _ErrorReason.ValueType  # 22
+    """FAILED_PRECONDITION: the workspace would be larger than the
+    deployment's per-workspace limit (ErrorInfo metadata `limit_bytes`).
+    """
+    ERROR_REASON_UPLOAD_BUSY: _ErrorReason.ValueType  # 23
+    """ABORTED: another chunk or the commit of this upload is in progress;
+    retry after it (GetUpload says where the upload is).
+    """
+    ERROR_REASON_ARCHIVE_NOT_READY: _ErrorReason.ValueType  # 24
+    """FAILED_PRECONDITION: the archive is not READY."""
+    ERROR_REASON_RANGE_NOT_SATISFIABLE: _ErrorReason.ValueType  # 25
+    """INVALID_ARGUMENT: a download's offset is past the end of the file."""
+    ERROR_REASON_PATH_CONFLICT: _ErrorReason.ValueType  # 26
+    """FAILED_PRECONDITION: a directory of the path is a file, or the path is a
+    directory.
+    """
+    ERROR_REASON_BLOB_NOT_FOUND: _ErrorReason.ValueType  # 27
+    """NOT_FOUND: the stored bytes of a report, archive or upload are missing
+    from the blob store (removed outside Corral).
+    """
+    ERROR_REASON_MULTIPART_UPLOAD_NOT_FOUND: _ErrorReason.ValueType  # 28
+    """NOT_FOUND: an upload's staged parts are missing from the blob store."""
+    ERROR_REASON_BLOB_TOO_LARGE: _ErrorReason.ValueType  # 29
+    """FAILED_PRECONDITION: more bytes arrived than the blob store was told to
+    accept.
+    """
+    ERROR_REASON_INVALID_MULTIPART_PARTS: _ErrorReason.ValueType  # 30
+    """INVALID_ARGUMENT: an upload's parts did not join (internal; the upload
+    FAILED).
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -77,8 +133,8 @@ class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
 """Never sent."""
 ERROR_REASON_INVALID_PATH: ErrorReason.ValueType  # 1
-"""INVALID_ARGUMENT: the path is absolute, escapes the workspace (`..`),
-contains NUL, is too long, or uses the reserved `.corral/` prefix.
+"""INVALID_ARGUMENT: the path breaks File's rules (absolute, `.` or `..`
+segments, control characters, too long, not NFC, ...).
 """
 ERROR_REASON_FILE_EXISTS: ErrorReason.ValueType  # 2
 """ALREADY_EXISTS: a file exists at the path and overwrite is false."""
@@ -89,34 +145,90 @@ resume.
 """
 ERROR_REASON_CHECKSUM_MISMATCH: ErrorReason.ValueType  # 4
 """INVALID_ARGUMENT: the SHA-256 given at commit does not match the bytes
-received; the upload was aborted.
+received; the upload FAILED.
 """
 ERROR_REASON_SIZE_MISMATCH: ErrorReason.ValueType  # 5
 """INVALID_ARGUMENT: the bytes received differ from the declared
-size_bytes; the upload was aborted.
+size_bytes (at commit; the upload FAILED), or a chunk would go past it.
 """
 ERROR_REASON_UPLOAD_NOT_ACTIVE: ErrorReason.ValueType  # 6
-"""FAILED_PRECONDITION: the upload is committed, aborted or expired."""
+"""FAILED_PRECONDITION: the upload is committed, aborted, expired or failed.
+ErrorInfo metadata `state` says which.
+"""
 ERROR_REASON_CHUNK_TOO_LARGE: ErrorReason.ValueType  # 7
-"""INVALID_ARGUMENT: a chunk is larger than 2 MiB."""
+"""INVALID_ARGUMENT: a chunk is larger than 2 MiB, or WriteFile's data
+larger than 4 MiB.
+"""
 ERROR_REASON_CONTENT_INVALID: ErrorReason.ValueType  # 8
-"""INVALID_ARGUMENT: report content is larger than 2 MiB, or a JSON report
+"""INVALID_ARGUMENT: report content is larger than 4 MiB, or a JSON report
 does not parse.
 """
 ERROR_REASON_STORAGE_QUOTA_EXCEEDED: ErrorReason.ValueType  # 9
-"""RESOURCE_EXHAUSTED: the storage quota would be exceeded (QuotaFailure)."""
+"""RESOURCE_EXHAUSTED: the owner's or the organization's storage quota
+cannot hold the bytes (QuotaFailure names the limit).
+"""
 ERROR_REASON_FILE_CHANGED: ErrorReason.ValueType  # 10
-"""ABORTED: the file changed since the offset-resumed download began
-(if_sha256 no longer matches); restart from offset 0.
+"""ABORTED: the file's content is not the one if_sha256 names (it changed
+since it was read); read it again.
 """
 ERROR_REASON_REQUEST_ID_REUSED: ErrorReason.ValueType  # 11
 """INVALID_ARGUMENT: a request_id was reused with a different request."""
 ERROR_REASON_READ_ONLY_ACCESS: ErrorReason.ValueType  # 12
-"""PERMISSION_DENIED: the caller may read but not change the workspace or
-report.
+"""PERMISSION_DENIED: the caller may read but not change the workspace,
+upload or report.
 """
 ERROR_REASON_ARCHIVE_TOO_LARGE: ErrorReason.ValueType  # 13
-"""FAILED_PRECONDITION: the workspace is too large to archive
-synchronously (more than 1 GiB or 100,000 files).
+"""FAILED_PRECONDITION (on the archive: failure_reason): the workspace is
+too large to archive.
+"""
+ERROR_REASON_WORKSPACE_NOT_FOUND: ErrorReason.ValueType  # 14
+"""NOT_FOUND: no such workspace, or the caller may not see it."""
+ERROR_REASON_FILE_NOT_FOUND: ErrorReason.ValueType  # 15
+"""NOT_FOUND: no regular file at the path (or a part of the path is a
+symbolic link), or the caller may not see its workspace.
+"""
+ERROR_REASON_UPLOAD_NOT_FOUND: ErrorReason.ValueType  # 16
+"""NOT_FOUND: no such upload, or the caller may not see it."""
+ERROR_REASON_REPORT_NOT_FOUND: ErrorReason.ValueType  # 17
+"""NOT_FOUND: no such report, or the caller may not see it."""
+ERROR_REASON_ARCHIVE_NOT_FOUND: ErrorReason.ValueType  # 18
+"""NOT_FOUND: no such archive, or the caller may not see it."""
+ERROR_REASON_WORKSPACE_EXISTS: ErrorReason.ValueType  # 19
+"""ALREADY_EXISTS: the session already has a workspace."""
+ERROR_REASON_SERVICE_ONLY: ErrorReason.ValueType  # 20
+"""PERMISSION_DENIED: the method is internal: Corral services only."""
+ERROR_REASON_FILE_TOO_LARGE: ErrorReason.ValueType  # 21
+"""FAILED_PRECONDITION: the file would be larger than the deployment's
+per-file limit (ErrorInfo metadata `limit_bytes`).
+"""
+ERROR_REASON_WORKSPACE_FULL: ErrorReason.ValueType  # 22
+"""FAILED_PRECONDITION: the workspace would be larger than the
+deployment's per-workspace limit (ErrorInfo metadata `limit_bytes`).
+"""
+ERROR_REASON_UPLOAD_BUSY: ErrorReason.ValueType  # 23
+"""ABORTED: another chunk or the commit of this upload is in progress;
+retry after it (GetUpload says where the upload is).
+"""
+ERROR_REASON_ARCHIVE_NOT_READY: ErrorReason.ValueType  # 24
+"""FAILED_PRECONDITION: the archive is not READY."""
+ERROR_REASON_RANGE_NOT_SATISFIABLE: ErrorReason.ValueType  # 25
+"""INVALID_ARGUMENT: a download's offset is past the end of the file."""
+ERROR_REASON_PATH_CONFLICT: ErrorReason.ValueType  # 26
+"""FAILED_PRECONDITION: a directory of the path is a file, or the path is a
+directory.
+"""
+ERROR_REASON_BLOB_NOT_FOUND: ErrorReason.ValueType  # 27
+"""NOT_FOUND: the stored bytes of a report, archive or upload are missing
+from the blob store (removed outside Corral).
+"""
+ERROR_REASON_MULTIPART_UPLOAD_NOT_FOUND: ErrorReason.ValueType  # 28
+"""NOT_FOUND: an upload's staged parts are missing from the blob store."""
+ERROR_REASON_BLOB_TOO_LARGE: ErrorReason.ValueType  # 29
+"""FAILED_PRECONDITION: more bytes arrived than the blob store was told to
+accept.
+"""
+ERROR_REASON_INVALID_MULTIPART_PARTS: ErrorReason.ValueType  # 30
+"""INVALID_ARGUMENT: an upload's parts did not join (internal; the upload
+FAILED).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

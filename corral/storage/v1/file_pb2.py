@@ -27,7 +27,7 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63orral/storage/v1/file.proto\x12\x11\x63orral.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x02\n\x04\x46ile\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x12\n\x04path\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nsize_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x63ontent_type\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:N\xea\x41K\n\x17storage.corral.dev/File\x12#workspaces/{workspace}/files/{file}*\x05\x66iles2\x04\x66ileb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63orral/storage/v1/file.proto\x12\x11\x63orral.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x02\n\x04\x46ile\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x12\n\x04path\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x18\n\nsize_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12\x1a\n\x0c\x63ontent_type\x18\x05 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:N\xea\x41K\n\x17storage.corral.dev/File\x12#workspaces/{workspace}/files/{file}*\x05\x66iles2\x04\x66ileJ\x04\x08\x06\x10\x07R\x0b\x63reate_timeb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,12 +44,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILE'].fields_by_name['sha256']._serialized_options = b'\342A\001\003'
   _globals['_FILE'].fields_by_name['content_type']._loaded_options = None
   _globals['_FILE'].fields_by_name['content_type']._serialized_options = b'\342A\001\003'
-  _globals['_FILE'].fields_by_name['create_time']._loaded_options = None
-  _globals['_FILE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_FILE'].fields_by_name['update_time']._loaded_options = None
   _globals['_FILE'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
   _globals['_FILE']._loaded_options = None
   _globals['_FILE']._serialized_options = b'\352AK\n\027storage.corral.dev/File\022#workspaces/{workspace}/files/{file}*\005files2\004file'
   _globals['_FILE']._serialized_start=145
-  _globals['_FILE']._serialized_end=457
+  _globals['_FILE']._serialized_end=421
 # @@protoc_insertion_point(module_scope)

@@ -19,12 +19,22 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class File(_message.Message):
-    """A regular file in a workspace, written by the agent or uploaded.
+    """A regular file in a workspace, written by the agent or uploaded. Storage
+    reads the workspace's directory itself, so a file the agent wrote a moment
+    ago is listed. Symbolic links, devices and other special files are never
+    listed, read or written through: a path whose any part is a symbolic link
+    is NOT_FOUND.
 
     The {file} segment of the name is the file's path encoded as base64url
     without padding (RFC 4648 section 5), so it is stable for a path and safe
-    in URLs. Treat it as opaque: take names from ListFiles, CommitUpload or
-    CreateArchive rather than building them.
+    in URLs. Treat it as opaque: take names from ListFiles, WriteFile or
+    CommitUpload rather than building them.
+
+    Paths: relative to the workspace root, `/`-separated, UTF-8 in Unicode
+    normalization form C, at most 1,024 bytes (255 per segment), with no empty,
+    `.` or `..` segment, no leading or trailing `/`, no backslash, and no NUL
+    or other control character. Anything else is INVALID_ARGUMENT
+    (INVALID_PATH).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -34,30 +44,29 @@ class File(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
-    CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Identifier. `workspaces/{workspace}/files/{file}`."""
     path: _builtins.str
-    """Output only. The path relative to the workspace root, `/`-separated,
-    normalised (no `.` or `..` segments, no leading `/`), at most 1,024
-    bytes of UTF-8.
-    """
+    """Output only. The path relative to the workspace root."""
     size_bytes: _builtins.int
     """Output only. Size in bytes."""
     sha256: _builtins.str
-    """Output only. SHA-256 of the content, 64 lowercase hex characters."""
+    """Output only. SHA-256 of the content, 64 lowercase hex characters.
+    GetFile, DownloadFile, WriteFile and CommitUpload always set it;
+    ListFiles sets it when it is already known for the file's current
+    content (computing it would read every file).
+    """
     content_type: _builtins.str
-    """Output only. The media type: as declared at upload, else guessed from
-    the file name (`application/octet-stream` if unknown).
+    """Output only. The media type: as declared when it was uploaded or written
+    through this service, else guessed from the file name
+    (`application/octet-stream` if unknown).
     """
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the file was first seen or uploaded."""
-
-    @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When its content last changed."""
+        """Output only. When its content last changed (the file's modification
+        time).
+        """
 
     def __init__(
         self,
@@ -67,12 +76,11 @@ class File(_message.Message):
         size_bytes: _builtins.int = ...,
         sha256: _builtins.str = ...,
         content_type: _builtins.str = ...,
-        create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "create_time", b"create_time", "name", b"name", "path", b"path", "sha256", b"sha256", "size_bytes", b"size_bytes", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "name", b"name", "path", b"path", "sha256", b"sha256", "size_bytes", b"size_bytes", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,7 +27,7 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63orral/storage/v1/report.proto\x12\x11\x63orral.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb4\x05\n\x06Report\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12?\n\x0corganization\x18\x02 \x01(\tB)\xe2\x41\x01\x05\xfa\x41\"\n identity.corral.dev/Organization\x12\x34\n\x07session\x18\x03 \x01(\tB#\xe2\x41\x01\x05\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x32\n\x08task_run\x18\x04 \x01(\tB \xe2\x41\x01\x05\xfa\x41\x19\n\x17task.corral.dev/TaskRun\x12\x37\n\x06\x66ormat\x18\x05 \x01(\x0e\x32 .corral.storage.v1.Report.FormatB\x05\xe2\x41\x02\x02\x05\x12\x14\n\x05title\x18\x06 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x16\n\x07\x63ontent\x18\x07 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x18\n\nsize_bytes\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12;\n\x06labels\x18\n \x03(\x0b\x32%.corral.storage.v1.Report.LabelsEntryB\x04\xe2\x41\x01\x05\x12\x15\n\x07\x63reator\x18\x0b \x01(\tB\x04\xe2\x41\x01\x05\x12\x35\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"W\n\x06\x46ormat\x12\x16\n\x12\x46ORMAT_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x46ORMAT_JSON\x10\x01\x12\x13\n\x0f\x46ORMAT_MARKDOWN\x10\x02\x12\x0f\n\x0b\x46ORMAT_HTML\x10\x03:A\xea\x41>\n\x19storage.corral.dev/Report\x12\x10reports/{report}*\x07reports2\x06report*V\n\nReportView\x12\x1b\n\x17REPORT_VIEW_UNSPECIFIED\x10\x00\x12\x15\n\x11REPORT_VIEW_BASIC\x10\x01\x12\x14\n\x10REPORT_VIEW_FULL\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63orral/storage/v1/report.proto\x12\x11\x63orral.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x05\n\x06Report\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12?\n\x0corganization\x18\x02 \x01(\tB)\xe2\x41\x01\x03\xfa\x41\"\n identity.corral.dev/Organization\x12\x34\n\x07session\x18\x03 \x01(\tB#\xe2\x41\x01\x05\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x32\n\x08task_run\x18\x04 \x01(\tB \xe2\x41\x01\x05\xfa\x41\x19\n\x17task.corral.dev/TaskRun\x12\x35\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x1f.corral.storage.v1.ReportFormatB\x04\xe2\x41\x01\x05\x12\x14\n\x05title\x18\x06 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x0f\n\x07\x63ontent\x18\x07 \x01(\x0c\x12\x18\n\nsize_bytes\x18\x08 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x14\n\x06sha256\x18\t \x01(\tB\x04\xe2\x41\x01\x03\x12;\n\x06labels\x18\n \x03(\x0b\x32%.corral.storage.v1.Report.LabelsEntryB\x04\xe2\x41\x01\x05\x12\x15\n\x07\x63reator\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x13\n\x05owner\x18\r \x01(\tB\x04\xe2\x41\x01\x05\x12\x1a\n\x0c\x63ontent_type\x18\x0e \x01(\tB\x04\xe2\x41\x01\x05\x12\x35\n\x0b\x65xpire_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:A\xea\x41>\n\x19storage.corral.dev/Report\x12\x10reports/{report}*\x07reports2\x06report*y\n\x0cReportFormat\x12\x1d\n\x19REPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16REPORT_FORMAT_MARKDOWN\x10\x01\x12\x16\n\x12REPORT_FORMAT_JSON\x10\x02\x12\x16\n\x12REPORT_FORMAT_HTML\x10\x03*V\n\nReportView\x12\x1b\n\x17REPORT_VIEW_UNSPECIFIED\x10\x00\x12\x15\n\x11REPORT_VIEW_BASIC\x10\x01\x12\x14\n\x10REPORT_VIEW_FULL\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORT'].fields_by_name['name']._loaded_options = None
   _globals['_REPORT'].fields_by_name['name']._serialized_options = b'\342A\001\010'
   _globals['_REPORT'].fields_by_name['organization']._loaded_options = None
-  _globals['_REPORT'].fields_by_name['organization']._serialized_options = b'\342A\001\005\372A\"\n identity.corral.dev/Organization'
+  _globals['_REPORT'].fields_by_name['organization']._serialized_options = b'\342A\001\003\372A\"\n identity.corral.dev/Organization'
   _globals['_REPORT'].fields_by_name['session']._loaded_options = None
   _globals['_REPORT'].fields_by_name['session']._serialized_options = b'\342A\001\005\372A\034\n\032session.corral.dev/Session'
   _globals['_REPORT'].fields_by_name['task_run']._loaded_options = None
   _globals['_REPORT'].fields_by_name['task_run']._serialized_options = b'\342A\001\005\372A\031\n\027task.corral.dev/TaskRun'
   _globals['_REPORT'].fields_by_name['format']._loaded_options = None
-  _globals['_REPORT'].fields_by_name['format']._serialized_options = b'\342A\002\002\005'
+  _globals['_REPORT'].fields_by_name['format']._serialized_options = b'\342A\001\005'
   _globals['_REPORT'].fields_by_name['title']._loaded_options = None
   _globals['_REPORT'].fields_by_name['title']._serialized_options = b'\342A\002\002\005'
-  _globals['_REPORT'].fields_by_name['content']._loaded_options = None
-  _globals['_REPORT'].fields_by_name['content']._serialized_options = b'\342A\002\002\005'
   _globals['_REPORT'].fields_by_name['size_bytes']._loaded_options = None
   _globals['_REPORT'].fields_by_name['size_bytes']._serialized_options = b'\342A\001\003'
   _globals['_REPORT'].fields_by_name['sha256']._loaded_options = None
@@ -57,17 +55,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPORT'].fields_by_name['labels']._loaded_options = None
   _globals['_REPORT'].fields_by_name['labels']._serialized_options = b'\342A\001\005'
   _globals['_REPORT'].fields_by_name['creator']._loaded_options = None
-  _globals['_REPORT'].fields_by_name['creator']._serialized_options = b'\342A\001\005'
+  _globals['_REPORT'].fields_by_name['creator']._serialized_options = b'\342A\001\003'
   _globals['_REPORT'].fields_by_name['create_time']._loaded_options = None
   _globals['_REPORT'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_REPORT'].fields_by_name['owner']._loaded_options = None
+  _globals['_REPORT'].fields_by_name['owner']._serialized_options = b'\342A\001\005'
+  _globals['_REPORT'].fields_by_name['content_type']._loaded_options = None
+  _globals['_REPORT'].fields_by_name['content_type']._serialized_options = b'\342A\001\005'
+  _globals['_REPORT'].fields_by_name['expire_time']._loaded_options = None
+  _globals['_REPORT'].fields_by_name['expire_time']._serialized_options = b'\342A\001\005'
   _globals['_REPORT']._loaded_options = None
   _globals['_REPORT']._serialized_options = b'\352A>\n\031storage.corral.dev/Report\022\020reports/{report}*\007reports2\006report'
-  _globals['_REPORTVIEW']._serialized_start=841
-  _globals['_REPORTVIEW']._serialized_end=927
+  _globals['_REPORTFORMAT']._serialized_start=847
+  _globals['_REPORTFORMAT']._serialized_end=968
+  _globals['_REPORTVIEW']._serialized_start=970
+  _globals['_REPORTVIEW']._serialized_end=1056
   _globals['_REPORT']._serialized_start=147
-  _globals['_REPORT']._serialized_end=839
-  _globals['_REPORT_LABELSENTRY']._serialized_start=638
-  _globals['_REPORT_LABELSENTRY']._serialized_end=683
-  _globals['_REPORT_FORMAT']._serialized_start=685
-  _globals['_REPORT_FORMAT']._serialized_end=772
+  _globals['_REPORT']._serialized_end=845
+  _globals['_REPORT_LABELSENTRY']._serialized_start=733
+  _globals['_REPORT_LABELSENTRY']._serialized_end=778
 # @@protoc_insertion_point(module_scope)

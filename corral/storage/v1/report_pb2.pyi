@@ -20,6 +20,48 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ReportFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReportFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPORT_FORMAT_UNSPECIFIED: _ReportFormat.ValueType  # 0
+    """Any other document: content_type says what it is (required then)."""
+    REPORT_FORMAT_MARKDOWN: _ReportFormat.ValueType  # 1
+    """CommonMark Markdown, `text/markdown; charset=utf-8`."""
+    REPORT_FORMAT_JSON: _ReportFormat.ValueType  # 2
+    """A JSON document, `application/json` (it must parse, else
+    INVALID_ARGUMENT, reason CONTENT_INVALID).
+    """
+    REPORT_FORMAT_HTML: _ReportFormat.ValueType  # 3
+    """HTML, `text/html; charset=utf-8`. Untrusted agent output: it is only
+    ever served as a download (Content-Disposition: attachment, nosniff, a
+    sandboxing CSP), never as a page of the API's origin; consoles show it
+    in a sandboxed frame.
+    """
+
+class ReportFormat(_ReportFormat, metaclass=_ReportFormatEnumTypeWrapper):
+    """The kind of document a report is. Numbered as corral.task.v1.TaskTemplate's
+    ReportFormat, so a task run files its report with the template's value.
+    """
+
+REPORT_FORMAT_UNSPECIFIED: ReportFormat.ValueType  # 0
+"""Any other document: content_type says what it is (required then)."""
+REPORT_FORMAT_MARKDOWN: ReportFormat.ValueType  # 1
+"""CommonMark Markdown, `text/markdown; charset=utf-8`."""
+REPORT_FORMAT_JSON: ReportFormat.ValueType  # 2
+"""A JSON document, `application/json` (it must parse, else
+INVALID_ARGUMENT, reason CONTENT_INVALID).
+"""
+REPORT_FORMAT_HTML: ReportFormat.ValueType  # 3
+"""HTML, `text/html; charset=utf-8`. Untrusted agent output: it is only
+ever served as a download (Content-Disposition: attachment, nosniff, a
+sandboxing CSP), never as a page of the API's origin; consoles show it
+in a sandboxed frame.
+"""
+Global___ReportFormat: _TypeAlias = ReportFormat  # noqa: Y015
+
 class _ReportView:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -46,44 +88,18 @@ Global___ReportView: _TypeAlias = ReportView  # noqa: Y015
 
 @_typing.final
 class Report(_message.Message):
-    """A document produced by an agent: the result of a task run, or something a
-    session's user chose to keep. Reports are immutable once created and
-    outlive the session that produced them. All members of the organization
-    may read them.
+    """A document an agent, a task run or a user chose to keep: the result of a
+    task run, or anything worth filing from a session. Its bytes live in the
+    blob store. Reports are immutable once created and outlive the session that
+    produced them; an expire_time makes the retention sweeper delete one.
+
+    Visibility (the same rule as a session's): "readers" are its owner, the
+    admins and viewers of its organization, superusers and Corral services;
+    its owner (with the user role), the organization's admins, superusers and
+    Corral services may delete it. Anyone else gets NOT_FOUND.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
-
-    class _Format:
-        ValueType = _typing.NewType("ValueType", _builtins.int)
-        V: _TypeAlias = ValueType  # noqa: Y015
-
-    class _FormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Report._Format.ValueType], _builtins.type):
-        DESCRIPTOR: _descriptor.EnumDescriptor
-        FORMAT_UNSPECIFIED: Report._Format.ValueType  # 0
-        """Never used; INVALID_ARGUMENT if sent."""
-        FORMAT_JSON: Report._Format.ValueType  # 1
-        """A JSON document (validated at creation)."""
-        FORMAT_MARKDOWN: Report._Format.ValueType  # 2
-        """CommonMark Markdown."""
-        FORMAT_HTML: Report._Format.ValueType  # 3
-        """HTML. Untrusted agent output: clients must render it sandboxed (for
-        example an iframe with `sandbox` and a restrictive CSP).
-        """
-
-    class Format(_Format, metaclass=_FormatEnumTypeWrapper):
-        """The document format."""
-
-    FORMAT_UNSPECIFIED: Report.Format.ValueType  # 0
-    """Never used; INVALID_ARGUMENT if sent."""
-    FORMAT_JSON: Report.Format.ValueType  # 1
-    """A JSON document (validated at creation)."""
-    FORMAT_MARKDOWN: Report.Format.ValueType  # 2
-    """CommonMark Markdown."""
-    FORMAT_HTML: Report.Format.ValueType  # 3
-    """HTML. Untrusted agent output: clients must render it sandboxed (for
-    example an iframe with `sandbox` and a restrictive CSP).
-    """
 
     @_typing.final
     class LabelsEntry(_message.Message):
@@ -117,44 +133,61 @@ class Report(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     CREATOR_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Identifier. The resource name, `reports/{report}`; server-assigned."""
     organization: _builtins.str
-    """Immutable. The owning organization. Defaults to the caller's; Corral
-    services must set it.
+    """Output only. The owning organization: the caller's, or for Corral
+    services the owner's.
     """
     session: _builtins.str
-    """Immutable. The session that produced the report, `sessions/{session}`,
-    if any.
+    """Immutable. The session that produced the report, `sessions/{session}`.
+    Only Corral services set it.
     """
     task_run: _builtins.str
     """Immutable. The task attempt that produced the report,
-    `tasks/{task}/runs/{run}`, if any.
+    `tasks/{task}/runs/{run}`. Only Corral services set it.
     """
-    format: Global___Report.Format.ValueType
-    """Required. Immutable. The document format."""
+    format: Global___ReportFormat.ValueType
+    """Immutable. The document format."""
     title: _builtins.str
     """Required. Immutable. The title, 1-500 characters."""
-    content: _builtins.str
-    """Required. Immutable. The document, UTF-8, at most 2 MiB. Left empty by
-    ListReports and by GetReport with REPORT_VIEW_BASIC.
+    content: _builtins.bytes
+    """Input only (CreateReport), and in GetReport with REPORT_VIEW_FULL. The
+    document, at most 4 MiB. Download it as raw bytes with DownloadReport.
     """
     size_bytes: _builtins.int
-    """Output only. Size of content in bytes (UTF-8)."""
+    """Output only. Size of content in bytes."""
     sha256: _builtins.str
     """Output only. SHA-256 of content, 64 lowercase hex characters."""
     creator: _builtins.str
-    """Immutable. The principal the report is filed for: defaults to the
-    caller; Corral services set it to the task's creator or session's owner.
-    Its storage quota is charged.
+    """Output only. Who filed the report (the caller of CreateReport)."""
+    owner: _builtins.str
+    """Immutable. Whose report it is and whose storage quota it uses: default
+    the caller; Corral services set it (the task's creator, the session's
+    owner), a user or service account of their organization.
+    """
+    content_type: _builtins.str
+    """Immutable. The media type of content. Default: from format; required
+    when format is REPORT_FORMAT_UNSPECIFIED.
     """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Immutable. Free-form labels for filtering, at most 64 entries."""
+        """Immutable. Free-form labels for filtering, at most 64 entries; keys
+        `[a-z][a-z0-9_-]{0,62}`, values at most 63 characters.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the report was created."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Immutable. When the retention sweeper deletes the report; unset: kept
+        until deleted.
+        """
 
     def __init__(
         self,
@@ -163,18 +196,21 @@ class Report(_message.Message):
         organization: _builtins.str = ...,
         session: _builtins.str = ...,
         task_run: _builtins.str = ...,
-        format: Global___Report.Format.ValueType = ...,
+        format: Global___ReportFormat.ValueType = ...,
         title: _builtins.str = ...,
-        content: _builtins.str = ...,
+        content: _builtins.bytes = ...,
         size_bytes: _builtins.int = ...,
         sha256: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         creator: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        owner: _builtins.str = ...,
+        content_type: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "create_time", b"create_time", "creator", b"creator", "format", b"format", "labels", b"labels", "name", b"name", "organization", b"organization", "session", b"session", "sha256", b"sha256", "size_bytes", b"size_bytes", "task_run", b"task_run", "title", b"title"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_type", b"content_type", "create_time", b"create_time", "creator", b"creator", "expire_time", b"expire_time", "format", b"format", "labels", b"labels", "name", b"name", "organization", b"organization", "owner", b"owner", "session", b"session", "sha256", b"sha256", "size_bytes", b"size_bytes", "task_run", b"task_run", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,6 +22,7 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from corral.storage.v1 import archive_pb2 as corral_dot_storage_dot_v1_dot_archive__pb2
 from corral.storage.v1 import file_pb2 as corral_dot_storage_dot_v1_dot_file__pb2
 from corral.storage.v1 import report_pb2 as corral_dot_storage_dot_v1_dot_report__pb2
 from corral.storage.v1 import storage_usage_pb2 as corral_dot_storage_dot_v1_dot_storage__usage__pb2
@@ -30,10 +31,12 @@ from corral.storage.v1 import workspace_pb2 as corral_dot_storage_dot_v1_dot_wor
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import field_info_pb2 as google_dot_api_dot_field__info__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'corral/storage/v1/storage_service.proto\x12\x11\x63orral.storage.v1\x1a\x1c\x63orral/storage/v1/file.proto\x1a\x1e\x63orral/storage/v1/report.proto\x1a%corral/storage/v1/storage_usage.proto\x1a\x1e\x63orral/storage/v1/upload.proto\x1a!corral/storage/v1/workspace.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/api/field_info.proto\x1a\x19google/api/resource.proto\"J\n\x13GetWorkspaceRequest\x12\x33\n\x04name\x18\x01 \x01(\tB%\xe2\x41\x01\x02\xfa\x41\x1e\n\x1cstorage.corral.dev/Workspace\"G\n\x14GetWorkspaceResponse\x12/\n\tworkspace\x18\x01 \x01(\x0b\x32\x1c.corral.storage.v1.Workspace\"`\n\x15ListWorkspacesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"c\n\x16ListWorkspacesResponse\x12\x30\n\nworkspaces\x18\x01 \x03(\x0b\x32\x1c.corral.storage.v1.Workspace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"m\n\x16\x43reateWorkspaceRequest\x12\x35\n\tworkspace\x18\x01 \x01(\x0b\x32\x1c.corral.storage.v1.WorkspaceB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x02 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"J\n\x17\x43reateWorkspaceResponse\x12/\n\tworkspace\x18\x01 \x01(\x0b\x32\x1c.corral.storage.v1.Workspace\"M\n\x16\x44\x65leteWorkspaceRequest\x12\x33\n\x04name\x18\x01 \x01(\tB%\xe2\x41\x01\x02\xfa\x41\x1e\n\x1cstorage.corral.dev/Workspace\"\x19\n\x17\x44\x65leteWorkspaceResponse\"@\n\x0eGetFileRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17storage.corral.dev/File\"8\n\x0fGetFileResponse\x12%\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.corral.storage.v1.File\"\x8d\x01\n\x10ListFilesRequest\x12\x30\n\x06parent\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\x12\x17storage.corral.dev/File\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x10\n\x08order_by\x18\x05 \x01(\t\"T\n\x11ListFilesResponse\x12&\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x17.corral.storage.v1.File\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x11\x44\x65leteFileRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17storage.corral.dev/File\x12\x11\n\tif_sha256\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteFileResponse\"D\n\x10GetUploadRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Upload\">\n\x11GetUploadResponse\x12)\n\x06upload\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.Upload\"\x98\x01\n\x13\x43reateUploadRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\x12\x19storage.corral.dev/Upload\x12/\n\x06upload\x18\x02 \x01(\x0b\x32\x19.corral.storage.v1.UploadB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x03 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"A\n\x14\x43reateUploadResponse\x12)\n\x06upload\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.Upload\"q\n\x10GetReportRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Report\x12+\n\x04view\x18\x02 \x01(\x0e\x32\x1d.corral.storage.v1.ReportView\">\n\x11GetReportResponse\x12)\n\x06report\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.Report\"\x8a\x01\n\x12ListReportsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\x12+\n\x04view\x18\x05 \x01(\x0e\x32\x1d.corral.storage.v1.ReportView\"n\n\x13ListReportsResponse\x12*\n\x07reports\x18\x01 \x03(\x0b\x32\x19.corral.storage.v1.Report\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"d\n\x13\x43reateReportRequest\x12/\n\x06report\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.ReportB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x02 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"A\n\x14\x43reateReportResponse\x12)\n\x06report\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.Report\"G\n\x13\x44\x65leteReportRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Report\"\x16\n\x14\x44\x65leteReportResponse\"\xb5\x01\n\x15\x43loneWorkspaceRequest\x12\x33\n\x04name\x18\x01 \x01(\tB%\xe2\x41\x01\x02\xfa\x41\x1e\n\x1cstorage.corral.dev/Workspace\x12\x34\n\x07session\x18\x02 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x13\n\x05owner\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x04 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"I\n\x16\x43loneWorkspaceResponse\x12/\n\tworkspace\x18\x01 \x01(\x0b\x32\x1c.corral.storage.v1.Workspace\"\x83\x01\n\x14\x43reateArchiveRequest\x12\x38\n\tworkspace\x18\x01 \x01(\tB%\xe2\x41\x01\x02\xfa\x41\x1e\n\x1cstorage.corral.dev/Workspace\x12\x13\n\x0bpath_prefix\x18\x02 \x01(\t\x12\x1c\n\nrequest_id\x18\x03 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\">\n\x15\x43reateArchiveResponse\x12%\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.corral.storage.v1.File\"v\n\x18\x41ppendUploadChunkRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Upload\x12\x14\n\x06offset\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x12\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x42\x04\xe2\x41\x01\x02\"4\n\x19\x41ppendUploadChunkResponse\x12\x17\n\x0f\x63ommitted_bytes\x18\x01 \x01(\x03\"]\n\x13\x43ommitUploadRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Upload\x12\x14\n\x06sha256\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x14\x43ommitUploadResponse\x12%\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.corral.storage.v1.File\"F\n\x12\x41\x62ortUploadRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Upload\"@\n\x13\x41\x62ortUploadResponse\x12)\n\x06upload\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.Upload\"w\n\x13\x44ownloadFileRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17storage.corral.dev/File\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x03\x12\x11\n\tif_sha256\x18\x04 \x01(\t\"[\n\x14\x44ownloadFileResponse\x12%\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.corral.storage.v1.File\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"U\n\x16GetStorageUsageRequest\x12;\n\x0corganization\x18\x01 \x01(\tB%\xfa\x41\"\n identity.corral.dev/Organization\"Q\n\x17GetStorageUsageResponse\x12\x36\n\rstorage_usage\x18\x01 \x01(\x0b\x32\x1f.corral.storage.v1.StorageUsage2\xe2\x15\n\x0eStorageService\x12\x83\x01\n\x0cGetWorkspace\x12&.corral.storage.v1.GetWorkspaceRequest\x1a\'.corral.storage.v1.GetWorkspaceResponse\"\"\x90\x02\x01\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=workspaces/*}\x12\x80\x01\n\x0eListWorkspaces\x12(.corral.storage.v1.ListWorkspacesRequest\x1a).corral.storage.v1.ListWorkspacesResponse\"\x19\x90\x02\x01\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/workspaces\x12\x8b\x01\n\x0f\x43reateWorkspace\x12).corral.storage.v1.CreateWorkspaceRequest\x1a*.corral.storage.v1.CreateWorkspaceResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x0e/v1/workspaces:\tworkspace\x12\x89\x01\n\x0f\x44\x65leteWorkspace\x12).corral.storage.v1.DeleteWorkspaceRequest\x1a*.corral.storage.v1.DeleteWorkspaceResponse\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/v1/{name=workspaces/*}\x12|\n\x07GetFile\x12!.corral.storage.v1.GetFileRequest\x1a\".corral.storage.v1.GetFileResponse\"*\x90\x02\x01\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{name=workspaces/*/files/*}\x12\x82\x01\n\tListFiles\x12#.corral.storage.v1.ListFilesRequest\x1a$.corral.storage.v1.ListFilesResponse\"*\x90\x02\x01\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{parent=workspaces/*}/files\x12\x82\x01\n\nDeleteFile\x12$.corral.storage.v1.DeleteFileRequest\x1a%.corral.storage.v1.DeleteFileResponse\"\'\x82\xd3\xe4\x93\x02!*\x1f/v1/{name=workspaces/*/files/*}\x12\x84\x01\n\tGetUpload\x12#.corral.storage.v1.GetUploadRequest\x1a$.corral.storage.v1.GetUploadResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/{name=workspaces/*/uploads/*}\x12\x92\x01\n\x0c\x43reateUpload\x12&.corral.storage.v1.CreateUploadRequest\x1a\'.corral.storage.v1.CreateUploadResponse\"1\x82\xd3\xe4\x93\x02+\"!/v1/{parent=workspaces/*}/uploads:\x06upload\x12w\n\tGetReport\x12#.corral.storage.v1.GetReportRequest\x1a$.corral.storage.v1.GetReportResponse\"\x1f\x90\x02\x01\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/{name=reports/*}\x12t\n\x0bListReports\x12%.corral.storage.v1.ListReportsRequest\x1a&.corral.storage.v1.ListReportsResponse\"\x16\x90\x02\x01\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/reports\x12|\n\x0c\x43reateReport\x12&.corral.storage.v1.CreateReportRequest\x1a\'.corral.storage.v1.CreateReportResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x0b/v1/reports:\x06report\x12}\n\x0c\x44\x65leteReport\x12&.corral.storage.v1.DeleteReportRequest\x1a\'.corral.storage.v1.DeleteReportResponse\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/v1/{name=reports/*}\x12\x8f\x01\n\x0e\x43loneWorkspace\x12(.corral.storage.v1.CloneWorkspaceRequest\x1a).corral.storage.v1.CloneWorkspaceResponse\"(\x82\xd3\xe4\x93\x02\"\"\x1d/v1/{name=workspaces/*}:clone:\x01*\x12\x99\x01\n\rCreateArchive\x12\'.corral.storage.v1.CreateArchiveRequest\x1a(.corral.storage.v1.CreateArchiveResponse\"5\x82\xd3\xe4\x93\x02/\"*/v1/{workspace=workspaces/*}:createArchive:\x01*\x12\xa3\x01\n\x11\x41ppendUploadChunk\x12+.corral.storage.v1.AppendUploadChunkRequest\x1a,.corral.storage.v1.AppendUploadChunkResponse\"3\x82\xd3\xe4\x93\x02-\"(/v1/{name=workspaces/*/uploads/*}:append:\x01*\x12\x94\x01\n\x0c\x43ommitUpload\x12&.corral.storage.v1.CommitUploadRequest\x1a\'.corral.storage.v1.CommitUploadResponse\"3\x82\xd3\xe4\x93\x02-\"(/v1/{name=workspaces/*/uploads/*}:commit:\x01*\x12\x90\x01\n\x0b\x41\x62ortUpload\x12%.corral.storage.v1.AbortUploadRequest\x1a&.corral.storage.v1.AbortUploadResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{name=workspaces/*/uploads/*}:abort:\x01*\x12\x96\x01\n\x0c\x44ownloadFile\x12&.corral.storage.v1.DownloadFileRequest\x1a\'.corral.storage.v1.DownloadFileResponse\"3\x90\x02\x01\x82\xd3\xe4\x93\x02*\x12(/v1/{name=workspaces/*/files/*}:download0\x01\x12\x85\x01\n\x0fGetStorageUsage\x12).corral.storage.v1.GetStorageUsageRequest\x1a*.corral.storage.v1.GetStorageUsageResponse\"\x1b\x90\x02\x01\x82\xd3\xe4\x93\x02\x12\x12\x10/v1/storageUsageb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'corral/storage/v1/storage_service.proto\x12\x11\x63orral.storage.v1\x1a\x1f\x63orral/storage/v1/archive.proto\x1a\x1c\x63orral/storage/v1/file.proto\x1a\x1e\x63orral/storage/v1/report.proto\x1a%corral/storage/v1/storage_usage.proto\x1a\x1e\x63orral/storage/v1/upload.proto\x1a!corral/storage/v1/workspace.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1bgoogle/api/field_info.proto\x1a\x19google/api/httpbody.proto\x1a\x19google/api/resource.proto\x1a google/protobuf/field_mask.proto\"J\n\x13GetWorkspaceRequest\x12\x33\n\x04name\x18\x01 \x01(\tB%\xe2\x41\x01\x02\xfa\x41\x1e\n\x1cstorage.corral.dev/Workspace\"G\n\x14GetWorkspaceResponse\x12/\n\tworkspace\x18\x01 \x01(\x0b\x32\x1c.corral.storage.v1.Workspace\"`\n\x15ListWorkspacesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"c\n\x16ListWorkspacesResponse\x12\x30\n\nworkspaces\x18\x01 \x03(\x0b\x32\x1c.corral.storage.v1.Workspace\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"m\n\x16\x43reateWorkspaceRequest\x12\x35\n\tworkspace\x18\x01 \x01(\x0b\x32\x1c.corral.storage.v1.WorkspaceB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x02 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"J\n\x17\x43reateWorkspaceResponse\x12/\n\tworkspace\x18\x01 \x01(\x0b\x32\x1c.corral.storage.v1.Workspace\"\xaa\x02\n\x15\x43loneWorkspaceRequest\x12\x33\n\x04name\x18\x01 \x01(\tB%\xe2\x41\x01\x02\xfa\x41\x1e\n\x1cstorage.corral.dev/Workspace\x12\x34\n\x07session\x18\x02 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x13\n\x05owner\x18\x03 \x01(\tB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x04 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\x12\x44\n\x06labels\x18\x05 \x03(\x0b\x32\x34.corral.storage.v1.CloneWorkspaceRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x16\x43loneWorkspaceResponse\x12/\n\tworkspace\x18\x01 \x01(\x0b\x32\x1c.corral.storage.v1.Workspace\"\x86\x01\n\x16UpdateWorkspaceRequest\x12\x35\n\tworkspace\x18\x01 \x01(\x0b\x32\x1c.corral.storage.v1.WorkspaceB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"J\n\x17UpdateWorkspaceResponse\x12/\n\tworkspace\x18\x01 \x01(\x0b\x32\x1c.corral.storage.v1.Workspace\"[\n\x16\x44\x65leteWorkspaceRequest\x12\x33\n\x04name\x18\x01 \x01(\tB%\xe2\x41\x01\x02\xfa\x41\x1e\n\x1cstorage.corral.dev/Workspace\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x19\n\x17\x44\x65leteWorkspaceResponse\"@\n\x0eGetFileRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17storage.corral.dev/File\"8\n\x0fGetFileResponse\x12%\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.corral.storage.v1.File\"\x8e\x01\n\x10ListFilesRequest\x12\x30\n\x06parent\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\x12\x17storage.corral.dev/File\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\x11\n\tdelimiter\x18\x05 \x01(\t\"f\n\x11ListFilesResponse\x12&\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x17.corral.storage.v1.File\x12\x10\n\x08prefixes\x18\x02 \x03(\t\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\xa2\x01\n\x10WriteFileRequest\x12\x30\n\x06parent\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\x12\x17storage.corral.dev/File\x12\x12\n\x04path\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\x12\x11\n\tif_sha256\x18\x06 \x01(\t\":\n\x11WriteFileResponse\x12%\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.corral.storage.v1.File\"V\n\x11\x44\x65leteFileRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17storage.corral.dev/File\x12\x11\n\tif_sha256\x18\x02 \x01(\t\"\x14\n\x12\x44\x65leteFileResponse\"t\n\x0fMoveFileRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17storage.corral.dev/File\x12\x1e\n\x10\x64\x65stination_path\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\toverwrite\x18\x03 \x01(\x08\"9\n\x10MoveFileResponse\x12%\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.corral.storage.v1.File\"w\n\x13\x44ownloadFileRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17storage.corral.dev/File\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x03\x12\x11\n\tif_sha256\x18\x04 \x01(\t\"[\n\x14\x44ownloadFileResponse\x12%\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.corral.storage.v1.File\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"~\n\x1a\x44ownloadFileContentRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17storage.corral.dev/File\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\r\n\x05limit\x18\x03 \x01(\x03\x12\x11\n\tif_sha256\x18\x04 \x01(\t\"\x98\x01\n\x13\x43reateUploadRequest\x12\x32\n\x06parent\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\x12\x19storage.corral.dev/Upload\x12/\n\x06upload\x18\x02 \x01(\x0b\x32\x19.corral.storage.v1.UploadB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x03 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"A\n\x14\x43reateUploadResponse\x12)\n\x06upload\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.Upload\"D\n\x10GetUploadRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Upload\">\n\x11GetUploadResponse\x12)\n\x06upload\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.Upload\"v\n\x18\x41ppendUploadChunkRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Upload\x12\x14\n\x06offset\x18\x02 \x01(\x03\x42\x04\xe2\x41\x01\x02\x12\x12\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x42\x04\xe2\x41\x01\x02\"4\n\x19\x41ppendUploadChunkResponse\x12\x17\n\x0f\x63ommitted_bytes\x18\x01 \x01(\x03\"]\n\x13\x43ommitUploadRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Upload\x12\x14\n\x06sha256\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x14\x43ommitUploadResponse\x12%\n\x04\x66ile\x18\x01 \x01(\x0b\x32\x17.corral.storage.v1.File\"F\n\x12\x41\x62ortUploadRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Upload\"@\n\x13\x41\x62ortUploadResponse\x12)\n\x06upload\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.Upload\"d\n\x13\x43reateReportRequest\x12/\n\x06report\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.ReportB\x04\xe2\x41\x01\x02\x12\x1c\n\nrequest_id\x18\x02 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"A\n\x14\x43reateReportResponse\x12)\n\x06report\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.Report\"q\n\x10GetReportRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Report\x12+\n\x04view\x18\x02 \x01(\x0e\x32\x1d.corral.storage.v1.ReportView\">\n\x11GetReportResponse\x12)\n\x06report\x18\x01 \x01(\x0b\x32\x19.corral.storage.v1.Report\"]\n\x12ListReportsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12\x10\n\x08order_by\x18\x04 \x01(\t\"Z\n\x13ListReportsResponse\x12*\n\x07reports\x18\x01 \x03(\x0b\x32\x19.corral.storage.v1.Report\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"G\n\x13\x44\x65leteReportRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Report\"\x16\n\x14\x44\x65leteReportResponse\"I\n\x15\x44ownloadReportRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19storage.corral.dev/Report\"\x96\x01\n\x14\x43reateArchiveRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\x12\x1astorage.corral.dev/Archive\x12+\n\x07\x61rchive\x18\x02 \x01(\x0b\x32\x1a.corral.storage.v1.Archive\x12\x1c\n\nrequest_id\x18\x03 \x01(\tB\x08\xe2\x8c\xcf\xd7\x08\x02\x08\x01\"D\n\x15\x43reateArchiveResponse\x12+\n\x07\x61rchive\x18\x01 \x01(\x0b\x32\x1a.corral.storage.v1.Archive\"F\n\x11GetArchiveRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1astorage.corral.dev/Archive\"A\n\x12GetArchiveResponse\x12+\n\x07\x61rchive\x18\x01 \x01(\x0b\x32\x1a.corral.storage.v1.Archive\"q\n\x13ListArchivesRequest\x12\x33\n\x06parent\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\x12\x1astorage.corral.dev/Archive\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x14ListArchivesResponse\x12,\n\x08\x61rchives\x18\x01 \x03(\x0b\x32\x1a.corral.storage.v1.Archive\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x14\x44\x65leteArchiveRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1astorage.corral.dev/Archive\"\x17\n\x15\x44\x65leteArchiveResponse\"[\n\x16\x44ownloadArchiveRequest\x12\x31\n\x04name\x18\x01 \x01(\tB#\xe2\x41\x01\x02\xfa\x41\x1c\n\x1astorage.corral.dev/Archive\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"P\n\x16GetStorageUsageRequest\x12\x36\n\x04name\x18\x01 \x01(\tB(\xe2\x41\x01\x02\xfa\x41!\n\x1fstorage.corral.dev/StorageUsage\"Q\n\x17GetStorageUsageResponse\x12\x36\n\rstorage_usage\x18\x01 \x01(\x0b\x32\x1f.corral.storage.v1.StorageUsage2\xf8\x1e\n\x0eStorageService\x12\x83\x01\n\x0cGetWorkspace\x12&.corral.storage.v1.GetWorkspaceRequest\x1a\'.corral.storage.v1.GetWorkspaceResponse\"\"\x90\x02\x01\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=workspaces/*}\x12\x80\x01\n\x0eListWorkspaces\x12(.corral.storage.v1.ListWorkspacesRequest\x1a).corral.storage.v1.ListWorkspacesResponse\"\x19\x90\x02\x01\x82\xd3\xe4\x93\x02\x10\x12\x0e/v1/workspaces\x12h\n\x0f\x43reateWorkspace\x12).corral.storage.v1.CreateWorkspaceRequest\x1a*.corral.storage.v1.CreateWorkspaceResponse\x12\x65\n\x0e\x43loneWorkspace\x12(.corral.storage.v1.CloneWorkspaceRequest\x1a).corral.storage.v1.CloneWorkspaceResponse\x12\x9e\x01\n\x0fUpdateWorkspace\x12).corral.storage.v1.UpdateWorkspaceRequest\x1a*.corral.storage.v1.UpdateWorkspaceResponse\"4\x82\xd3\xe4\x93\x02.2!/v1/{workspace.name=workspaces/*}:\tworkspace\x12\x89\x01\n\x0f\x44\x65leteWorkspace\x12).corral.storage.v1.DeleteWorkspaceRequest\x1a*.corral.storage.v1.DeleteWorkspaceResponse\"\x1f\x82\xd3\xe4\x93\x02\x19*\x17/v1/{name=workspaces/*}\x12|\n\x07GetFile\x12!.corral.storage.v1.GetFileRequest\x1a\".corral.storage.v1.GetFileResponse\"*\x90\x02\x01\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{name=workspaces/*/files/*}\x12\x82\x01\n\tListFiles\x12#.corral.storage.v1.ListFilesRequest\x1a$.corral.storage.v1.ListFilesResponse\"*\x90\x02\x01\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{parent=workspaces/*}/files\x12\x88\x01\n\tWriteFile\x12#.corral.storage.v1.WriteFileRequest\x1a$.corral.storage.v1.WriteFileResponse\"0\x82\xd3\xe4\x93\x02*\"%/v1/{parent=workspaces/*}/files:write:\x01*\x12\x82\x01\n\nDeleteFile\x12$.corral.storage.v1.DeleteFileRequest\x1a%.corral.storage.v1.DeleteFileResponse\"\'\x82\xd3\xe4\x93\x02!*\x1f/v1/{name=workspaces/*/files/*}\x12\x84\x01\n\x08MoveFile\x12\".corral.storage.v1.MoveFileRequest\x1a#.corral.storage.v1.MoveFileResponse\"/\x82\xd3\xe4\x93\x02)\"$/v1/{name=workspaces/*/files/*}:move:\x01*\x12\x66\n\x0c\x44ownloadFile\x12&.corral.storage.v1.DownloadFileRequest\x1a\'.corral.storage.v1.DownloadFileResponse\"\x03\x90\x02\x01\x30\x01\x12\x91\x01\n\x13\x44ownloadFileContent\x12-.corral.storage.v1.DownloadFileContentRequest\x1a\x14.google.api.HttpBody\"3\x90\x02\x01\x82\xd3\xe4\x93\x02*\x12(/v1/{name=workspaces/*/files/*}:download0\x01\x12\x92\x01\n\x0c\x43reateUpload\x12&.corral.storage.v1.CreateUploadRequest\x1a\'.corral.storage.v1.CreateUploadResponse\"1\x82\xd3\xe4\x93\x02+\"!/v1/{parent=workspaces/*}/uploads:\x06upload\x12\x84\x01\n\tGetUpload\x12#.corral.storage.v1.GetUploadRequest\x1a$.corral.storage.v1.GetUploadResponse\",\x90\x02\x01\x82\xd3\xe4\x93\x02#\x12!/v1/{name=workspaces/*/uploads/*}\x12\xa3\x01\n\x11\x41ppendUploadChunk\x12+.corral.storage.v1.AppendUploadChunkRequest\x1a,.corral.storage.v1.AppendUploadChunkResponse\"3\x82\xd3\xe4\x93\x02-\"(/v1/{name=workspaces/*/uploads/*}:append:\x01*\x12\x94\x01\n\x0c\x43ommitUpload\x12&.corral.storage.v1.CommitUploadRequest\x1a\'.corral.storage.v1.CommitUploadResponse\"3\x82\xd3\xe4\x93\x02-\"(/v1/{name=workspaces/*/uploads/*}:commit:\x01*\x12\x90\x01\n\x0b\x41\x62ortUpload\x12%.corral.storage.v1.AbortUploadRequest\x1a&.corral.storage.v1.AbortUploadResponse\"2\x82\xd3\xe4\x93\x02,\"\'/v1/{name=workspaces/*/uploads/*}:abort:\x01*\x12|\n\x0c\x43reateReport\x12&.corral.storage.v1.CreateReportRequest\x1a\'.corral.storage.v1.CreateReportResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x0b/v1/reports:\x06report\x12w\n\tGetReport\x12#.corral.storage.v1.GetReportRequest\x1a$.corral.storage.v1.GetReportResponse\"\x1f\x90\x02\x01\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/{name=reports/*}\x12t\n\x0bListReports\x12%.corral.storage.v1.ListReportsRequest\x1a&.corral.storage.v1.ListReportsResponse\"\x16\x90\x02\x01\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/reports\x12}\n\x0c\x44\x65leteReport\x12&.corral.storage.v1.DeleteReportRequest\x1a\'.corral.storage.v1.DeleteReportResponse\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/v1/{name=reports/*}\x12|\n\x0e\x44ownloadReport\x12(.corral.storage.v1.DownloadReportRequest\x1a\x14.google.api.HttpBody\"(\x90\x02\x01\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/{name=reports/*}:download0\x01\x12\x97\x01\n\rCreateArchive\x12\'.corral.storage.v1.CreateArchiveRequest\x1a(.corral.storage.v1.CreateArchiveResponse\"3\x82\xd3\xe4\x93\x02-\"\"/v1/{parent=workspaces/*}/archives:\x07\x61rchive\x12\x88\x01\n\nGetArchive\x12$.corral.storage.v1.GetArchiveRequest\x1a%.corral.storage.v1.GetArchiveResponse\"-\x90\x02\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{name=workspaces/*/archives/*}\x12\x8e\x01\n\x0cListArchives\x12&.corral.storage.v1.ListArchivesRequest\x1a\'.corral.storage.v1.ListArchivesResponse\"-\x90\x02\x01\x82\xd3\xe4\x93\x02$\x12\"/v1/{parent=workspaces/*}/archives\x12\x8e\x01\n\rDeleteArchive\x12\'.corral.storage.v1.DeleteArchiveRequest\x1a(.corral.storage.v1.DeleteArchiveResponse\"*\x82\xd3\xe4\x93\x02$*\"/v1/{name=workspaces/*/archives/*}\x12\x8c\x01\n\x0f\x44ownloadArchive\x12).corral.storage.v1.DownloadArchiveRequest\x1a\x14.google.api.HttpBody\"6\x90\x02\x01\x82\xd3\xe4\x93\x02-\x12+/v1/{name=workspaces/*/archives/*}:download0\x01\x12\x9c\x01\n\x0fGetStorageUsage\x12).corral.storage.v1.GetStorageUsageRequest\x1a*.corral.storage.v1.GetStorageUsageResponse\"2\x90\x02\x01\x82\xd3\xe4\x93\x02)\x12\'/v1/{name=organizations/*/storageUsage}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,30 +49,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEWORKSPACEREQUEST'].fields_by_name['workspace']._serialized_options = b'\342A\001\002'
   _globals['_CREATEWORKSPACEREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_CREATEWORKSPACEREQUEST'].fields_by_name['request_id']._serialized_options = b'\342\214\317\327\010\002\010\001'
-  _globals['_DELETEWORKSPACEREQUEST'].fields_by_name['name']._loaded_options = None
-  _globals['_DELETEWORKSPACEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\036\n\034storage.corral.dev/Workspace'
-  _globals['_GETFILEREQUEST'].fields_by_name['name']._loaded_options = None
-  _globals['_GETFILEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\031\n\027storage.corral.dev/File'
-  _globals['_LISTFILESREQUEST'].fields_by_name['parent']._loaded_options = None
-  _globals['_LISTFILESREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\031\022\027storage.corral.dev/File'
-  _globals['_DELETEFILEREQUEST'].fields_by_name['name']._loaded_options = None
-  _globals['_DELETEFILEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\031\n\027storage.corral.dev/File'
-  _globals['_GETUPLOADREQUEST'].fields_by_name['name']._loaded_options = None
-  _globals['_GETUPLOADREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031storage.corral.dev/Upload'
-  _globals['_CREATEUPLOADREQUEST'].fields_by_name['parent']._loaded_options = None
-  _globals['_CREATEUPLOADREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\033\022\031storage.corral.dev/Upload'
-  _globals['_CREATEUPLOADREQUEST'].fields_by_name['upload']._loaded_options = None
-  _globals['_CREATEUPLOADREQUEST'].fields_by_name['upload']._serialized_options = b'\342A\001\002'
-  _globals['_CREATEUPLOADREQUEST'].fields_by_name['request_id']._loaded_options = None
-  _globals['_CREATEUPLOADREQUEST'].fields_by_name['request_id']._serialized_options = b'\342\214\317\327\010\002\010\001'
-  _globals['_GETREPORTREQUEST'].fields_by_name['name']._loaded_options = None
-  _globals['_GETREPORTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031storage.corral.dev/Report'
-  _globals['_CREATEREPORTREQUEST'].fields_by_name['report']._loaded_options = None
-  _globals['_CREATEREPORTREQUEST'].fields_by_name['report']._serialized_options = b'\342A\001\002'
-  _globals['_CREATEREPORTREQUEST'].fields_by_name['request_id']._loaded_options = None
-  _globals['_CREATEREPORTREQUEST'].fields_by_name['request_id']._serialized_options = b'\342\214\317\327\010\002\010\001'
-  _globals['_DELETEREPORTREQUEST'].fields_by_name['name']._loaded_options = None
-  _globals['_DELETEREPORTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031storage.corral.dev/Report'
+  _globals['_CLONEWORKSPACEREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_CLONEWORKSPACEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CLONEWORKSPACEREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_CLONEWORKSPACEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\036\n\034storage.corral.dev/Workspace'
   _globals['_CLONEWORKSPACEREQUEST'].fields_by_name['session']._loaded_options = None
@@ -78,10 +59,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLONEWORKSPACEREQUEST'].fields_by_name['owner']._serialized_options = b'\342A\001\002'
   _globals['_CLONEWORKSPACEREQUEST'].fields_by_name['request_id']._loaded_options = None
   _globals['_CLONEWORKSPACEREQUEST'].fields_by_name['request_id']._serialized_options = b'\342\214\317\327\010\002\010\001'
-  _globals['_CREATEARCHIVEREQUEST'].fields_by_name['workspace']._loaded_options = None
-  _globals['_CREATEARCHIVEREQUEST'].fields_by_name['workspace']._serialized_options = b'\342A\001\002\372A\036\n\034storage.corral.dev/Workspace'
-  _globals['_CREATEARCHIVEREQUEST'].fields_by_name['request_id']._loaded_options = None
-  _globals['_CREATEARCHIVEREQUEST'].fields_by_name['request_id']._serialized_options = b'\342\214\317\327\010\002\010\001'
+  _globals['_UPDATEWORKSPACEREQUEST'].fields_by_name['workspace']._loaded_options = None
+  _globals['_UPDATEWORKSPACEREQUEST'].fields_by_name['workspace']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEWORKSPACEREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATEWORKSPACEREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\002'
+  _globals['_DELETEWORKSPACEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETEWORKSPACEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\036\n\034storage.corral.dev/Workspace'
+  _globals['_GETFILEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETFILEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\031\n\027storage.corral.dev/File'
+  _globals['_LISTFILESREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTFILESREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\031\022\027storage.corral.dev/File'
+  _globals['_WRITEFILEREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_WRITEFILEREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\031\022\027storage.corral.dev/File'
+  _globals['_WRITEFILEREQUEST'].fields_by_name['path']._loaded_options = None
+  _globals['_WRITEFILEREQUEST'].fields_by_name['path']._serialized_options = b'\342A\001\002'
+  _globals['_DELETEFILEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETEFILEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\031\n\027storage.corral.dev/File'
+  _globals['_MOVEFILEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_MOVEFILEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\031\n\027storage.corral.dev/File'
+  _globals['_MOVEFILEREQUEST'].fields_by_name['destination_path']._loaded_options = None
+  _globals['_MOVEFILEREQUEST'].fields_by_name['destination_path']._serialized_options = b'\342A\001\002'
+  _globals['_DOWNLOADFILEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DOWNLOADFILEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\031\n\027storage.corral.dev/File'
+  _globals['_DOWNLOADFILECONTENTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DOWNLOADFILECONTENTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\031\n\027storage.corral.dev/File'
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\033\022\031storage.corral.dev/Upload'
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['upload']._loaded_options = None
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['upload']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEUPLOADREQUEST'].fields_by_name['request_id']._serialized_options = b'\342\214\317\327\010\002\010\001'
+  _globals['_GETUPLOADREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETUPLOADREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031storage.corral.dev/Upload'
   _globals['_APPENDUPLOADCHUNKREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_APPENDUPLOADCHUNKREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031storage.corral.dev/Upload'
   _globals['_APPENDUPLOADCHUNKREQUEST'].fields_by_name['offset']._loaded_options = None
@@ -94,130 +103,196 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMITUPLOADREQUEST'].fields_by_name['sha256']._serialized_options = b'\342A\001\002'
   _globals['_ABORTUPLOADREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_ABORTUPLOADREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031storage.corral.dev/Upload'
-  _globals['_DOWNLOADFILEREQUEST'].fields_by_name['name']._loaded_options = None
-  _globals['_DOWNLOADFILEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\031\n\027storage.corral.dev/File'
-  _globals['_GETSTORAGEUSAGEREQUEST'].fields_by_name['organization']._loaded_options = None
-  _globals['_GETSTORAGEUSAGEREQUEST'].fields_by_name['organization']._serialized_options = b'\372A\"\n identity.corral.dev/Organization'
+  _globals['_CREATEREPORTREQUEST'].fields_by_name['report']._loaded_options = None
+  _globals['_CREATEREPORTREQUEST'].fields_by_name['report']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEREPORTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEREPORTREQUEST'].fields_by_name['request_id']._serialized_options = b'\342\214\317\327\010\002\010\001'
+  _globals['_GETREPORTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETREPORTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031storage.corral.dev/Report'
+  _globals['_DELETEREPORTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETEREPORTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031storage.corral.dev/Report'
+  _globals['_DOWNLOADREPORTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DOWNLOADREPORTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031storage.corral.dev/Report'
+  _globals['_CREATEARCHIVEREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_CREATEARCHIVEREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\034\022\032storage.corral.dev/Archive'
+  _globals['_CREATEARCHIVEREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEARCHIVEREQUEST'].fields_by_name['request_id']._serialized_options = b'\342\214\317\327\010\002\010\001'
+  _globals['_GETARCHIVEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETARCHIVEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\034\n\032storage.corral.dev/Archive'
+  _globals['_LISTARCHIVESREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTARCHIVESREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\034\022\032storage.corral.dev/Archive'
+  _globals['_DELETEARCHIVEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DELETEARCHIVEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\034\n\032storage.corral.dev/Archive'
+  _globals['_DOWNLOADARCHIVEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_DOWNLOADARCHIVEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\034\n\032storage.corral.dev/Archive'
+  _globals['_GETSTORAGEUSAGEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETSTORAGEUSAGEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A!\n\037storage.corral.dev/StorageUsage'
   _globals['_STORAGESERVICE'].methods_by_name['GetWorkspace']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['GetWorkspace']._serialized_options = b'\220\002\001\202\323\344\223\002\031\022\027/v1/{name=workspaces/*}'
   _globals['_STORAGESERVICE'].methods_by_name['ListWorkspaces']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['ListWorkspaces']._serialized_options = b'\220\002\001\202\323\344\223\002\020\022\016/v1/workspaces'
-  _globals['_STORAGESERVICE'].methods_by_name['CreateWorkspace']._loaded_options = None
-  _globals['_STORAGESERVICE'].methods_by_name['CreateWorkspace']._serialized_options = b'\202\323\344\223\002\033\"\016/v1/workspaces:\tworkspace'
+  _globals['_STORAGESERVICE'].methods_by_name['UpdateWorkspace']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['UpdateWorkspace']._serialized_options = b'\202\323\344\223\002.2!/v1/{workspace.name=workspaces/*}:\tworkspace'
   _globals['_STORAGESERVICE'].methods_by_name['DeleteWorkspace']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['DeleteWorkspace']._serialized_options = b'\202\323\344\223\002\031*\027/v1/{name=workspaces/*}'
   _globals['_STORAGESERVICE'].methods_by_name['GetFile']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['GetFile']._serialized_options = b'\220\002\001\202\323\344\223\002!\022\037/v1/{name=workspaces/*/files/*}'
   _globals['_STORAGESERVICE'].methods_by_name['ListFiles']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['ListFiles']._serialized_options = b'\220\002\001\202\323\344\223\002!\022\037/v1/{parent=workspaces/*}/files'
+  _globals['_STORAGESERVICE'].methods_by_name['WriteFile']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['WriteFile']._serialized_options = b'\202\323\344\223\002*\"%/v1/{parent=workspaces/*}/files:write:\001*'
   _globals['_STORAGESERVICE'].methods_by_name['DeleteFile']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['DeleteFile']._serialized_options = b'\202\323\344\223\002!*\037/v1/{name=workspaces/*/files/*}'
-  _globals['_STORAGESERVICE'].methods_by_name['GetUpload']._loaded_options = None
-  _globals['_STORAGESERVICE'].methods_by_name['GetUpload']._serialized_options = b'\220\002\001\202\323\344\223\002#\022!/v1/{name=workspaces/*/uploads/*}'
+  _globals['_STORAGESERVICE'].methods_by_name['MoveFile']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['MoveFile']._serialized_options = b'\202\323\344\223\002)\"$/v1/{name=workspaces/*/files/*}:move:\001*'
+  _globals['_STORAGESERVICE'].methods_by_name['DownloadFile']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['DownloadFile']._serialized_options = b'\220\002\001'
+  _globals['_STORAGESERVICE'].methods_by_name['DownloadFileContent']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['DownloadFileContent']._serialized_options = b'\220\002\001\202\323\344\223\002*\022(/v1/{name=workspaces/*/files/*}:download'
   _globals['_STORAGESERVICE'].methods_by_name['CreateUpload']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['CreateUpload']._serialized_options = b'\202\323\344\223\002+\"!/v1/{parent=workspaces/*}/uploads:\006upload'
-  _globals['_STORAGESERVICE'].methods_by_name['GetReport']._loaded_options = None
-  _globals['_STORAGESERVICE'].methods_by_name['GetReport']._serialized_options = b'\220\002\001\202\323\344\223\002\026\022\024/v1/{name=reports/*}'
-  _globals['_STORAGESERVICE'].methods_by_name['ListReports']._loaded_options = None
-  _globals['_STORAGESERVICE'].methods_by_name['ListReports']._serialized_options = b'\220\002\001\202\323\344\223\002\r\022\013/v1/reports'
-  _globals['_STORAGESERVICE'].methods_by_name['CreateReport']._loaded_options = None
-  _globals['_STORAGESERVICE'].methods_by_name['CreateReport']._serialized_options = b'\202\323\344\223\002\025\"\013/v1/reports:\006report'
-  _globals['_STORAGESERVICE'].methods_by_name['DeleteReport']._loaded_options = None
-  _globals['_STORAGESERVICE'].methods_by_name['DeleteReport']._serialized_options = b'\202\323\344\223\002\026*\024/v1/{name=reports/*}'
-  _globals['_STORAGESERVICE'].methods_by_name['CloneWorkspace']._loaded_options = None
-  _globals['_STORAGESERVICE'].methods_by_name['CloneWorkspace']._serialized_options = b'\202\323\344\223\002\"\"\035/v1/{name=workspaces/*}:clone:\001*'
-  _globals['_STORAGESERVICE'].methods_by_name['CreateArchive']._loaded_options = None
-  _globals['_STORAGESERVICE'].methods_by_name['CreateArchive']._serialized_options = b'\202\323\344\223\002/\"*/v1/{workspace=workspaces/*}:createArchive:\001*'
+  _globals['_STORAGESERVICE'].methods_by_name['GetUpload']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['GetUpload']._serialized_options = b'\220\002\001\202\323\344\223\002#\022!/v1/{name=workspaces/*/uploads/*}'
   _globals['_STORAGESERVICE'].methods_by_name['AppendUploadChunk']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['AppendUploadChunk']._serialized_options = b'\202\323\344\223\002-\"(/v1/{name=workspaces/*/uploads/*}:append:\001*'
   _globals['_STORAGESERVICE'].methods_by_name['CommitUpload']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['CommitUpload']._serialized_options = b'\202\323\344\223\002-\"(/v1/{name=workspaces/*/uploads/*}:commit:\001*'
   _globals['_STORAGESERVICE'].methods_by_name['AbortUpload']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['AbortUpload']._serialized_options = b'\202\323\344\223\002,\"\'/v1/{name=workspaces/*/uploads/*}:abort:\001*'
-  _globals['_STORAGESERVICE'].methods_by_name['DownloadFile']._loaded_options = None
-  _globals['_STORAGESERVICE'].methods_by_name['DownloadFile']._serialized_options = b'\220\002\001\202\323\344\223\002*\022(/v1/{name=workspaces/*/files/*}:download'
+  _globals['_STORAGESERVICE'].methods_by_name['CreateReport']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['CreateReport']._serialized_options = b'\202\323\344\223\002\025\"\013/v1/reports:\006report'
+  _globals['_STORAGESERVICE'].methods_by_name['GetReport']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['GetReport']._serialized_options = b'\220\002\001\202\323\344\223\002\026\022\024/v1/{name=reports/*}'
+  _globals['_STORAGESERVICE'].methods_by_name['ListReports']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['ListReports']._serialized_options = b'\220\002\001\202\323\344\223\002\r\022\013/v1/reports'
+  _globals['_STORAGESERVICE'].methods_by_name['DeleteReport']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['DeleteReport']._serialized_options = b'\202\323\344\223\002\026*\024/v1/{name=reports/*}'
+  _globals['_STORAGESERVICE'].methods_by_name['DownloadReport']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['DownloadReport']._serialized_options = b'\220\002\001\202\323\344\223\002\037\022\035/v1/{name=reports/*}:download'
+  _globals['_STORAGESERVICE'].methods_by_name['CreateArchive']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['CreateArchive']._serialized_options = b'\202\323\344\223\002-\"\"/v1/{parent=workspaces/*}/archives:\007archive'
+  _globals['_STORAGESERVICE'].methods_by_name['GetArchive']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['GetArchive']._serialized_options = b'\220\002\001\202\323\344\223\002$\022\"/v1/{name=workspaces/*/archives/*}'
+  _globals['_STORAGESERVICE'].methods_by_name['ListArchives']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['ListArchives']._serialized_options = b'\220\002\001\202\323\344\223\002$\022\"/v1/{parent=workspaces/*}/archives'
+  _globals['_STORAGESERVICE'].methods_by_name['DeleteArchive']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['DeleteArchive']._serialized_options = b'\202\323\344\223\002$*\"/v1/{name=workspaces/*/archives/*}'
+  _globals['_STORAGESERVICE'].methods_by_name['DownloadArchive']._loaded_options = None
+  _globals['_STORAGESERVICE'].methods_by_name['DownloadArchive']._serialized_options = b'\220\002\001\202\323\344\223\002-\022+/v1/{name=workspaces/*/archives/*}:download'
   _globals['_STORAGESERVICE'].methods_by_name['GetStorageUsage']._loaded_options = None
-  _globals['_STORAGESERVICE'].methods_by_name['GetStorageUsage']._serialized_options = b'\220\002\001\202\323\344\223\002\022\022\020/v1/storageUsage'
-  _globals['_GETWORKSPACEREQUEST']._serialized_start=349
-  _globals['_GETWORKSPACEREQUEST']._serialized_end=423
-  _globals['_GETWORKSPACERESPONSE']._serialized_start=425
-  _globals['_GETWORKSPACERESPONSE']._serialized_end=496
-  _globals['_LISTWORKSPACESREQUEST']._serialized_start=498
-  _globals['_LISTWORKSPACESREQUEST']._serialized_end=594
-  _globals['_LISTWORKSPACESRESPONSE']._serialized_start=596
-  _globals['_LISTWORKSPACESRESPONSE']._serialized_end=695
-  _globals['_CREATEWORKSPACEREQUEST']._serialized_start=697
-  _globals['_CREATEWORKSPACEREQUEST']._serialized_end=806
-  _globals['_CREATEWORKSPACERESPONSE']._serialized_start=808
-  _globals['_CREATEWORKSPACERESPONSE']._serialized_end=882
-  _globals['_DELETEWORKSPACEREQUEST']._serialized_start=884
-  _globals['_DELETEWORKSPACEREQUEST']._serialized_end=961
-  _globals['_DELETEWORKSPACERESPONSE']._serialized_start=963
-  _globals['_DELETEWORKSPACERESPONSE']._serialized_end=988
-  _globals['_GETFILEREQUEST']._serialized_start=990
-  _globals['_GETFILEREQUEST']._serialized_end=1054
-  _globals['_GETFILERESPONSE']._serialized_start=1056
-  _globals['_GETFILERESPONSE']._serialized_end=1112
-  _globals['_LISTFILESREQUEST']._serialized_start=1115
-  _globals['_LISTFILESREQUEST']._serialized_end=1256
-  _globals['_LISTFILESRESPONSE']._serialized_start=1258
-  _globals['_LISTFILESRESPONSE']._serialized_end=1342
-  _globals['_DELETEFILEREQUEST']._serialized_start=1344
-  _globals['_DELETEFILEREQUEST']._serialized_end=1430
-  _globals['_DELETEFILERESPONSE']._serialized_start=1432
-  _globals['_DELETEFILERESPONSE']._serialized_end=1452
-  _globals['_GETUPLOADREQUEST']._serialized_start=1454
-  _globals['_GETUPLOADREQUEST']._serialized_end=1522
-  _globals['_GETUPLOADRESPONSE']._serialized_start=1524
-  _globals['_GETUPLOADRESPONSE']._serialized_end=1586
-  _globals['_CREATEUPLOADREQUEST']._serialized_start=1589
-  _globals['_CREATEUPLOADREQUEST']._serialized_end=1741
-  _globals['_CREATEUPLOADRESPONSE']._serialized_start=1743
-  _globals['_CREATEUPLOADRESPONSE']._serialized_end=1808
-  _globals['_GETREPORTREQUEST']._serialized_start=1810
-  _globals['_GETREPORTREQUEST']._serialized_end=1923
-  _globals['_GETREPORTRESPONSE']._serialized_start=1925
-  _globals['_GETREPORTRESPONSE']._serialized_end=1987
-  _globals['_LISTREPORTSREQUEST']._serialized_start=1990
-  _globals['_LISTREPORTSREQUEST']._serialized_end=2128
-  _globals['_LISTREPORTSRESPONSE']._serialized_start=2130
-  _globals['_LISTREPORTSRESPONSE']._serialized_end=2240
-  _globals['_CREATEREPORTREQUEST']._serialized_start=2242
-  _globals['_CREATEREPORTREQUEST']._serialized_end=2342
-  _globals['_CREATEREPORTRESPONSE']._serialized_start=2344
-  _globals['_CREATEREPORTRESPONSE']._serialized_end=2409
-  _globals['_DELETEREPORTREQUEST']._serialized_start=2411
-  _globals['_DELETEREPORTREQUEST']._serialized_end=2482
-  _globals['_DELETEREPORTRESPONSE']._serialized_start=2484
-  _globals['_DELETEREPORTRESPONSE']._serialized_end=2506
-  _globals['_CLONEWORKSPACEREQUEST']._serialized_start=2509
-  _globals['_CLONEWORKSPACEREQUEST']._serialized_end=2690
-  _globals['_CLONEWORKSPACERESPONSE']._serialized_start=2692
-  _globals['_CLONEWORKSPACERESPONSE']._serialized_end=2765
-  _globals['_CREATEARCHIVEREQUEST']._serialized_start=2768
-  _globals['_CREATEARCHIVEREQUEST']._serialized_end=2899
-  _globals['_CREATEARCHIVERESPONSE']._serialized_start=2901
-  _globals['_CREATEARCHIVERESPONSE']._serialized_end=2963
-  _globals['_APPENDUPLOADCHUNKREQUEST']._serialized_start=2965
-  _globals['_APPENDUPLOADCHUNKREQUEST']._serialized_end=3083
-  _globals['_APPENDUPLOADCHUNKRESPONSE']._serialized_start=3085
-  _globals['_APPENDUPLOADCHUNKRESPONSE']._serialized_end=3137
-  _globals['_COMMITUPLOADREQUEST']._serialized_start=3139
-  _globals['_COMMITUPLOADREQUEST']._serialized_end=3232
-  _globals['_COMMITUPLOADRESPONSE']._serialized_start=3234
-  _globals['_COMMITUPLOADRESPONSE']._serialized_end=3295
-  _globals['_ABORTUPLOADREQUEST']._serialized_start=3297
-  _globals['_ABORTUPLOADREQUEST']._serialized_end=3367
-  _globals['_ABORTUPLOADRESPONSE']._serialized_start=3369
-  _globals['_ABORTUPLOADRESPONSE']._serialized_end=3433
-  _globals['_DOWNLOADFILEREQUEST']._serialized_start=3435
-  _globals['_DOWNLOADFILEREQUEST']._serialized_end=3554
-  _globals['_DOWNLOADFILERESPONSE']._serialized_start=3556
-  _globals['_DOWNLOADFILERESPONSE']._serialized_end=3647
-  _globals['_GETSTORAGEUSAGEREQUEST']._serialized_start=3649
-  _globals['_GETSTORAGEUSAGEREQUEST']._serialized_end=3734
-  _globals['_GETSTORAGEUSAGERESPONSE']._serialized_start=3736
-  _globals['_GETSTORAGEUSAGERESPONSE']._serialized_end=3817
-  _globals['_STORAGESERVICE']._serialized_start=3820
-  _globals['_STORAGESERVICE']._serialized_end=6606
+  _globals['_STORAGESERVICE'].methods_by_name['GetStorageUsage']._serialized_options = b'\220\002\001\202\323\344\223\002)\022\'/v1/{name=organizations/*/storageUsage}'
+  _globals['_GETWORKSPACEREQUEST']._serialized_start=443
+  _globals['_GETWORKSPACEREQUEST']._serialized_end=517
+  _globals['_GETWORKSPACERESPONSE']._serialized_start=519
+  _globals['_GETWORKSPACERESPONSE']._serialized_end=590
+  _globals['_LISTWORKSPACESREQUEST']._serialized_start=592
+  _globals['_LISTWORKSPACESREQUEST']._serialized_end=688
+  _globals['_LISTWORKSPACESRESPONSE']._serialized_start=690
+  _globals['_LISTWORKSPACESRESPONSE']._serialized_end=789
+  _globals['_CREATEWORKSPACEREQUEST']._serialized_start=791
+  _globals['_CREATEWORKSPACEREQUEST']._serialized_end=900
+  _globals['_CREATEWORKSPACERESPONSE']._serialized_start=902
+  _globals['_CREATEWORKSPACERESPONSE']._serialized_end=976
+  _globals['_CLONEWORKSPACEREQUEST']._serialized_start=979
+  _globals['_CLONEWORKSPACEREQUEST']._serialized_end=1277
+  _globals['_CLONEWORKSPACEREQUEST_LABELSENTRY']._serialized_start=1232
+  _globals['_CLONEWORKSPACEREQUEST_LABELSENTRY']._serialized_end=1277
+  _globals['_CLONEWORKSPACERESPONSE']._serialized_start=1279
+  _globals['_CLONEWORKSPACERESPONSE']._serialized_end=1352
+  _globals['_UPDATEWORKSPACEREQUEST']._serialized_start=1355
+  _globals['_UPDATEWORKSPACEREQUEST']._serialized_end=1489
+  _globals['_UPDATEWORKSPACERESPONSE']._serialized_start=1491
+  _globals['_UPDATEWORKSPACERESPONSE']._serialized_end=1565
+  _globals['_DELETEWORKSPACEREQUEST']._serialized_start=1567
+  _globals['_DELETEWORKSPACEREQUEST']._serialized_end=1658
+  _globals['_DELETEWORKSPACERESPONSE']._serialized_start=1660
+  _globals['_DELETEWORKSPACERESPONSE']._serialized_end=1685
+  _globals['_GETFILEREQUEST']._serialized_start=1687
+  _globals['_GETFILEREQUEST']._serialized_end=1751
+  _globals['_GETFILERESPONSE']._serialized_start=1753
+  _globals['_GETFILERESPONSE']._serialized_end=1809
+  _globals['_LISTFILESREQUEST']._serialized_start=1812
+  _globals['_LISTFILESREQUEST']._serialized_end=1954
+  _globals['_LISTFILESRESPONSE']._serialized_start=1956
+  _globals['_LISTFILESRESPONSE']._serialized_end=2058
+  _globals['_WRITEFILEREQUEST']._serialized_start=2061
+  _globals['_WRITEFILEREQUEST']._serialized_end=2223
+  _globals['_WRITEFILERESPONSE']._serialized_start=2225
+  _globals['_WRITEFILERESPONSE']._serialized_end=2283
+  _globals['_DELETEFILEREQUEST']._serialized_start=2285
+  _globals['_DELETEFILEREQUEST']._serialized_end=2371
+  _globals['_DELETEFILERESPONSE']._serialized_start=2373
+  _globals['_DELETEFILERESPONSE']._serialized_end=2393
+  _globals['_MOVEFILEREQUEST']._serialized_start=2395
+  _globals['_MOVEFILEREQUEST']._serialized_end=2511
+  _globals['_MOVEFILERESPONSE']._serialized_start=2513
+  _globals['_MOVEFILERESPONSE']._serialized_end=2570
+  _globals['_DOWNLOADFILEREQUEST']._serialized_start=2572
+  _globals['_DOWNLOADFILEREQUEST']._serialized_end=2691
+  _globals['_DOWNLOADFILERESPONSE']._serialized_start=2693
+  _globals['_DOWNLOADFILERESPONSE']._serialized_end=2784
+  _globals['_DOWNLOADFILECONTENTREQUEST']._serialized_start=2786
+  _globals['_DOWNLOADFILECONTENTREQUEST']._serialized_end=2912
+  _globals['_CREATEUPLOADREQUEST']._serialized_start=2915
+  _globals['_CREATEUPLOADREQUEST']._serialized_end=3067
+  _globals['_CREATEUPLOADRESPONSE']._serialized_start=3069
+  _globals['_CREATEUPLOADRESPONSE']._serialized_end=3134
+  _globals['_GETUPLOADREQUEST']._serialized_start=3136
+  _globals['_GETUPLOADREQUEST']._serialized_end=3204
+  _globals['_GETUPLOADRESPONSE']._serialized_start=3206
+  _globals['_GETUPLOADRESPONSE']._serialized_end=3268
+  _globals['_APPENDUPLOADCHUNKREQUEST']._serialized_start=3270
+  _globals['_APPENDUPLOADCHUNKREQUEST']._serialized_end=3388
+  _globals['_APPENDUPLOADCHUNKRESPONSE']._serialized_start=3390
+  _globals['_APPENDUPLOADCHUNKRESPONSE']._serialized_end=3442
+  _globals['_COMMITUPLOADREQUEST']._serialized_start=3444
+  _globals['_COMMITUPLOADREQUEST']._serialized_end=3537
+  _globals['_COMMITUPLOADRESPONSE']._serialized_start=3539
+  _globals['_COMMITUPLOADRESPONSE']._serialized_end=3600
+  _globals['_ABORTUPLOADREQUEST']._serialized_start=3602
+  _globals['_ABORTUPLOADREQUEST']._serialized_end=3672
+  _globals['_ABORTUPLOADRESPONSE']._serialized_start=3674
+  _globals['_ABORTUPLOADRESPONSE']._serialized_end=3738
+  _globals['_CREATEREPORTREQUEST']._serialized_start=3740
+  _globals['_CREATEREPORTREQUEST']._serialized_end=3840
+  _globals['_CREATEREPORTRESPONSE']._serialized_start=3842
+  _globals['_CREATEREPORTRESPONSE']._serialized_end=3907
+  _globals['_GETREPORTREQUEST']._serialized_start=3909
+  _globals['_GETREPORTREQUEST']._serialized_end=4022
+  _globals['_GETREPORTRESPONSE']._serialized_start=4024
+  _globals['_GETREPORTRESPONSE']._serialized_end=4086
+  _globals['_LISTREPORTSREQUEST']._serialized_start=4088
+  _globals['_LISTREPORTSREQUEST']._serialized_end=4181
+  _globals['_LISTREPORTSRESPONSE']._serialized_start=4183
+  _globals['_LISTREPORTSRESPONSE']._serialized_end=4273
+  _globals['_DELETEREPORTREQUEST']._serialized_start=4275
+  _globals['_DELETEREPORTREQUEST']._serialized_end=4346
+  _globals['_DELETEREPORTRESPONSE']._serialized_start=4348
+  _globals['_DELETEREPORTRESPONSE']._serialized_end=4370
+  _globals['_DOWNLOADREPORTREQUEST']._serialized_start=4372
+  _globals['_DOWNLOADREPORTREQUEST']._serialized_end=4445
+  _globals['_CREATEARCHIVEREQUEST']._serialized_start=4448
+  _globals['_CREATEARCHIVEREQUEST']._serialized_end=4598
+  _globals['_CREATEARCHIVERESPONSE']._serialized_start=4600
+  _globals['_CREATEARCHIVERESPONSE']._serialized_end=4668
+  _globals['_GETARCHIVEREQUEST']._serialized_start=4670
+  _globals['_GETARCHIVEREQUEST']._serialized_end=4740
+  _globals['_GETARCHIVERESPONSE']._serialized_start=4742
+  _globals['_GETARCHIVERESPONSE']._serialized_end=4807
+  _globals['_LISTARCHIVESREQUEST']._serialized_start=4809
+  _globals['_LISTARCHIVESREQUEST']._serialized_end=4922
+  _globals['_LISTARCHIVESRESPONSE']._serialized_start=4924
+  _globals['_LISTARCHIVESRESPONSE']._serialized_end=5017
+  _globals['_DELETEARCHIVEREQUEST']._serialized_start=5019
+  _globals['_DELETEARCHIVEREQUEST']._serialized_end=5092
+  _globals['_DELETEARCHIVERESPONSE']._serialized_start=5094
+  _globals['_DELETEARCHIVERESPONSE']._serialized_end=5117
+  _globals['_DOWNLOADARCHIVEREQUEST']._serialized_start=5119
+  _globals['_DOWNLOADARCHIVEREQUEST']._serialized_end=5210
+  _globals['_GETSTORAGEUSAGEREQUEST']._serialized_start=5212
+  _globals['_GETSTORAGEUSAGEREQUEST']._serialized_end=5292
+  _globals['_GETSTORAGEUSAGERESPONSE']._serialized_start=5294
+  _globals['_GETSTORAGEUSAGERESPONSE']._serialized_end=5375
+  _globals['_STORAGESERVICE']._serialized_start=5378
+  _globals['_STORAGESERVICE']._serialized_end=9338
 # @@protoc_insertion_point(module_scope)

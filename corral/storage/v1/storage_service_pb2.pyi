@@ -4,12 +4,14 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from corral.storage.v1 import archive_pb2 as _archive_pb2
 from corral.storage.v1 import file_pb2 as _file_pb2
 from corral.storage.v1 import report_pb2 as _report_pb2
 from corral.storage.v1 import storage_usage_pb2 as _storage_usage_pb2
 from corral.storage.v1 import upload_pb2 as _upload_pb2
 from corral.storage.v1 import workspace_pb2 as _workspace_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
@@ -92,12 +94,12 @@ class ListWorkspacesRequest(_message.Message):
     """
     filter: _builtins.str
     """Filter (see protos/README.md). Fields: `session`, `owner`,
-    `size_bytes`, `create_time`, `update_time`, and `organization`
-    (superusers and services only).
+    `source_workspace`, `create_time`, `update_time`, `labels.<key>`, and
+    `organization` (superusers and services; others see their own).
     """
     order_by: _builtins.str
-    """Sort order: `create_time desc` (default), `size_bytes desc`,
-    `update_time`, each optionally followed by ` desc`.
+    """Sort order: `create_time` (default `create_time desc`), `update_time`
+    or `size_bytes`, each optionally followed by ` desc`.
     """
     def __init__(
         self,
@@ -153,11 +155,13 @@ class CreateWorkspaceRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """A UUID4 that makes retries safe: a retry with the same request_id
-    returns the workspace already created.
+    within 24 hours returns the workspace already created.
     """
     @_builtins.property
     def workspace(self) -> _workspace_pb2.Workspace:
-        """Required. The workspace: organization, session and owner."""
+        """Required. The workspace: organization, session and owner, optionally
+        labels and expire_time. Its id is the session's.
+        """
 
     def __init__(
         self,
@@ -198,22 +202,172 @@ class CreateWorkspaceResponse(_message.Message):
 Global___CreateWorkspaceResponse: _TypeAlias = CreateWorkspaceResponse  # noqa: Y015
 
 @_typing.final
+class CloneWorkspaceRequest(_message.Message):
+    """Request for CloneWorkspace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The workspace to copy."""
+    session: _builtins.str
+    """Required. The session the copy belongs to (the fork); the copy's id is
+    its id.
+    """
+    owner: _builtins.str
+    """Required. The copy's owner (the fork's owner), in the source's
+    organization.
+    """
+    request_id: _builtins.str
+    """A UUID4 that makes retries safe: a retry returns the copy already made."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels of the copy; default: the source's."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        session: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "name", b"name", "owner", b"owner", "request_id", b"request_id", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloneWorkspaceRequest: _TypeAlias = CloneWorkspaceRequest  # noqa: Y015
+
+@_typing.final
+class CloneWorkspaceResponse(_message.Message):
+    """Response for CloneWorkspace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workspace(self) -> _workspace_pb2.Workspace:
+        """The new workspace, with source_workspace set."""
+
+    def __init__(
+        self,
+        *,
+        workspace: _workspace_pb2.Workspace | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CloneWorkspaceResponse: _TypeAlias = CloneWorkspaceResponse  # noqa: Y015
+
+@_typing.final
+class UpdateWorkspaceRequest(_message.Message):
+    """Request for UpdateWorkspace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workspace(self) -> _workspace_pb2.Workspace:
+        """Required. The workspace with name, the new values, and optionally etag."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Required. The fields to change: `labels`, `expire_time` (unset in
+        workspace: clear it), or `*` for both.
+        """
+
+    def __init__(
+        self,
+        *,
+        workspace: _workspace_pb2.Workspace | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_mask", b"update_mask", "workspace", b"workspace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["update_mask", b"update_mask", "workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateWorkspaceRequest: _TypeAlias = UpdateWorkspaceRequest  # noqa: Y015
+
+@_typing.final
+class UpdateWorkspaceResponse(_message.Message):
+    """Response for UpdateWorkspace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workspace(self) -> _workspace_pb2.Workspace:
+        """The workspace after the change."""
+
+    def __init__(
+        self,
+        *,
+        workspace: _workspace_pb2.Workspace | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateWorkspaceResponse: _TypeAlias = UpdateWorkspaceResponse  # noqa: Y015
+
+@_typing.final
 class DeleteWorkspaceRequest(_message.Message):
     """Request for DeleteWorkspace."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required. The workspace to delete."""
+    etag: _builtins.str
+    """If set, delete only if this is the workspace's current etag, else
+    ABORTED (ETAG_MISMATCH).
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -294,26 +448,25 @@ class ListFilesRequest(_message.Message):
     PARENT_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    FILTER_FIELD_NUMBER: _builtins.int
-    ORDER_BY_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    DELIMITER_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """Required. The workspace, `workspaces/{workspace}`."""
     page_size: _builtins.int
-    """Maximum number of files to return; 0 means 100, values above 1000 are
-    treated as 1000.
+    """Maximum number of entries (files plus prefixes) to return; 0 means 100,
+    values above 1000 are treated as 1000.
     """
     page_token: _builtins.str
     """A next_page_token from a previous call; every other field must be the
     same as in that call, else INVALID_ARGUMENT.
     """
-    filter: _builtins.str
-    """Filter (see protos/README.md). Fields: `path` (exact, or a prefix with
-    a trailing `*`, for example `path = "src/*"`), `content_type`,
-    `size_bytes`, `update_time`.
+    prefix: _builtins.str
+    """Only paths that start with this string: a directory is `dir/`. Empty:
+    the whole workspace.
     """
-    order_by: _builtins.str
-    """Sort order: `path` (default), `size_bytes`, `update_time`, each
-    optionally followed by ` desc`.
+    delimiter: _builtins.str
+    """Empty: every file below prefix (recursively). `/`: files directly in
+    the prefix's directory, and each subdirectory once as a prefix.
     """
     def __init__(
         self,
@@ -321,12 +474,12 @@ class ListFilesRequest(_message.Message):
         parent: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
-        filter: _builtins.str = ...,
-        order_by: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        delimiter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delimiter", b"delimiter", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "prefix", b"prefix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -339,6 +492,7 @@ class ListFilesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FILES_FIELD_NUMBER: _builtins.int
+    PREFIXES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty on the last page."""
@@ -346,19 +500,94 @@ class ListFilesResponse(_message.Message):
     def files(self) -> _containers.RepeatedCompositeFieldContainer[_file_pb2.File]:
         """The files on this page."""
 
+    @_builtins.property
+    def prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The subdirectories on this page (with a delimiter), as path prefixes
+        ending in the delimiter, for example `src/`.
+        """
+
     def __init__(
         self,
         *,
         files: _abc.Iterable[_file_pb2.File] | None = ...,
+        prefixes: _abc.Iterable[_builtins.str] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "next_page_token", b"next_page_token", "prefixes", b"prefixes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListFilesResponse: _TypeAlias = ListFilesResponse  # noqa: Y015
+
+@_typing.final
+class WriteFileRequest(_message.Message):
+    """Request for WriteFile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    OVERWRITE_FIELD_NUMBER: _builtins.int
+    IF_SHA256_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. The workspace, `workspaces/{workspace}`."""
+    path: _builtins.str
+    """Required. Where to write, relative to the workspace root."""
+    data: _builtins.bytes
+    """The content, at most 4 MiB (empty writes an empty file)."""
+    content_type: _builtins.str
+    """The media type; default: guessed from the path."""
+    overwrite: _builtins.bool
+    """Replace an existing file at path."""
+    if_sha256: _builtins.str
+    """With overwrite: replace only the file with this SHA-256, else ABORTED
+    (FILE_CHANGED); a compare-and-swap.
+    """
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        path: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        content_type: _builtins.str = ...,
+        overwrite: _builtins.bool = ...,
+        if_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "data", b"data", "if_sha256", b"if_sha256", "overwrite", b"overwrite", "parent", b"parent", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteFileRequest: _TypeAlias = WriteFileRequest  # noqa: Y015
+
+@_typing.final
+class WriteFileResponse(_message.Message):
+    """Response for WriteFile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def file(self) -> _file_pb2.File:
+        """The file written."""
+
+    def __init__(
+        self,
+        *,
+        file: _file_pb2.File | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteFileResponse: _TypeAlias = WriteFileResponse  # noqa: Y015
 
 @_typing.final
 class DeleteFileRequest(_message.Message):
@@ -406,57 +635,171 @@ class DeleteFileResponse(_message.Message):
 Global___DeleteFileResponse: _TypeAlias = DeleteFileResponse  # noqa: Y015
 
 @_typing.final
-class GetUploadRequest(_message.Message):
-    """---- Uploads ----
-
-    Request for GetUpload.
-    """
+class MoveFileRequest(_message.Message):
+    """Request for MoveFile."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    DESTINATION_PATH_FIELD_NUMBER: _builtins.int
+    OVERWRITE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Required. The upload, `workspaces/{workspace}/uploads/{upload}`."""
+    """Required. The file to move."""
+    destination_path: _builtins.str
+    """Required. The new path in the same workspace."""
+    overwrite: _builtins.bool
+    """Replace a file at destination_path."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        destination_path: _builtins.str = ...,
+        overwrite: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_path", b"destination_path", "name", b"name", "overwrite", b"overwrite"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetUploadRequest: _TypeAlias = GetUploadRequest  # noqa: Y015
+Global___MoveFileRequest: _TypeAlias = MoveFileRequest  # noqa: Y015
 
 @_typing.final
-class GetUploadResponse(_message.Message):
-    """Response for GetUpload."""
+class MoveFileResponse(_message.Message):
+    """Response for MoveFile."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    UPLOAD_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def upload(self) -> _upload_pb2.Upload:
-        """The upload."""
+    def file(self) -> _file_pb2.File:
+        """The file at its new path."""
 
     def __init__(
         self,
         *,
-        upload: _upload_pb2.Upload | None = ...,
+        file: _file_pb2.File | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetUploadResponse: _TypeAlias = GetUploadResponse  # noqa: Y015
+Global___MoveFileResponse: _TypeAlias = MoveFileResponse  # noqa: Y015
+
+@_typing.final
+class DownloadFileRequest(_message.Message):
+    """Request for DownloadFile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    IF_SHA256_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The file, `workspaces/{workspace}/files/{file}`."""
+    offset: _builtins.int
+    """Byte offset to start at; 0 for the whole file."""
+    limit: _builtins.int
+    """Maximum bytes to send; 0 means to the end of the file."""
+    if_sha256: _builtins.str
+    """If set, fail with ABORTED (FILE_CHANGED) unless the content still has
+    this SHA-256 (use when resuming).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        if_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["if_sha256", b"if_sha256", "limit", b"limit", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadFileRequest: _TypeAlias = DownloadFileRequest  # noqa: Y015
+
+@_typing.final
+class DownloadFileResponse(_message.Message):
+    """Response for DownloadFile: one message per chunk."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    """Where in the file data starts."""
+    data: _builtins.bytes
+    """The chunk, at most 1 MiB; empty only in the one message of an empty
+    range.
+    """
+    @_builtins.property
+    def file(self) -> _file_pb2.File:
+        """The file's metadata; set in the first message only."""
+
+    def __init__(
+        self,
+        *,
+        file: _file_pb2.File | None = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadFileResponse: _TypeAlias = DownloadFileResponse  # noqa: Y015
+
+@_typing.final
+class DownloadFileContentRequest(_message.Message):
+    """Request for DownloadFileContent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    IF_SHA256_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The file, `workspaces/{workspace}/files/{file}`."""
+    offset: _builtins.int
+    """Byte offset to start at; 0 for the whole file."""
+    limit: _builtins.int
+    """Maximum bytes to send; 0 means to the end of the file."""
+    if_sha256: _builtins.str
+    """If set, fail with ABORTED (FILE_CHANGED) unless the content still has
+    this SHA-256.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        limit: _builtins.int = ...,
+        if_sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["if_sha256", b"if_sha256", "limit", b"limit", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadFileContentRequest: _TypeAlias = DownloadFileContentRequest  # noqa: Y015
 
 @_typing.final
 class CreateUploadRequest(_message.Message):
-    """Request for CreateUpload."""
+    """---- Uploads ----
+
+    Request for CreateUpload.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -515,202 +858,14 @@ class CreateUploadResponse(_message.Message):
 Global___CreateUploadResponse: _TypeAlias = CreateUploadResponse  # noqa: Y015
 
 @_typing.final
-class GetReportRequest(_message.Message):
-    """---- Reports ----
-
-    Request for GetReport.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    VIEW_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """Required. The report, `reports/{report}`."""
-    view: _report_pb2.ReportView.ValueType
-    """How much to return; default FULL."""
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        view: _report_pb2.ReportView.ValueType = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "view", b"view"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetReportRequest: _TypeAlias = GetReportRequest  # noqa: Y015
-
-@_typing.final
-class GetReportResponse(_message.Message):
-    """Response for GetReport."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REPORT_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def report(self) -> _report_pb2.Report:
-        """The report."""
-
-    def __init__(
-        self,
-        *,
-        report: _report_pb2.Report | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___GetReportResponse: _TypeAlias = GetReportResponse  # noqa: Y015
-
-@_typing.final
-class ListReportsRequest(_message.Message):
-    """Request for ListReports."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    PAGE_SIZE_FIELD_NUMBER: _builtins.int
-    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    FILTER_FIELD_NUMBER: _builtins.int
-    ORDER_BY_FIELD_NUMBER: _builtins.int
-    VIEW_FIELD_NUMBER: _builtins.int
-    page_size: _builtins.int
-    """Maximum number of reports to return; 0 means 50, values above 1000 are
-    treated as 1000 (100 with view FULL).
-    """
-    page_token: _builtins.str
-    """A next_page_token from a previous call; every other field must be the
-    same as in that call, else INVALID_ARGUMENT.
-    """
-    filter: _builtins.str
-    """Filter (see protos/README.md). Fields: `session`, `task_run` (a prefix
-    `tasks/{task}/runs/*` selects every attempt of a task), `format`
-    (`JSON`, `MARKDOWN`, `HTML`), `creator`, `title`, `labels.<key>`,
-    `create_time`, and `organization` (superusers only).
-    """
-    order_by: _builtins.str
-    """Sort order: `create_time desc` (default), `create_time`, `title`."""
-    view: _report_pb2.ReportView.ValueType
-    """How much of each report to return; default BASIC."""
-    def __init__(
-        self,
-        *,
-        page_size: _builtins.int = ...,
-        page_token: _builtins.str = ...,
-        filter: _builtins.str = ...,
-        order_by: _builtins.str = ...,
-        view: _report_pb2.ReportView.ValueType = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "view", b"view"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListReportsRequest: _TypeAlias = ListReportsRequest  # noqa: Y015
-
-@_typing.final
-class ListReportsResponse(_message.Message):
-    """Response for ListReports."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REPORTS_FIELD_NUMBER: _builtins.int
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
-    next_page_token: _builtins.str
-    """Token for the next page; empty on the last page."""
-    total_size: _builtins.int
-    """Total number of reports matching the filter."""
-    @_builtins.property
-    def reports(self) -> _containers.RepeatedCompositeFieldContainer[_report_pb2.Report]:
-        """The reports on this page."""
-
-    def __init__(
-        self,
-        *,
-        reports: _abc.Iterable[_report_pb2.Report] | None = ...,
-        next_page_token: _builtins.str = ...,
-        total_size: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "reports", b"reports", "total_size", b"total_size"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListReportsResponse: _TypeAlias = ListReportsResponse  # noqa: Y015
-
-@_typing.final
-class CreateReportRequest(_message.Message):
-    """Request for CreateReport."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REPORT_FIELD_NUMBER: _builtins.int
-    REQUEST_ID_FIELD_NUMBER: _builtins.int
-    request_id: _builtins.str
-    """A client-generated UUID4 that makes retries safe (AIP-155): a retry with
-    the same request_id within 24 hours returns the first report; reusing it
-    for a different request fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
-    """
-    @_builtins.property
-    def report(self) -> _report_pb2.Report:
-        """Required. The report: format, title, content, and optionally
-        organization, session, task_run, labels, creator.
-        """
-
-    def __init__(
-        self,
-        *,
-        report: _report_pb2.Report | None = ...,
-        request_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report", "request_id", b"request_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___CreateReportRequest: _TypeAlias = CreateReportRequest  # noqa: Y015
-
-@_typing.final
-class CreateReportResponse(_message.Message):
-    """Response for CreateReport."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REPORT_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def report(self) -> _report_pb2.Report:
-        """The created report, without content."""
-
-    def __init__(
-        self,
-        *,
-        report: _report_pb2.Report | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___CreateReportResponse: _TypeAlias = CreateReportResponse  # noqa: Y015
-
-@_typing.final
-class DeleteReportRequest(_message.Message):
-    """Request for DeleteReport."""
+class GetUploadRequest(_message.Message):
+    """Request for GetUpload."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Required. The report to delete."""
+    """Required. The upload, `workspaces/{workspace}/uploads/{upload}`."""
     def __init__(
         self,
         *,
@@ -722,145 +877,31 @@ class DeleteReportRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteReportRequest: _TypeAlias = DeleteReportRequest  # noqa: Y015
+Global___GetUploadRequest: _TypeAlias = GetUploadRequest  # noqa: Y015
 
 @_typing.final
-class DeleteReportResponse(_message.Message):
-    """Response for DeleteReport."""
+class GetUploadResponse(_message.Message):
+    """Response for GetUpload."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DeleteReportResponse: _TypeAlias = DeleteReportResponse  # noqa: Y015
-
-@_typing.final
-class CloneWorkspaceRequest(_message.Message):
-    """---- Custom methods ----
-
-    Request for CloneWorkspace.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    SESSION_FIELD_NUMBER: _builtins.int
-    OWNER_FIELD_NUMBER: _builtins.int
-    REQUEST_ID_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """Required. The workspace to copy."""
-    session: _builtins.str
-    """Required. The session the copy belongs to (the fork)."""
-    owner: _builtins.str
-    """Required. The copy's owner (the fork's owner)."""
-    request_id: _builtins.str
-    """A UUID4 that makes retries safe: a retry returns the copy already made."""
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        session: _builtins.str = ...,
-        owner: _builtins.str = ...,
-        request_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "owner", b"owner", "request_id", b"request_id", "session", b"session"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___CloneWorkspaceRequest: _TypeAlias = CloneWorkspaceRequest  # noqa: Y015
-
-@_typing.final
-class CloneWorkspaceResponse(_message.Message):
-    """Response for CloneWorkspace."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    WORKSPACE_FIELD_NUMBER: _builtins.int
+    UPLOAD_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def workspace(self) -> _workspace_pb2.Workspace:
-        """The new workspace, with source_workspace set."""
+    def upload(self) -> _upload_pb2.Upload:
+        """The upload."""
 
     def __init__(
         self,
         *,
-        workspace: _workspace_pb2.Workspace | None = ...,
+        upload: _upload_pb2.Upload | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CloneWorkspaceResponse: _TypeAlias = CloneWorkspaceResponse  # noqa: Y015
-
-@_typing.final
-class CreateArchiveRequest(_message.Message):
-    """Request for CreateArchive."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    WORKSPACE_FIELD_NUMBER: _builtins.int
-    PATH_PREFIX_FIELD_NUMBER: _builtins.int
-    REQUEST_ID_FIELD_NUMBER: _builtins.int
-    workspace: _builtins.str
-    """Required. The workspace to archive, `workspaces/{workspace}`."""
-    path_prefix: _builtins.str
-    """Archive only this directory (relative path); empty means the whole
-    workspace.
-    """
-    request_id: _builtins.str
-    """A client-generated UUID4 that makes retries safe: a retry returns the
-    archive already made.
-    """
-    def __init__(
-        self,
-        *,
-        workspace: _builtins.str = ...,
-        path_prefix: _builtins.str = ...,
-        request_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["path_prefix", b"path_prefix", "request_id", b"request_id", "workspace", b"workspace"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___CreateArchiveRequest: _TypeAlias = CreateArchiveRequest  # noqa: Y015
-
-@_typing.final
-class CreateArchiveResponse(_message.Message):
-    """Response for CreateArchive."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    FILE_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def file(self) -> _file_pb2.File:
-        """The archive, `.corral/archives/{timestamp}.tar.gz`, content type
-        `application/gzip`.
-        """
-
-    def __init__(
-        self,
-        *,
-        file: _file_pb2.File | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___CreateArchiveResponse: _TypeAlias = CreateArchiveResponse  # noqa: Y015
+Global___GetUploadResponse: _TypeAlias = GetUploadResponse  # noqa: Y015
 
 @_typing.final
 class AppendUploadChunkRequest(_message.Message):
@@ -997,7 +1038,7 @@ class AbortUploadResponse(_message.Message):
     UPLOAD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def upload(self) -> _upload_pb2.Upload:
-        """The upload, ABORTED (or EXPIRED)."""
+        """The upload, ABORTED (or as it already ended: EXPIRED, FAILED)."""
 
     def __init__(
         self,
@@ -1013,92 +1054,502 @@ class AbortUploadResponse(_message.Message):
 Global___AbortUploadResponse: _TypeAlias = AbortUploadResponse  # noqa: Y015
 
 @_typing.final
-class DownloadFileRequest(_message.Message):
-    """Request for DownloadFile."""
+class CreateReportRequest(_message.Message):
+    """---- Reports ----
+
+    Request for CreateReport.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """A client-generated UUID4 that makes retries safe (AIP-155): a retry with
+    the same request_id within 24 hours returns the first report; reusing it
+    for a different request fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    """
+    @_builtins.property
+    def report(self) -> _report_pb2.Report:
+        """Required. The report: title, content, format or content_type, and
+        optionally labels, expire_time, and (Corral services) owner, session,
+        task_run.
+        """
+
+    def __init__(
+        self,
+        *,
+        report: _report_pb2.Report | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateReportRequest: _TypeAlias = CreateReportRequest  # noqa: Y015
+
+@_typing.final
+class CreateReportResponse(_message.Message):
+    """Response for CreateReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def report(self) -> _report_pb2.Report:
+        """The created report, without content."""
+
+    def __init__(
+        self,
+        *,
+        report: _report_pb2.Report | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateReportResponse: _TypeAlias = CreateReportResponse  # noqa: Y015
+
+@_typing.final
+class GetReportRequest(_message.Message):
+    """Request for GetReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The report, `reports/{report}`."""
+    view: _report_pb2.ReportView.ValueType
+    """How much to return; default FULL."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        view: _report_pb2.ReportView.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "view", b"view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReportRequest: _TypeAlias = GetReportRequest  # noqa: Y015
+
+@_typing.final
+class GetReportResponse(_message.Message):
+    """Response for GetReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def report(self) -> _report_pb2.Report:
+        """The report."""
+
+    def __init__(
+        self,
+        *,
+        report: _report_pb2.Report | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetReportResponse: _TypeAlias = GetReportResponse  # noqa: Y015
+
+@_typing.final
+class ListReportsRequest(_message.Message):
+    """Request for ListReports."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum number of reports to return; 0 means 50, values above 1000 are
+    treated as 1000.
+    """
+    page_token: _builtins.str
+    """A next_page_token from a previous call; every other field must be the
+    same as in that call, else INVALID_ARGUMENT.
+    """
+    filter: _builtins.str
+    """Filter (see protos/README.md). Fields: `session`, `task_run` (a prefix
+    `tasks/{task}/runs/*` selects every attempt of a task), `format`
+    (`MARKDOWN`, `JSON`, `HTML`, `UNSPECIFIED`), `content_type`, `owner`,
+    `creator`, `title` (a prefix with `*`), `labels.<key>`, `create_time`,
+    and `organization` (superusers and services; others see their own).
+    """
+    order_by: _builtins.str
+    """Sort order: `create_time` (default `create_time desc`), `title` or
+    `size_bytes`, each optionally followed by ` desc`.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
+        order_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReportsRequest: _TypeAlias = ListReportsRequest  # noqa: Y015
+
+@_typing.final
+class ListReportsResponse(_message.Message):
+    """Response for ListReports."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[_report_pb2.Report]:
+        """The reports on this page, without content."""
+
+    def __init__(
+        self,
+        *,
+        reports: _abc.Iterable[_report_pb2.Report] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReportsResponse: _TypeAlias = ListReportsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteReportRequest(_message.Message):
+    """Request for DeleteReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The report to delete."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteReportRequest: _TypeAlias = DeleteReportRequest  # noqa: Y015
+
+@_typing.final
+class DeleteReportResponse(_message.Message):
+    """Response for DeleteReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteReportResponse: _TypeAlias = DeleteReportResponse  # noqa: Y015
+
+@_typing.final
+class DownloadReportRequest(_message.Message):
+    """Request for DownloadReport."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The report, `reports/{report}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadReportRequest: _TypeAlias = DownloadReportRequest  # noqa: Y015
+
+@_typing.final
+class CreateArchiveRequest(_message.Message):
+    """---- Archives ----
+
+    Request for CreateArchive.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    ARCHIVE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. The workspace to archive, `workspaces/{workspace}`."""
+    request_id: _builtins.str
+    """A client-generated UUID4 that makes retries safe: a retry returns the
+    archive already asked for.
+    """
+    @_builtins.property
+    def archive(self) -> _archive_pb2.Archive:
+        """The archive: optionally format, path_prefix, expire_time."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        archive: _archive_pb2.Archive | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive", "parent", b"parent", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateArchiveRequest: _TypeAlias = CreateArchiveRequest  # noqa: Y015
+
+@_typing.final
+class CreateArchiveResponse(_message.Message):
+    """Response for CreateArchive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARCHIVE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def archive(self) -> _archive_pb2.Archive:
+        """The archive, BUILDING."""
+
+    def __init__(
+        self,
+        *,
+        archive: _archive_pb2.Archive | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateArchiveResponse: _TypeAlias = CreateArchiveResponse  # noqa: Y015
+
+@_typing.final
+class GetArchiveRequest(_message.Message):
+    """Request for GetArchive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The archive, `workspaces/{workspace}/archives/{archive}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetArchiveRequest: _TypeAlias = GetArchiveRequest  # noqa: Y015
+
+@_typing.final
+class GetArchiveResponse(_message.Message):
+    """Response for GetArchive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARCHIVE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def archive(self) -> _archive_pb2.Archive:
+        """The archive."""
+
+    def __init__(
+        self,
+        *,
+        archive: _archive_pb2.Archive | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive", b"archive"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetArchiveResponse: _TypeAlias = GetArchiveResponse  # noqa: Y015
+
+@_typing.final
+class ListArchivesRequest(_message.Message):
+    """Request for ListArchives."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """Required. The workspace, `workspaces/{workspace}`."""
+    page_size: _builtins.int
+    """Maximum number of archives to return; 0 means 50, values above 1000
+    are treated as 1000.
+    """
+    page_token: _builtins.str
+    """A next_page_token from a previous call with the same parent."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListArchivesRequest: _TypeAlias = ListArchivesRequest  # noqa: Y015
+
+@_typing.final
+class ListArchivesResponse(_message.Message):
+    """Response for ListArchives."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARCHIVES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def archives(self) -> _containers.RepeatedCompositeFieldContainer[_archive_pb2.Archive]:
+        """The archives on this page, newest first."""
+
+    def __init__(
+        self,
+        *,
+        archives: _abc.Iterable[_archive_pb2.Archive] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archives", b"archives", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListArchivesResponse: _TypeAlias = ListArchivesResponse  # noqa: Y015
+
+@_typing.final
+class DeleteArchiveRequest(_message.Message):
+    """Request for DeleteArchive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. The archive to delete."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteArchiveRequest: _TypeAlias = DeleteArchiveRequest  # noqa: Y015
+
+@_typing.final
+class DeleteArchiveResponse(_message.Message):
+    """Response for DeleteArchive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteArchiveResponse: _TypeAlias = DeleteArchiveResponse  # noqa: Y015
+
+@_typing.final
+class DownloadArchiveRequest(_message.Message):
+    """Request for DownloadArchive."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
-    LIMIT_FIELD_NUMBER: _builtins.int
-    IF_SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Required. The file, `workspaces/{workspace}/files/{file}`."""
+    """Required. The archive, `workspaces/{workspace}/archives/{archive}`."""
     offset: _builtins.int
-    """Byte offset to start at; 0 for the whole file."""
-    limit: _builtins.int
-    """Maximum bytes to send; 0 means to the end of the file."""
-    if_sha256: _builtins.str
-    """If set, fail with ABORTED (FILE_CHANGED) unless the content still has
-    this SHA-256 (use when resuming).
-    """
+    """Byte offset to start at (to resume); 0 for the whole archive."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         offset: _builtins.int = ...,
-        limit: _builtins.int = ...,
-        if_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["if_sha256", b"if_sha256", "limit", b"limit", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DownloadFileRequest: _TypeAlias = DownloadFileRequest  # noqa: Y015
-
-@_typing.final
-class DownloadFileResponse(_message.Message):
-    """Response for DownloadFile: one message per chunk."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    FILE_FIELD_NUMBER: _builtins.int
-    OFFSET_FIELD_NUMBER: _builtins.int
-    DATA_FIELD_NUMBER: _builtins.int
-    offset: _builtins.int
-    """Where in the file data starts."""
-    data: _builtins.bytes
-    """The chunk, at most 1 MiB; empty only for an empty file."""
-    @_builtins.property
-    def file(self) -> _file_pb2.File:
-        """The file's metadata; set in the first message only."""
-
-    def __init__(
-        self,
-        *,
-        file: _file_pb2.File | None = ...,
-        offset: _builtins.int = ...,
-        data: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "offset", b"offset"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DownloadFileResponse: _TypeAlias = DownloadFileResponse  # noqa: Y015
+Global___DownloadArchiveRequest: _TypeAlias = DownloadArchiveRequest  # noqa: Y015
 
 @_typing.final
 class GetStorageUsageRequest(_message.Message):
-    """Request for GetStorageUsage."""
+    """---- Usage ----
+
+    Request for GetStorageUsage.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ORGANIZATION_FIELD_NUMBER: _builtins.int
-    organization: _builtins.str
-    """The organization, `organizations/{organization}`; default: the
-    caller's.
-    """
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `organizations/{organization}/storageUsage`."""
     def __init__(
         self,
         *,
-        organization: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["organization", b"organization"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from corral.storage.v1 import storage_service_pb2 as corral_dot_storage_dot_v1_dot_storage__service__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -26,20 +27,27 @@ if _version_not_supported:
 
 
 class StorageServiceStub:
-    """StorageService owns per-session workspaces (the agent's working
-    directories) and their files, chunked uploads and streamed downloads,
-    workspace archives, reports, and storage accounting. Every path is
-    normalised and confined to its workspace (no traversal, no symlinks out).
+    """StorageService owns every byte an agent or a user keeps: per-session
+    workspaces (the agent's working directory) and their files, resumable
+    uploads, streamed downloads, reports and archives, with storage quotas and
+    retention. Every path is checked and confined to its workspace: nothing is
+    read or written through a symbolic link.
 
     REST path prefixes owned by this service: `/v1/workspaces`, `/v1/reports`,
-    `/v1/storageUsage`.
+    and `/v1/organizations/*/storageUsage`. Raw bytes come over REST from the
+    `:download` methods (google.api.HttpBody): `curl -o` yields the file byte
+    for byte, always as an attachment.
 
-    Access: every RPC needs a bearer access token. For a workspace, "readers"
-    are its owner and the admins and viewers of its organization; "writers"
-    are its owner and the admins. Others get NOT_FOUND; readers who try to
-    write get PERMISSION_DENIED (READ_ONLY_ACCESS). Storage quota is debited
-    through identity's usage ledger. Any RPC may also fail with
-    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    Access: every RPC needs a bearer access token. Workspaces, their files,
+    uploads and archives follow the workspace's visibility rule, reports
+    theirs (see Workspace and Report: the same rule as sessions'). Callers who
+    may not see a resource get NOT_FOUND; readers who try to change it get
+    PERMISSION_DENIED (READ_ONLY_ACCESS). Internal methods (CreateWorkspace,
+    CloneWorkspace) have no REST binding, are not routed by the edge, and
+    answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
+    admins and superusers alike). Storage quota is held and settled through
+    identity's usage ledger. Every change is audited. Any RPC may also fail
+    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 
@@ -64,6 +72,16 @@ class StorageServiceStub:
                 request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateWorkspaceRequest.SerializeToString,
                 response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateWorkspaceResponse.FromString,
                 _registered_method=True)
+        self.CloneWorkspace = channel.unary_unary(
+                '/corral.storage.v1.StorageService/CloneWorkspace',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceResponse.FromString,
+                _registered_method=True)
+        self.UpdateWorkspace = channel.unary_unary(
+                '/corral.storage.v1.StorageService/UpdateWorkspace',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.UpdateWorkspaceRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.UpdateWorkspaceResponse.FromString,
+                _registered_method=True)
         self.DeleteWorkspace = channel.unary_unary(
                 '/corral.storage.v1.StorageService/DeleteWorkspace',
                 request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteWorkspaceRequest.SerializeToString,
@@ -79,50 +97,40 @@ class StorageServiceStub:
                 request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListFilesRequest.SerializeToString,
                 response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListFilesResponse.FromString,
                 _registered_method=True)
+        self.WriteFile = channel.unary_unary(
+                '/corral.storage.v1.StorageService/WriteFile',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.WriteFileRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.WriteFileResponse.FromString,
+                _registered_method=True)
         self.DeleteFile = channel.unary_unary(
                 '/corral.storage.v1.StorageService/DeleteFile',
                 request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteFileRequest.SerializeToString,
                 response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteFileResponse.FromString,
                 _registered_method=True)
-        self.GetUpload = channel.unary_unary(
-                '/corral.storage.v1.StorageService/GetUpload',
-                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadRequest.SerializeToString,
-                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadResponse.FromString,
+        self.MoveFile = channel.unary_unary(
+                '/corral.storage.v1.StorageService/MoveFile',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.MoveFileRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.MoveFileResponse.FromString,
+                _registered_method=True)
+        self.DownloadFile = channel.unary_stream(
+                '/corral.storage.v1.StorageService/DownloadFile',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileResponse.FromString,
+                _registered_method=True)
+        self.DownloadFileContent = channel.unary_stream(
+                '/corral.storage.v1.StorageService/DownloadFileContent',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileContentRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.CreateUpload = channel.unary_unary(
                 '/corral.storage.v1.StorageService/CreateUpload',
                 request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateUploadRequest.SerializeToString,
                 response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateUploadResponse.FromString,
                 _registered_method=True)
-        self.GetReport = channel.unary_unary(
-                '/corral.storage.v1.StorageService/GetReport',
-                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportRequest.SerializeToString,
-                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportResponse.FromString,
-                _registered_method=True)
-        self.ListReports = channel.unary_unary(
-                '/corral.storage.v1.StorageService/ListReports',
-                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsRequest.SerializeToString,
-                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsResponse.FromString,
-                _registered_method=True)
-        self.CreateReport = channel.unary_unary(
-                '/corral.storage.v1.StorageService/CreateReport',
-                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportRequest.SerializeToString,
-                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportResponse.FromString,
-                _registered_method=True)
-        self.DeleteReport = channel.unary_unary(
-                '/corral.storage.v1.StorageService/DeleteReport',
-                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportRequest.SerializeToString,
-                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportResponse.FromString,
-                _registered_method=True)
-        self.CloneWorkspace = channel.unary_unary(
-                '/corral.storage.v1.StorageService/CloneWorkspace',
-                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceRequest.SerializeToString,
-                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceResponse.FromString,
-                _registered_method=True)
-        self.CreateArchive = channel.unary_unary(
-                '/corral.storage.v1.StorageService/CreateArchive',
-                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveRequest.SerializeToString,
-                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveResponse.FromString,
+        self.GetUpload = channel.unary_unary(
+                '/corral.storage.v1.StorageService/GetUpload',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadResponse.FromString,
                 _registered_method=True)
         self.AppendUploadChunk = channel.unary_unary(
                 '/corral.storage.v1.StorageService/AppendUploadChunk',
@@ -139,10 +147,55 @@ class StorageServiceStub:
                 request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.AbortUploadRequest.SerializeToString,
                 response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.AbortUploadResponse.FromString,
                 _registered_method=True)
-        self.DownloadFile = channel.unary_stream(
-                '/corral.storage.v1.StorageService/DownloadFile',
-                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileRequest.SerializeToString,
-                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileResponse.FromString,
+        self.CreateReport = channel.unary_unary(
+                '/corral.storage.v1.StorageService/CreateReport',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportResponse.FromString,
+                _registered_method=True)
+        self.GetReport = channel.unary_unary(
+                '/corral.storage.v1.StorageService/GetReport',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportResponse.FromString,
+                _registered_method=True)
+        self.ListReports = channel.unary_unary(
+                '/corral.storage.v1.StorageService/ListReports',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsResponse.FromString,
+                _registered_method=True)
+        self.DeleteReport = channel.unary_unary(
+                '/corral.storage.v1.StorageService/DeleteReport',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportResponse.FromString,
+                _registered_method=True)
+        self.DownloadReport = channel.unary_stream(
+                '/corral.storage.v1.StorageService/DownloadReport',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadReportRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.CreateArchive = channel.unary_unary(
+                '/corral.storage.v1.StorageService/CreateArchive',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveResponse.FromString,
+                _registered_method=True)
+        self.GetArchive = channel.unary_unary(
+                '/corral.storage.v1.StorageService/GetArchive',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetArchiveRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetArchiveResponse.FromString,
+                _registered_method=True)
+        self.ListArchives = channel.unary_unary(
+                '/corral.storage.v1.StorageService/ListArchives',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListArchivesRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListArchivesResponse.FromString,
+                _registered_method=True)
+        self.DeleteArchive = channel.unary_unary(
+                '/corral.storage.v1.StorageService/DeleteArchive',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteArchiveRequest.SerializeToString,
+                response_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteArchiveResponse.FromString,
+                _registered_method=True)
+        self.DownloadArchive = channel.unary_stream(
+                '/corral.storage.v1.StorageService/DownloadArchive',
+                request_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadArchiveRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.GetStorageUsage = channel.unary_unary(
                 '/corral.storage.v1.StorageService/GetStorageUsage',
@@ -152,36 +205,44 @@ class StorageServiceStub:
 
 
 class StorageServiceServicer:
-    """StorageService owns per-session workspaces (the agent's working
-    directories) and their files, chunked uploads and streamed downloads,
-    workspace archives, reports, and storage accounting. Every path is
-    normalised and confined to its workspace (no traversal, no symlinks out).
+    """StorageService owns every byte an agent or a user keeps: per-session
+    workspaces (the agent's working directory) and their files, resumable
+    uploads, streamed downloads, reports and archives, with storage quotas and
+    retention. Every path is checked and confined to its workspace: nothing is
+    read or written through a symbolic link.
 
     REST path prefixes owned by this service: `/v1/workspaces`, `/v1/reports`,
-    `/v1/storageUsage`.
+    and `/v1/organizations/*/storageUsage`. Raw bytes come over REST from the
+    `:download` methods (google.api.HttpBody): `curl -o` yields the file byte
+    for byte, always as an attachment.
 
-    Access: every RPC needs a bearer access token. For a workspace, "readers"
-    are its owner and the admins and viewers of its organization; "writers"
-    are its owner and the admins. Others get NOT_FOUND; readers who try to
-    write get PERMISSION_DENIED (READ_ONLY_ACCESS). Storage quota is debited
-    through identity's usage ledger. Any RPC may also fail with
-    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    Access: every RPC needs a bearer access token. Workspaces, their files,
+    uploads and archives follow the workspace's visibility rule, reports
+    theirs (see Workspace and Report: the same rule as sessions'). Callers who
+    may not see a resource get NOT_FOUND; readers who try to change it get
+    PERMISSION_DENIED (READ_ONLY_ACCESS). Internal methods (CreateWorkspace,
+    CloneWorkspace) have no REST binding, are not routed by the edge, and
+    answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
+    admins and superusers alike). Storage quota is held and settled through
+    identity's usage ledger. Every change is audited. Any RPC may also fail
+    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 
     def GetWorkspace(self, request, context):
-        """Gets a workspace with its size and file count.
+        """Gets a workspace with its last measured size and file count.
 
-        Callers: readers of the workspace; Corral services.
-        Errors: NOT_FOUND if it does not exist or the caller cannot read it.
+        Callers: readers of the workspace.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND) if it does not exist or the
+        caller cannot read it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListWorkspaces(self, request, context):
-        """Lists workspaces: the caller's own, or all of the organization's for
-        admins and viewers.
+        """Lists the workspaces the caller can read: their own for users, every
+        workspace of the organization for admins and viewers.
 
         Callers: members of an organization; Corral services.
         Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
@@ -191,24 +252,56 @@ class StorageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateWorkspace(self, request, context):
-        """Creates an empty workspace for a session.
+        """Creates an empty workspace for a session. Internal: no REST binding.
 
         Callers: Corral services only (the session service, on CreateSession).
-        Errors: PERMISSION_DENIED for anyone else; INVALID_ARGUMENT if
-        organization, session or owner is missing, or (REQUEST_ID_REUSED);
-        ALREADY_EXISTS if the session already has a workspace.
+        Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
+        INVALID_ARGUMENT if organization, session, owner or labels are missing
+        or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
+        if the session already has a workspace.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloneWorkspace(self, request, context):
+        """Copies a workspace, files and all (symbolic links are not copied), for
+        a forked session. The copy's bytes are held on its owner's quota.
+        Internal: no REST binding.
+
+        Callers: Corral services only (the session service, on ForkSession).
+        Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else; NOT_FOUND
+        (WORKSPACE_NOT_FOUND) if the source does not exist; INVALID_ARGUMENT if
+        session or owner is missing or owner is not in the source's
+        organization, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
+        if the new session already has a workspace; RESOURCE_EXHAUSTED
+        (STORAGE_QUOTA_EXCEEDED) for the new owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateWorkspace(self, request, context):
+        """Updates a workspace's labels and expire_time.
+
+        Callers: writers of the workspace.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field
+        or labels are malformed; ABORTED (ETAG_MISMATCH).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteWorkspace(self, request, context):
-        """Deletes a workspace with all its files and uploads, and gives the bytes
-        back to the quota. Reports are not affected.
+        """Deletes a workspace with all its files, uploads and archives, and gives
+        its bytes back to the quota. It disappears at once; its files are
+        removed by the sweeper soon after. Reports are not affected.
 
-        Callers: Corral services (the session service, on DeleteSession) and
-        admins of the organization.
-        Errors: NOT_FOUND; PERMISSION_DENIED for anyone else.
+        Callers: Corral services (the session service, on DeleteSession),
+        superusers and admins of the organization.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS) for other readers; ABORTED (ETAG_MISMATCH).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -217,22 +310,42 @@ class StorageServiceServicer:
     def GetFile(self, request, context):
         """---- Files ----
 
-        Gets a file's metadata.
+        Gets a file's metadata, sha256 included.
 
         Callers: readers of the workspace.
-        Errors: NOT_FOUND if the workspace or file does not exist or the caller
-        cannot read it.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND, FILE_NOT_FOUND); INVALID_ARGUMENT
+        (INVALID_PATH) if the name's {file} is not a valid path.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListFiles(self, request, context):
-        """Lists the files of a workspace (recursively), by path.
+        """Lists the regular files of a workspace in path order (byte order of the
+        UTF-8 paths), read from its directory. With a delimiter (`/`), files
+        below the next delimiter after prefix are rolled up into prefixes: a
+        directory view.
 
         Callers: readers of the workspace.
-        Errors: NOT_FOUND if the workspace does not exist or the caller cannot
-        read it; INVALID_ARGUMENT if filter, order_by or page_token is malformed.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); INVALID_ARGUMENT if prefix is
+        not a path (or a path ending in `/`), delimiter is not empty or `/`, or
+        page_token is malformed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteFile(self, request, context):
+        """Writes a small file (at most 4 MiB) in one call: it appears (or is
+        replaced) atomically. Larger files: CreateUpload.
+
+        Callers: writers of the workspace.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE);
+        ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
+        false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
+        WORKSPACE_FULL); ABORTED (FILE_CHANGED) if if_sha256 is set and the file
+        there has other content; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -242,72 +355,170 @@ class StorageServiceServicer:
         """Deletes a file.
 
         Callers: writers of the workspace.
-        Errors: NOT_FOUND; PERMISSION_DENIED (READ_ONLY_ACCESS); ABORTED
-        (FILE_CHANGED) if if_sha256 is set and does not match.
+        Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); ABORTED (FILE_CHANGED) if if_sha256 is set and does
+        not match.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetUpload(self, request, context):
-        """---- Uploads ----
+    def MoveFile(self, request, context):
+        """Moves (renames) a file within its workspace, atomically.
 
-        Gets an upload, to learn where to resume (committed_bytes).
+        Callers: writers of the workspace.
+        Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH); ALREADY_EXISTS
+        (FILE_EXISTS) if a file exists at destination_path and overwrite is
+        false; FAILED_PRECONDITION (PATH_CONFLICT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
-        Callers: the upload's creator, admins.
-        Errors: NOT_FOUND if it does not exist or the caller cannot see it.
+    def DownloadFile(self, request, context):
+        """Streams a file's content in chunks of at most 1 MiB, from offset, read
+        from one opened copy of the file. The first message carries the file's
+        metadata (sha256 included). To resume after a broken stream, call again
+        with offset = bytes received and if_sha256 = the first message's
+        sha256. For raw bytes over REST use DownloadFileContent.
+
+        Callers: readers of the workspace.
+        Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); INVALID_ARGUMENT
+        (RANGE_NOT_SATISFIABLE) if offset is past the end of the file; ABORTED
+        (FILE_CHANGED) if if_sha256 is set and the content changed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadFileContent(self, request, context):
+        """The same bytes as DownloadFile, as `google.api.HttpBody` chunks: over
+        REST (`GET /v1/workspaces/w/files/f:download?offset=...`) the response
+        body is the raw content with the file's content type, served as an
+        attachment. Same callers, errors and resumption as DownloadFile.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateUpload(self, request, context):
-        """Starts an upload. If size_bytes is given, the storage quota is reserved
-        for it now.
+        """---- Uploads ----
+
+        Starts a resumable upload into a workspace. If size_bytes is given, the
+        storage quota is held for it now.
 
         Callers: writers of the workspace.
-        Errors: NOT_FOUND if the workspace does not exist; PERMISSION_DENIED
-        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED);
-        ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
-        false; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED)
+        or if size_bytes is negative; ALREADY_EXISTS (FILE_EXISTS) if a file
+        exists at path and overwrite is false; FAILED_PRECONDITION
+        (FILE_TOO_LARGE, WORKSPACE_FULL, PATH_CONFLICT); RESOURCE_EXHAUSTED
+        (STORAGE_QUOTA_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetReport(self, request, context):
-        """---- Reports ----
+    def GetUpload(self, request, context):
+        """Gets an upload, to learn where to resume (committed_bytes).
 
-        Gets a report, with its content unless view is BASIC.
-
-        Callers: members of the report's organization.
-        Errors: NOT_FOUND if it does not exist or is in another organization.
+        Callers: the upload's creator and writers of its workspace.
+        Errors: NOT_FOUND (UPLOAD_NOT_FOUND) if it does not exist or the caller
+        cannot see it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ListReports(self, request, context):
-        """Lists the reports of the caller's organization, newest first, without
-        content unless view is FULL.
+    def AppendUploadChunk(self, request, context):
+        """Appends one chunk (1 byte to 2 MiB) to an upload. offset must equal the
+        upload's committed_bytes. Resending the chunk that ends exactly at
+        committed_bytes answers committed_bytes and changes nothing, so a retry
+        after a lost response is safe (the commit's sha256 catches any
+        difference).
 
-        Callers: members of an organization.
-        Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
+        Callers: the upload's creator.
+        Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS) for others who can see it; FAILED_PRECONDITION
+        (OFFSET_MISMATCH, with committed_bytes in ErrorInfo metadata),
+        (UPLOAD_NOT_ACTIVE), (FILE_TOO_LARGE or WORKSPACE_FULL: the upload
+        FAILED); INVALID_ARGUMENT (CHUNK_TOO_LARGE), (SIZE_MISMATCH) if the
+        chunk would go past the declared size_bytes; ABORTED (UPLOAD_BUSY);
+        RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED: the upload FAILED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitUpload(self, request, context):
+        """Finishes an upload: verifies the SHA-256 (and the declared size) and
+        atomically puts the file in place. A retry on a COMMITTED upload with
+        the same sha256 answers the same file.
+
+        Callers: the upload's creator.
+        Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (CHECKSUM_MISMATCH or SIZE_MISMATCH:
+        the upload FAILED) or if sha256 is not 64 hex characters;
+        FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE, PATH_CONFLICT); ALREADY_EXISTS
+        (FILE_EXISTS) if a file appeared at path and overwrite is false (the
+        upload stays ACTIVE); ABORTED (UPLOAD_BUSY).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortUpload(self, request, context):
+        """Abandons an upload, discards its bytes and gives back its quota hold.
+        Idempotent on an upload that already ended without a commit.
+
+        Callers: the upload's creator and writers of its workspace.
+        Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE) if it was
+        committed; ABORTED (UPLOAD_BUSY).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateReport(self, request, context):
-        """Files a report.
+        """---- Reports ----
 
-        Callers: users and admins (for sessions they can read); Corral services
-        (the task service, for task runs).
-        Errors: PERMISSION_DENIED for viewers; INVALID_ARGUMENT if format, title
-        or content is missing, (CONTENT_INVALID) if content is over 2 MiB or a
-        JSON report does not parse, (REQUEST_ID_REUSED); NOT_FOUND if session
-        is set and the caller cannot read it; RESOURCE_EXHAUSTED
+        Files a report (content at most 4 MiB), its bytes held on its owner's
+        storage quota.
+
+        Callers: users and admins (owner: themselves); Corral services (any
+        owner, session and task_run).
+        Errors: PERMISSION_DENIED (READ_ONLY_ACCESS) for viewers;
+        INVALID_ARGUMENT if title is missing or too long, content_type is
+        missing for REPORT_FORMAT_UNSPECIFIED, owner, session or task_run are
+        set by a non-service or malformed, labels are malformed, expire_time is
+        in the past, (CONTENT_INVALID) if content is over 4 MiB or a JSON report
+        does not parse, (REQUEST_ID_REUSED); RESOURCE_EXHAUSTED
         (STORAGE_QUOTA_EXCEEDED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetReport(self, request, context):
+        """Gets a report, with its content unless view is BASIC.
+
+        Callers: readers of the report.
+        Errors: NOT_FOUND (REPORT_NOT_FOUND) if it does not exist or the caller
+        cannot read it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListReports(self, request, context):
+        """Lists the reports the caller can read (their own for users, the
+        organization's for admins and viewers), newest first, without content.
+
+        Callers: members of an organization; Corral services (with an
+        `organization` filter).
+        Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -316,108 +527,96 @@ class StorageServiceServicer:
     def DeleteReport(self, request, context):
         """Deletes a report and gives its bytes back to the quota.
 
-        Callers: the report's creator and admins.
-        Errors: NOT_FOUND; PERMISSION_DENIED (READ_ONLY_ACCESS) for others.
+        Callers: its owner (with the user role), admins of its organization,
+        superusers and Corral services.
+        Errors: NOT_FOUND (REPORT_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS) for other readers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CloneWorkspace(self, request, context):
-        """---- Custom methods ----
+    def DownloadReport(self, request, context):
+        """Streams a report's content as `google.api.HttpBody` chunks: over REST
+        (`GET /v1/reports/r:download`) the raw document with its content type,
+        always as an attachment (HTML never renders on the API's origin).
 
-        Copies a workspace, files and all, for a forked session.
-
-        Callers: Corral services only (the session service, on ForkSession).
-        Errors: NOT_FOUND if the source does not exist; PERMISSION_DENIED for
-        anyone else; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED) for the new
-        owner; INVALID_ARGUMENT (REQUEST_ID_REUSED).
+        Callers: readers of the report.
+        Errors: NOT_FOUND (REPORT_NOT_FOUND, BLOB_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateArchive(self, request, context):
-        """Packs a workspace (or a directory of it) into a gzip-compressed tar
-        file stored in the same workspace under `.corral/archives/`, and returns
-        that file: download it with DownloadFile. Archives never include
-        `.corral/`. Synchronous; counts against the storage quota.
+        """---- Archives ----
+
+        Starts building an archive of a workspace (or of one directory of it);
+        returns it BUILDING. Poll GetArchive until READY or FAILED.
 
         Callers: writers of the workspace.
-        Errors: NOT_FOUND if the workspace does not exist; PERMISSION_DENIED
-        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED);
-        FAILED_PRECONDITION (ARCHIVE_TOO_LARGE); RESOURCE_EXHAUSTED
-        (STORAGE_QUOTA_EXCEEDED).
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED)
+        or if expire_time is in the past or more than 30 days ahead;
+        UNIMPLEMENTED (UNIMPLEMENTED) where this deployment builds no archives.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def AppendUploadChunk(self, request, context):
-        """Appends one chunk (at most 2 MiB) to an upload. offset must equal the
-        upload's committed_bytes. Resending the chunk that ends exactly at
-        committed_bytes is accepted as a no-op, so a retry after a lost
-        response is safe.
-
-        Callers: the upload's creator.
-        Errors: NOT_FOUND if the upload does not exist; PERMISSION_DENIED if the
-        caller did not create it; FAILED_PRECONDITION (OFFSET_MISMATCH, with
-        committed_bytes in ErrorInfo metadata) or (UPLOAD_NOT_ACTIVE);
-        INVALID_ARGUMENT (CHUNK_TOO_LARGE), or if the chunk would exceed the
-        declared size_bytes; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CommitUpload(self, request, context):
-        """Finishes an upload: verifies the SHA-256 (and the declared size) and
-        atomically moves the file into place. Idempotent on a committed upload
-        with the same sha256.
-
-        Callers: the upload's creator.
-        Errors: NOT_FOUND; PERMISSION_DENIED; INVALID_ARGUMENT (CHECKSUM_MISMATCH
-        or SIZE_MISMATCH; the upload is aborted) or if sha256 is not 64 hex
-        characters; FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE); ALREADY_EXISTS
-        (FILE_EXISTS) if a file appeared at path and overwrite is false.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def AbortUpload(self, request, context):
-        """Abandons an upload and discards its bytes. Idempotent on an aborted or
-        expired upload.
-
-        Callers: the upload's creator, admins.
-        Errors: NOT_FOUND; PERMISSION_DENIED; FAILED_PRECONDITION
-        (UPLOAD_NOT_ACTIVE) if it was committed.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DownloadFile(self, request, context):
-        """Streams a file's content in chunks of at most 1 MiB, from offset. The
-        first message also carries the file's metadata. To resume after a
-        broken stream, call again with offset = bytes received and if_sha256 =
-        the sha256 from the first message.
+    def GetArchive(self, request, context):
+        """Gets an archive.
 
         Callers: readers of the workspace.
-        Errors: NOT_FOUND if the file does not exist or the caller cannot read
-        it; OUT_OF_RANGE if offset is beyond the end of the file; ABORTED
-        (FILE_CHANGED) if if_sha256 is set and the content changed.
+        Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListArchives(self, request, context):
+        """Lists a workspace's archives, newest first.
+
+        Callers: readers of the workspace.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); INVALID_ARGUMENT if page_token
+        is malformed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteArchive(self, request, context):
+        """Deletes an archive (a BUILDING one stops) and gives its bytes back.
+
+        Callers: writers of the workspace.
+        Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND);
+        PERMISSION_DENIED (READ_ONLY_ACCESS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadArchive(self, request, context):
+        """Streams a READY archive as `google.api.HttpBody` chunks (over REST: the
+        raw file, as an attachment), from offset.
+
+        Callers: readers of the workspace.
+        Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND,
+        BLOB_NOT_FOUND); FAILED_PRECONDITION (ARCHIVE_NOT_READY);
+        INVALID_ARGUMENT (RANGE_NOT_SATISFIABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetStorageUsage(self, request, context):
-        """Reports how much an organization stores.
+        """---- Usage ----
 
-        Callers: members of the organization; superusers for any organization.
-        Errors: NOT_FOUND if the organization is unknown to storage or the
-        caller is not a member.
+        Reports how much an organization keeps, with a breakdown by owner.
+
+        Callers: members of the organization (users see only their own owner
+        line); superusers and Corral services for any organization.
+        Errors: NOT_FOUND if the caller is not a member of the organization.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -441,6 +640,16 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateWorkspaceRequest.FromString,
                     response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateWorkspaceResponse.SerializeToString,
             ),
+            'CloneWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloneWorkspace,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceResponse.SerializeToString,
+            ),
+            'UpdateWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWorkspace,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.UpdateWorkspaceRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.UpdateWorkspaceResponse.SerializeToString,
+            ),
             'DeleteWorkspace': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteWorkspace,
                     request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteWorkspaceRequest.FromString,
@@ -456,50 +665,40 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListFilesRequest.FromString,
                     response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListFilesResponse.SerializeToString,
             ),
+            'WriteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteFile,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.WriteFileRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.WriteFileResponse.SerializeToString,
+            ),
             'DeleteFile': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteFile,
                     request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteFileRequest.FromString,
                     response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteFileResponse.SerializeToString,
             ),
-            'GetUpload': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetUpload,
-                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadRequest.FromString,
-                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadResponse.SerializeToString,
+            'MoveFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveFile,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.MoveFileRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.MoveFileResponse.SerializeToString,
+            ),
+            'DownloadFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadFile,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileResponse.SerializeToString,
+            ),
+            'DownloadFileContent': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadFileContent,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileContentRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'CreateUpload': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateUpload,
                     request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateUploadRequest.FromString,
                     response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateUploadResponse.SerializeToString,
             ),
-            'GetReport': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetReport,
-                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportRequest.FromString,
-                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportResponse.SerializeToString,
-            ),
-            'ListReports': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListReports,
-                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsRequest.FromString,
-                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsResponse.SerializeToString,
-            ),
-            'CreateReport': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateReport,
-                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportRequest.FromString,
-                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportResponse.SerializeToString,
-            ),
-            'DeleteReport': grpc.unary_unary_rpc_method_handler(
-                    servicer.DeleteReport,
-                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportRequest.FromString,
-                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportResponse.SerializeToString,
-            ),
-            'CloneWorkspace': grpc.unary_unary_rpc_method_handler(
-                    servicer.CloneWorkspace,
-                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceRequest.FromString,
-                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceResponse.SerializeToString,
-            ),
-            'CreateArchive': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateArchive,
-                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveRequest.FromString,
-                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveResponse.SerializeToString,
+            'GetUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUpload,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadResponse.SerializeToString,
             ),
             'AppendUploadChunk': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendUploadChunk,
@@ -516,10 +715,55 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.AbortUploadRequest.FromString,
                     response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.AbortUploadResponse.SerializeToString,
             ),
-            'DownloadFile': grpc.unary_stream_rpc_method_handler(
-                    servicer.DownloadFile,
-                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileRequest.FromString,
-                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileResponse.SerializeToString,
+            'CreateReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateReport,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportResponse.SerializeToString,
+            ),
+            'GetReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReport,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportResponse.SerializeToString,
+            ),
+            'ListReports': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReports,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsResponse.SerializeToString,
+            ),
+            'DeleteReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteReport,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportResponse.SerializeToString,
+            ),
+            'DownloadReport': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadReport,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadReportRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'CreateArchive': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateArchive,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveResponse.SerializeToString,
+            ),
+            'GetArchive': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetArchive,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetArchiveRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.GetArchiveResponse.SerializeToString,
+            ),
+            'ListArchives': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListArchives,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListArchivesRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.ListArchivesResponse.SerializeToString,
+            ),
+            'DeleteArchive': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteArchive,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteArchiveRequest.FromString,
+                    response_serializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteArchiveResponse.SerializeToString,
+            ),
+            'DownloadArchive': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadArchive,
+                    request_deserializer=corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadArchiveRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'GetStorageUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStorageUsage,
@@ -535,20 +779,27 @@ def add_StorageServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class StorageService:
-    """StorageService owns per-session workspaces (the agent's working
-    directories) and their files, chunked uploads and streamed downloads,
-    workspace archives, reports, and storage accounting. Every path is
-    normalised and confined to its workspace (no traversal, no symlinks out).
+    """StorageService owns every byte an agent or a user keeps: per-session
+    workspaces (the agent's working directory) and their files, resumable
+    uploads, streamed downloads, reports and archives, with storage quotas and
+    retention. Every path is checked and confined to its workspace: nothing is
+    read or written through a symbolic link.
 
     REST path prefixes owned by this service: `/v1/workspaces`, `/v1/reports`,
-    `/v1/storageUsage`.
+    and `/v1/organizations/*/storageUsage`. Raw bytes come over REST from the
+    `:download` methods (google.api.HttpBody): `curl -o` yields the file byte
+    for byte, always as an attachment.
 
-    Access: every RPC needs a bearer access token. For a workspace, "readers"
-    are its owner and the admins and viewers of its organization; "writers"
-    are its owner and the admins. Others get NOT_FOUND; readers who try to
-    write get PERMISSION_DENIED (READ_ONLY_ACCESS). Storage quota is debited
-    through identity's usage ledger. Any RPC may also fail with
-    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    Access: every RPC needs a bearer access token. Workspaces, their files,
+    uploads and archives follow the workspace's visibility rule, reports
+    theirs (see Workspace and Report: the same rule as sessions'). Callers who
+    may not see a resource get NOT_FOUND; readers who try to change it get
+    PERMISSION_DENIED (READ_ONLY_ACCESS). Internal methods (CreateWorkspace,
+    CloneWorkspace) have no REST binding, are not routed by the edge, and
+    answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
+    admins and superusers alike). Storage quota is held and settled through
+    identity's usage ledger. Every change is audited. Any RPC may also fail
+    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 
@@ -623,6 +874,60 @@ class StorageService:
             '/corral.storage.v1.StorageService/CreateWorkspace',
             corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateWorkspaceRequest.SerializeToString,
             corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloneWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/CloneWorkspace',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/UpdateWorkspace',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.UpdateWorkspaceRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.UpdateWorkspaceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -715,6 +1020,33 @@ class StorageService:
             _registered_method=True)
 
     @staticmethod
+    def WriteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/WriteFile',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.WriteFileRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.WriteFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DeleteFile(request,
             target,
             options=(),
@@ -742,7 +1074,7 @@ class StorageService:
             _registered_method=True)
 
     @staticmethod
-    def GetUpload(request,
+    def MoveFile(request,
             target,
             options=(),
             channel_credentials=None,
@@ -755,9 +1087,63 @@ class StorageService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/corral.storage.v1.StorageService/GetUpload',
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadRequest.SerializeToString,
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadResponse.FromString,
+            '/corral.storage.v1.StorageService/MoveFile',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.MoveFileRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.MoveFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/DownloadFile',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadFileContent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/DownloadFileContent',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileContentRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,
@@ -796,7 +1182,7 @@ class StorageService:
             _registered_method=True)
 
     @staticmethod
-    def GetReport(request,
+    def GetUpload(request,
             target,
             options=(),
             channel_credentials=None,
@@ -809,144 +1195,9 @@ class StorageService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/corral.storage.v1.StorageService/GetReport',
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportRequest.SerializeToString,
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ListReports(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/corral.storage.v1.StorageService/ListReports',
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsRequest.SerializeToString,
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CreateReport(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/corral.storage.v1.StorageService/CreateReport',
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportRequest.SerializeToString,
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DeleteReport(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/corral.storage.v1.StorageService/DeleteReport',
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportRequest.SerializeToString,
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CloneWorkspace(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/corral.storage.v1.StorageService/CloneWorkspace',
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceRequest.SerializeToString,
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.CloneWorkspaceResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CreateArchive(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/corral.storage.v1.StorageService/CreateArchive',
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveRequest.SerializeToString,
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveResponse.FromString,
+            '/corral.storage.v1.StorageService/GetUpload',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.GetUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -1039,7 +1290,115 @@ class StorageService:
             _registered_method=True)
 
     @staticmethod
-    def DownloadFile(request,
+    def CreateReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/CreateReport',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/GetReport',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.GetReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListReports(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/ListReports',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.ListReportsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/DeleteReport',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadReport(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1052,9 +1411,144 @@ class StorageService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/corral.storage.v1.StorageService/DownloadFile',
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileRequest.SerializeToString,
-            corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadFileResponse.FromString,
+            '/corral.storage.v1.StorageService/DownloadReport',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadReportRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateArchive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/CreateArchive',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.CreateArchiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArchive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/GetArchive',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.GetArchiveRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.GetArchiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListArchives(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/ListArchives',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.ListArchivesRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.ListArchivesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteArchive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/DeleteArchive',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteArchiveRequest.SerializeToString,
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.DeleteArchiveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadArchive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/corral.storage.v1.StorageService/DownloadArchive',
+            corral_dot_storage_dot_v1_dot_storage__service__pb2.DownloadArchiveRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

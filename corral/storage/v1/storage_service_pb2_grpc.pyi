@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from corral.storage.v1 import storage_service_pb2 as _storage_service_pb2
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -27,20 +28,27 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class StorageServiceStub:
-    """StorageService owns per-session workspaces (the agent's working
-    directories) and their files, chunked uploads and streamed downloads,
-    workspace archives, reports, and storage accounting. Every path is
-    normalised and confined to its workspace (no traversal, no symlinks out).
+    """StorageService owns every byte an agent or a user keeps: per-session
+    workspaces (the agent's working directory) and their files, resumable
+    uploads, streamed downloads, reports and archives, with storage quotas and
+    retention. Every path is checked and confined to its workspace: nothing is
+    read or written through a symbolic link.
 
     REST path prefixes owned by this service: `/v1/workspaces`, `/v1/reports`,
-    `/v1/storageUsage`.
+    and `/v1/organizations/*/storageUsage`. Raw bytes come over REST from the
+    `:download` methods (google.api.HttpBody): `curl -o` yields the file byte
+    for byte, always as an attachment.
 
-    Access: every RPC needs a bearer access token. For a workspace, "readers"
-    are its owner and the admins and viewers of its organization; "writers"
-    are its owner and the admins. Others get NOT_FOUND; readers who try to
-    write get PERMISSION_DENIED (READ_ONLY_ACCESS). Storage quota is debited
-    through identity's usage ledger. Any RPC may also fail with
-    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    Access: every RPC needs a bearer access token. Workspaces, their files,
+    uploads and archives follow the workspace's visibility rule, reports
+    theirs (see Workspace and Report: the same rule as sessions'). Callers who
+    may not see a resource get NOT_FOUND; readers who try to change it get
+    PERMISSION_DENIED (READ_ONLY_ACCESS). Internal methods (CreateWorkspace,
+    CloneWorkspace) have no REST binding, are not routed by the edge, and
+    answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
+    admins and superusers alike). Storage quota is held and settled through
+    identity's usage ledger. Every change is audited. Any RPC may also fail
+    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 
@@ -49,390 +57,610 @@ class StorageServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> StorageServiceAsyncStub: ...
     GetWorkspace: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.GetWorkspaceRequest, _storage_service_pb2.GetWorkspaceResponse]
-    """Gets a workspace with its size and file count.
+    """Gets a workspace with its last measured size and file count.
 
-    Callers: readers of the workspace; Corral services.
-    Errors: NOT_FOUND if it does not exist or the caller cannot read it.
+    Callers: readers of the workspace.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND) if it does not exist or the
+    caller cannot read it.
     """
     ListWorkspaces: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.ListWorkspacesRequest, _storage_service_pb2.ListWorkspacesResponse]
-    """Lists workspaces: the caller's own, or all of the organization's for
-    admins and viewers.
+    """Lists the workspaces the caller can read: their own for users, every
+    workspace of the organization for admins and viewers.
 
     Callers: members of an organization; Corral services.
     Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
     """
     CreateWorkspace: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CreateWorkspaceRequest, _storage_service_pb2.CreateWorkspaceResponse]
-    """Creates an empty workspace for a session.
+    """Creates an empty workspace for a session. Internal: no REST binding.
 
     Callers: Corral services only (the session service, on CreateSession).
-    Errors: PERMISSION_DENIED for anyone else; INVALID_ARGUMENT if
-    organization, session or owner is missing, or (REQUEST_ID_REUSED);
-    ALREADY_EXISTS if the session already has a workspace.
+    Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
+    INVALID_ARGUMENT if organization, session, owner or labels are missing
+    or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
+    if the session already has a workspace.
+    """
+    CloneWorkspace: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CloneWorkspaceRequest, _storage_service_pb2.CloneWorkspaceResponse]
+    """Copies a workspace, files and all (symbolic links are not copied), for
+    a forked session. The copy's bytes are held on its owner's quota.
+    Internal: no REST binding.
+
+    Callers: Corral services only (the session service, on ForkSession).
+    Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else; NOT_FOUND
+    (WORKSPACE_NOT_FOUND) if the source does not exist; INVALID_ARGUMENT if
+    session or owner is missing or owner is not in the source's
+    organization, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
+    if the new session already has a workspace; RESOURCE_EXHAUSTED
+    (STORAGE_QUOTA_EXCEEDED) for the new owner.
+    """
+    UpdateWorkspace: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.UpdateWorkspaceRequest, _storage_service_pb2.UpdateWorkspaceResponse]
+    """Updates a workspace's labels and expire_time.
+
+    Callers: writers of the workspace.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field
+    or labels are malformed; ABORTED (ETAG_MISMATCH).
     """
     DeleteWorkspace: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteWorkspaceRequest, _storage_service_pb2.DeleteWorkspaceResponse]
-    """Deletes a workspace with all its files and uploads, and gives the bytes
-    back to the quota. Reports are not affected.
+    """Deletes a workspace with all its files, uploads and archives, and gives
+    its bytes back to the quota. It disappears at once; its files are
+    removed by the sweeper soon after. Reports are not affected.
 
-    Callers: Corral services (the session service, on DeleteSession) and
-    admins of the organization.
-    Errors: NOT_FOUND; PERMISSION_DENIED for anyone else.
+    Callers: Corral services (the session service, on DeleteSession),
+    superusers and admins of the organization.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS) for other readers; ABORTED (ETAG_MISMATCH).
     """
     GetFile: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.GetFileRequest, _storage_service_pb2.GetFileResponse]
     """---- Files ----
 
-    Gets a file's metadata.
+    Gets a file's metadata, sha256 included.
 
     Callers: readers of the workspace.
-    Errors: NOT_FOUND if the workspace or file does not exist or the caller
-    cannot read it.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND, FILE_NOT_FOUND); INVALID_ARGUMENT
+    (INVALID_PATH) if the name's {file} is not a valid path.
     """
     ListFiles: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.ListFilesRequest, _storage_service_pb2.ListFilesResponse]
-    """Lists the files of a workspace (recursively), by path.
+    """Lists the regular files of a workspace in path order (byte order of the
+    UTF-8 paths), read from its directory. With a delimiter (`/`), files
+    below the next delimiter after prefix are rolled up into prefixes: a
+    directory view.
 
     Callers: readers of the workspace.
-    Errors: NOT_FOUND if the workspace does not exist or the caller cannot
-    read it; INVALID_ARGUMENT if filter, order_by or page_token is malformed.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); INVALID_ARGUMENT if prefix is
+    not a path (or a path ending in `/`), delimiter is not empty or `/`, or
+    page_token is malformed.
+    """
+    WriteFile: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.WriteFileRequest, _storage_service_pb2.WriteFileResponse]
+    """Writes a small file (at most 4 MiB) in one call: it appears (or is
+    replaced) atomically. Larger files: CreateUpload.
+
+    Callers: writers of the workspace.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE);
+    ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
+    false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
+    WORKSPACE_FULL); ABORTED (FILE_CHANGED) if if_sha256 is set and the file
+    there has other content; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
     """
     DeleteFile: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteFileRequest, _storage_service_pb2.DeleteFileResponse]
     """Deletes a file.
 
     Callers: writers of the workspace.
-    Errors: NOT_FOUND; PERMISSION_DENIED (READ_ONLY_ACCESS); ABORTED
-    (FILE_CHANGED) if if_sha256 is set and does not match.
+    Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); ABORTED (FILE_CHANGED) if if_sha256 is set and does
+    not match.
     """
-    GetUpload: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.GetUploadRequest, _storage_service_pb2.GetUploadResponse]
-    """---- Uploads ----
-
-    Gets an upload, to learn where to resume (committed_bytes).
-
-    Callers: the upload's creator, admins.
-    Errors: NOT_FOUND if it does not exist or the caller cannot see it.
-    """
-    CreateUpload: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CreateUploadRequest, _storage_service_pb2.CreateUploadResponse]
-    """Starts an upload. If size_bytes is given, the storage quota is reserved
-    for it now.
+    MoveFile: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.MoveFileRequest, _storage_service_pb2.MoveFileResponse]
+    """Moves (renames) a file within its workspace, atomically.
 
     Callers: writers of the workspace.
-    Errors: NOT_FOUND if the workspace does not exist; PERMISSION_DENIED
-    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED);
-    ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
-    false; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
+    Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH); ALREADY_EXISTS
+    (FILE_EXISTS) if a file exists at destination_path and overwrite is
+    false; FAILED_PRECONDITION (PATH_CONFLICT).
     """
-    GetReport: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.GetReportRequest, _storage_service_pb2.GetReportResponse]
-    """---- Reports ----
+    DownloadFile: _grpc.UnaryStreamMultiCallable[_storage_service_pb2.DownloadFileRequest, _storage_service_pb2.DownloadFileResponse]
+    """Streams a file's content in chunks of at most 1 MiB, from offset, read
+    from one opened copy of the file. The first message carries the file's
+    metadata (sha256 included). To resume after a broken stream, call again
+    with offset = bytes received and if_sha256 = the first message's
+    sha256. For raw bytes over REST use DownloadFileContent.
 
-    Gets a report, with its content unless view is BASIC.
-
-    Callers: members of the report's organization.
-    Errors: NOT_FOUND if it does not exist or is in another organization.
+    Callers: readers of the workspace.
+    Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); INVALID_ARGUMENT
+    (RANGE_NOT_SATISFIABLE) if offset is past the end of the file; ABORTED
+    (FILE_CHANGED) if if_sha256 is set and the content changed.
     """
-    ListReports: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.ListReportsRequest, _storage_service_pb2.ListReportsResponse]
-    """Lists the reports of the caller's organization, newest first, without
-    content unless view is FULL.
+    DownloadFileContent: _grpc.UnaryStreamMultiCallable[_storage_service_pb2.DownloadFileContentRequest, _httpbody_pb2.HttpBody]
+    """The same bytes as DownloadFile, as `google.api.HttpBody` chunks: over
+    REST (`GET /v1/workspaces/w/files/f:download?offset=...`) the response
+    body is the raw content with the file's content type, served as an
+    attachment. Same callers, errors and resumption as DownloadFile.
+    """
+    CreateUpload: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CreateUploadRequest, _storage_service_pb2.CreateUploadResponse]
+    """---- Uploads ----
 
-    Callers: members of an organization.
-    Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
+    Starts a resumable upload into a workspace. If size_bytes is given, the
+    storage quota is held for it now.
+
+    Callers: writers of the workspace.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED)
+    or if size_bytes is negative; ALREADY_EXISTS (FILE_EXISTS) if a file
+    exists at path and overwrite is false; FAILED_PRECONDITION
+    (FILE_TOO_LARGE, WORKSPACE_FULL, PATH_CONFLICT); RESOURCE_EXHAUSTED
+    (STORAGE_QUOTA_EXCEEDED).
+    """
+    GetUpload: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.GetUploadRequest, _storage_service_pb2.GetUploadResponse]
+    """Gets an upload, to learn where to resume (committed_bytes).
+
+    Callers: the upload's creator and writers of its workspace.
+    Errors: NOT_FOUND (UPLOAD_NOT_FOUND) if it does not exist or the caller
+    cannot see it.
+    """
+    AppendUploadChunk: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.AppendUploadChunkRequest, _storage_service_pb2.AppendUploadChunkResponse]
+    """Appends one chunk (1 byte to 2 MiB) to an upload. offset must equal the
+    upload's committed_bytes. Resending the chunk that ends exactly at
+    committed_bytes answers committed_bytes and changes nothing, so a retry
+    after a lost response is safe (the commit's sha256 catches any
+    difference).
+
+    Callers: the upload's creator.
+    Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS) for others who can see it; FAILED_PRECONDITION
+    (OFFSET_MISMATCH, with committed_bytes in ErrorInfo metadata),
+    (UPLOAD_NOT_ACTIVE), (FILE_TOO_LARGE or WORKSPACE_FULL: the upload
+    FAILED); INVALID_ARGUMENT (CHUNK_TOO_LARGE), (SIZE_MISMATCH) if the
+    chunk would go past the declared size_bytes; ABORTED (UPLOAD_BUSY);
+    RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED: the upload FAILED).
+    """
+    CommitUpload: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CommitUploadRequest, _storage_service_pb2.CommitUploadResponse]
+    """Finishes an upload: verifies the SHA-256 (and the declared size) and
+    atomically puts the file in place. A retry on a COMMITTED upload with
+    the same sha256 answers the same file.
+
+    Callers: the upload's creator.
+    Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (CHECKSUM_MISMATCH or SIZE_MISMATCH:
+    the upload FAILED) or if sha256 is not 64 hex characters;
+    FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE, PATH_CONFLICT); ALREADY_EXISTS
+    (FILE_EXISTS) if a file appeared at path and overwrite is false (the
+    upload stays ACTIVE); ABORTED (UPLOAD_BUSY).
+    """
+    AbortUpload: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.AbortUploadRequest, _storage_service_pb2.AbortUploadResponse]
+    """Abandons an upload, discards its bytes and gives back its quota hold.
+    Idempotent on an upload that already ended without a commit.
+
+    Callers: the upload's creator and writers of its workspace.
+    Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE) if it was
+    committed; ABORTED (UPLOAD_BUSY).
     """
     CreateReport: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CreateReportRequest, _storage_service_pb2.CreateReportResponse]
-    """Files a report.
+    """---- Reports ----
 
-    Callers: users and admins (for sessions they can read); Corral services
-    (the task service, for task runs).
-    Errors: PERMISSION_DENIED for viewers; INVALID_ARGUMENT if format, title
-    or content is missing, (CONTENT_INVALID) if content is over 2 MiB or a
-    JSON report does not parse, (REQUEST_ID_REUSED); NOT_FOUND if session
-    is set and the caller cannot read it; RESOURCE_EXHAUSTED
+    Files a report (content at most 4 MiB), its bytes held on its owner's
+    storage quota.
+
+    Callers: users and admins (owner: themselves); Corral services (any
+    owner, session and task_run).
+    Errors: PERMISSION_DENIED (READ_ONLY_ACCESS) for viewers;
+    INVALID_ARGUMENT if title is missing or too long, content_type is
+    missing for REPORT_FORMAT_UNSPECIFIED, owner, session or task_run are
+    set by a non-service or malformed, labels are malformed, expire_time is
+    in the past, (CONTENT_INVALID) if content is over 4 MiB or a JSON report
+    does not parse, (REQUEST_ID_REUSED); RESOURCE_EXHAUSTED
     (STORAGE_QUOTA_EXCEEDED).
+    """
+    GetReport: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.GetReportRequest, _storage_service_pb2.GetReportResponse]
+    """Gets a report, with its content unless view is BASIC.
+
+    Callers: readers of the report.
+    Errors: NOT_FOUND (REPORT_NOT_FOUND) if it does not exist or the caller
+    cannot read it.
+    """
+    ListReports: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.ListReportsRequest, _storage_service_pb2.ListReportsResponse]
+    """Lists the reports the caller can read (their own for users, the
+    organization's for admins and viewers), newest first, without content.
+
+    Callers: members of an organization; Corral services (with an
+    `organization` filter).
+    Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
     """
     DeleteReport: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteReportRequest, _storage_service_pb2.DeleteReportResponse]
     """Deletes a report and gives its bytes back to the quota.
 
-    Callers: the report's creator and admins.
-    Errors: NOT_FOUND; PERMISSION_DENIED (READ_ONLY_ACCESS) for others.
+    Callers: its owner (with the user role), admins of its organization,
+    superusers and Corral services.
+    Errors: NOT_FOUND (REPORT_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS) for other readers.
     """
-    CloneWorkspace: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CloneWorkspaceRequest, _storage_service_pb2.CloneWorkspaceResponse]
-    """---- Custom methods ----
+    DownloadReport: _grpc.UnaryStreamMultiCallable[_storage_service_pb2.DownloadReportRequest, _httpbody_pb2.HttpBody]
+    """Streams a report's content as `google.api.HttpBody` chunks: over REST
+    (`GET /v1/reports/r:download`) the raw document with its content type,
+    always as an attachment (HTML never renders on the API's origin).
 
-    Copies a workspace, files and all, for a forked session.
-
-    Callers: Corral services only (the session service, on ForkSession).
-    Errors: NOT_FOUND if the source does not exist; PERMISSION_DENIED for
-    anyone else; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED) for the new
-    owner; INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    Callers: readers of the report.
+    Errors: NOT_FOUND (REPORT_NOT_FOUND, BLOB_NOT_FOUND).
     """
     CreateArchive: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CreateArchiveRequest, _storage_service_pb2.CreateArchiveResponse]
-    """Packs a workspace (or a directory of it) into a gzip-compressed tar
-    file stored in the same workspace under `.corral/archives/`, and returns
-    that file: download it with DownloadFile. Archives never include
-    `.corral/`. Synchronous; counts against the storage quota.
+    """---- Archives ----
+
+    Starts building an archive of a workspace (or of one directory of it);
+    returns it BUILDING. Poll GetArchive until READY or FAILED.
 
     Callers: writers of the workspace.
-    Errors: NOT_FOUND if the workspace does not exist; PERMISSION_DENIED
-    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED);
-    FAILED_PRECONDITION (ARCHIVE_TOO_LARGE); RESOURCE_EXHAUSTED
-    (STORAGE_QUOTA_EXCEEDED).
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED)
+    or if expire_time is in the past or more than 30 days ahead;
+    UNIMPLEMENTED (UNIMPLEMENTED) where this deployment builds no archives.
     """
-    AppendUploadChunk: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.AppendUploadChunkRequest, _storage_service_pb2.AppendUploadChunkResponse]
-    """Appends one chunk (at most 2 MiB) to an upload. offset must equal the
-    upload's committed_bytes. Resending the chunk that ends exactly at
-    committed_bytes is accepted as a no-op, so a retry after a lost
-    response is safe.
-
-    Callers: the upload's creator.
-    Errors: NOT_FOUND if the upload does not exist; PERMISSION_DENIED if the
-    caller did not create it; FAILED_PRECONDITION (OFFSET_MISMATCH, with
-    committed_bytes in ErrorInfo metadata) or (UPLOAD_NOT_ACTIVE);
-    INVALID_ARGUMENT (CHUNK_TOO_LARGE), or if the chunk would exceed the
-    declared size_bytes; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
-    """
-    CommitUpload: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CommitUploadRequest, _storage_service_pb2.CommitUploadResponse]
-    """Finishes an upload: verifies the SHA-256 (and the declared size) and
-    atomically moves the file into place. Idempotent on a committed upload
-    with the same sha256.
-
-    Callers: the upload's creator.
-    Errors: NOT_FOUND; PERMISSION_DENIED; INVALID_ARGUMENT (CHECKSUM_MISMATCH
-    or SIZE_MISMATCH; the upload is aborted) or if sha256 is not 64 hex
-    characters; FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE); ALREADY_EXISTS
-    (FILE_EXISTS) if a file appeared at path and overwrite is false.
-    """
-    AbortUpload: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.AbortUploadRequest, _storage_service_pb2.AbortUploadResponse]
-    """Abandons an upload and discards its bytes. Idempotent on an aborted or
-    expired upload.
-
-    Callers: the upload's creator, admins.
-    Errors: NOT_FOUND; PERMISSION_DENIED; FAILED_PRECONDITION
-    (UPLOAD_NOT_ACTIVE) if it was committed.
-    """
-    DownloadFile: _grpc.UnaryStreamMultiCallable[_storage_service_pb2.DownloadFileRequest, _storage_service_pb2.DownloadFileResponse]
-    """Streams a file's content in chunks of at most 1 MiB, from offset. The
-    first message also carries the file's metadata. To resume after a
-    broken stream, call again with offset = bytes received and if_sha256 =
-    the sha256 from the first message.
+    GetArchive: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.GetArchiveRequest, _storage_service_pb2.GetArchiveResponse]
+    """Gets an archive.
 
     Callers: readers of the workspace.
-    Errors: NOT_FOUND if the file does not exist or the caller cannot read
-    it; OUT_OF_RANGE if offset is beyond the end of the file; ABORTED
-    (FILE_CHANGED) if if_sha256 is set and the content changed.
+    Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND).
+    """
+    ListArchives: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.ListArchivesRequest, _storage_service_pb2.ListArchivesResponse]
+    """Lists a workspace's archives, newest first.
+
+    Callers: readers of the workspace.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); INVALID_ARGUMENT if page_token
+    is malformed.
+    """
+    DeleteArchive: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteArchiveRequest, _storage_service_pb2.DeleteArchiveResponse]
+    """Deletes an archive (a BUILDING one stops) and gives its bytes back.
+
+    Callers: writers of the workspace.
+    Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND);
+    PERMISSION_DENIED (READ_ONLY_ACCESS).
+    """
+    DownloadArchive: _grpc.UnaryStreamMultiCallable[_storage_service_pb2.DownloadArchiveRequest, _httpbody_pb2.HttpBody]
+    """Streams a READY archive as `google.api.HttpBody` chunks (over REST: the
+    raw file, as an attachment), from offset.
+
+    Callers: readers of the workspace.
+    Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND,
+    BLOB_NOT_FOUND); FAILED_PRECONDITION (ARCHIVE_NOT_READY);
+    INVALID_ARGUMENT (RANGE_NOT_SATISFIABLE).
     """
     GetStorageUsage: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.GetStorageUsageRequest, _storage_service_pb2.GetStorageUsageResponse]
-    """Reports how much an organization stores.
+    """---- Usage ----
 
-    Callers: members of the organization; superusers for any organization.
-    Errors: NOT_FOUND if the organization is unknown to storage or the
-    caller is not a member.
+    Reports how much an organization keeps, with a breakdown by owner.
+
+    Callers: members of the organization (users see only their own owner
+    line); superusers and Corral services for any organization.
+    Errors: NOT_FOUND if the caller is not a member of the organization.
     """
 
 @_typing.type_check_only
 class StorageServiceAsyncStub(StorageServiceStub):
-    """StorageService owns per-session workspaces (the agent's working
-    directories) and their files, chunked uploads and streamed downloads,
-    workspace archives, reports, and storage accounting. Every path is
-    normalised and confined to its workspace (no traversal, no symlinks out).
+    """StorageService owns every byte an agent or a user keeps: per-session
+    workspaces (the agent's working directory) and their files, resumable
+    uploads, streamed downloads, reports and archives, with storage quotas and
+    retention. Every path is checked and confined to its workspace: nothing is
+    read or written through a symbolic link.
 
     REST path prefixes owned by this service: `/v1/workspaces`, `/v1/reports`,
-    `/v1/storageUsage`.
+    and `/v1/organizations/*/storageUsage`. Raw bytes come over REST from the
+    `:download` methods (google.api.HttpBody): `curl -o` yields the file byte
+    for byte, always as an attachment.
 
-    Access: every RPC needs a bearer access token. For a workspace, "readers"
-    are its owner and the admins and viewers of its organization; "writers"
-    are its owner and the admins. Others get NOT_FOUND; readers who try to
-    write get PERMISSION_DENIED (READ_ONLY_ACCESS). Storage quota is debited
-    through identity's usage ledger. Any RPC may also fail with
-    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    Access: every RPC needs a bearer access token. Workspaces, their files,
+    uploads and archives follow the workspace's visibility rule, reports
+    theirs (see Workspace and Report: the same rule as sessions'). Callers who
+    may not see a resource get NOT_FOUND; readers who try to change it get
+    PERMISSION_DENIED (READ_ONLY_ACCESS). Internal methods (CreateWorkspace,
+    CloneWorkspace) have no REST binding, are not routed by the edge, and
+    answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
+    admins and superusers alike). Storage quota is held and settled through
+    identity's usage ledger. Every change is audited. Any RPC may also fail
+    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetWorkspace: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.GetWorkspaceRequest, _storage_service_pb2.GetWorkspaceResponse]  # type: ignore[assignment]
-    """Gets a workspace with its size and file count.
+    """Gets a workspace with its last measured size and file count.
 
-    Callers: readers of the workspace; Corral services.
-    Errors: NOT_FOUND if it does not exist or the caller cannot read it.
+    Callers: readers of the workspace.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND) if it does not exist or the
+    caller cannot read it.
     """
     ListWorkspaces: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.ListWorkspacesRequest, _storage_service_pb2.ListWorkspacesResponse]  # type: ignore[assignment]
-    """Lists workspaces: the caller's own, or all of the organization's for
-    admins and viewers.
+    """Lists the workspaces the caller can read: their own for users, every
+    workspace of the organization for admins and viewers.
 
     Callers: members of an organization; Corral services.
     Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
     """
     CreateWorkspace: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CreateWorkspaceRequest, _storage_service_pb2.CreateWorkspaceResponse]  # type: ignore[assignment]
-    """Creates an empty workspace for a session.
+    """Creates an empty workspace for a session. Internal: no REST binding.
 
     Callers: Corral services only (the session service, on CreateSession).
-    Errors: PERMISSION_DENIED for anyone else; INVALID_ARGUMENT if
-    organization, session or owner is missing, or (REQUEST_ID_REUSED);
-    ALREADY_EXISTS if the session already has a workspace.
+    Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
+    INVALID_ARGUMENT if organization, session, owner or labels are missing
+    or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
+    if the session already has a workspace.
+    """
+    CloneWorkspace: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CloneWorkspaceRequest, _storage_service_pb2.CloneWorkspaceResponse]  # type: ignore[assignment]
+    """Copies a workspace, files and all (symbolic links are not copied), for
+    a forked session. The copy's bytes are held on its owner's quota.
+    Internal: no REST binding.
+
+    Callers: Corral services only (the session service, on ForkSession).
+    Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else; NOT_FOUND
+    (WORKSPACE_NOT_FOUND) if the source does not exist; INVALID_ARGUMENT if
+    session or owner is missing or owner is not in the source's
+    organization, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
+    if the new session already has a workspace; RESOURCE_EXHAUSTED
+    (STORAGE_QUOTA_EXCEEDED) for the new owner.
+    """
+    UpdateWorkspace: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.UpdateWorkspaceRequest, _storage_service_pb2.UpdateWorkspaceResponse]  # type: ignore[assignment]
+    """Updates a workspace's labels and expire_time.
+
+    Callers: writers of the workspace.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field
+    or labels are malformed; ABORTED (ETAG_MISMATCH).
     """
     DeleteWorkspace: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteWorkspaceRequest, _storage_service_pb2.DeleteWorkspaceResponse]  # type: ignore[assignment]
-    """Deletes a workspace with all its files and uploads, and gives the bytes
-    back to the quota. Reports are not affected.
+    """Deletes a workspace with all its files, uploads and archives, and gives
+    its bytes back to the quota. It disappears at once; its files are
+    removed by the sweeper soon after. Reports are not affected.
 
-    Callers: Corral services (the session service, on DeleteSession) and
-    admins of the organization.
-    Errors: NOT_FOUND; PERMISSION_DENIED for anyone else.
+    Callers: Corral services (the session service, on DeleteSession),
+    superusers and admins of the organization.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS) for other readers; ABORTED (ETAG_MISMATCH).
     """
     GetFile: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.GetFileRequest, _storage_service_pb2.GetFileResponse]  # type: ignore[assignment]
     """---- Files ----
 
-    Gets a file's metadata.
+    Gets a file's metadata, sha256 included.
 
     Callers: readers of the workspace.
-    Errors: NOT_FOUND if the workspace or file does not exist or the caller
-    cannot read it.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND, FILE_NOT_FOUND); INVALID_ARGUMENT
+    (INVALID_PATH) if the name's {file} is not a valid path.
     """
     ListFiles: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.ListFilesRequest, _storage_service_pb2.ListFilesResponse]  # type: ignore[assignment]
-    """Lists the files of a workspace (recursively), by path.
+    """Lists the regular files of a workspace in path order (byte order of the
+    UTF-8 paths), read from its directory. With a delimiter (`/`), files
+    below the next delimiter after prefix are rolled up into prefixes: a
+    directory view.
 
     Callers: readers of the workspace.
-    Errors: NOT_FOUND if the workspace does not exist or the caller cannot
-    read it; INVALID_ARGUMENT if filter, order_by or page_token is malformed.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); INVALID_ARGUMENT if prefix is
+    not a path (or a path ending in `/`), delimiter is not empty or `/`, or
+    page_token is malformed.
+    """
+    WriteFile: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.WriteFileRequest, _storage_service_pb2.WriteFileResponse]  # type: ignore[assignment]
+    """Writes a small file (at most 4 MiB) in one call: it appears (or is
+    replaced) atomically. Larger files: CreateUpload.
+
+    Callers: writers of the workspace.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE);
+    ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
+    false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
+    WORKSPACE_FULL); ABORTED (FILE_CHANGED) if if_sha256 is set and the file
+    there has other content; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
     """
     DeleteFile: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteFileRequest, _storage_service_pb2.DeleteFileResponse]  # type: ignore[assignment]
     """Deletes a file.
 
     Callers: writers of the workspace.
-    Errors: NOT_FOUND; PERMISSION_DENIED (READ_ONLY_ACCESS); ABORTED
-    (FILE_CHANGED) if if_sha256 is set and does not match.
+    Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); ABORTED (FILE_CHANGED) if if_sha256 is set and does
+    not match.
     """
-    GetUpload: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.GetUploadRequest, _storage_service_pb2.GetUploadResponse]  # type: ignore[assignment]
-    """---- Uploads ----
-
-    Gets an upload, to learn where to resume (committed_bytes).
-
-    Callers: the upload's creator, admins.
-    Errors: NOT_FOUND if it does not exist or the caller cannot see it.
-    """
-    CreateUpload: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CreateUploadRequest, _storage_service_pb2.CreateUploadResponse]  # type: ignore[assignment]
-    """Starts an upload. If size_bytes is given, the storage quota is reserved
-    for it now.
+    MoveFile: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.MoveFileRequest, _storage_service_pb2.MoveFileResponse]  # type: ignore[assignment]
+    """Moves (renames) a file within its workspace, atomically.
 
     Callers: writers of the workspace.
-    Errors: NOT_FOUND if the workspace does not exist; PERMISSION_DENIED
-    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED);
-    ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
-    false; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
+    Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH); ALREADY_EXISTS
+    (FILE_EXISTS) if a file exists at destination_path and overwrite is
+    false; FAILED_PRECONDITION (PATH_CONFLICT).
     """
-    GetReport: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.GetReportRequest, _storage_service_pb2.GetReportResponse]  # type: ignore[assignment]
-    """---- Reports ----
+    DownloadFile: _aio.UnaryStreamMultiCallable[_storage_service_pb2.DownloadFileRequest, _storage_service_pb2.DownloadFileResponse]  # type: ignore[assignment]
+    """Streams a file's content in chunks of at most 1 MiB, from offset, read
+    from one opened copy of the file. The first message carries the file's
+    metadata (sha256 included). To resume after a broken stream, call again
+    with offset = bytes received and if_sha256 = the first message's
+    sha256. For raw bytes over REST use DownloadFileContent.
 
-    Gets a report, with its content unless view is BASIC.
-
-    Callers: members of the report's organization.
-    Errors: NOT_FOUND if it does not exist or is in another organization.
+    Callers: readers of the workspace.
+    Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); INVALID_ARGUMENT
+    (RANGE_NOT_SATISFIABLE) if offset is past the end of the file; ABORTED
+    (FILE_CHANGED) if if_sha256 is set and the content changed.
     """
-    ListReports: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.ListReportsRequest, _storage_service_pb2.ListReportsResponse]  # type: ignore[assignment]
-    """Lists the reports of the caller's organization, newest first, without
-    content unless view is FULL.
+    DownloadFileContent: _aio.UnaryStreamMultiCallable[_storage_service_pb2.DownloadFileContentRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The same bytes as DownloadFile, as `google.api.HttpBody` chunks: over
+    REST (`GET /v1/workspaces/w/files/f:download?offset=...`) the response
+    body is the raw content with the file's content type, served as an
+    attachment. Same callers, errors and resumption as DownloadFile.
+    """
+    CreateUpload: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CreateUploadRequest, _storage_service_pb2.CreateUploadResponse]  # type: ignore[assignment]
+    """---- Uploads ----
 
-    Callers: members of an organization.
-    Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
+    Starts a resumable upload into a workspace. If size_bytes is given, the
+    storage quota is held for it now.
+
+    Callers: writers of the workspace.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED)
+    or if size_bytes is negative; ALREADY_EXISTS (FILE_EXISTS) if a file
+    exists at path and overwrite is false; FAILED_PRECONDITION
+    (FILE_TOO_LARGE, WORKSPACE_FULL, PATH_CONFLICT); RESOURCE_EXHAUSTED
+    (STORAGE_QUOTA_EXCEEDED).
+    """
+    GetUpload: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.GetUploadRequest, _storage_service_pb2.GetUploadResponse]  # type: ignore[assignment]
+    """Gets an upload, to learn where to resume (committed_bytes).
+
+    Callers: the upload's creator and writers of its workspace.
+    Errors: NOT_FOUND (UPLOAD_NOT_FOUND) if it does not exist or the caller
+    cannot see it.
+    """
+    AppendUploadChunk: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.AppendUploadChunkRequest, _storage_service_pb2.AppendUploadChunkResponse]  # type: ignore[assignment]
+    """Appends one chunk (1 byte to 2 MiB) to an upload. offset must equal the
+    upload's committed_bytes. Resending the chunk that ends exactly at
+    committed_bytes answers committed_bytes and changes nothing, so a retry
+    after a lost response is safe (the commit's sha256 catches any
+    difference).
+
+    Callers: the upload's creator.
+    Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS) for others who can see it; FAILED_PRECONDITION
+    (OFFSET_MISMATCH, with committed_bytes in ErrorInfo metadata),
+    (UPLOAD_NOT_ACTIVE), (FILE_TOO_LARGE or WORKSPACE_FULL: the upload
+    FAILED); INVALID_ARGUMENT (CHUNK_TOO_LARGE), (SIZE_MISMATCH) if the
+    chunk would go past the declared size_bytes; ABORTED (UPLOAD_BUSY);
+    RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED: the upload FAILED).
+    """
+    CommitUpload: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CommitUploadRequest, _storage_service_pb2.CommitUploadResponse]  # type: ignore[assignment]
+    """Finishes an upload: verifies the SHA-256 (and the declared size) and
+    atomically puts the file in place. A retry on a COMMITTED upload with
+    the same sha256 answers the same file.
+
+    Callers: the upload's creator.
+    Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (CHECKSUM_MISMATCH or SIZE_MISMATCH:
+    the upload FAILED) or if sha256 is not 64 hex characters;
+    FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE, PATH_CONFLICT); ALREADY_EXISTS
+    (FILE_EXISTS) if a file appeared at path and overwrite is false (the
+    upload stays ACTIVE); ABORTED (UPLOAD_BUSY).
+    """
+    AbortUpload: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.AbortUploadRequest, _storage_service_pb2.AbortUploadResponse]  # type: ignore[assignment]
+    """Abandons an upload, discards its bytes and gives back its quota hold.
+    Idempotent on an upload that already ended without a commit.
+
+    Callers: the upload's creator and writers of its workspace.
+    Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE) if it was
+    committed; ABORTED (UPLOAD_BUSY).
     """
     CreateReport: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CreateReportRequest, _storage_service_pb2.CreateReportResponse]  # type: ignore[assignment]
-    """Files a report.
+    """---- Reports ----
 
-    Callers: users and admins (for sessions they can read); Corral services
-    (the task service, for task runs).
-    Errors: PERMISSION_DENIED for viewers; INVALID_ARGUMENT if format, title
-    or content is missing, (CONTENT_INVALID) if content is over 2 MiB or a
-    JSON report does not parse, (REQUEST_ID_REUSED); NOT_FOUND if session
-    is set and the caller cannot read it; RESOURCE_EXHAUSTED
+    Files a report (content at most 4 MiB), its bytes held on its owner's
+    storage quota.
+
+    Callers: users and admins (owner: themselves); Corral services (any
+    owner, session and task_run).
+    Errors: PERMISSION_DENIED (READ_ONLY_ACCESS) for viewers;
+    INVALID_ARGUMENT if title is missing or too long, content_type is
+    missing for REPORT_FORMAT_UNSPECIFIED, owner, session or task_run are
+    set by a non-service or malformed, labels are malformed, expire_time is
+    in the past, (CONTENT_INVALID) if content is over 4 MiB or a JSON report
+    does not parse, (REQUEST_ID_REUSED); RESOURCE_EXHAUSTED
     (STORAGE_QUOTA_EXCEEDED).
+    """
+    GetReport: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.GetReportRequest, _storage_service_pb2.GetReportResponse]  # type: ignore[assignment]
+    """Gets a report, with its content unless view is BASIC.
+
+    Callers: readers of the report.
+    Errors: NOT_FOUND (REPORT_NOT_FOUND) if it does not exist or the caller
+    cannot read it.
+    """
+    ListReports: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.ListReportsRequest, _storage_service_pb2.ListReportsResponse]  # type: ignore[assignment]
+    """Lists the reports the caller can read (their own for users, the
+    organization's for admins and viewers), newest first, without content.
+
+    Callers: members of an organization; Corral services (with an
+    `organization` filter).
+    Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
     """
     DeleteReport: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteReportRequest, _storage_service_pb2.DeleteReportResponse]  # type: ignore[assignment]
     """Deletes a report and gives its bytes back to the quota.
 
-    Callers: the report's creator and admins.
-    Errors: NOT_FOUND; PERMISSION_DENIED (READ_ONLY_ACCESS) for others.
+    Callers: its owner (with the user role), admins of its organization,
+    superusers and Corral services.
+    Errors: NOT_FOUND (REPORT_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS) for other readers.
     """
-    CloneWorkspace: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CloneWorkspaceRequest, _storage_service_pb2.CloneWorkspaceResponse]  # type: ignore[assignment]
-    """---- Custom methods ----
+    DownloadReport: _aio.UnaryStreamMultiCallable[_storage_service_pb2.DownloadReportRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """Streams a report's content as `google.api.HttpBody` chunks: over REST
+    (`GET /v1/reports/r:download`) the raw document with its content type,
+    always as an attachment (HTML never renders on the API's origin).
 
-    Copies a workspace, files and all, for a forked session.
-
-    Callers: Corral services only (the session service, on ForkSession).
-    Errors: NOT_FOUND if the source does not exist; PERMISSION_DENIED for
-    anyone else; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED) for the new
-    owner; INVALID_ARGUMENT (REQUEST_ID_REUSED).
+    Callers: readers of the report.
+    Errors: NOT_FOUND (REPORT_NOT_FOUND, BLOB_NOT_FOUND).
     """
     CreateArchive: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CreateArchiveRequest, _storage_service_pb2.CreateArchiveResponse]  # type: ignore[assignment]
-    """Packs a workspace (or a directory of it) into a gzip-compressed tar
-    file stored in the same workspace under `.corral/archives/`, and returns
-    that file: download it with DownloadFile. Archives never include
-    `.corral/`. Synchronous; counts against the storage quota.
+    """---- Archives ----
+
+    Starts building an archive of a workspace (or of one directory of it);
+    returns it BUILDING. Poll GetArchive until READY or FAILED.
 
     Callers: writers of the workspace.
-    Errors: NOT_FOUND if the workspace does not exist; PERMISSION_DENIED
-    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED);
-    FAILED_PRECONDITION (ARCHIVE_TOO_LARGE); RESOURCE_EXHAUSTED
-    (STORAGE_QUOTA_EXCEEDED).
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED)
+    or if expire_time is in the past or more than 30 days ahead;
+    UNIMPLEMENTED (UNIMPLEMENTED) where this deployment builds no archives.
     """
-    AppendUploadChunk: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.AppendUploadChunkRequest, _storage_service_pb2.AppendUploadChunkResponse]  # type: ignore[assignment]
-    """Appends one chunk (at most 2 MiB) to an upload. offset must equal the
-    upload's committed_bytes. Resending the chunk that ends exactly at
-    committed_bytes is accepted as a no-op, so a retry after a lost
-    response is safe.
-
-    Callers: the upload's creator.
-    Errors: NOT_FOUND if the upload does not exist; PERMISSION_DENIED if the
-    caller did not create it; FAILED_PRECONDITION (OFFSET_MISMATCH, with
-    committed_bytes in ErrorInfo metadata) or (UPLOAD_NOT_ACTIVE);
-    INVALID_ARGUMENT (CHUNK_TOO_LARGE), or if the chunk would exceed the
-    declared size_bytes; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
-    """
-    CommitUpload: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CommitUploadRequest, _storage_service_pb2.CommitUploadResponse]  # type: ignore[assignment]
-    """Finishes an upload: verifies the SHA-256 (and the declared size) and
-    atomically moves the file into place. Idempotent on a committed upload
-    with the same sha256.
-
-    Callers: the upload's creator.
-    Errors: NOT_FOUND; PERMISSION_DENIED; INVALID_ARGUMENT (CHECKSUM_MISMATCH
-    or SIZE_MISMATCH; the upload is aborted) or if sha256 is not 64 hex
-    characters; FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE); ALREADY_EXISTS
-    (FILE_EXISTS) if a file appeared at path and overwrite is false.
-    """
-    AbortUpload: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.AbortUploadRequest, _storage_service_pb2.AbortUploadResponse]  # type: ignore[assignment]
-    """Abandons an upload and discards its bytes. Idempotent on an aborted or
-    expired upload.
-
-    Callers: the upload's creator, admins.
-    Errors: NOT_FOUND; PERMISSION_DENIED; FAILED_PRECONDITION
-    (UPLOAD_NOT_ACTIVE) if it was committed.
-    """
-    DownloadFile: _aio.UnaryStreamMultiCallable[_storage_service_pb2.DownloadFileRequest, _storage_service_pb2.DownloadFileResponse]  # type: ignore[assignment]
-    """Streams a file's content in chunks of at most 1 MiB, from offset. The
-    first message also carries the file's metadata. To resume after a
-    broken stream, call again with offset = bytes received and if_sha256 =
-    the sha256 from the first message.
+    GetArchive: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.GetArchiveRequest, _storage_service_pb2.GetArchiveResponse]  # type: ignore[assignment]
+    """Gets an archive.
 
     Callers: readers of the workspace.
-    Errors: NOT_FOUND if the file does not exist or the caller cannot read
-    it; OUT_OF_RANGE if offset is beyond the end of the file; ABORTED
-    (FILE_CHANGED) if if_sha256 is set and the content changed.
+    Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND).
+    """
+    ListArchives: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.ListArchivesRequest, _storage_service_pb2.ListArchivesResponse]  # type: ignore[assignment]
+    """Lists a workspace's archives, newest first.
+
+    Callers: readers of the workspace.
+    Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); INVALID_ARGUMENT if page_token
+    is malformed.
+    """
+    DeleteArchive: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteArchiveRequest, _storage_service_pb2.DeleteArchiveResponse]  # type: ignore[assignment]
+    """Deletes an archive (a BUILDING one stops) and gives its bytes back.
+
+    Callers: writers of the workspace.
+    Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND);
+    PERMISSION_DENIED (READ_ONLY_ACCESS).
+    """
+    DownloadArchive: _aio.UnaryStreamMultiCallable[_storage_service_pb2.DownloadArchiveRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """Streams a READY archive as `google.api.HttpBody` chunks (over REST: the
+    raw file, as an attachment), from offset.
+
+    Callers: readers of the workspace.
+    Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND,
+    BLOB_NOT_FOUND); FAILED_PRECONDITION (ARCHIVE_NOT_READY);
+    INVALID_ARGUMENT (RANGE_NOT_SATISFIABLE).
     """
     GetStorageUsage: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.GetStorageUsageRequest, _storage_service_pb2.GetStorageUsageResponse]  # type: ignore[assignment]
-    """Reports how much an organization stores.
+    """---- Usage ----
 
-    Callers: members of the organization; superusers for any organization.
-    Errors: NOT_FOUND if the organization is unknown to storage or the
-    caller is not a member.
+    Reports how much an organization keeps, with a breakdown by owner.
+
+    Callers: members of the organization (users see only their own owner
+    line); superusers and Corral services for any organization.
+    Errors: NOT_FOUND if the caller is not a member of the organization.
     """
 
 class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
-    """StorageService owns per-session workspaces (the agent's working
-    directories) and their files, chunked uploads and streamed downloads,
-    workspace archives, reports, and storage accounting. Every path is
-    normalised and confined to its workspace (no traversal, no symlinks out).
+    """StorageService owns every byte an agent or a user keeps: per-session
+    workspaces (the agent's working directory) and their files, resumable
+    uploads, streamed downloads, reports and archives, with storage quotas and
+    retention. Every path is checked and confined to its workspace: nothing is
+    read or written through a symbolic link.
 
     REST path prefixes owned by this service: `/v1/workspaces`, `/v1/reports`,
-    `/v1/storageUsage`.
+    and `/v1/organizations/*/storageUsage`. Raw bytes come over REST from the
+    `:download` methods (google.api.HttpBody): `curl -o` yields the file byte
+    for byte, always as an attachment.
 
-    Access: every RPC needs a bearer access token. For a workspace, "readers"
-    are its owner and the admins and viewers of its organization; "writers"
-    are its owner and the admins. Others get NOT_FOUND; readers who try to
-    write get PERMISSION_DENIED (READ_ONLY_ACCESS). Storage quota is debited
-    through identity's usage ledger. Any RPC may also fail with
-    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    Access: every RPC needs a bearer access token. Workspaces, their files,
+    uploads and archives follow the workspace's visibility rule, reports
+    theirs (see Workspace and Report: the same rule as sessions'). Callers who
+    may not see a resource get NOT_FOUND; readers who try to change it get
+    PERMISSION_DENIED (READ_ONLY_ACCESS). Internal methods (CreateWorkspace,
+    CloneWorkspace) have no REST binding, are not routed by the edge, and
+    answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
+    admins and superusers alike). Storage quota is held and settled through
+    identity's usage ledger. Every change is audited. Any RPC may also fail
+    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 
@@ -442,10 +670,11 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.GetWorkspaceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.GetWorkspaceResponse, _abc.Awaitable[_storage_service_pb2.GetWorkspaceResponse]]:
-        """Gets a workspace with its size and file count.
+        """Gets a workspace with its last measured size and file count.
 
-        Callers: readers of the workspace; Corral services.
-        Errors: NOT_FOUND if it does not exist or the caller cannot read it.
+        Callers: readers of the workspace.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND) if it does not exist or the
+        caller cannot read it.
         """
 
     @_abc_1.abstractmethod
@@ -454,8 +683,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.ListWorkspacesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.ListWorkspacesResponse, _abc.Awaitable[_storage_service_pb2.ListWorkspacesResponse]]:
-        """Lists workspaces: the caller's own, or all of the organization's for
-        admins and viewers.
+        """Lists the workspaces the caller can read: their own for users, every
+        workspace of the organization for admins and viewers.
 
         Callers: members of an organization; Corral services.
         Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
@@ -467,12 +696,46 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.CreateWorkspaceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.CreateWorkspaceResponse, _abc.Awaitable[_storage_service_pb2.CreateWorkspaceResponse]]:
-        """Creates an empty workspace for a session.
+        """Creates an empty workspace for a session. Internal: no REST binding.
 
         Callers: Corral services only (the session service, on CreateSession).
-        Errors: PERMISSION_DENIED for anyone else; INVALID_ARGUMENT if
-        organization, session or owner is missing, or (REQUEST_ID_REUSED);
-        ALREADY_EXISTS if the session already has a workspace.
+        Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
+        INVALID_ARGUMENT if organization, session, owner or labels are missing
+        or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
+        if the session already has a workspace.
+        """
+
+    @_abc_1.abstractmethod
+    def CloneWorkspace(
+        self,
+        request: _storage_service_pb2.CloneWorkspaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_service_pb2.CloneWorkspaceResponse, _abc.Awaitable[_storage_service_pb2.CloneWorkspaceResponse]]:
+        """Copies a workspace, files and all (symbolic links are not copied), for
+        a forked session. The copy's bytes are held on its owner's quota.
+        Internal: no REST binding.
+
+        Callers: Corral services only (the session service, on ForkSession).
+        Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else; NOT_FOUND
+        (WORKSPACE_NOT_FOUND) if the source does not exist; INVALID_ARGUMENT if
+        session or owner is missing or owner is not in the source's
+        organization, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
+        if the new session already has a workspace; RESOURCE_EXHAUSTED
+        (STORAGE_QUOTA_EXCEEDED) for the new owner.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateWorkspace(
+        self,
+        request: _storage_service_pb2.UpdateWorkspaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_service_pb2.UpdateWorkspaceResponse, _abc.Awaitable[_storage_service_pb2.UpdateWorkspaceResponse]]:
+        """Updates a workspace's labels and expire_time.
+
+        Callers: writers of the workspace.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field
+        or labels are malformed; ABORTED (ETAG_MISMATCH).
         """
 
     @_abc_1.abstractmethod
@@ -481,12 +744,14 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.DeleteWorkspaceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.DeleteWorkspaceResponse, _abc.Awaitable[_storage_service_pb2.DeleteWorkspaceResponse]]:
-        """Deletes a workspace with all its files and uploads, and gives the bytes
-        back to the quota. Reports are not affected.
+        """Deletes a workspace with all its files, uploads and archives, and gives
+        its bytes back to the quota. It disappears at once; its files are
+        removed by the sweeper soon after. Reports are not affected.
 
-        Callers: Corral services (the session service, on DeleteSession) and
-        admins of the organization.
-        Errors: NOT_FOUND; PERMISSION_DENIED for anyone else.
+        Callers: Corral services (the session service, on DeleteSession),
+        superusers and admins of the organization.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS) for other readers; ABORTED (ETAG_MISMATCH).
         """
 
     @_abc_1.abstractmethod
@@ -497,11 +762,11 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_service_pb2.GetFileResponse, _abc.Awaitable[_storage_service_pb2.GetFileResponse]]:
         """---- Files ----
 
-        Gets a file's metadata.
+        Gets a file's metadata, sha256 included.
 
         Callers: readers of the workspace.
-        Errors: NOT_FOUND if the workspace or file does not exist or the caller
-        cannot read it.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND, FILE_NOT_FOUND); INVALID_ARGUMENT
+        (INVALID_PATH) if the name's {file} is not a valid path.
         """
 
     @_abc_1.abstractmethod
@@ -510,11 +775,33 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.ListFilesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.ListFilesResponse, _abc.Awaitable[_storage_service_pb2.ListFilesResponse]]:
-        """Lists the files of a workspace (recursively), by path.
+        """Lists the regular files of a workspace in path order (byte order of the
+        UTF-8 paths), read from its directory. With a delimiter (`/`), files
+        below the next delimiter after prefix are rolled up into prefixes: a
+        directory view.
 
         Callers: readers of the workspace.
-        Errors: NOT_FOUND if the workspace does not exist or the caller cannot
-        read it; INVALID_ARGUMENT if filter, order_by or page_token is malformed.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); INVALID_ARGUMENT if prefix is
+        not a path (or a path ending in `/`), delimiter is not empty or `/`, or
+        page_token is malformed.
+        """
+
+    @_abc_1.abstractmethod
+    def WriteFile(
+        self,
+        request: _storage_service_pb2.WriteFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_service_pb2.WriteFileResponse, _abc.Awaitable[_storage_service_pb2.WriteFileResponse]]:
+        """Writes a small file (at most 4 MiB) in one call: it appears (or is
+        replaced) atomically. Larger files: CreateUpload.
+
+        Callers: writers of the workspace.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE);
+        ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
+        false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
+        WORKSPACE_FULL); ABORTED (FILE_CHANGED) if if_sha256 is set and the file
+        there has other content; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
         """
 
     @_abc_1.abstractmethod
@@ -526,22 +813,54 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         """Deletes a file.
 
         Callers: writers of the workspace.
-        Errors: NOT_FOUND; PERMISSION_DENIED (READ_ONLY_ACCESS); ABORTED
-        (FILE_CHANGED) if if_sha256 is set and does not match.
+        Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); ABORTED (FILE_CHANGED) if if_sha256 is set and does
+        not match.
         """
 
     @_abc_1.abstractmethod
-    def GetUpload(
+    def MoveFile(
         self,
-        request: _storage_service_pb2.GetUploadRequest,
+        request: _storage_service_pb2.MoveFileRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_storage_service_pb2.GetUploadResponse, _abc.Awaitable[_storage_service_pb2.GetUploadResponse]]:
-        """---- Uploads ----
+    ) -> _typing.Union[_storage_service_pb2.MoveFileResponse, _abc.Awaitable[_storage_service_pb2.MoveFileResponse]]:
+        """Moves (renames) a file within its workspace, atomically.
 
-        Gets an upload, to learn where to resume (committed_bytes).
+        Callers: writers of the workspace.
+        Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH); ALREADY_EXISTS
+        (FILE_EXISTS) if a file exists at destination_path and overwrite is
+        false; FAILED_PRECONDITION (PATH_CONFLICT).
+        """
 
-        Callers: the upload's creator, admins.
-        Errors: NOT_FOUND if it does not exist or the caller cannot see it.
+    @_abc_1.abstractmethod
+    def DownloadFile(
+        self,
+        request: _storage_service_pb2.DownloadFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_storage_service_pb2.DownloadFileResponse], _abc.AsyncIterator[_storage_service_pb2.DownloadFileResponse]]:
+        """Streams a file's content in chunks of at most 1 MiB, from offset, read
+        from one opened copy of the file. The first message carries the file's
+        metadata (sha256 included). To resume after a broken stream, call again
+        with offset = bytes received and if_sha256 = the first message's
+        sha256. For raw bytes over REST use DownloadFileContent.
+
+        Callers: readers of the workspace.
+        Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); INVALID_ARGUMENT
+        (RANGE_NOT_SATISFIABLE) if offset is past the end of the file; ABORTED
+        (FILE_CHANGED) if if_sha256 is set and the content changed.
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadFileContent(
+        self,
+        request: _storage_service_pb2.DownloadFileContentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """The same bytes as DownloadFile, as `google.api.HttpBody` chunks: over
+        REST (`GET /v1/workspaces/w/files/f:download?offset=...`) the response
+        body is the raw content with the file's content type, served as an
+        attachment. Same callers, errors and resumption as DownloadFile.
         """
 
     @_abc_1.abstractmethod
@@ -550,41 +869,87 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.CreateUploadRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.CreateUploadResponse, _abc.Awaitable[_storage_service_pb2.CreateUploadResponse]]:
-        """Starts an upload. If size_bytes is given, the storage quota is reserved
-        for it now.
+        """---- Uploads ----
+
+        Starts a resumable upload into a workspace. If size_bytes is given, the
+        storage quota is held for it now.
 
         Callers: writers of the workspace.
-        Errors: NOT_FOUND if the workspace does not exist; PERMISSION_DENIED
-        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED);
-        ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
-        false; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED)
+        or if size_bytes is negative; ALREADY_EXISTS (FILE_EXISTS) if a file
+        exists at path and overwrite is false; FAILED_PRECONDITION
+        (FILE_TOO_LARGE, WORKSPACE_FULL, PATH_CONFLICT); RESOURCE_EXHAUSTED
+        (STORAGE_QUOTA_EXCEEDED).
         """
 
     @_abc_1.abstractmethod
-    def GetReport(
+    def GetUpload(
         self,
-        request: _storage_service_pb2.GetReportRequest,
+        request: _storage_service_pb2.GetUploadRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_storage_service_pb2.GetReportResponse, _abc.Awaitable[_storage_service_pb2.GetReportResponse]]:
-        """---- Reports ----
+    ) -> _typing.Union[_storage_service_pb2.GetUploadResponse, _abc.Awaitable[_storage_service_pb2.GetUploadResponse]]:
+        """Gets an upload, to learn where to resume (committed_bytes).
 
-        Gets a report, with its content unless view is BASIC.
-
-        Callers: members of the report's organization.
-        Errors: NOT_FOUND if it does not exist or is in another organization.
+        Callers: the upload's creator and writers of its workspace.
+        Errors: NOT_FOUND (UPLOAD_NOT_FOUND) if it does not exist or the caller
+        cannot see it.
         """
 
     @_abc_1.abstractmethod
-    def ListReports(
+    def AppendUploadChunk(
         self,
-        request: _storage_service_pb2.ListReportsRequest,
+        request: _storage_service_pb2.AppendUploadChunkRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_storage_service_pb2.ListReportsResponse, _abc.Awaitable[_storage_service_pb2.ListReportsResponse]]:
-        """Lists the reports of the caller's organization, newest first, without
-        content unless view is FULL.
+    ) -> _typing.Union[_storage_service_pb2.AppendUploadChunkResponse, _abc.Awaitable[_storage_service_pb2.AppendUploadChunkResponse]]:
+        """Appends one chunk (1 byte to 2 MiB) to an upload. offset must equal the
+        upload's committed_bytes. Resending the chunk that ends exactly at
+        committed_bytes answers committed_bytes and changes nothing, so a retry
+        after a lost response is safe (the commit's sha256 catches any
+        difference).
 
-        Callers: members of an organization.
-        Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
+        Callers: the upload's creator.
+        Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS) for others who can see it; FAILED_PRECONDITION
+        (OFFSET_MISMATCH, with committed_bytes in ErrorInfo metadata),
+        (UPLOAD_NOT_ACTIVE), (FILE_TOO_LARGE or WORKSPACE_FULL: the upload
+        FAILED); INVALID_ARGUMENT (CHUNK_TOO_LARGE), (SIZE_MISMATCH) if the
+        chunk would go past the declared size_bytes; ABORTED (UPLOAD_BUSY);
+        RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED: the upload FAILED).
+        """
+
+    @_abc_1.abstractmethod
+    def CommitUpload(
+        self,
+        request: _storage_service_pb2.CommitUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_service_pb2.CommitUploadResponse, _abc.Awaitable[_storage_service_pb2.CommitUploadResponse]]:
+        """Finishes an upload: verifies the SHA-256 (and the declared size) and
+        atomically puts the file in place. A retry on a COMMITTED upload with
+        the same sha256 answers the same file.
+
+        Callers: the upload's creator.
+        Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (CHECKSUM_MISMATCH or SIZE_MISMATCH:
+        the upload FAILED) or if sha256 is not 64 hex characters;
+        FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE, PATH_CONFLICT); ALREADY_EXISTS
+        (FILE_EXISTS) if a file appeared at path and overwrite is false (the
+        upload stays ACTIVE); ABORTED (UPLOAD_BUSY).
+        """
+
+    @_abc_1.abstractmethod
+    def AbortUpload(
+        self,
+        request: _storage_service_pb2.AbortUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_service_pb2.AbortUploadResponse, _abc.Awaitable[_storage_service_pb2.AbortUploadResponse]]:
+        """Abandons an upload, discards its bytes and gives back its quota hold.
+        Idempotent on an upload that already ended without a commit.
+
+        Callers: the upload's creator and writers of its workspace.
+        Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE) if it was
+        committed; ABORTED (UPLOAD_BUSY).
         """
 
     @_abc_1.abstractmethod
@@ -593,15 +958,47 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.CreateReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.CreateReportResponse, _abc.Awaitable[_storage_service_pb2.CreateReportResponse]]:
-        """Files a report.
+        """---- Reports ----
 
-        Callers: users and admins (for sessions they can read); Corral services
-        (the task service, for task runs).
-        Errors: PERMISSION_DENIED for viewers; INVALID_ARGUMENT if format, title
-        or content is missing, (CONTENT_INVALID) if content is over 2 MiB or a
-        JSON report does not parse, (REQUEST_ID_REUSED); NOT_FOUND if session
-        is set and the caller cannot read it; RESOURCE_EXHAUSTED
+        Files a report (content at most 4 MiB), its bytes held on its owner's
+        storage quota.
+
+        Callers: users and admins (owner: themselves); Corral services (any
+        owner, session and task_run).
+        Errors: PERMISSION_DENIED (READ_ONLY_ACCESS) for viewers;
+        INVALID_ARGUMENT if title is missing or too long, content_type is
+        missing for REPORT_FORMAT_UNSPECIFIED, owner, session or task_run are
+        set by a non-service or malformed, labels are malformed, expire_time is
+        in the past, (CONTENT_INVALID) if content is over 4 MiB or a JSON report
+        does not parse, (REQUEST_ID_REUSED); RESOURCE_EXHAUSTED
         (STORAGE_QUOTA_EXCEEDED).
+        """
+
+    @_abc_1.abstractmethod
+    def GetReport(
+        self,
+        request: _storage_service_pb2.GetReportRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_service_pb2.GetReportResponse, _abc.Awaitable[_storage_service_pb2.GetReportResponse]]:
+        """Gets a report, with its content unless view is BASIC.
+
+        Callers: readers of the report.
+        Errors: NOT_FOUND (REPORT_NOT_FOUND) if it does not exist or the caller
+        cannot read it.
+        """
+
+    @_abc_1.abstractmethod
+    def ListReports(
+        self,
+        request: _storage_service_pb2.ListReportsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_service_pb2.ListReportsResponse, _abc.Awaitable[_storage_service_pb2.ListReportsResponse]]:
+        """Lists the reports the caller can read (their own for users, the
+        organization's for admins and viewers), newest first, without content.
+
+        Callers: members of an organization; Corral services (with an
+        `organization` filter).
+        Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
         """
 
     @_abc_1.abstractmethod
@@ -612,24 +1009,24 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_service_pb2.DeleteReportResponse, _abc.Awaitable[_storage_service_pb2.DeleteReportResponse]]:
         """Deletes a report and gives its bytes back to the quota.
 
-        Callers: the report's creator and admins.
-        Errors: NOT_FOUND; PERMISSION_DENIED (READ_ONLY_ACCESS) for others.
+        Callers: its owner (with the user role), admins of its organization,
+        superusers and Corral services.
+        Errors: NOT_FOUND (REPORT_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS) for other readers.
         """
 
     @_abc_1.abstractmethod
-    def CloneWorkspace(
+    def DownloadReport(
         self,
-        request: _storage_service_pb2.CloneWorkspaceRequest,
+        request: _storage_service_pb2.DownloadReportRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_storage_service_pb2.CloneWorkspaceResponse, _abc.Awaitable[_storage_service_pb2.CloneWorkspaceResponse]]:
-        """---- Custom methods ----
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """Streams a report's content as `google.api.HttpBody` chunks: over REST
+        (`GET /v1/reports/r:download`) the raw document with its content type,
+        always as an attachment (HTML never renders on the API's origin).
 
-        Copies a workspace, files and all, for a forked session.
-
-        Callers: Corral services only (the session service, on ForkSession).
-        Errors: NOT_FOUND if the source does not exist; PERMISSION_DENIED for
-        anyone else; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED) for the new
-        owner; INVALID_ARGUMENT (REQUEST_ID_REUSED).
+        Callers: readers of the report.
+        Errors: NOT_FOUND (REPORT_NOT_FOUND, BLOB_NOT_FOUND).
         """
 
     @_abc_1.abstractmethod
@@ -638,83 +1035,69 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.CreateArchiveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.CreateArchiveResponse, _abc.Awaitable[_storage_service_pb2.CreateArchiveResponse]]:
-        """Packs a workspace (or a directory of it) into a gzip-compressed tar
-        file stored in the same workspace under `.corral/archives/`, and returns
-        that file: download it with DownloadFile. Archives never include
-        `.corral/`. Synchronous; counts against the storage quota.
+        """---- Archives ----
+
+        Starts building an archive of a workspace (or of one directory of it);
+        returns it BUILDING. Poll GetArchive until READY or FAILED.
 
         Callers: writers of the workspace.
-        Errors: NOT_FOUND if the workspace does not exist; PERMISSION_DENIED
-        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED);
-        FAILED_PRECONDITION (ARCHIVE_TOO_LARGE); RESOURCE_EXHAUSTED
-        (STORAGE_QUOTA_EXCEEDED).
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED)
+        or if expire_time is in the past or more than 30 days ahead;
+        UNIMPLEMENTED (UNIMPLEMENTED) where this deployment builds no archives.
         """
 
     @_abc_1.abstractmethod
-    def AppendUploadChunk(
+    def GetArchive(
         self,
-        request: _storage_service_pb2.AppendUploadChunkRequest,
+        request: _storage_service_pb2.GetArchiveRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_storage_service_pb2.AppendUploadChunkResponse, _abc.Awaitable[_storage_service_pb2.AppendUploadChunkResponse]]:
-        """Appends one chunk (at most 2 MiB) to an upload. offset must equal the
-        upload's committed_bytes. Resending the chunk that ends exactly at
-        committed_bytes is accepted as a no-op, so a retry after a lost
-        response is safe.
-
-        Callers: the upload's creator.
-        Errors: NOT_FOUND if the upload does not exist; PERMISSION_DENIED if the
-        caller did not create it; FAILED_PRECONDITION (OFFSET_MISMATCH, with
-        committed_bytes in ErrorInfo metadata) or (UPLOAD_NOT_ACTIVE);
-        INVALID_ARGUMENT (CHUNK_TOO_LARGE), or if the chunk would exceed the
-        declared size_bytes; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
-        """
-
-    @_abc_1.abstractmethod
-    def CommitUpload(
-        self,
-        request: _storage_service_pb2.CommitUploadRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_storage_service_pb2.CommitUploadResponse, _abc.Awaitable[_storage_service_pb2.CommitUploadResponse]]:
-        """Finishes an upload: verifies the SHA-256 (and the declared size) and
-        atomically moves the file into place. Idempotent on a committed upload
-        with the same sha256.
-
-        Callers: the upload's creator.
-        Errors: NOT_FOUND; PERMISSION_DENIED; INVALID_ARGUMENT (CHECKSUM_MISMATCH
-        or SIZE_MISMATCH; the upload is aborted) or if sha256 is not 64 hex
-        characters; FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE); ALREADY_EXISTS
-        (FILE_EXISTS) if a file appeared at path and overwrite is false.
-        """
-
-    @_abc_1.abstractmethod
-    def AbortUpload(
-        self,
-        request: _storage_service_pb2.AbortUploadRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_storage_service_pb2.AbortUploadResponse, _abc.Awaitable[_storage_service_pb2.AbortUploadResponse]]:
-        """Abandons an upload and discards its bytes. Idempotent on an aborted or
-        expired upload.
-
-        Callers: the upload's creator, admins.
-        Errors: NOT_FOUND; PERMISSION_DENIED; FAILED_PRECONDITION
-        (UPLOAD_NOT_ACTIVE) if it was committed.
-        """
-
-    @_abc_1.abstractmethod
-    def DownloadFile(
-        self,
-        request: _storage_service_pb2.DownloadFileRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_storage_service_pb2.DownloadFileResponse], _abc.AsyncIterator[_storage_service_pb2.DownloadFileResponse]]:
-        """Streams a file's content in chunks of at most 1 MiB, from offset. The
-        first message also carries the file's metadata. To resume after a
-        broken stream, call again with offset = bytes received and if_sha256 =
-        the sha256 from the first message.
+    ) -> _typing.Union[_storage_service_pb2.GetArchiveResponse, _abc.Awaitable[_storage_service_pb2.GetArchiveResponse]]:
+        """Gets an archive.
 
         Callers: readers of the workspace.
-        Errors: NOT_FOUND if the file does not exist or the caller cannot read
-        it; OUT_OF_RANGE if offset is beyond the end of the file; ABORTED
-        (FILE_CHANGED) if if_sha256 is set and the content changed.
+        Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND).
+        """
+
+    @_abc_1.abstractmethod
+    def ListArchives(
+        self,
+        request: _storage_service_pb2.ListArchivesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_service_pb2.ListArchivesResponse, _abc.Awaitable[_storage_service_pb2.ListArchivesResponse]]:
+        """Lists a workspace's archives, newest first.
+
+        Callers: readers of the workspace.
+        Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); INVALID_ARGUMENT if page_token
+        is malformed.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteArchive(
+        self,
+        request: _storage_service_pb2.DeleteArchiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_service_pb2.DeleteArchiveResponse, _abc.Awaitable[_storage_service_pb2.DeleteArchiveResponse]]:
+        """Deletes an archive (a BUILDING one stops) and gives its bytes back.
+
+        Callers: writers of the workspace.
+        Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND);
+        PERMISSION_DENIED (READ_ONLY_ACCESS).
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadArchive(
+        self,
+        request: _storage_service_pb2.DownloadArchiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """Streams a READY archive as `google.api.HttpBody` chunks (over REST: the
+        raw file, as an attachment), from offset.
+
+        Callers: readers of the workspace.
+        Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND,
+        BLOB_NOT_FOUND); FAILED_PRECONDITION (ARCHIVE_NOT_READY);
+        INVALID_ARGUMENT (RANGE_NOT_SATISFIABLE).
         """
 
     @_abc_1.abstractmethod
@@ -723,11 +1106,13 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.GetStorageUsageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.GetStorageUsageResponse, _abc.Awaitable[_storage_service_pb2.GetStorageUsageResponse]]:
-        """Reports how much an organization stores.
+        """---- Usage ----
 
-        Callers: members of the organization; superusers for any organization.
-        Errors: NOT_FOUND if the organization is unknown to storage or the
-        caller is not a member.
+        Reports how much an organization keeps, with a breakdown by owner.
+
+        Callers: members of the organization (users see only their own owner
+        line); superusers and Corral services for any organization.
+        Errors: NOT_FOUND if the caller is not a member of the organization.
         """
 
 def add_StorageServiceServicer_to_server(servicer: StorageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

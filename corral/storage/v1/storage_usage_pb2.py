@@ -22,19 +22,32 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%corral/storage/v1/storage_usage.proto\x12\x11\x63orral.storage.v1\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa2\x02\n\x0cStorageUsage\x12;\n\x0corganization\x18\x01 \x01(\tB%\xfa\x41\"\n identity.corral.dev/Organization\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fworkspace_bytes\x18\x03 \x01(\x03\x12\x14\n\x0creport_bytes\x18\x04 \x01(\x03\x12\x1c\n\x14pending_upload_bytes\x18\x05 \x01(\x03\x12\x17\n\x0fworkspace_count\x18\x06 \x01(\x03\x12\x12\n\nfile_count\x18\x07 \x01(\x03\x12\x14\n\x0creport_count\x18\x08 \x01(\x03\x12\x30\n\x0c\x63ompute_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%corral/storage/v1/storage_usage.proto\x12\x11\x63orral.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x02\n\x0cStorageUsage\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x34\n\x05total\x18\x02 \x01(\x0b\x32\x1f.corral.storage.v1.StorageBytesB\x04\xe2\x41\x01\x03\x12:\n\x06owners\x18\x03 \x03(\x0b\x32$.corral.storage.v1.OwnerStorageUsageB\x04\xe2\x41\x01\x03\x12\x36\n\x0c\x63ompute_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:l\xea\x41i\n\x1fstorage.corral.dev/StorageUsage\x12)organizations/{organization}/storageUsage*\rstorageUsages2\x0cstorageUsage\"R\n\x11OwnerStorageUsage\x12\r\n\x05owner\x18\x01 \x01(\t\x12.\n\x05usage\x18\x02 \x01(\x0b\x32\x1f.corral.storage.v1.StorageBytes\"\xe1\x01\n\x0cStorageBytes\x12\x13\n\x0btotal_bytes\x18\x01 \x01(\x03\x12\x17\n\x0fworkspace_bytes\x18\x02 \x01(\x03\x12\x14\n\x0creport_bytes\x18\x03 \x01(\x03\x12\x15\n\rarchive_bytes\x18\x04 \x01(\x03\x12\x1c\n\x14pending_upload_bytes\x18\x05 \x01(\x03\x12\x17\n\x0fworkspace_count\x18\x06 \x01(\x03\x12\x12\n\nfile_count\x18\x07 \x01(\x03\x12\x14\n\x0creport_count\x18\x08 \x01(\x03\x12\x15\n\rarchive_count\x18\t \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corral.storage.v1.storage_usage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STORAGEUSAGE'].fields_by_name['organization']._loaded_options = None
-  _globals['_STORAGEUSAGE'].fields_by_name['organization']._serialized_options = b'\372A\"\n identity.corral.dev/Organization'
-  _globals['_STORAGEUSAGE']._serialized_start=121
-  _globals['_STORAGEUSAGE']._serialized_end=411
+  _globals['_STORAGEUSAGE'].fields_by_name['name']._loaded_options = None
+  _globals['_STORAGEUSAGE'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_STORAGEUSAGE'].fields_by_name['total']._loaded_options = None
+  _globals['_STORAGEUSAGE'].fields_by_name['total']._serialized_options = b'\342A\001\003'
+  _globals['_STORAGEUSAGE'].fields_by_name['owners']._loaded_options = None
+  _globals['_STORAGEUSAGE'].fields_by_name['owners']._serialized_options = b'\342A\001\003'
+  _globals['_STORAGEUSAGE'].fields_by_name['compute_time']._loaded_options = None
+  _globals['_STORAGEUSAGE'].fields_by_name['compute_time']._serialized_options = b'\342A\001\003'
+  _globals['_STORAGEUSAGE']._loaded_options = None
+  _globals['_STORAGEUSAGE']._serialized_options = b'\352Ai\n\037storage.corral.dev/StorageUsage\022)organizations/{organization}/storageUsage*\rstorageUsages2\014storageUsage'
+  _globals['_STORAGEUSAGE']._serialized_start=154
+  _globals['_STORAGEUSAGE']._serialized_end=468
+  _globals['_OWNERSTORAGEUSAGE']._serialized_start=470
+  _globals['_OWNERSTORAGEUSAGE']._serialized_end=552
+  _globals['_STORAGEBYTES']._serialized_start=555
+  _globals['_STORAGEBYTES']._serialized_end=780
 # @@protoc_insertion_point(module_scope)

@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,60 +21,134 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class StorageUsage(_message.Message):
-    """How much an organization stores. Storage reports the same byte counts to
-    identity's usage ledger, which enforces the quota.
+    """How much an organization keeps in storage, with a breakdown by owner. A
+    read-only singleton of the organization. Storage reports the same bytes to
+    identity's usage ledger (USAGE_KIND_STORAGE_BYTES), which enforces the
+    quota; this resource is the inventory behind those figures.
+
+    Visibility: members of the organization, superusers and Corral services.
+    The per-owner breakdown lists every owner for admins, viewers, superusers
+    and services; a user sees only their own line.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ORGANIZATION_FIELD_NUMBER: _builtins.int
-    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
-    WORKSPACE_BYTES_FIELD_NUMBER: _builtins.int
-    REPORT_BYTES_FIELD_NUMBER: _builtins.int
-    PENDING_UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
-    WORKSPACE_COUNT_FIELD_NUMBER: _builtins.int
-    FILE_COUNT_FIELD_NUMBER: _builtins.int
-    REPORT_COUNT_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    OWNERS_FIELD_NUMBER: _builtins.int
     COMPUTE_TIME_FIELD_NUMBER: _builtins.int
-    organization: _builtins.str
-    """The organization, `organizations/{organization}`."""
-    total_bytes: _builtins.int
-    """Total bytes stored: workspaces plus reports plus uploads in progress."""
-    workspace_bytes: _builtins.int
-    """Bytes of workspace files (archives included)."""
-    report_bytes: _builtins.int
-    """Bytes of report content."""
-    pending_upload_bytes: _builtins.int
-    """Bytes received by uploads not yet committed."""
-    workspace_count: _builtins.int
-    """Number of workspaces."""
-    file_count: _builtins.int
-    """Number of files across all workspaces."""
-    report_count: _builtins.int
-    """Number of reports."""
+    name: _builtins.str
+    """Identifier. `organizations/{organization}/storageUsage`."""
+    @_builtins.property
+    def total(self) -> Global___StorageBytes:
+        """Output only. Everything below, in one figure."""
+
+    @_builtins.property
+    def owners(self) -> _containers.RepeatedCompositeFieldContainer[Global___OwnerStorageUsage]:
+        """Output only. The same per owner (a user or service account), largest
+        first.
+        """
+
     @_builtins.property
     def compute_time(self) -> _timestamp_pb2.Timestamp:
-        """When these figures were computed (they may lag writes by a few
-        seconds).
+        """Output only. When the figures were computed. Workspace figures are as of
+        each workspace's last measurement.
         """
 
     def __init__(
         self,
         *,
-        organization: _builtins.str = ...,
-        total_bytes: _builtins.int = ...,
-        workspace_bytes: _builtins.int = ...,
-        report_bytes: _builtins.int = ...,
-        pending_upload_bytes: _builtins.int = ...,
-        workspace_count: _builtins.int = ...,
-        file_count: _builtins.int = ...,
-        report_count: _builtins.int = ...,
+        name: _builtins.str = ...,
+        total: Global___StorageBytes | None = ...,
+        owners: _abc.Iterable[Global___OwnerStorageUsage] | None = ...,
         compute_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "file_count", b"file_count", "organization", b"organization", "pending_upload_bytes", b"pending_upload_bytes", "report_bytes", b"report_bytes", "report_count", b"report_count", "total_bytes", b"total_bytes", "workspace_bytes", b"workspace_bytes", "workspace_count", b"workspace_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compute_time", b"compute_time", "name", b"name", "owners", b"owners", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StorageUsage: _TypeAlias = StorageUsage  # noqa: Y015
+
+@_typing.final
+class OwnerStorageUsage(_message.Message):
+    """One owner's line of a StorageUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    owner: _builtins.str
+    """The owner, a user or service account resource name."""
+    @_builtins.property
+    def usage(self) -> Global___StorageBytes:
+        """What the owner keeps."""
+
+    def __init__(
+        self,
+        *,
+        owner: _builtins.str = ...,
+        usage: Global___StorageBytes | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner", b"owner", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnerStorageUsage: _TypeAlias = OwnerStorageUsage  # noqa: Y015
+
+@_typing.final
+class StorageBytes(_message.Message):
+    """Bytes and counts of what is stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    WORKSPACE_BYTES_FIELD_NUMBER: _builtins.int
+    REPORT_BYTES_FIELD_NUMBER: _builtins.int
+    ARCHIVE_BYTES_FIELD_NUMBER: _builtins.int
+    PENDING_UPLOAD_BYTES_FIELD_NUMBER: _builtins.int
+    WORKSPACE_COUNT_FIELD_NUMBER: _builtins.int
+    FILE_COUNT_FIELD_NUMBER: _builtins.int
+    REPORT_COUNT_FIELD_NUMBER: _builtins.int
+    ARCHIVE_COUNT_FIELD_NUMBER: _builtins.int
+    total_bytes: _builtins.int
+    """Workspace files plus reports plus archives plus uploads in progress."""
+    workspace_bytes: _builtins.int
+    """Bytes of workspace files (as last measured)."""
+    report_bytes: _builtins.int
+    """Bytes of report content."""
+    archive_bytes: _builtins.int
+    """Bytes of ready archives."""
+    pending_upload_bytes: _builtins.int
+    """Bytes received by uploads not yet committed."""
+    workspace_count: _builtins.int
+    """Number of workspaces."""
+    file_count: _builtins.int
+    """Number of files across the workspaces (as last measured)."""
+    report_count: _builtins.int
+    """Number of reports."""
+    archive_count: _builtins.int
+    """Number of ready archives."""
+    def __init__(
+        self,
+        *,
+        total_bytes: _builtins.int = ...,
+        workspace_bytes: _builtins.int = ...,
+        report_bytes: _builtins.int = ...,
+        archive_bytes: _builtins.int = ...,
+        pending_upload_bytes: _builtins.int = ...,
+        workspace_count: _builtins.int = ...,
+        file_count: _builtins.int = ...,
+        report_count: _builtins.int = ...,
+        archive_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_bytes", b"archive_bytes", "archive_count", b"archive_count", "file_count", b"file_count", "pending_upload_bytes", b"pending_upload_bytes", "report_bytes", b"report_bytes", "report_count", b"report_count", "total_bytes", b"total_bytes", "workspace_bytes", b"workspace_bytes", "workspace_count", b"workspace_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorageBytes: _TypeAlias = StorageBytes  # noqa: Y015

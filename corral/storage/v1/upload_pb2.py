@@ -27,7 +27,7 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63orral/storage/v1/upload.proto\x12\x11\x63orral.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd1\x04\n\x06Upload\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x13\n\x04path\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x18\n\nsize_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x05\x12\x1a\n\x0c\x63ontent_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x05\x12\x17\n\toverwrite\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x05\x12\x34\n\x05state\x18\x06 \x01(\x0e\x32\x1f.corral.storage.v1.Upload.StateB\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x63ommitted_bytes\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reator\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12.\n\x04\x66ile\x18\x0b \x01(\tB \xe2\x41\x01\x03\xfa\x41\x19\n\x17storage.corral.dev/File\"k\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_ACTIVE\x10\x01\x12\x13\n\x0fSTATE_COMMITTED\x10\x02\x12\x11\n\rSTATE_ABORTED\x10\x03\x12\x11\n\rSTATE_EXPIRED\x10\x04:X\xea\x41U\n\x19storage.corral.dev/Upload\x12\'workspaces/{workspace}/uploads/{upload}*\x07uploads2\x06uploadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63orral/storage/v1/upload.proto\x12\x11\x63orral.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x05\n\x06Upload\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x13\n\x04path\x18\x02 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x18\n\nsize_bytes\x18\x03 \x01(\x03\x42\x04\xe2\x41\x01\x05\x12\x1a\n\x0c\x63ontent_type\x18\x04 \x01(\tB\x04\xe2\x41\x01\x05\x12\x17\n\toverwrite\x18\x05 \x01(\x08\x42\x04\xe2\x41\x01\x05\x12\x34\n\x05state\x18\x06 \x01(\x0e\x32\x1f.corral.storage.v1.Upload.StateB\x04\xe2\x41\x01\x03\x12\x1d\n\x0f\x63ommitted_bytes\x18\x07 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x15\n\x07\x63reator\x18\x08 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12.\n\x04\x66ile\x18\x0b \x01(\tB \xe2\x41\x01\x03\xfa\x41\x19\n\x17storage.corral.dev/File\x12\x1c\n\x0e\x66\x61ilure_reason\x18\x0c \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\"}\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_ACTIVE\x10\x01\x12\x13\n\x0fSTATE_COMMITTED\x10\x02\x12\x11\n\rSTATE_ABORTED\x10\x03\x12\x11\n\rSTATE_EXPIRED\x10\x04\x12\x10\n\x0cSTATE_FAILED\x10\x05:X\xea\x41U\n\x19storage.corral.dev/Upload\x12\'workspaces/{workspace}/uploads/{upload}*\x07uploads2\x06uploadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,10 +56,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOAD'].fields_by_name['expire_time']._serialized_options = b'\342A\001\003'
   _globals['_UPLOAD'].fields_by_name['file']._loaded_options = None
   _globals['_UPLOAD'].fields_by_name['file']._serialized_options = b'\342A\001\003\372A\031\n\027storage.corral.dev/File'
+  _globals['_UPLOAD'].fields_by_name['failure_reason']._loaded_options = None
+  _globals['_UPLOAD'].fields_by_name['failure_reason']._serialized_options = b'\342A\001\003'
+  _globals['_UPLOAD'].fields_by_name['update_time']._loaded_options = None
+  _globals['_UPLOAD'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
   _globals['_UPLOAD']._loaded_options = None
   _globals['_UPLOAD']._serialized_options = b'\352AU\n\031storage.corral.dev/Upload\022\'workspaces/{workspace}/uploads/{upload}*\007uploads2\006upload'
   _globals['_UPLOAD']._serialized_start=147
-  _globals['_UPLOAD']._serialized_end=740
-  _globals['_UPLOAD_STATE']._serialized_start=543
-  _globals['_UPLOAD_STATE']._serialized_end=650
+  _globals['_UPLOAD']._serialized_end=843
+  _globals['_UPLOAD_STATE']._serialized_start=628
+  _globals['_UPLOAD_STATE']._serialized_end=753
 # @@protoc_insertion_point(module_scope)

@@ -23,9 +23,20 @@ class Upload(_message.Message):
     """A resumable, chunked upload of one file into a workspace, made only of
     unary calls so that browsers can use it over grpc-web: CreateUpload, then
     AppendUploadChunk for consecutive byte ranges, then CommitUpload with the
-    SHA-256 of the whole content (or AbortUpload). The file appears (or is
-    replaced) atomically at commit; until then nothing in the workspace
-    changes. An upload expires 24 hours after its last chunk.
+    SHA-256 of the whole content (or AbortUpload). The bytes are kept in the
+    blob store until the commit; the file appears (or is replaced) in the
+    workspace atomically at commit, and until then nothing in the workspace
+    changes. An upload expires 24 hours after its last chunk; the sweeper then
+    discards its bytes.
+
+    Quota: the storage bytes of the workspace's owner are held for the upload
+    (all of size_bytes at CreateUpload when it is declared, else chunk by
+    chunk). An upload the quota cannot hold ends FAILED
+    (STORAGE_QUOTA_EXCEEDED) with its bytes discarded and its holds given
+    back; so does one whose commit finds a wrong checksum or size.
+
+    Visibility: an upload is seen by its creator and by whoever may write its
+    workspace; only its creator (or a Corral service) appends and commits.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -43,9 +54,13 @@ class Upload(_message.Message):
         STATE_COMMITTED: Upload._State.ValueType  # 2
         """Committed; file is set."""
         STATE_ABORTED: Upload._State.ValueType  # 3
-        """Aborted by AbortUpload or by a failed commit; its bytes were discarded."""
+        """Aborted by AbortUpload; its bytes were discarded."""
         STATE_EXPIRED: Upload._State.ValueType  # 4
         """Not committed in time; its bytes were discarded."""
+        STATE_FAILED: Upload._State.ValueType  # 5
+        """Ended by the service (failure_reason says why); its bytes were
+        discarded.
+        """
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
         """Where the upload is in its lifecycle."""
@@ -57,9 +72,13 @@ class Upload(_message.Message):
     STATE_COMMITTED: Upload.State.ValueType  # 2
     """Committed; file is set."""
     STATE_ABORTED: Upload.State.ValueType  # 3
-    """Aborted by AbortUpload or by a failed commit; its bytes were discarded."""
+    """Aborted by AbortUpload; its bytes were discarded."""
     STATE_EXPIRED: Upload.State.ValueType  # 4
     """Not committed in time; its bytes were discarded."""
+    STATE_FAILED: Upload.State.ValueType  # 5
+    """Ended by the service (failure_reason says why); its bytes were
+    discarded.
+    """
 
     NAME_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
@@ -72,18 +91,18 @@ class Upload(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     FILE_FIELD_NUMBER: _builtins.int
+    FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Identifier. `workspaces/{workspace}/uploads/{upload}`; server-assigned."""
     path: _builtins.str
-    """Required. Immutable. Destination path relative to the workspace root,
-    `/`-separated, at most 1,024 bytes of UTF-8, without `.`/`..` segments,
-    a leading `/`, NUL bytes or a `.corral/` prefix (INVALID_ARGUMENT,
-    reason INVALID_PATH).
+    """Required. Immutable. Destination path relative to the workspace root
+    (the rules are File's: INVALID_ARGUMENT, reason INVALID_PATH).
     """
     size_bytes: _builtins.int
-    """Immutable. The total size, if known: storage quota is reserved for it up
+    """Immutable. The total size, if known: storage quota is held for it up
     front, and the commit fails if the bytes received differ. 0 means
-    unknown (quota is then checked chunk by chunk).
+    unknown (quota is then held chunk by chunk).
     """
     content_type: _builtins.str
     """Immutable. The media type; default: guessed from the path."""
@@ -101,6 +120,10 @@ class Upload(_message.Message):
     """Output only. Who started the upload."""
     file: _builtins.str
     """Output only. The file written by the commit; empty until COMMITTED."""
+    failure_reason: _builtins.str
+    """Output only. For a FAILED upload, the reason (an ErrorReason name, for
+    example STORAGE_QUOTA_EXCEEDED or CHECKSUM_MISMATCH).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the upload was created."""
@@ -108,6 +131,10 @@ class Upload(_message.Message):
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When an ACTIVE upload expires."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the upload last changed (a chunk, a commit, an end)."""
 
     def __init__(
         self,
@@ -123,10 +150,12 @@ class Upload(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         file: _builtins.str = ...,
+        failure_reason: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_bytes", b"committed_bytes", "content_type", b"content_type", "create_time", b"create_time", "creator", b"creator", "expire_time", b"expire_time", "file", b"file", "name", b"name", "overwrite", b"overwrite", "path", b"path", "size_bytes", b"size_bytes", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_bytes", b"committed_bytes", "content_type", b"content_type", "create_time", b"create_time", "creator", b"creator", "expire_time", b"expire_time", "failure_reason", b"failure_reason", "file", b"file", "name", b"name", "overwrite", b"overwrite", "path", b"path", "size_bytes", b"size_bytes", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,13 +27,15 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!corral/storage/v1/workspace.proto\x12\x11\x63orral.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe3\x03\n\tWorkspace\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12@\n\x0corganization\x18\x02 \x01(\tB*\xe2\x41\x02\x02\x05\xfa\x41\"\n identity.corral.dev/Organization\x12\x35\n\x07session\x18\x03 \x01(\tB$\xe2\x41\x02\x02\x05\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x14\n\x05owner\x18\x04 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x18\n\nsize_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nfile_count\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12?\n\x10source_workspace\x18\x07 \x01(\tB%\xe2\x41\x01\x03\xfa\x41\x1e\n\x1cstorage.corral.dev/Workspace\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:P\xea\x41M\n\x1cstorage.corral.dev/Workspace\x12\x16workspaces/{workspace}*\nworkspaces2\tworkspaceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!corral/storage/v1/workspace.proto\x12\x11\x63orral.storage.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc9\x05\n\tWorkspace\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12@\n\x0corganization\x18\x02 \x01(\tB*\xe2\x41\x02\x02\x05\xfa\x41\"\n identity.corral.dev/Organization\x12\x35\n\x07session\x18\x03 \x01(\tB$\xe2\x41\x02\x02\x05\xfa\x41\x1c\n\x1asession.corral.dev/Session\x12\x14\n\x05owner\x18\x04 \x01(\tB\x05\xe2\x41\x02\x02\x05\x12\x18\n\nsize_bytes\x18\x05 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x18\n\nfile_count\x18\x06 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12?\n\x10source_workspace\x18\x07 \x01(\tB%\xe2\x41\x01\x03\xfa\x41\x1e\n\x1cstorage.corral.dev/Workspace\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x38\n\x06labels\x18\n \x03(\x0b\x32(.corral.storage.v1.Workspace.LabelsEntry\x12\x12\n\x04\x65tag\x18\x0b \x01(\tB\x04\xe2\x41\x01\x03\x12/\n\x0b\x65xpire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x0cmeasure_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01:P\xea\x41M\n\x1cstorage.corral.dev/Workspace\x12\x16workspaces/{workspace}*\nworkspaces2\tworkspaceb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'corral.storage.v1.workspace_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_WORKSPACE_LABELSENTRY']._loaded_options = None
+  _globals['_WORKSPACE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_WORKSPACE'].fields_by_name['name']._loaded_options = None
   _globals['_WORKSPACE'].fields_by_name['name']._serialized_options = b'\342A\001\010'
   _globals['_WORKSPACE'].fields_by_name['organization']._loaded_options = None
@@ -52,8 +54,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKSPACE'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
   _globals['_WORKSPACE'].fields_by_name['update_time']._loaded_options = None
   _globals['_WORKSPACE'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['etag']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['etag']._serialized_options = b'\342A\001\003'
+  _globals['_WORKSPACE'].fields_by_name['measure_time']._loaded_options = None
+  _globals['_WORKSPACE'].fields_by_name['measure_time']._serialized_options = b'\342A\001\003'
   _globals['_WORKSPACE']._loaded_options = None
   _globals['_WORKSPACE']._serialized_options = b'\352AM\n\034storage.corral.dev/Workspace\022\026workspaces/{workspace}*\nworkspaces2\tworkspace'
   _globals['_WORKSPACE']._serialized_start=150
-  _globals['_WORKSPACE']._serialized_end=633
+  _globals['_WORKSPACE']._serialized_end=863
+  _globals['_WORKSPACE_LABELSENTRY']._serialized_start=736
+  _globals['_WORKSPACE_LABELSENTRY']._serialized_end=781
 # @@protoc_insertion_point(module_scope)

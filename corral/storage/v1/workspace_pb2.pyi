@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,16 +21,41 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class Workspace(_message.Message):
-    """A session's working directory: the agent reads and writes its files there
-    (through the runtime, which mounts the same storage), and people upload
-    and download files through this service. One workspace per session,
-    created and deleted by the session service.
+    """A session's working directory: the agent reads and writes its files
+    directly (the runtime runs it in the directory storage assigned, on a
+    filesystem both services share), and people list, upload and download its
+    files through this service. Files the agent writes show up in ListFiles at
+    once: the listing reads the directory itself.
 
-    Access mirrors the session's: its owner and the organization's admins may
-    read and write it; the organization's viewers may read it.
+    Visibility (the same rule as a session's): "readers" are its owner, the
+    admins and viewers of its organization, superusers and Corral services;
+    "writers" are its owner (with the user role), the admins of its
+    organization, superusers and Corral services. Anyone else gets NOT_FOUND,
+    never a hint that it exists; a reader who tries to write gets
+    PERMISSION_DENIED (READ_ONLY_ACCESS).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     NAME_FIELD_NUMBER: _builtins.int
     ORGANIZATION_FIELD_NUMBER: _builtins.int
@@ -39,9 +66,14 @@ class Workspace(_message.Message):
     SOURCE_WORKSPACE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    MEASURE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Identifier. The resource name, `workspaces/{workspace}`;
-    server-assigned.
+    """Identifier. The resource name, `workspaces/{workspace}`. For a session's
+    workspace {workspace} is the session's id, so `sessions/abc` works in
+    `workspaces/abc`.
     """
     organization: _builtins.str
     """Required. Immutable. The owning organization,
@@ -53,22 +85,50 @@ class Workspace(_message.Message):
     """
     owner: _builtins.str
     """Required. Immutable. The principal whose storage quota the workspace
-    uses (the session's owner).
+    uses and who may write it (the session's owner), a user or service
+    account of organization.
     """
     size_bytes: _builtins.int
-    """Output only. Total bytes of the files in the workspace."""
+    """Output only. Total bytes of the regular files in the workspace, as last
+    measured (see measure_time).
+    """
     file_count: _builtins.int
-    """Output only. Number of files in the workspace."""
+    """Output only. Number of regular files in the workspace, as last measured."""
     source_workspace: _builtins.str
     """Output only. For clones: the workspace this one was copied from."""
+    etag: _builtins.str
+    """Output only. Changes whenever the resource changes. Send it back on
+    UpdateWorkspace or DeleteWorkspace to make them conditional: a mismatch
+    fails with ABORTED (reason ETAG_MISMATCH).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the workspace was created."""
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When a file in it last changed (as far as the service has
-        observed).
+        """Output only. When the workspace's resource (labels, expire_time) or its
+        measured size last changed.
+        """
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Free-form labels for filtering, at most 64 entries; keys
+        `[a-z][a-z0-9_-]{0,62}`, values at most 63 characters.
+        """
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the retention sweeper deletes the workspace and its files; unset:
+        kept until deleted. The session service sets it when a session is
+        archived.
+        """
+
+    @_builtins.property
+    def measure_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When size_bytes and file_count were measured (the agent
+        writes files directly; storage measures and reconciles the quota after
+        every change it makes and periodically).
         """
 
     def __init__(
@@ -83,10 +143,14 @@ class Workspace(_message.Message):
         source_workspace: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        etag: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        measure_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "measure_time", b"measure_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "file_count", b"file_count", "name", b"name", "organization", b"organization", "owner", b"owner", "session", b"session", "size_bytes", b"size_bytes", "source_workspace", b"source_workspace", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "etag", b"etag", "expire_time", b"expire_time", "file_count", b"file_count", "labels", b"labels", "measure_time", b"measure_time", "name", b"name", "organization", b"organization", "owner", b"owner", "session", b"session", "size_bytes", b"size_bytes", "source_workspace", b"source_workspace", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

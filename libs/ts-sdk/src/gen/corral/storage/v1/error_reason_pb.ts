@@ -9,7 +9,7 @@ import { enumDesc, fileDesc } from "@bufbuild/protobuf/codegenv2";
  * Describes the file corral/storage/v1/error_reason.proto.
  */
 export const file_corral_storage_v1_error_reason: GenFile = /*@__PURE__*/
-  fileDesc("CiRjb3JyYWwvc3RvcmFnZS92MS9lcnJvcl9yZWFzb24ucHJvdG8SEWNvcnJhbC5zdG9yYWdlLnYxKukDCgtFcnJvclJlYXNvbhIcChhFUlJPUl9SRUFTT05fVU5TUEVDSUZJRUQQABIdChlFUlJPUl9SRUFTT05fSU5WQUxJRF9QQVRIEAESHAoYRVJST1JfUkVBU09OX0ZJTEVfRVhJU1RTEAISIAocRVJST1JfUkVBU09OX09GRlNFVF9NSVNNQVRDSBADEiIKHkVSUk9SX1JFQVNPTl9DSEVDS1NVTV9NSVNNQVRDSBAEEh4KGkVSUk9SX1JFQVNPTl9TSVpFX01JU01BVENIEAUSIgoeRVJST1JfUkVBU09OX1VQTE9BRF9OT1RfQUNUSVZFEAYSIAocRVJST1JfUkVBU09OX0NIVU5LX1RPT19MQVJHRRAHEiAKHEVSUk9SX1JFQVNPTl9DT05URU5UX0lOVkFMSUQQCBInCiNFUlJPUl9SRUFTT05fU1RPUkFHRV9RVU9UQV9FWENFRURFRBAJEh0KGUVSUk9SX1JFQVNPTl9GSUxFX0NIQU5HRUQQChIiCh5FUlJPUl9SRUFTT05fUkVRVUVTVF9JRF9SRVVTRUQQCxIhCh1FUlJPUl9SRUFTT05fUkVBRF9PTkxZX0FDQ0VTUxAMEiIKHkVSUk9SX1JFQVNPTl9BUkNISVZFX1RPT19MQVJHRRANYgZwcm90bzM");
+  fileDesc("CiRjb3JyYWwvc3RvcmFnZS92MS9lcnJvcl9yZWFzb24ucHJvdG8SEWNvcnJhbC5zdG9yYWdlLnYxKsEICgtFcnJvclJlYXNvbhIcChhFUlJPUl9SRUFTT05fVU5TUEVDSUZJRUQQABIdChlFUlJPUl9SRUFTT05fSU5WQUxJRF9QQVRIEAESHAoYRVJST1JfUkVBU09OX0ZJTEVfRVhJU1RTEAISIAocRVJST1JfUkVBU09OX09GRlNFVF9NSVNNQVRDSBADEiIKHkVSUk9SX1JFQVNPTl9DSEVDS1NVTV9NSVNNQVRDSBAEEh4KGkVSUk9SX1JFQVNPTl9TSVpFX01JU01BVENIEAUSIgoeRVJST1JfUkVBU09OX1VQTE9BRF9OT1RfQUNUSVZFEAYSIAocRVJST1JfUkVBU09OX0NIVU5LX1RPT19MQVJHRRAHEiAKHEVSUk9SX1JFQVNPTl9DT05URU5UX0lOVkFMSUQQCBInCiNFUlJPUl9SRUFTT05fU1RPUkFHRV9RVU9UQV9FWENFRURFRBAJEh0KGUVSUk9SX1JFQVNPTl9GSUxFX0NIQU5HRUQQChIiCh5FUlJPUl9SRUFTT05fUkVRVUVTVF9JRF9SRVVTRUQQCxIhCh1FUlJPUl9SRUFTT05fUkVBRF9PTkxZX0FDQ0VTUxAMEiIKHkVSUk9SX1JFQVNPTl9BUkNISVZFX1RPT19MQVJHRRANEiQKIEVSUk9SX1JFQVNPTl9XT1JLU1BBQ0VfTk9UX0ZPVU5EEA4SHwobRVJST1JfUkVBU09OX0ZJTEVfTk9UX0ZPVU5EEA8SIQodRVJST1JfUkVBU09OX1VQTE9BRF9OT1RfRk9VTkQQEBIhCh1FUlJPUl9SRUFTT05fUkVQT1JUX05PVF9GT1VORBAREiIKHkVSUk9SX1JFQVNPTl9BUkNISVZFX05PVF9GT1VORBASEiEKHUVSUk9SX1JFQVNPTl9XT1JLU1BBQ0VfRVhJU1RTEBMSHQoZRVJST1JfUkVBU09OX1NFUlZJQ0VfT05MWRAUEh8KG0VSUk9SX1JFQVNPTl9GSUxFX1RPT19MQVJHRRAVEh8KG0VSUk9SX1JFQVNPTl9XT1JLU1BBQ0VfRlVMTBAWEhwKGEVSUk9SX1JFQVNPTl9VUExPQURfQlVTWRAXEiIKHkVSUk9SX1JFQVNPTl9BUkNISVZFX05PVF9SRUFEWRAYEiYKIkVSUk9SX1JFQVNPTl9SQU5HRV9OT1RfU0FUSVNGSUFCTEUQGRIeChpFUlJPUl9SRUFTT05fUEFUSF9DT05GTElDVBAaEh8KG0VSUk9SX1JFQVNPTl9CTE9CX05PVF9GT1VORBAbEisKJ0VSUk9SX1JFQVNPTl9NVUxUSVBBUlRfVVBMT0FEX05PVF9GT1VORBAcEh8KG0VSUk9SX1JFQVNPTl9CTE9CX1RPT19MQVJHRRAdEigKJEVSUk9SX1JFQVNPTl9JTlZBTElEX01VTFRJUEFSVF9QQVJUUxAeYgZwcm90bzM");
 
 /**
  * Stable, machine-readable reasons for errors returned by the storage
@@ -27,8 +27,8 @@ export enum ErrorReason {
   UNSPECIFIED = 0,
 
   /**
-   * INVALID_ARGUMENT: the path is absolute, escapes the workspace (`..`),
-   * contains NUL, is too long, or uses the reserved `.corral/` prefix.
+   * INVALID_ARGUMENT: the path breaks File's rules (absolute, `.` or `..`
+   * segments, control characters, too long, not NFC, ...).
    *
    * @generated from enum value: ERROR_REASON_INVALID_PATH = 1;
    */
@@ -52,7 +52,7 @@ export enum ErrorReason {
 
   /**
    * INVALID_ARGUMENT: the SHA-256 given at commit does not match the bytes
-   * received; the upload was aborted.
+   * received; the upload FAILED.
    *
    * @generated from enum value: ERROR_REASON_CHECKSUM_MISMATCH = 4;
    */
@@ -60,28 +60,30 @@ export enum ErrorReason {
 
   /**
    * INVALID_ARGUMENT: the bytes received differ from the declared
-   * size_bytes; the upload was aborted.
+   * size_bytes (at commit; the upload FAILED), or a chunk would go past it.
    *
    * @generated from enum value: ERROR_REASON_SIZE_MISMATCH = 5;
    */
   SIZE_MISMATCH = 5,
 
   /**
-   * FAILED_PRECONDITION: the upload is committed, aborted or expired.
+   * FAILED_PRECONDITION: the upload is committed, aborted, expired or failed.
+   * ErrorInfo metadata `state` says which.
    *
    * @generated from enum value: ERROR_REASON_UPLOAD_NOT_ACTIVE = 6;
    */
   UPLOAD_NOT_ACTIVE = 6,
 
   /**
-   * INVALID_ARGUMENT: a chunk is larger than 2 MiB.
+   * INVALID_ARGUMENT: a chunk is larger than 2 MiB, or WriteFile's data
+   * larger than 4 MiB.
    *
    * @generated from enum value: ERROR_REASON_CHUNK_TOO_LARGE = 7;
    */
   CHUNK_TOO_LARGE = 7,
 
   /**
-   * INVALID_ARGUMENT: report content is larger than 2 MiB, or a JSON report
+   * INVALID_ARGUMENT: report content is larger than 4 MiB, or a JSON report
    * does not parse.
    *
    * @generated from enum value: ERROR_REASON_CONTENT_INVALID = 8;
@@ -89,15 +91,16 @@ export enum ErrorReason {
   CONTENT_INVALID = 8,
 
   /**
-   * RESOURCE_EXHAUSTED: the storage quota would be exceeded (QuotaFailure).
+   * RESOURCE_EXHAUSTED: the owner's or the organization's storage quota
+   * cannot hold the bytes (QuotaFailure names the limit).
    *
    * @generated from enum value: ERROR_REASON_STORAGE_QUOTA_EXCEEDED = 9;
    */
   STORAGE_QUOTA_EXCEEDED = 9,
 
   /**
-   * ABORTED: the file changed since the offset-resumed download began
-   * (if_sha256 no longer matches); restart from offset 0.
+   * ABORTED: the file's content is not the one if_sha256 names (it changed
+   * since it was read); read it again.
    *
    * @generated from enum value: ERROR_REASON_FILE_CHANGED = 10;
    */
@@ -111,20 +114,147 @@ export enum ErrorReason {
   REQUEST_ID_REUSED = 11,
 
   /**
-   * PERMISSION_DENIED: the caller may read but not change the workspace or
-   * report.
+   * PERMISSION_DENIED: the caller may read but not change the workspace,
+   * upload or report.
    *
    * @generated from enum value: ERROR_REASON_READ_ONLY_ACCESS = 12;
    */
   READ_ONLY_ACCESS = 12,
 
   /**
-   * FAILED_PRECONDITION: the workspace is too large to archive
-   * synchronously (more than 1 GiB or 100,000 files).
+   * FAILED_PRECONDITION (on the archive: failure_reason): the workspace is
+   * too large to archive.
    *
    * @generated from enum value: ERROR_REASON_ARCHIVE_TOO_LARGE = 13;
    */
   ARCHIVE_TOO_LARGE = 13,
+
+  /**
+   * NOT_FOUND: no such workspace, or the caller may not see it.
+   *
+   * @generated from enum value: ERROR_REASON_WORKSPACE_NOT_FOUND = 14;
+   */
+  WORKSPACE_NOT_FOUND = 14,
+
+  /**
+   * NOT_FOUND: no regular file at the path (or a part of the path is a
+   * symbolic link), or the caller may not see its workspace.
+   *
+   * @generated from enum value: ERROR_REASON_FILE_NOT_FOUND = 15;
+   */
+  FILE_NOT_FOUND = 15,
+
+  /**
+   * NOT_FOUND: no such upload, or the caller may not see it.
+   *
+   * @generated from enum value: ERROR_REASON_UPLOAD_NOT_FOUND = 16;
+   */
+  UPLOAD_NOT_FOUND = 16,
+
+  /**
+   * NOT_FOUND: no such report, or the caller may not see it.
+   *
+   * @generated from enum value: ERROR_REASON_REPORT_NOT_FOUND = 17;
+   */
+  REPORT_NOT_FOUND = 17,
+
+  /**
+   * NOT_FOUND: no such archive, or the caller may not see it.
+   *
+   * @generated from enum value: ERROR_REASON_ARCHIVE_NOT_FOUND = 18;
+   */
+  ARCHIVE_NOT_FOUND = 18,
+
+  /**
+   * ALREADY_EXISTS: the session already has a workspace.
+   *
+   * @generated from enum value: ERROR_REASON_WORKSPACE_EXISTS = 19;
+   */
+  WORKSPACE_EXISTS = 19,
+
+  /**
+   * PERMISSION_DENIED: the method is internal: Corral services only.
+   *
+   * @generated from enum value: ERROR_REASON_SERVICE_ONLY = 20;
+   */
+  SERVICE_ONLY = 20,
+
+  /**
+   * FAILED_PRECONDITION: the file would be larger than the deployment's
+   * per-file limit (ErrorInfo metadata `limit_bytes`).
+   *
+   * @generated from enum value: ERROR_REASON_FILE_TOO_LARGE = 21;
+   */
+  FILE_TOO_LARGE = 21,
+
+  /**
+   * FAILED_PRECONDITION: the workspace would be larger than the
+   * deployment's per-workspace limit (ErrorInfo metadata `limit_bytes`).
+   *
+   * @generated from enum value: ERROR_REASON_WORKSPACE_FULL = 22;
+   */
+  WORKSPACE_FULL = 22,
+
+  /**
+   * ABORTED: another chunk or the commit of this upload is in progress;
+   * retry after it (GetUpload says where the upload is).
+   *
+   * @generated from enum value: ERROR_REASON_UPLOAD_BUSY = 23;
+   */
+  UPLOAD_BUSY = 23,
+
+  /**
+   * FAILED_PRECONDITION: the archive is not READY.
+   *
+   * @generated from enum value: ERROR_REASON_ARCHIVE_NOT_READY = 24;
+   */
+  ARCHIVE_NOT_READY = 24,
+
+  /**
+   * INVALID_ARGUMENT: a download's offset is past the end of the file.
+   *
+   * @generated from enum value: ERROR_REASON_RANGE_NOT_SATISFIABLE = 25;
+   */
+  RANGE_NOT_SATISFIABLE = 25,
+
+  /**
+   * FAILED_PRECONDITION: a directory of the path is a file, or the path is a
+   * directory.
+   *
+   * @generated from enum value: ERROR_REASON_PATH_CONFLICT = 26;
+   */
+  PATH_CONFLICT = 26,
+
+  /**
+   * NOT_FOUND: the stored bytes of a report, archive or upload are missing
+   * from the blob store (removed outside Corral).
+   *
+   * @generated from enum value: ERROR_REASON_BLOB_NOT_FOUND = 27;
+   */
+  BLOB_NOT_FOUND = 27,
+
+  /**
+   * NOT_FOUND: an upload's staged parts are missing from the blob store.
+   *
+   * @generated from enum value: ERROR_REASON_MULTIPART_UPLOAD_NOT_FOUND = 28;
+   */
+  MULTIPART_UPLOAD_NOT_FOUND = 28,
+
+  /**
+   * FAILED_PRECONDITION: more bytes arrived than the blob store was told to
+   * accept.
+   *
+   * @generated from enum value: ERROR_REASON_BLOB_TOO_LARGE = 29;
+   */
+  BLOB_TOO_LARGE = 29,
+
+  /**
+   * INVALID_ARGUMENT: an upload's parts did not join (internal; the upload
+   * FAILED).
+   *
+   * @generated from enum value: ERROR_REASON_INVALID_MULTIPART_PARTS = 30;
+   */
+  INVALID_MULTIPART_PARTS = 30,
 }
 
 /**

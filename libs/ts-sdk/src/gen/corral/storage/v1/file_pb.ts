@@ -14,15 +14,25 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file corral/storage/v1/file.proto.
  */
 export const file_corral_storage_v1_file: GenFile = /*@__PURE__*/
-  fileDesc("Chxjb3JyYWwvc3RvcmFnZS92MS9maWxlLnByb3RvEhFjb3JyYWwuc3RvcmFnZS52MSK4AgoERmlsZRISCgRuYW1lGAEgASgJQgTiQQEIEhIKBHBhdGgYAiABKAlCBOJBAQMSGAoKc2l6ZV9ieXRlcxgDIAEoA0IE4kEBAxIUCgZzaGEyNTYYBCABKAlCBOJBAQMSGgoMY29udGVudF90eXBlGAUgASgJQgTiQQEDEjUKC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI1Cgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQM6TupBSwoXc3RvcmFnZS5jb3JyYWwuZGV2L0ZpbGUSI3dvcmtzcGFjZXMve3dvcmtzcGFjZX0vZmlsZXMve2ZpbGV9KgVmaWxlczIEZmlsZWIGcHJvdG8z", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
+  fileDesc("Chxjb3JyYWwvc3RvcmFnZS92MS9maWxlLnByb3RvEhFjb3JyYWwuc3RvcmFnZS52MSKUAgoERmlsZRISCgRuYW1lGAEgASgJQgTiQQEIEhIKBHBhdGgYAiABKAlCBOJBAQMSGAoKc2l6ZV9ieXRlcxgDIAEoA0IE4kEBAxIUCgZzaGEyNTYYBCABKAlCBOJBAQMSGgoMY29udGVudF90eXBlGAUgASgJQgTiQQEDEjUKC3VwZGF0ZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAzpO6kFLChdzdG9yYWdlLmNvcnJhbC5kZXYvRmlsZRIjd29ya3NwYWNlcy97d29ya3NwYWNlfS9maWxlcy97ZmlsZX0qBWZpbGVzMgRmaWxlSgQIBhAHUgtjcmVhdGVfdGltZWIGcHJvdG8z", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
 
 /**
- * A regular file in a workspace, written by the agent or uploaded.
+ * A regular file in a workspace, written by the agent or uploaded. Storage
+ * reads the workspace's directory itself, so a file the agent wrote a moment
+ * ago is listed. Symbolic links, devices and other special files are never
+ * listed, read or written through: a path whose any part is a symbolic link
+ * is NOT_FOUND.
  *
  * The {file} segment of the name is the file's path encoded as base64url
  * without padding (RFC 4648 section 5), so it is stable for a path and safe
- * in URLs. Treat it as opaque: take names from ListFiles, CommitUpload or
- * CreateArchive rather than building them.
+ * in URLs. Treat it as opaque: take names from ListFiles, WriteFile or
+ * CommitUpload rather than building them.
+ *
+ * Paths: relative to the workspace root, `/`-separated, UTF-8 in Unicode
+ * normalization form C, at most 1,024 bytes (255 per segment), with no empty,
+ * `.` or `..` segment, no leading or trailing `/`, no backslash, and no NUL
+ * or other control character. Anything else is INVALID_ARGUMENT
+ * (INVALID_PATH).
  *
  * @generated from message corral.storage.v1.File
  */
@@ -35,9 +45,7 @@ export type File = Message<"corral.storage.v1.File"> & {
   name: string;
 
   /**
-   * Output only. The path relative to the workspace root, `/`-separated,
-   * normalised (no `.` or `..` segments, no leading `/`), at most 1,024
-   * bytes of UTF-8.
+   * Output only. The path relative to the workspace root.
    *
    * @generated from field: string path = 2;
    */
@@ -52,28 +60,26 @@ export type File = Message<"corral.storage.v1.File"> & {
 
   /**
    * Output only. SHA-256 of the content, 64 lowercase hex characters.
+   * GetFile, DownloadFile, WriteFile and CommitUpload always set it;
+   * ListFiles sets it when it is already known for the file's current
+   * content (computing it would read every file).
    *
    * @generated from field: string sha256 = 4;
    */
   sha256: string;
 
   /**
-   * Output only. The media type: as declared at upload, else guessed from
-   * the file name (`application/octet-stream` if unknown).
+   * Output only. The media type: as declared when it was uploaded or written
+   * through this service, else guessed from the file name
+   * (`application/octet-stream` if unknown).
    *
    * @generated from field: string content_type = 5;
    */
   contentType: string;
 
   /**
-   * Output only. When the file was first seen or uploaded.
-   *
-   * @generated from field: google.protobuf.Timestamp create_time = 6;
-   */
-  createTime?: Timestamp | undefined;
-
-  /**
-   * Output only. When its content last changed.
+   * Output only. When its content last changed (the file's modification
+   * time).
    *
    * @generated from field: google.protobuf.Timestamp update_time = 7;
    */

@@ -14,13 +14,18 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file corral/storage/v1/report.proto.
  */
 export const file_corral_storage_v1_report: GenFile = /*@__PURE__*/
-  fileDesc("Ch5jb3JyYWwvc3RvcmFnZS92MS9yZXBvcnQucHJvdG8SEWNvcnJhbC5zdG9yYWdlLnYxIrQFCgZSZXBvcnQSEgoEbmFtZRgBIAEoCUIE4kEBCBI/Cgxvcmdhbml6YXRpb24YAiABKAlCKeJBAQX6QSIKIGlkZW50aXR5LmNvcnJhbC5kZXYvT3JnYW5pemF0aW9uEjQKB3Nlc3Npb24YAyABKAlCI+JBAQX6QRwKGnNlc3Npb24uY29ycmFsLmRldi9TZXNzaW9uEjIKCHRhc2tfcnVuGAQgASgJQiDiQQEF+kEZChd0YXNrLmNvcnJhbC5kZXYvVGFza1J1bhI3CgZmb3JtYXQYBSABKA4yIC5jb3JyYWwuc3RvcmFnZS52MS5SZXBvcnQuRm9ybWF0QgXiQQICBRIUCgV0aXRsZRgGIAEoCUIF4kECAgUSFgoHY29udGVudBgHIAEoCUIF4kECAgUSGAoKc2l6ZV9ieXRlcxgIIAEoA0IE4kEBAxIUCgZzaGEyNTYYCSABKAlCBOJBAQMSOwoGbGFiZWxzGAogAygLMiUuY29ycmFsLnN0b3JhZ2UudjEuUmVwb3J0LkxhYmVsc0VudHJ5QgTiQQEFEhUKB2NyZWF0b3IYCyABKAlCBOJBAQUSNQoLY3JlYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDGi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiVwoGRm9ybWF0EhYKEkZPUk1BVF9VTlNQRUNJRklFRBAAEg8KC0ZPUk1BVF9KU09OEAESEwoPRk9STUFUX01BUktET1dOEAISDwoLRk9STUFUX0hUTUwQAzpB6kE+ChlzdG9yYWdlLmNvcnJhbC5kZXYvUmVwb3J0EhByZXBvcnRzL3tyZXBvcnR9KgdyZXBvcnRzMgZyZXBvcnQqVgoKUmVwb3J0VmlldxIbChdSRVBPUlRfVklFV19VTlNQRUNJRklFRBAAEhUKEVJFUE9SVF9WSUVXX0JBU0lDEAESFAoQUkVQT1JUX1ZJRVdfRlVMTBACYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
+  fileDesc("Ch5jb3JyYWwvc3RvcmFnZS92MS9yZXBvcnQucHJvdG8SEWNvcnJhbC5zdG9yYWdlLnYxIroFCgZSZXBvcnQSEgoEbmFtZRgBIAEoCUIE4kEBCBI/Cgxvcmdhbml6YXRpb24YAiABKAlCKeJBAQP6QSIKIGlkZW50aXR5LmNvcnJhbC5kZXYvT3JnYW5pemF0aW9uEjQKB3Nlc3Npb24YAyABKAlCI+JBAQX6QRwKGnNlc3Npb24uY29ycmFsLmRldi9TZXNzaW9uEjIKCHRhc2tfcnVuGAQgASgJQiDiQQEF+kEZChd0YXNrLmNvcnJhbC5kZXYvVGFza1J1bhI1CgZmb3JtYXQYBSABKA4yHy5jb3JyYWwuc3RvcmFnZS52MS5SZXBvcnRGb3JtYXRCBOJBAQUSFAoFdGl0bGUYBiABKAlCBeJBAgIFEg8KB2NvbnRlbnQYByABKAwSGAoKc2l6ZV9ieXRlcxgIIAEoA0IE4kEBAxIUCgZzaGEyNTYYCSABKAlCBOJBAQMSOwoGbGFiZWxzGAogAygLMiUuY29ycmFsLnN0b3JhZ2UudjEuUmVwb3J0LkxhYmVsc0VudHJ5QgTiQQEFEhUKB2NyZWF0b3IYCyABKAlCBOJBAQMSNQoLY3JlYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEhMKBW93bmVyGA0gASgJQgTiQQEFEhoKDGNvbnRlbnRfdHlwZRgOIAEoCUIE4kEBBRI1CgtleHBpcmVfdGltZRgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQUaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ATpB6kE+ChlzdG9yYWdlLmNvcnJhbC5kZXYvUmVwb3J0EhByZXBvcnRzL3tyZXBvcnR9KgdyZXBvcnRzMgZyZXBvcnQqeQoMUmVwb3J0Rm9ybWF0Eh0KGVJFUE9SVF9GT1JNQVRfVU5TUEVDSUZJRUQQABIaChZSRVBPUlRfRk9STUFUX01BUktET1dOEAESFgoSUkVQT1JUX0ZPUk1BVF9KU09OEAISFgoSUkVQT1JUX0ZPUk1BVF9IVE1MEAMqVgoKUmVwb3J0VmlldxIbChdSRVBPUlRfVklFV19VTlNQRUNJRklFRBAAEhUKEVJFUE9SVF9WSUVXX0JBU0lDEAESFAoQUkVQT1JUX1ZJRVdfRlVMTBACYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
 
 /**
- * A document produced by an agent: the result of a task run, or something a
- * session's user chose to keep. Reports are immutable once created and
- * outlive the session that produced them. All members of the organization
- * may read them.
+ * A document an agent, a task run or a user chose to keep: the result of a
+ * task run, or anything worth filing from a session. Its bytes live in the
+ * blob store. Reports are immutable once created and outlive the session that
+ * produced them; an expire_time makes the retention sweeper delete one.
+ *
+ * Visibility (the same rule as a session's): "readers" are its owner, the
+ * admins and viewers of its organization, superusers and Corral services;
+ * its owner (with the user role), the organization's admins, superusers and
+ * Corral services may delete it. Anyone else gets NOT_FOUND.
  *
  * @generated from message corral.storage.v1.Report
  */
@@ -33,16 +38,16 @@ export type Report = Message<"corral.storage.v1.Report"> & {
   name: string;
 
   /**
-   * Immutable. The owning organization. Defaults to the caller's; Corral
-   * services must set it.
+   * Output only. The owning organization: the caller's, or for Corral
+   * services the owner's.
    *
    * @generated from field: string organization = 2;
    */
   organization: string;
 
   /**
-   * Immutable. The session that produced the report, `sessions/{session}`,
-   * if any.
+   * Immutable. The session that produced the report, `sessions/{session}`.
+   * Only Corral services set it.
    *
    * @generated from field: string session = 3;
    */
@@ -50,18 +55,18 @@ export type Report = Message<"corral.storage.v1.Report"> & {
 
   /**
    * Immutable. The task attempt that produced the report,
-   * `tasks/{task}/runs/{run}`, if any.
+   * `tasks/{task}/runs/{run}`. Only Corral services set it.
    *
    * @generated from field: string task_run = 4;
    */
   taskRun: string;
 
   /**
-   * Required. Immutable. The document format.
+   * Immutable. The document format.
    *
-   * @generated from field: corral.storage.v1.Report.Format format = 5;
+   * @generated from field: corral.storage.v1.ReportFormat format = 5;
    */
-  format: Report_Format;
+  format: ReportFormat;
 
   /**
    * Required. Immutable. The title, 1-500 characters.
@@ -71,15 +76,15 @@ export type Report = Message<"corral.storage.v1.Report"> & {
   title: string;
 
   /**
-   * Required. Immutable. The document, UTF-8, at most 2 MiB. Left empty by
-   * ListReports and by GetReport with REPORT_VIEW_BASIC.
+   * Input only (CreateReport), and in GetReport with REPORT_VIEW_FULL. The
+   * document, at most 4 MiB. Download it as raw bytes with DownloadReport.
    *
-   * @generated from field: string content = 7;
+   * @generated from field: bytes content = 7;
    */
-  content: string;
+  content: Uint8Array;
 
   /**
-   * Output only. Size of content in bytes (UTF-8).
+   * Output only. Size of content in bytes.
    *
    * @generated from field: int64 size_bytes = 8;
    */
@@ -93,16 +98,15 @@ export type Report = Message<"corral.storage.v1.Report"> & {
   sha256: string;
 
   /**
-   * Immutable. Free-form labels for filtering, at most 64 entries.
+   * Immutable. Free-form labels for filtering, at most 64 entries; keys
+   * `[a-z][a-z0-9_-]{0,62}`, values at most 63 characters.
    *
    * @generated from field: map<string, string> labels = 10;
    */
   labels: { [key: string]: string };
 
   /**
-   * Immutable. The principal the report is filed for: defaults to the
-   * caller; Corral services set it to the task's creator or session's owner.
-   * Its storage quota is charged.
+   * Output only. Who filed the report (the caller of CreateReport).
    *
    * @generated from field: string creator = 11;
    */
@@ -114,6 +118,31 @@ export type Report = Message<"corral.storage.v1.Report"> & {
    * @generated from field: google.protobuf.Timestamp create_time = 12;
    */
   createTime?: Timestamp | undefined;
+
+  /**
+   * Immutable. Whose report it is and whose storage quota it uses: default
+   * the caller; Corral services set it (the task's creator, the session's
+   * owner), a user or service account of their organization.
+   *
+   * @generated from field: string owner = 13;
+   */
+  owner: string;
+
+  /**
+   * Immutable. The media type of content. Default: from format; required
+   * when format is REPORT_FORMAT_UNSPECIFIED.
+   *
+   * @generated from field: string content_type = 14;
+   */
+  contentType: string;
+
+  /**
+   * Immutable. When the retention sweeper deletes the report; unset: kept
+   * until deleted.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 15;
+   */
+  expireTime?: Timestamp | undefined;
 };
 
 /**
@@ -124,46 +153,50 @@ export const ReportSchema: GenMessage<Report> = /*@__PURE__*/
   messageDesc(file_corral_storage_v1_report, 0);
 
 /**
- * The document format.
+ * The kind of document a report is. Numbered as corral.task.v1.TaskTemplate's
+ * ReportFormat, so a task run files its report with the template's value.
  *
- * @generated from enum corral.storage.v1.Report.Format
+ * @generated from enum corral.storage.v1.ReportFormat
  */
-export enum Report_Format {
+export enum ReportFormat {
   /**
-   * Never used; INVALID_ARGUMENT if sent.
+   * Any other document: content_type says what it is (required then).
    *
-   * @generated from enum value: FORMAT_UNSPECIFIED = 0;
+   * @generated from enum value: REPORT_FORMAT_UNSPECIFIED = 0;
    */
   UNSPECIFIED = 0,
 
   /**
-   * A JSON document (validated at creation).
+   * CommonMark Markdown, `text/markdown; charset=utf-8`.
    *
-   * @generated from enum value: FORMAT_JSON = 1;
+   * @generated from enum value: REPORT_FORMAT_MARKDOWN = 1;
    */
-  JSON = 1,
+  MARKDOWN = 1,
 
   /**
-   * CommonMark Markdown.
+   * A JSON document, `application/json` (it must parse, else
+   * INVALID_ARGUMENT, reason CONTENT_INVALID).
    *
-   * @generated from enum value: FORMAT_MARKDOWN = 2;
+   * @generated from enum value: REPORT_FORMAT_JSON = 2;
    */
-  MARKDOWN = 2,
+  JSON = 2,
 
   /**
-   * HTML. Untrusted agent output: clients must render it sandboxed (for
-   * example an iframe with `sandbox` and a restrictive CSP).
+   * HTML, `text/html; charset=utf-8`. Untrusted agent output: it is only
+   * ever served as a download (Content-Disposition: attachment, nosniff, a
+   * sandboxing CSP), never as a page of the API's origin; consoles show it
+   * in a sandboxed frame.
    *
-   * @generated from enum value: FORMAT_HTML = 3;
+   * @generated from enum value: REPORT_FORMAT_HTML = 3;
    */
   HTML = 3,
 }
 
 /**
- * Describes the enum corral.storage.v1.Report.Format.
+ * Describes the enum corral.storage.v1.ReportFormat.
  */
-export const Report_FormatSchema: GenEnum<Report_Format> = /*@__PURE__*/
-  enumDesc(file_corral_storage_v1_report, 0, 0);
+export const ReportFormatSchema: GenEnum<ReportFormat> = /*@__PURE__*/
+  enumDesc(file_corral_storage_v1_report, 0);
 
 /**
  * How much of a Report to return.
@@ -197,5 +230,5 @@ export enum ReportView {
  * Describes the enum corral.storage.v1.ReportView.
  */
 export const ReportViewSchema: GenEnum<ReportView> = /*@__PURE__*/
-  enumDesc(file_corral_storage_v1_report, 0);
+  enumDesc(file_corral_storage_v1_report, 1);
 

@@ -4,6 +4,8 @@
 
 import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Archive } from "./archive_pb.js";
+import { file_corral_storage_v1_archive } from "./archive_pb.js";
 import type { File } from "./file_pb.js";
 import { file_corral_storage_v1_file } from "./file_pb.js";
 import type { Report, ReportView } from "./report_pb.js";
@@ -17,14 +19,18 @@ import { file_corral_storage_v1_workspace } from "./workspace_pb.js";
 import { file_google_api_annotations } from "../../../google/api/annotations_pb.js";
 import { file_google_api_field_behavior } from "../../../google/api/field_behavior_pb.js";
 import { file_google_api_field_info } from "../../../google/api/field_info_pb.js";
+import type { HttpBodySchema } from "../../../google/api/httpbody_pb.js";
+import { file_google_api_httpbody } from "../../../google/api/httpbody_pb.js";
 import { file_google_api_resource } from "../../../google/api/resource_pb.js";
+import type { FieldMask } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_field_mask } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file corral/storage/v1/storage_service.proto.
  */
 export const file_corral_storage_v1_storage_service: GenFile = /*@__PURE__*/
-  fileDesc("Cidjb3JyYWwvc3RvcmFnZS92MS9zdG9yYWdlX3NlcnZpY2UucHJvdG8SEWNvcnJhbC5zdG9yYWdlLnYxIkoKE0dldFdvcmtzcGFjZVJlcXVlc3QSMwoEbmFtZRgBIAEoCUIl4kEBAvpBHgocc3RvcmFnZS5jb3JyYWwuZGV2L1dvcmtzcGFjZSJHChRHZXRXb3Jrc3BhY2VSZXNwb25zZRIvCgl3b3Jrc3BhY2UYASABKAsyHC5jb3JyYWwuc3RvcmFnZS52MS5Xb3Jrc3BhY2UiYAoVTGlzdFdvcmtzcGFjZXNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEg4KBmZpbHRlchgDIAEoCRIQCghvcmRlcl9ieRgEIAEoCSJjChZMaXN0V29ya3NwYWNlc1Jlc3BvbnNlEjAKCndvcmtzcGFjZXMYASADKAsyHC5jb3JyYWwuc3RvcmFnZS52MS5Xb3Jrc3BhY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIm0KFkNyZWF0ZVdvcmtzcGFjZVJlcXVlc3QSNQoJd29ya3NwYWNlGAEgASgLMhwuY29ycmFsLnN0b3JhZ2UudjEuV29ya3NwYWNlQgTiQQECEhwKCnJlcXVlc3RfaWQYAiABKAlCCOKMz9cIAggBIkoKF0NyZWF0ZVdvcmtzcGFjZVJlc3BvbnNlEi8KCXdvcmtzcGFjZRgBIAEoCzIcLmNvcnJhbC5zdG9yYWdlLnYxLldvcmtzcGFjZSJNChZEZWxldGVXb3Jrc3BhY2VSZXF1ZXN0EjMKBG5hbWUYASABKAlCJeJBAQL6QR4KHHN0b3JhZ2UuY29ycmFsLmRldi9Xb3Jrc3BhY2UiGQoXRGVsZXRlV29ya3NwYWNlUmVzcG9uc2UiQAoOR2V0RmlsZVJlcXVlc3QSLgoEbmFtZRgBIAEoCUIg4kEBAvpBGQoXc3RvcmFnZS5jb3JyYWwuZGV2L0ZpbGUiOAoPR2V0RmlsZVJlc3BvbnNlEiUKBGZpbGUYASABKAsyFy5jb3JyYWwuc3RvcmFnZS52MS5GaWxlIo0BChBMaXN0RmlsZXNSZXF1ZXN0EjAKBnBhcmVudBgBIAEoCUIg4kEBAvpBGRIXc3RvcmFnZS5jb3JyYWwuZGV2L0ZpbGUSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSDgoGZmlsdGVyGAQgASgJEhAKCG9yZGVyX2J5GAUgASgJIlQKEUxpc3RGaWxlc1Jlc3BvbnNlEiYKBWZpbGVzGAEgAygLMhcuY29ycmFsLnN0b3JhZ2UudjEuRmlsZRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiVgoRRGVsZXRlRmlsZVJlcXVlc3QSLgoEbmFtZRgBIAEoCUIg4kEBAvpBGQoXc3RvcmFnZS5jb3JyYWwuZGV2L0ZpbGUSEQoJaWZfc2hhMjU2GAIgASgJIhQKEkRlbGV0ZUZpbGVSZXNwb25zZSJEChBHZXRVcGxvYWRSZXF1ZXN0EjAKBG5hbWUYASABKAlCIuJBAQL6QRsKGXN0b3JhZ2UuY29ycmFsLmRldi9VcGxvYWQiPgoRR2V0VXBsb2FkUmVzcG9uc2USKQoGdXBsb2FkGAEgASgLMhkuY29ycmFsLnN0b3JhZ2UudjEuVXBsb2FkIpgBChNDcmVhdGVVcGxvYWRSZXF1ZXN0EjIKBnBhcmVudBgBIAEoCUIi4kEBAvpBGxIZc3RvcmFnZS5jb3JyYWwuZGV2L1VwbG9hZBIvCgZ1cGxvYWQYAiABKAsyGS5jb3JyYWwuc3RvcmFnZS52MS5VcGxvYWRCBOJBAQISHAoKcmVxdWVzdF9pZBgDIAEoCUII4ozP1wgCCAEiQQoUQ3JlYXRlVXBsb2FkUmVzcG9uc2USKQoGdXBsb2FkGAEgASgLMhkuY29ycmFsLnN0b3JhZ2UudjEuVXBsb2FkInEKEEdldFJlcG9ydFJlcXVlc3QSMAoEbmFtZRgBIAEoCUIi4kEBAvpBGwoZc3RvcmFnZS5jb3JyYWwuZGV2L1JlcG9ydBIrCgR2aWV3GAIgASgOMh0uY29ycmFsLnN0b3JhZ2UudjEuUmVwb3J0VmlldyI+ChFHZXRSZXBvcnRSZXNwb25zZRIpCgZyZXBvcnQYASABKAsyGS5jb3JyYWwuc3RvcmFnZS52MS5SZXBvcnQiigEKEkxpc3RSZXBvcnRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIOCgZmaWx0ZXIYAyABKAkSEAoIb3JkZXJfYnkYBCABKAkSKwoEdmlldxgFIAEoDjIdLmNvcnJhbC5zdG9yYWdlLnYxLlJlcG9ydFZpZXcibgoTTGlzdFJlcG9ydHNSZXNwb25zZRIqCgdyZXBvcnRzGAEgAygLMhkuY29ycmFsLnN0b3JhZ2UudjEuUmVwb3J0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCRISCgp0b3RhbF9zaXplGAMgASgFImQKE0NyZWF0ZVJlcG9ydFJlcXVlc3QSLwoGcmVwb3J0GAEgASgLMhkuY29ycmFsLnN0b3JhZ2UudjEuUmVwb3J0QgTiQQECEhwKCnJlcXVlc3RfaWQYAiABKAlCCOKMz9cIAggBIkEKFENyZWF0ZVJlcG9ydFJlc3BvbnNlEikKBnJlcG9ydBgBIAEoCzIZLmNvcnJhbC5zdG9yYWdlLnYxLlJlcG9ydCJHChNEZWxldGVSZXBvcnRSZXF1ZXN0EjAKBG5hbWUYASABKAlCIuJBAQL6QRsKGXN0b3JhZ2UuY29ycmFsLmRldi9SZXBvcnQiFgoURGVsZXRlUmVwb3J0UmVzcG9uc2UitQEKFUNsb25lV29ya3NwYWNlUmVxdWVzdBIzCgRuYW1lGAEgASgJQiXiQQEC+kEeChxzdG9yYWdlLmNvcnJhbC5kZXYvV29ya3NwYWNlEjQKB3Nlc3Npb24YAiABKAlCI+JBAQL6QRwKGnNlc3Npb24uY29ycmFsLmRldi9TZXNzaW9uEhMKBW93bmVyGAMgASgJQgTiQQECEhwKCnJlcXVlc3RfaWQYBCABKAlCCOKMz9cIAggBIkkKFkNsb25lV29ya3NwYWNlUmVzcG9uc2USLwoJd29ya3NwYWNlGAEgASgLMhwuY29ycmFsLnN0b3JhZ2UudjEuV29ya3NwYWNlIoMBChRDcmVhdGVBcmNoaXZlUmVxdWVzdBI4Cgl3b3Jrc3BhY2UYASABKAlCJeJBAQL6QR4KHHN0b3JhZ2UuY29ycmFsLmRldi9Xb3Jrc3BhY2USEwoLcGF0aF9wcmVmaXgYAiABKAkSHAoKcmVxdWVzdF9pZBgDIAEoCUII4ozP1wgCCAEiPgoVQ3JlYXRlQXJjaGl2ZVJlc3BvbnNlEiUKBGZpbGUYASABKAsyFy5jb3JyYWwuc3RvcmFnZS52MS5GaWxlInYKGEFwcGVuZFVwbG9hZENodW5rUmVxdWVzdBIwCgRuYW1lGAEgASgJQiLiQQEC+kEbChlzdG9yYWdlLmNvcnJhbC5kZXYvVXBsb2FkEhQKBm9mZnNldBgCIAEoA0IE4kEBAhISCgRkYXRhGAMgASgMQgTiQQECIjQKGUFwcGVuZFVwbG9hZENodW5rUmVzcG9uc2USFwoPY29tbWl0dGVkX2J5dGVzGAEgASgDIl0KE0NvbW1pdFVwbG9hZFJlcXVlc3QSMAoEbmFtZRgBIAEoCUIi4kEBAvpBGwoZc3RvcmFnZS5jb3JyYWwuZGV2L1VwbG9hZBIUCgZzaGEyNTYYAiABKAlCBOJBAQIiPQoUQ29tbWl0VXBsb2FkUmVzcG9uc2USJQoEZmlsZRgBIAEoCzIXLmNvcnJhbC5zdG9yYWdlLnYxLkZpbGUiRgoSQWJvcnRVcGxvYWRSZXF1ZXN0EjAKBG5hbWUYASABKAlCIuJBAQL6QRsKGXN0b3JhZ2UuY29ycmFsLmRldi9VcGxvYWQiQAoTQWJvcnRVcGxvYWRSZXNwb25zZRIpCgZ1cGxvYWQYASABKAsyGS5jb3JyYWwuc3RvcmFnZS52MS5VcGxvYWQidwoTRG93bmxvYWRGaWxlUmVxdWVzdBIuCgRuYW1lGAEgASgJQiDiQQEC+kEZChdzdG9yYWdlLmNvcnJhbC5kZXYvRmlsZRIOCgZvZmZzZXQYAiABKAMSDQoFbGltaXQYAyABKAMSEQoJaWZfc2hhMjU2GAQgASgJIlsKFERvd25sb2FkRmlsZVJlc3BvbnNlEiUKBGZpbGUYASABKAsyFy5jb3JyYWwuc3RvcmFnZS52MS5GaWxlEg4KBm9mZnNldBgCIAEoAxIMCgRkYXRhGAMgASgMIlUKFkdldFN0b3JhZ2VVc2FnZVJlcXVlc3QSOwoMb3JnYW5pemF0aW9uGAEgASgJQiX6QSIKIGlkZW50aXR5LmNvcnJhbC5kZXYvT3JnYW5pemF0aW9uIlEKF0dldFN0b3JhZ2VVc2FnZVJlc3BvbnNlEjYKDXN0b3JhZ2VfdXNhZ2UYASABKAsyHy5jb3JyYWwuc3RvcmFnZS52MS5TdG9yYWdlVXNhZ2Uy4hUKDlN0b3JhZ2VTZXJ2aWNlEoMBCgxHZXRXb3Jrc3BhY2USJi5jb3JyYWwuc3RvcmFnZS52MS5HZXRXb3Jrc3BhY2VSZXF1ZXN0GicuY29ycmFsLnN0b3JhZ2UudjEuR2V0V29ya3NwYWNlUmVzcG9uc2UiIpACAYLT5JMCGRIXL3YxL3tuYW1lPXdvcmtzcGFjZXMvKn0SgAEKDkxpc3RXb3Jrc3BhY2VzEiguY29ycmFsLnN0b3JhZ2UudjEuTGlzdFdvcmtzcGFjZXNSZXF1ZXN0GikuY29ycmFsLnN0b3JhZ2UudjEuTGlzdFdvcmtzcGFjZXNSZXNwb25zZSIZkAIBgtPkkwIQEg4vdjEvd29ya3NwYWNlcxKLAQoPQ3JlYXRlV29ya3NwYWNlEikuY29ycmFsLnN0b3JhZ2UudjEuQ3JlYXRlV29ya3NwYWNlUmVxdWVzdBoqLmNvcnJhbC5zdG9yYWdlLnYxLkNyZWF0ZVdvcmtzcGFjZVJlc3BvbnNlIiGC0+STAhs6CXdvcmtzcGFjZSIOL3YxL3dvcmtzcGFjZXMSiQEKD0RlbGV0ZVdvcmtzcGFjZRIpLmNvcnJhbC5zdG9yYWdlLnYxLkRlbGV0ZVdvcmtzcGFjZVJlcXVlc3QaKi5jb3JyYWwuc3RvcmFnZS52MS5EZWxldGVXb3Jrc3BhY2VSZXNwb25zZSIfgtPkkwIZKhcvdjEve25hbWU9d29ya3NwYWNlcy8qfRJ8CgdHZXRGaWxlEiEuY29ycmFsLnN0b3JhZ2UudjEuR2V0RmlsZVJlcXVlc3QaIi5jb3JyYWwuc3RvcmFnZS52MS5HZXRGaWxlUmVzcG9uc2UiKpACAYLT5JMCIRIfL3YxL3tuYW1lPXdvcmtzcGFjZXMvKi9maWxlcy8qfRKCAQoJTGlzdEZpbGVzEiMuY29ycmFsLnN0b3JhZ2UudjEuTGlzdEZpbGVzUmVxdWVzdBokLmNvcnJhbC5zdG9yYWdlLnYxLkxpc3RGaWxlc1Jlc3BvbnNlIiqQAgGC0+STAiESHy92MS97cGFyZW50PXdvcmtzcGFjZXMvKn0vZmlsZXMSggEKCkRlbGV0ZUZpbGUSJC5jb3JyYWwuc3RvcmFnZS52MS5EZWxldGVGaWxlUmVxdWVzdBolLmNvcnJhbC5zdG9yYWdlLnYxLkRlbGV0ZUZpbGVSZXNwb25zZSIngtPkkwIhKh8vdjEve25hbWU9d29ya3NwYWNlcy8qL2ZpbGVzLyp9EoQBCglHZXRVcGxvYWQSIy5jb3JyYWwuc3RvcmFnZS52MS5HZXRVcGxvYWRSZXF1ZXN0GiQuY29ycmFsLnN0b3JhZ2UudjEuR2V0VXBsb2FkUmVzcG9uc2UiLJACAYLT5JMCIxIhL3YxL3tuYW1lPXdvcmtzcGFjZXMvKi91cGxvYWRzLyp9EpIBCgxDcmVhdGVVcGxvYWQSJi5jb3JyYWwuc3RvcmFnZS52MS5DcmVhdGVVcGxvYWRSZXF1ZXN0GicuY29ycmFsLnN0b3JhZ2UudjEuQ3JlYXRlVXBsb2FkUmVzcG9uc2UiMYLT5JMCKzoGdXBsb2FkIiEvdjEve3BhcmVudD13b3Jrc3BhY2VzLyp9L3VwbG9hZHMSdwoJR2V0UmVwb3J0EiMuY29ycmFsLnN0b3JhZ2UudjEuR2V0UmVwb3J0UmVxdWVzdBokLmNvcnJhbC5zdG9yYWdlLnYxLkdldFJlcG9ydFJlc3BvbnNlIh+QAgGC0+STAhYSFC92MS97bmFtZT1yZXBvcnRzLyp9EnQKC0xpc3RSZXBvcnRzEiUuY29ycmFsLnN0b3JhZ2UudjEuTGlzdFJlcG9ydHNSZXF1ZXN0GiYuY29ycmFsLnN0b3JhZ2UudjEuTGlzdFJlcG9ydHNSZXNwb25zZSIWkAIBgtPkkwINEgsvdjEvcmVwb3J0cxJ8CgxDcmVhdGVSZXBvcnQSJi5jb3JyYWwuc3RvcmFnZS52MS5DcmVhdGVSZXBvcnRSZXF1ZXN0GicuY29ycmFsLnN0b3JhZ2UudjEuQ3JlYXRlUmVwb3J0UmVzcG9uc2UiG4LT5JMCFToGcmVwb3J0IgsvdjEvcmVwb3J0cxJ9CgxEZWxldGVSZXBvcnQSJi5jb3JyYWwuc3RvcmFnZS52MS5EZWxldGVSZXBvcnRSZXF1ZXN0GicuY29ycmFsLnN0b3JhZ2UudjEuRGVsZXRlUmVwb3J0UmVzcG9uc2UiHILT5JMCFioUL3YxL3tuYW1lPXJlcG9ydHMvKn0SjwEKDkNsb25lV29ya3NwYWNlEiguY29ycmFsLnN0b3JhZ2UudjEuQ2xvbmVXb3Jrc3BhY2VSZXF1ZXN0GikuY29ycmFsLnN0b3JhZ2UudjEuQ2xvbmVXb3Jrc3BhY2VSZXNwb25zZSIogtPkkwIiOgEqIh0vdjEve25hbWU9d29ya3NwYWNlcy8qfTpjbG9uZRKZAQoNQ3JlYXRlQXJjaGl2ZRInLmNvcnJhbC5zdG9yYWdlLnYxLkNyZWF0ZUFyY2hpdmVSZXF1ZXN0GiguY29ycmFsLnN0b3JhZ2UudjEuQ3JlYXRlQXJjaGl2ZVJlc3BvbnNlIjWC0+STAi86ASoiKi92MS97d29ya3NwYWNlPXdvcmtzcGFjZXMvKn06Y3JlYXRlQXJjaGl2ZRKjAQoRQXBwZW5kVXBsb2FkQ2h1bmsSKy5jb3JyYWwuc3RvcmFnZS52MS5BcHBlbmRVcGxvYWRDaHVua1JlcXVlc3QaLC5jb3JyYWwuc3RvcmFnZS52MS5BcHBlbmRVcGxvYWRDaHVua1Jlc3BvbnNlIjOC0+STAi06ASoiKC92MS97bmFtZT13b3Jrc3BhY2VzLyovdXBsb2Fkcy8qfTphcHBlbmQSlAEKDENvbW1pdFVwbG9hZBImLmNvcnJhbC5zdG9yYWdlLnYxLkNvbW1pdFVwbG9hZFJlcXVlc3QaJy5jb3JyYWwuc3RvcmFnZS52MS5Db21taXRVcGxvYWRSZXNwb25zZSIzgtPkkwItOgEqIigvdjEve25hbWU9d29ya3NwYWNlcy8qL3VwbG9hZHMvKn06Y29tbWl0EpABCgtBYm9ydFVwbG9hZBIlLmNvcnJhbC5zdG9yYWdlLnYxLkFib3J0VXBsb2FkUmVxdWVzdBomLmNvcnJhbC5zdG9yYWdlLnYxLkFib3J0VXBsb2FkUmVzcG9uc2UiMoLT5JMCLDoBKiInL3YxL3tuYW1lPXdvcmtzcGFjZXMvKi91cGxvYWRzLyp9OmFib3J0EpYBCgxEb3dubG9hZEZpbGUSJi5jb3JyYWwuc3RvcmFnZS52MS5Eb3dubG9hZEZpbGVSZXF1ZXN0GicuY29ycmFsLnN0b3JhZ2UudjEuRG93bmxvYWRGaWxlUmVzcG9uc2UiM5ACAYLT5JMCKhIoL3YxL3tuYW1lPXdvcmtzcGFjZXMvKi9maWxlcy8qfTpkb3dubG9hZDABEoUBCg9HZXRTdG9yYWdlVXNhZ2USKS5jb3JyYWwuc3RvcmFnZS52MS5HZXRTdG9yYWdlVXNhZ2VSZXF1ZXN0GiouY29ycmFsLnN0b3JhZ2UudjEuR2V0U3RvcmFnZVVzYWdlUmVzcG9uc2UiG5ACAYLT5JMCEhIQL3YxL3N0b3JhZ2VVc2FnZWIGcHJvdG8z", [file_corral_storage_v1_file, file_corral_storage_v1_report, file_corral_storage_v1_storage_usage, file_corral_storage_v1_upload, file_corral_storage_v1_workspace, file_google_api_annotations, file_google_api_field_behavior, file_google_api_field_info, file_google_api_resource]);
+  fileDesc("Cidjb3JyYWwvc3RvcmFnZS92MS9zdG9yYWdlX3NlcnZpY2UucHJvdG8SEWNvcnJhbC5zdG9yYWdlLnYxIkoKE0dldFdvcmtzcGFjZVJlcXVlc3QSMwoEbmFtZRgBIAEoCUIl4kEBAvpBHgocc3RvcmFnZS5jb3JyYWwuZGV2L1dvcmtzcGFjZSJHChRHZXRXb3Jrc3BhY2VSZXNwb25zZRIvCgl3b3Jrc3BhY2UYASABKAsyHC5jb3JyYWwuc3RvcmFnZS52MS5Xb3Jrc3BhY2UiYAoVTGlzdFdvcmtzcGFjZXNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJEg4KBmZpbHRlchgDIAEoCRIQCghvcmRlcl9ieRgEIAEoCSJjChZMaXN0V29ya3NwYWNlc1Jlc3BvbnNlEjAKCndvcmtzcGFjZXMYASADKAsyHC5jb3JyYWwuc3RvcmFnZS52MS5Xb3Jrc3BhY2USFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIm0KFkNyZWF0ZVdvcmtzcGFjZVJlcXVlc3QSNQoJd29ya3NwYWNlGAEgASgLMhwuY29ycmFsLnN0b3JhZ2UudjEuV29ya3NwYWNlQgTiQQECEhwKCnJlcXVlc3RfaWQYAiABKAlCCOKMz9cIAggBIkoKF0NyZWF0ZVdvcmtzcGFjZVJlc3BvbnNlEi8KCXdvcmtzcGFjZRgBIAEoCzIcLmNvcnJhbC5zdG9yYWdlLnYxLldvcmtzcGFjZSKqAgoVQ2xvbmVXb3Jrc3BhY2VSZXF1ZXN0EjMKBG5hbWUYASABKAlCJeJBAQL6QR4KHHN0b3JhZ2UuY29ycmFsLmRldi9Xb3Jrc3BhY2USNAoHc2Vzc2lvbhgCIAEoCUIj4kEBAvpBHAoac2Vzc2lvbi5jb3JyYWwuZGV2L1Nlc3Npb24SEwoFb3duZXIYAyABKAlCBOJBAQISHAoKcmVxdWVzdF9pZBgEIAEoCUII4ozP1wgCCAESRAoGbGFiZWxzGAUgAygLMjQuY29ycmFsLnN0b3JhZ2UudjEuQ2xvbmVXb3Jrc3BhY2VSZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiSQoWQ2xvbmVXb3Jrc3BhY2VSZXNwb25zZRIvCgl3b3Jrc3BhY2UYASABKAsyHC5jb3JyYWwuc3RvcmFnZS52MS5Xb3Jrc3BhY2UihgEKFlVwZGF0ZVdvcmtzcGFjZVJlcXVlc3QSNQoJd29ya3NwYWNlGAEgASgLMhwuY29ycmFsLnN0b3JhZ2UudjEuV29ya3NwYWNlQgTiQQECEjUKC3VwZGF0ZV9tYXNrGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLkZpZWxkTWFza0IE4kEBAiJKChdVcGRhdGVXb3Jrc3BhY2VSZXNwb25zZRIvCgl3b3Jrc3BhY2UYASABKAsyHC5jb3JyYWwuc3RvcmFnZS52MS5Xb3Jrc3BhY2UiWwoWRGVsZXRlV29ya3NwYWNlUmVxdWVzdBIzCgRuYW1lGAEgASgJQiXiQQEC+kEeChxzdG9yYWdlLmNvcnJhbC5kZXYvV29ya3NwYWNlEgwKBGV0YWcYAiABKAkiGQoXRGVsZXRlV29ya3NwYWNlUmVzcG9uc2UiQAoOR2V0RmlsZVJlcXVlc3QSLgoEbmFtZRgBIAEoCUIg4kEBAvpBGQoXc3RvcmFnZS5jb3JyYWwuZGV2L0ZpbGUiOAoPR2V0RmlsZVJlc3BvbnNlEiUKBGZpbGUYASABKAsyFy5jb3JyYWwuc3RvcmFnZS52MS5GaWxlIo4BChBMaXN0RmlsZXNSZXF1ZXN0EjAKBnBhcmVudBgBIAEoCUIg4kEBAvpBGRIXc3RvcmFnZS5jb3JyYWwuZGV2L0ZpbGUSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkSDgoGcHJlZml4GAQgASgJEhEKCWRlbGltaXRlchgFIAEoCSJmChFMaXN0RmlsZXNSZXNwb25zZRImCgVmaWxlcxgBIAMoCzIXLmNvcnJhbC5zdG9yYWdlLnYxLkZpbGUSEAoIcHJlZml4ZXMYAiADKAkSFwoPbmV4dF9wYWdlX3Rva2VuGAMgASgJIqIBChBXcml0ZUZpbGVSZXF1ZXN0EjAKBnBhcmVudBgBIAEoCUIg4kEBAvpBGRIXc3RvcmFnZS5jb3JyYWwuZGV2L0ZpbGUSEgoEcGF0aBgCIAEoCUIE4kEBAhIMCgRkYXRhGAMgASgMEhQKDGNvbnRlbnRfdHlwZRgEIAEoCRIRCglvdmVyd3JpdGUYBSABKAgSEQoJaWZfc2hhMjU2GAYgASgJIjoKEVdyaXRlRmlsZVJlc3BvbnNlEiUKBGZpbGUYASABKAsyFy5jb3JyYWwuc3RvcmFnZS52MS5GaWxlIlYKEURlbGV0ZUZpbGVSZXF1ZXN0Ei4KBG5hbWUYASABKAlCIOJBAQL6QRkKF3N0b3JhZ2UuY29ycmFsLmRldi9GaWxlEhEKCWlmX3NoYTI1NhgCIAEoCSIUChJEZWxldGVGaWxlUmVzcG9uc2UidAoPTW92ZUZpbGVSZXF1ZXN0Ei4KBG5hbWUYASABKAlCIOJBAQL6QRkKF3N0b3JhZ2UuY29ycmFsLmRldi9GaWxlEh4KEGRlc3RpbmF0aW9uX3BhdGgYAiABKAlCBOJBAQISEQoJb3ZlcndyaXRlGAMgASgIIjkKEE1vdmVGaWxlUmVzcG9uc2USJQoEZmlsZRgBIAEoCzIXLmNvcnJhbC5zdG9yYWdlLnYxLkZpbGUidwoTRG93bmxvYWRGaWxlUmVxdWVzdBIuCgRuYW1lGAEgASgJQiDiQQEC+kEZChdzdG9yYWdlLmNvcnJhbC5kZXYvRmlsZRIOCgZvZmZzZXQYAiABKAMSDQoFbGltaXQYAyABKAMSEQoJaWZfc2hhMjU2GAQgASgJIlsKFERvd25sb2FkRmlsZVJlc3BvbnNlEiUKBGZpbGUYASABKAsyFy5jb3JyYWwuc3RvcmFnZS52MS5GaWxlEg4KBm9mZnNldBgCIAEoAxIMCgRkYXRhGAMgASgMIn4KGkRvd25sb2FkRmlsZUNvbnRlbnRSZXF1ZXN0Ei4KBG5hbWUYASABKAlCIOJBAQL6QRkKF3N0b3JhZ2UuY29ycmFsLmRldi9GaWxlEg4KBm9mZnNldBgCIAEoAxINCgVsaW1pdBgDIAEoAxIRCglpZl9zaGEyNTYYBCABKAkimAEKE0NyZWF0ZVVwbG9hZFJlcXVlc3QSMgoGcGFyZW50GAEgASgJQiLiQQEC+kEbEhlzdG9yYWdlLmNvcnJhbC5kZXYvVXBsb2FkEi8KBnVwbG9hZBgCIAEoCzIZLmNvcnJhbC5zdG9yYWdlLnYxLlVwbG9hZEIE4kEBAhIcCgpyZXF1ZXN0X2lkGAMgASgJQgjijM/XCAIIASJBChRDcmVhdGVVcGxvYWRSZXNwb25zZRIpCgZ1cGxvYWQYASABKAsyGS5jb3JyYWwuc3RvcmFnZS52MS5VcGxvYWQiRAoQR2V0VXBsb2FkUmVxdWVzdBIwCgRuYW1lGAEgASgJQiLiQQEC+kEbChlzdG9yYWdlLmNvcnJhbC5kZXYvVXBsb2FkIj4KEUdldFVwbG9hZFJlc3BvbnNlEikKBnVwbG9hZBgBIAEoCzIZLmNvcnJhbC5zdG9yYWdlLnYxLlVwbG9hZCJ2ChhBcHBlbmRVcGxvYWRDaHVua1JlcXVlc3QSMAoEbmFtZRgBIAEoCUIi4kEBAvpBGwoZc3RvcmFnZS5jb3JyYWwuZGV2L1VwbG9hZBIUCgZvZmZzZXQYAiABKANCBOJBAQISEgoEZGF0YRgDIAEoDEIE4kEBAiI0ChlBcHBlbmRVcGxvYWRDaHVua1Jlc3BvbnNlEhcKD2NvbW1pdHRlZF9ieXRlcxgBIAEoAyJdChNDb21taXRVcGxvYWRSZXF1ZXN0EjAKBG5hbWUYASABKAlCIuJBAQL6QRsKGXN0b3JhZ2UuY29ycmFsLmRldi9VcGxvYWQSFAoGc2hhMjU2GAIgASgJQgTiQQECIj0KFENvbW1pdFVwbG9hZFJlc3BvbnNlEiUKBGZpbGUYASABKAsyFy5jb3JyYWwuc3RvcmFnZS52MS5GaWxlIkYKEkFib3J0VXBsb2FkUmVxdWVzdBIwCgRuYW1lGAEgASgJQiLiQQEC+kEbChlzdG9yYWdlLmNvcnJhbC5kZXYvVXBsb2FkIkAKE0Fib3J0VXBsb2FkUmVzcG9uc2USKQoGdXBsb2FkGAEgASgLMhkuY29ycmFsLnN0b3JhZ2UudjEuVXBsb2FkImQKE0NyZWF0ZVJlcG9ydFJlcXVlc3QSLwoGcmVwb3J0GAEgASgLMhkuY29ycmFsLnN0b3JhZ2UudjEuUmVwb3J0QgTiQQECEhwKCnJlcXVlc3RfaWQYAiABKAlCCOKMz9cIAggBIkEKFENyZWF0ZVJlcG9ydFJlc3BvbnNlEikKBnJlcG9ydBgBIAEoCzIZLmNvcnJhbC5zdG9yYWdlLnYxLlJlcG9ydCJxChBHZXRSZXBvcnRSZXF1ZXN0EjAKBG5hbWUYASABKAlCIuJBAQL6QRsKGXN0b3JhZ2UuY29ycmFsLmRldi9SZXBvcnQSKwoEdmlldxgCIAEoDjIdLmNvcnJhbC5zdG9yYWdlLnYxLlJlcG9ydFZpZXciPgoRR2V0UmVwb3J0UmVzcG9uc2USKQoGcmVwb3J0GAEgASgLMhkuY29ycmFsLnN0b3JhZ2UudjEuUmVwb3J0Il0KEkxpc3RSZXBvcnRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIOCgZmaWx0ZXIYAyABKAkSEAoIb3JkZXJfYnkYBCABKAkiWgoTTGlzdFJlcG9ydHNSZXNwb25zZRIqCgdyZXBvcnRzGAEgAygLMhkuY29ycmFsLnN0b3JhZ2UudjEuUmVwb3J0EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJHChNEZWxldGVSZXBvcnRSZXF1ZXN0EjAKBG5hbWUYASABKAlCIuJBAQL6QRsKGXN0b3JhZ2UuY29ycmFsLmRldi9SZXBvcnQiFgoURGVsZXRlUmVwb3J0UmVzcG9uc2UiSQoVRG93bmxvYWRSZXBvcnRSZXF1ZXN0EjAKBG5hbWUYASABKAlCIuJBAQL6QRsKGXN0b3JhZ2UuY29ycmFsLmRldi9SZXBvcnQilgEKFENyZWF0ZUFyY2hpdmVSZXF1ZXN0EjMKBnBhcmVudBgBIAEoCUIj4kEBAvpBHBIac3RvcmFnZS5jb3JyYWwuZGV2L0FyY2hpdmUSKwoHYXJjaGl2ZRgCIAEoCzIaLmNvcnJhbC5zdG9yYWdlLnYxLkFyY2hpdmUSHAoKcmVxdWVzdF9pZBgDIAEoCUII4ozP1wgCCAEiRAoVQ3JlYXRlQXJjaGl2ZVJlc3BvbnNlEisKB2FyY2hpdmUYASABKAsyGi5jb3JyYWwuc3RvcmFnZS52MS5BcmNoaXZlIkYKEUdldEFyY2hpdmVSZXF1ZXN0EjEKBG5hbWUYASABKAlCI+JBAQL6QRwKGnN0b3JhZ2UuY29ycmFsLmRldi9BcmNoaXZlIkEKEkdldEFyY2hpdmVSZXNwb25zZRIrCgdhcmNoaXZlGAEgASgLMhouY29ycmFsLnN0b3JhZ2UudjEuQXJjaGl2ZSJxChNMaXN0QXJjaGl2ZXNSZXF1ZXN0EjMKBnBhcmVudBgBIAEoCUIj4kEBAvpBHBIac3RvcmFnZS5jb3JyYWwuZGV2L0FyY2hpdmUSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiXQoUTGlzdEFyY2hpdmVzUmVzcG9uc2USLAoIYXJjaGl2ZXMYASADKAsyGi5jb3JyYWwuc3RvcmFnZS52MS5BcmNoaXZlEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJJChREZWxldGVBcmNoaXZlUmVxdWVzdBIxCgRuYW1lGAEgASgJQiPiQQEC+kEcChpzdG9yYWdlLmNvcnJhbC5kZXYvQXJjaGl2ZSIXChVEZWxldGVBcmNoaXZlUmVzcG9uc2UiWwoWRG93bmxvYWRBcmNoaXZlUmVxdWVzdBIxCgRuYW1lGAEgASgJQiPiQQEC+kEcChpzdG9yYWdlLmNvcnJhbC5kZXYvQXJjaGl2ZRIOCgZvZmZzZXQYAiABKAMiUAoWR2V0U3RvcmFnZVVzYWdlUmVxdWVzdBI2CgRuYW1lGAEgASgJQijiQQEC+kEhCh9zdG9yYWdlLmNvcnJhbC5kZXYvU3RvcmFnZVVzYWdlIlEKF0dldFN0b3JhZ2VVc2FnZVJlc3BvbnNlEjYKDXN0b3JhZ2VfdXNhZ2UYASABKAsyHy5jb3JyYWwuc3RvcmFnZS52MS5TdG9yYWdlVXNhZ2Uy+B4KDlN0b3JhZ2VTZXJ2aWNlEoMBCgxHZXRXb3Jrc3BhY2USJi5jb3JyYWwuc3RvcmFnZS52MS5HZXRXb3Jrc3BhY2VSZXF1ZXN0GicuY29ycmFsLnN0b3JhZ2UudjEuR2V0V29ya3NwYWNlUmVzcG9uc2UiIpACAYLT5JMCGRIXL3YxL3tuYW1lPXdvcmtzcGFjZXMvKn0SgAEKDkxpc3RXb3Jrc3BhY2VzEiguY29ycmFsLnN0b3JhZ2UudjEuTGlzdFdvcmtzcGFjZXNSZXF1ZXN0GikuY29ycmFsLnN0b3JhZ2UudjEuTGlzdFdvcmtzcGFjZXNSZXNwb25zZSIZkAIBgtPkkwIQEg4vdjEvd29ya3NwYWNlcxJoCg9DcmVhdGVXb3Jrc3BhY2USKS5jb3JyYWwuc3RvcmFnZS52MS5DcmVhdGVXb3Jrc3BhY2VSZXF1ZXN0GiouY29ycmFsLnN0b3JhZ2UudjEuQ3JlYXRlV29ya3NwYWNlUmVzcG9uc2USZQoOQ2xvbmVXb3Jrc3BhY2USKC5jb3JyYWwuc3RvcmFnZS52MS5DbG9uZVdvcmtzcGFjZVJlcXVlc3QaKS5jb3JyYWwuc3RvcmFnZS52MS5DbG9uZVdvcmtzcGFjZVJlc3BvbnNlEp4BCg9VcGRhdGVXb3Jrc3BhY2USKS5jb3JyYWwuc3RvcmFnZS52MS5VcGRhdGVXb3Jrc3BhY2VSZXF1ZXN0GiouY29ycmFsLnN0b3JhZ2UudjEuVXBkYXRlV29ya3NwYWNlUmVzcG9uc2UiNILT5JMCLjoJd29ya3NwYWNlMiEvdjEve3dvcmtzcGFjZS5uYW1lPXdvcmtzcGFjZXMvKn0SiQEKD0RlbGV0ZVdvcmtzcGFjZRIpLmNvcnJhbC5zdG9yYWdlLnYxLkRlbGV0ZVdvcmtzcGFjZVJlcXVlc3QaKi5jb3JyYWwuc3RvcmFnZS52MS5EZWxldGVXb3Jrc3BhY2VSZXNwb25zZSIfgtPkkwIZKhcvdjEve25hbWU9d29ya3NwYWNlcy8qfRJ8CgdHZXRGaWxlEiEuY29ycmFsLnN0b3JhZ2UudjEuR2V0RmlsZVJlcXVlc3QaIi5jb3JyYWwuc3RvcmFnZS52MS5HZXRGaWxlUmVzcG9uc2UiKpACAYLT5JMCIRIfL3YxL3tuYW1lPXdvcmtzcGFjZXMvKi9maWxlcy8qfRKCAQoJTGlzdEZpbGVzEiMuY29ycmFsLnN0b3JhZ2UudjEuTGlzdEZpbGVzUmVxdWVzdBokLmNvcnJhbC5zdG9yYWdlLnYxLkxpc3RGaWxlc1Jlc3BvbnNlIiqQAgGC0+STAiESHy92MS97cGFyZW50PXdvcmtzcGFjZXMvKn0vZmlsZXMSiAEKCVdyaXRlRmlsZRIjLmNvcnJhbC5zdG9yYWdlLnYxLldyaXRlRmlsZVJlcXVlc3QaJC5jb3JyYWwuc3RvcmFnZS52MS5Xcml0ZUZpbGVSZXNwb25zZSIwgtPkkwIqOgEqIiUvdjEve3BhcmVudD13b3Jrc3BhY2VzLyp9L2ZpbGVzOndyaXRlEoIBCgpEZWxldGVGaWxlEiQuY29ycmFsLnN0b3JhZ2UudjEuRGVsZXRlRmlsZVJlcXVlc3QaJS5jb3JyYWwuc3RvcmFnZS52MS5EZWxldGVGaWxlUmVzcG9uc2UiJ4LT5JMCISofL3YxL3tuYW1lPXdvcmtzcGFjZXMvKi9maWxlcy8qfRKEAQoITW92ZUZpbGUSIi5jb3JyYWwuc3RvcmFnZS52MS5Nb3ZlRmlsZVJlcXVlc3QaIy5jb3JyYWwuc3RvcmFnZS52MS5Nb3ZlRmlsZVJlc3BvbnNlIi+C0+STAik6ASoiJC92MS97bmFtZT13b3Jrc3BhY2VzLyovZmlsZXMvKn06bW92ZRJmCgxEb3dubG9hZEZpbGUSJi5jb3JyYWwuc3RvcmFnZS52MS5Eb3dubG9hZEZpbGVSZXF1ZXN0GicuY29ycmFsLnN0b3JhZ2UudjEuRG93bmxvYWRGaWxlUmVzcG9uc2UiA5ACATABEpEBChNEb3dubG9hZEZpbGVDb250ZW50Ei0uY29ycmFsLnN0b3JhZ2UudjEuRG93bmxvYWRGaWxlQ29udGVudFJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IjOQAgGC0+STAioSKC92MS97bmFtZT13b3Jrc3BhY2VzLyovZmlsZXMvKn06ZG93bmxvYWQwARKSAQoMQ3JlYXRlVXBsb2FkEiYuY29ycmFsLnN0b3JhZ2UudjEuQ3JlYXRlVXBsb2FkUmVxdWVzdBonLmNvcnJhbC5zdG9yYWdlLnYxLkNyZWF0ZVVwbG9hZFJlc3BvbnNlIjGC0+STAis6BnVwbG9hZCIhL3YxL3twYXJlbnQ9d29ya3NwYWNlcy8qfS91cGxvYWRzEoQBCglHZXRVcGxvYWQSIy5jb3JyYWwuc3RvcmFnZS52MS5HZXRVcGxvYWRSZXF1ZXN0GiQuY29ycmFsLnN0b3JhZ2UudjEuR2V0VXBsb2FkUmVzcG9uc2UiLJACAYLT5JMCIxIhL3YxL3tuYW1lPXdvcmtzcGFjZXMvKi91cGxvYWRzLyp9EqMBChFBcHBlbmRVcGxvYWRDaHVuaxIrLmNvcnJhbC5zdG9yYWdlLnYxLkFwcGVuZFVwbG9hZENodW5rUmVxdWVzdBosLmNvcnJhbC5zdG9yYWdlLnYxLkFwcGVuZFVwbG9hZENodW5rUmVzcG9uc2UiM4LT5JMCLToBKiIoL3YxL3tuYW1lPXdvcmtzcGFjZXMvKi91cGxvYWRzLyp9OmFwcGVuZBKUAQoMQ29tbWl0VXBsb2FkEiYuY29ycmFsLnN0b3JhZ2UudjEuQ29tbWl0VXBsb2FkUmVxdWVzdBonLmNvcnJhbC5zdG9yYWdlLnYxLkNvbW1pdFVwbG9hZFJlc3BvbnNlIjOC0+STAi06ASoiKC92MS97bmFtZT13b3Jrc3BhY2VzLyovdXBsb2Fkcy8qfTpjb21taXQSkAEKC0Fib3J0VXBsb2FkEiUuY29ycmFsLnN0b3JhZ2UudjEuQWJvcnRVcGxvYWRSZXF1ZXN0GiYuY29ycmFsLnN0b3JhZ2UudjEuQWJvcnRVcGxvYWRSZXNwb25zZSIygtPkkwIsOgEqIicvdjEve25hbWU9d29ya3NwYWNlcy8qL3VwbG9hZHMvKn06YWJvcnQSfAoMQ3JlYXRlUmVwb3J0EiYuY29ycmFsLnN0b3JhZ2UudjEuQ3JlYXRlUmVwb3J0UmVxdWVzdBonLmNvcnJhbC5zdG9yYWdlLnYxLkNyZWF0ZVJlcG9ydFJlc3BvbnNlIhuC0+STAhU6BnJlcG9ydCILL3YxL3JlcG9ydHMSdwoJR2V0UmVwb3J0EiMuY29ycmFsLnN0b3JhZ2UudjEuR2V0UmVwb3J0UmVxdWVzdBokLmNvcnJhbC5zdG9yYWdlLnYxLkdldFJlcG9ydFJlc3BvbnNlIh+QAgGC0+STAhYSFC92MS97bmFtZT1yZXBvcnRzLyp9EnQKC0xpc3RSZXBvcnRzEiUuY29ycmFsLnN0b3JhZ2UudjEuTGlzdFJlcG9ydHNSZXF1ZXN0GiYuY29ycmFsLnN0b3JhZ2UudjEuTGlzdFJlcG9ydHNSZXNwb25zZSIWkAIBgtPkkwINEgsvdjEvcmVwb3J0cxJ9CgxEZWxldGVSZXBvcnQSJi5jb3JyYWwuc3RvcmFnZS52MS5EZWxldGVSZXBvcnRSZXF1ZXN0GicuY29ycmFsLnN0b3JhZ2UudjEuRGVsZXRlUmVwb3J0UmVzcG9uc2UiHILT5JMCFioUL3YxL3tuYW1lPXJlcG9ydHMvKn0SfAoORG93bmxvYWRSZXBvcnQSKC5jb3JyYWwuc3RvcmFnZS52MS5Eb3dubG9hZFJlcG9ydFJlcXVlc3QaFC5nb29nbGUuYXBpLkh0dHBCb2R5IiiQAgGC0+STAh8SHS92MS97bmFtZT1yZXBvcnRzLyp9OmRvd25sb2FkMAESlwEKDUNyZWF0ZUFyY2hpdmUSJy5jb3JyYWwuc3RvcmFnZS52MS5DcmVhdGVBcmNoaXZlUmVxdWVzdBooLmNvcnJhbC5zdG9yYWdlLnYxLkNyZWF0ZUFyY2hpdmVSZXNwb25zZSIzgtPkkwItOgdhcmNoaXZlIiIvdjEve3BhcmVudD13b3Jrc3BhY2VzLyp9L2FyY2hpdmVzEogBCgpHZXRBcmNoaXZlEiQuY29ycmFsLnN0b3JhZ2UudjEuR2V0QXJjaGl2ZVJlcXVlc3QaJS5jb3JyYWwuc3RvcmFnZS52MS5HZXRBcmNoaXZlUmVzcG9uc2UiLZACAYLT5JMCJBIiL3YxL3tuYW1lPXdvcmtzcGFjZXMvKi9hcmNoaXZlcy8qfRKOAQoMTGlzdEFyY2hpdmVzEiYuY29ycmFsLnN0b3JhZ2UudjEuTGlzdEFyY2hpdmVzUmVxdWVzdBonLmNvcnJhbC5zdG9yYWdlLnYxLkxpc3RBcmNoaXZlc1Jlc3BvbnNlIi2QAgGC0+STAiQSIi92MS97cGFyZW50PXdvcmtzcGFjZXMvKn0vYXJjaGl2ZXMSjgEKDURlbGV0ZUFyY2hpdmUSJy5jb3JyYWwuc3RvcmFnZS52MS5EZWxldGVBcmNoaXZlUmVxdWVzdBooLmNvcnJhbC5zdG9yYWdlLnYxLkRlbGV0ZUFyY2hpdmVSZXNwb25zZSIqgtPkkwIkKiIvdjEve25hbWU9d29ya3NwYWNlcy8qL2FyY2hpdmVzLyp9EowBCg9Eb3dubG9hZEFyY2hpdmUSKS5jb3JyYWwuc3RvcmFnZS52MS5Eb3dubG9hZEFyY2hpdmVSZXF1ZXN0GhQuZ29vZ2xlLmFwaS5IdHRwQm9keSI2kAIBgtPkkwItEisvdjEve25hbWU9d29ya3NwYWNlcy8qL2FyY2hpdmVzLyp9OmRvd25sb2FkMAESnAEKD0dldFN0b3JhZ2VVc2FnZRIpLmNvcnJhbC5zdG9yYWdlLnYxLkdldFN0b3JhZ2VVc2FnZVJlcXVlc3QaKi5jb3JyYWwuc3RvcmFnZS52MS5HZXRTdG9yYWdlVXNhZ2VSZXNwb25zZSIykAIBgtPkkwIpEicvdjEve25hbWU9b3JnYW5pemF0aW9ucy8qL3N0b3JhZ2VVc2FnZX1iBnByb3RvMw", [file_corral_storage_v1_archive, file_corral_storage_v1_file, file_corral_storage_v1_report, file_corral_storage_v1_storage_usage, file_corral_storage_v1_upload, file_corral_storage_v1_workspace, file_google_api_annotations, file_google_api_field_behavior, file_google_api_field_info, file_google_api_httpbody, file_google_api_resource, file_google_protobuf_field_mask]);
 
 /**
  * Request for GetWorkspace.
@@ -92,16 +98,16 @@ export type ListWorkspacesRequest = Message<"corral.storage.v1.ListWorkspacesReq
 
   /**
    * Filter (see protos/README.md). Fields: `session`, `owner`,
-   * `size_bytes`, `create_time`, `update_time`, and `organization`
-   * (superusers and services only).
+   * `source_workspace`, `create_time`, `update_time`, `labels.<key>`, and
+   * `organization` (superusers and services; others see their own).
    *
    * @generated from field: string filter = 3;
    */
   filter: string;
 
   /**
-   * Sort order: `create_time desc` (default), `size_bytes desc`,
-   * `update_time`, each optionally followed by ` desc`.
+   * Sort order: `create_time` (default `create_time desc`), `update_time`
+   * or `size_bytes`, each optionally followed by ` desc`.
    *
    * @generated from field: string order_by = 4;
    */
@@ -150,7 +156,8 @@ export const ListWorkspacesResponseSchema: GenMessage<ListWorkspacesResponse> = 
  */
 export type CreateWorkspaceRequest = Message<"corral.storage.v1.CreateWorkspaceRequest"> & {
   /**
-   * Required. The workspace: organization, session and owner.
+   * Required. The workspace: organization, session and owner, optionally
+   * labels and expire_time. Its id is the session's.
    *
    * @generated from field: corral.storage.v1.Workspace workspace = 1;
    */
@@ -158,7 +165,7 @@ export type CreateWorkspaceRequest = Message<"corral.storage.v1.CreateWorkspaceR
 
   /**
    * A UUID4 that makes retries safe: a retry with the same request_id
-   * returns the workspace already created.
+   * within 24 hours returns the workspace already created.
    *
    * @generated from field: string request_id = 2;
    */
@@ -194,6 +201,128 @@ export const CreateWorkspaceResponseSchema: GenMessage<CreateWorkspaceResponse> 
   messageDesc(file_corral_storage_v1_storage_service, 5);
 
 /**
+ * Request for CloneWorkspace.
+ *
+ * @generated from message corral.storage.v1.CloneWorkspaceRequest
+ */
+export type CloneWorkspaceRequest = Message<"corral.storage.v1.CloneWorkspaceRequest"> & {
+  /**
+   * Required. The workspace to copy.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Required. The session the copy belongs to (the fork); the copy's id is
+   * its id.
+   *
+   * @generated from field: string session = 2;
+   */
+  session: string;
+
+  /**
+   * Required. The copy's owner (the fork's owner), in the source's
+   * organization.
+   *
+   * @generated from field: string owner = 3;
+   */
+  owner: string;
+
+  /**
+   * A UUID4 that makes retries safe: a retry returns the copy already made.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+
+  /**
+   * Labels of the copy; default: the source's.
+   *
+   * @generated from field: map<string, string> labels = 5;
+   */
+  labels: { [key: string]: string };
+};
+
+/**
+ * Describes the message corral.storage.v1.CloneWorkspaceRequest.
+ * Use `create(CloneWorkspaceRequestSchema)` to create a new message.
+ */
+export const CloneWorkspaceRequestSchema: GenMessage<CloneWorkspaceRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 6);
+
+/**
+ * Response for CloneWorkspace.
+ *
+ * @generated from message corral.storage.v1.CloneWorkspaceResponse
+ */
+export type CloneWorkspaceResponse = Message<"corral.storage.v1.CloneWorkspaceResponse"> & {
+  /**
+   * The new workspace, with source_workspace set.
+   *
+   * @generated from field: corral.storage.v1.Workspace workspace = 1;
+   */
+  workspace?: Workspace | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.CloneWorkspaceResponse.
+ * Use `create(CloneWorkspaceResponseSchema)` to create a new message.
+ */
+export const CloneWorkspaceResponseSchema: GenMessage<CloneWorkspaceResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 7);
+
+/**
+ * Request for UpdateWorkspace.
+ *
+ * @generated from message corral.storage.v1.UpdateWorkspaceRequest
+ */
+export type UpdateWorkspaceRequest = Message<"corral.storage.v1.UpdateWorkspaceRequest"> & {
+  /**
+   * Required. The workspace with name, the new values, and optionally etag.
+   *
+   * @generated from field: corral.storage.v1.Workspace workspace = 1;
+   */
+  workspace?: Workspace | undefined;
+
+  /**
+   * Required. The fields to change: `labels`, `expire_time` (unset in
+   * workspace: clear it), or `*` for both.
+   *
+   * @generated from field: google.protobuf.FieldMask update_mask = 2;
+   */
+  updateMask?: FieldMask | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.UpdateWorkspaceRequest.
+ * Use `create(UpdateWorkspaceRequestSchema)` to create a new message.
+ */
+export const UpdateWorkspaceRequestSchema: GenMessage<UpdateWorkspaceRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 8);
+
+/**
+ * Response for UpdateWorkspace.
+ *
+ * @generated from message corral.storage.v1.UpdateWorkspaceResponse
+ */
+export type UpdateWorkspaceResponse = Message<"corral.storage.v1.UpdateWorkspaceResponse"> & {
+  /**
+   * The workspace after the change.
+   *
+   * @generated from field: corral.storage.v1.Workspace workspace = 1;
+   */
+  workspace?: Workspace | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.UpdateWorkspaceResponse.
+ * Use `create(UpdateWorkspaceResponseSchema)` to create a new message.
+ */
+export const UpdateWorkspaceResponseSchema: GenMessage<UpdateWorkspaceResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 9);
+
+/**
  * Request for DeleteWorkspace.
  *
  * @generated from message corral.storage.v1.DeleteWorkspaceRequest
@@ -205,6 +334,14 @@ export type DeleteWorkspaceRequest = Message<"corral.storage.v1.DeleteWorkspaceR
    * @generated from field: string name = 1;
    */
   name: string;
+
+  /**
+   * If set, delete only if this is the workspace's current etag, else
+   * ABORTED (ETAG_MISMATCH).
+   *
+   * @generated from field: string etag = 2;
+   */
+  etag: string;
 };
 
 /**
@@ -212,7 +349,7 @@ export type DeleteWorkspaceRequest = Message<"corral.storage.v1.DeleteWorkspaceR
  * Use `create(DeleteWorkspaceRequestSchema)` to create a new message.
  */
 export const DeleteWorkspaceRequestSchema: GenMessage<DeleteWorkspaceRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 6);
+  messageDesc(file_corral_storage_v1_storage_service, 10);
 
 /**
  * Response for DeleteWorkspace.
@@ -227,7 +364,7 @@ export type DeleteWorkspaceResponse = Message<"corral.storage.v1.DeleteWorkspace
  * Use `create(DeleteWorkspaceResponseSchema)` to create a new message.
  */
 export const DeleteWorkspaceResponseSchema: GenMessage<DeleteWorkspaceResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 7);
+  messageDesc(file_corral_storage_v1_storage_service, 11);
 
 /**
  * Request for GetFile.
@@ -248,7 +385,7 @@ export type GetFileRequest = Message<"corral.storage.v1.GetFileRequest"> & {
  * Use `create(GetFileRequestSchema)` to create a new message.
  */
 export const GetFileRequestSchema: GenMessage<GetFileRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 8);
+  messageDesc(file_corral_storage_v1_storage_service, 12);
 
 /**
  * Response for GetFile.
@@ -269,7 +406,7 @@ export type GetFileResponse = Message<"corral.storage.v1.GetFileResponse"> & {
  * Use `create(GetFileResponseSchema)` to create a new message.
  */
 export const GetFileResponseSchema: GenMessage<GetFileResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 9);
+  messageDesc(file_corral_storage_v1_storage_service, 13);
 
 /**
  * Request for ListFiles.
@@ -285,8 +422,8 @@ export type ListFilesRequest = Message<"corral.storage.v1.ListFilesRequest"> & {
   parent: string;
 
   /**
-   * Maximum number of files to return; 0 means 100, values above 1000 are
-   * treated as 1000.
+   * Maximum number of entries (files plus prefixes) to return; 0 means 100,
+   * values above 1000 are treated as 1000.
    *
    * @generated from field: int32 page_size = 2;
    */
@@ -301,21 +438,20 @@ export type ListFilesRequest = Message<"corral.storage.v1.ListFilesRequest"> & {
   pageToken: string;
 
   /**
-   * Filter (see protos/README.md). Fields: `path` (exact, or a prefix with
-   * a trailing `*`, for example `path = "src/*"`), `content_type`,
-   * `size_bytes`, `update_time`.
+   * Only paths that start with this string: a directory is `dir/`. Empty:
+   * the whole workspace.
    *
-   * @generated from field: string filter = 4;
+   * @generated from field: string prefix = 4;
    */
-  filter: string;
+  prefix: string;
 
   /**
-   * Sort order: `path` (default), `size_bytes`, `update_time`, each
-   * optionally followed by ` desc`.
+   * Empty: every file below prefix (recursively). `/`: files directly in
+   * the prefix's directory, and each subdirectory once as a prefix.
    *
-   * @generated from field: string order_by = 5;
+   * @generated from field: string delimiter = 5;
    */
-  orderBy: string;
+  delimiter: string;
 };
 
 /**
@@ -323,7 +459,7 @@ export type ListFilesRequest = Message<"corral.storage.v1.ListFilesRequest"> & {
  * Use `create(ListFilesRequestSchema)` to create a new message.
  */
 export const ListFilesRequestSchema: GenMessage<ListFilesRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 10);
+  messageDesc(file_corral_storage_v1_storage_service, 14);
 
 /**
  * Response for ListFiles.
@@ -339,9 +475,17 @@ export type ListFilesResponse = Message<"corral.storage.v1.ListFilesResponse"> &
   files: File[];
 
   /**
+   * The subdirectories on this page (with a delimiter), as path prefixes
+   * ending in the delimiter, for example `src/`.
+   *
+   * @generated from field: repeated string prefixes = 2;
+   */
+  prefixes: string[];
+
+  /**
    * Token for the next page; empty on the last page.
    *
-   * @generated from field: string next_page_token = 2;
+   * @generated from field: string next_page_token = 3;
    */
   nextPageToken: string;
 };
@@ -351,7 +495,85 @@ export type ListFilesResponse = Message<"corral.storage.v1.ListFilesResponse"> &
  * Use `create(ListFilesResponseSchema)` to create a new message.
  */
 export const ListFilesResponseSchema: GenMessage<ListFilesResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 11);
+  messageDesc(file_corral_storage_v1_storage_service, 15);
+
+/**
+ * Request for WriteFile.
+ *
+ * @generated from message corral.storage.v1.WriteFileRequest
+ */
+export type WriteFileRequest = Message<"corral.storage.v1.WriteFileRequest"> & {
+  /**
+   * Required. The workspace, `workspaces/{workspace}`.
+   *
+   * @generated from field: string parent = 1;
+   */
+  parent: string;
+
+  /**
+   * Required. Where to write, relative to the workspace root.
+   *
+   * @generated from field: string path = 2;
+   */
+  path: string;
+
+  /**
+   * The content, at most 4 MiB (empty writes an empty file).
+   *
+   * @generated from field: bytes data = 3;
+   */
+  data: Uint8Array;
+
+  /**
+   * The media type; default: guessed from the path.
+   *
+   * @generated from field: string content_type = 4;
+   */
+  contentType: string;
+
+  /**
+   * Replace an existing file at path.
+   *
+   * @generated from field: bool overwrite = 5;
+   */
+  overwrite: boolean;
+
+  /**
+   * With overwrite: replace only the file with this SHA-256, else ABORTED
+   * (FILE_CHANGED); a compare-and-swap.
+   *
+   * @generated from field: string if_sha256 = 6;
+   */
+  ifSha256: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.WriteFileRequest.
+ * Use `create(WriteFileRequestSchema)` to create a new message.
+ */
+export const WriteFileRequestSchema: GenMessage<WriteFileRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 16);
+
+/**
+ * Response for WriteFile.
+ *
+ * @generated from message corral.storage.v1.WriteFileResponse
+ */
+export type WriteFileResponse = Message<"corral.storage.v1.WriteFileResponse"> & {
+  /**
+   * The file written.
+   *
+   * @generated from field: corral.storage.v1.File file = 1;
+   */
+  file?: File | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.WriteFileResponse.
+ * Use `create(WriteFileResponseSchema)` to create a new message.
+ */
+export const WriteFileResponseSchema: GenMessage<WriteFileResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 17);
 
 /**
  * Request for DeleteFile.
@@ -380,7 +602,7 @@ export type DeleteFileRequest = Message<"corral.storage.v1.DeleteFileRequest"> &
  * Use `create(DeleteFileRequestSchema)` to create a new message.
  */
 export const DeleteFileRequestSchema: GenMessage<DeleteFileRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 12);
+  messageDesc(file_corral_storage_v1_storage_service, 18);
 
 /**
  * Response for DeleteFile.
@@ -395,603 +617,63 @@ export type DeleteFileResponse = Message<"corral.storage.v1.DeleteFileResponse">
  * Use `create(DeleteFileResponseSchema)` to create a new message.
  */
 export const DeleteFileResponseSchema: GenMessage<DeleteFileResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 13);
-
-/**
- * Request for GetUpload.
- *
- * @generated from message corral.storage.v1.GetUploadRequest
- */
-export type GetUploadRequest = Message<"corral.storage.v1.GetUploadRequest"> & {
-  /**
-   * Required. The upload, `workspaces/{workspace}/uploads/{upload}`.
-   *
-   * @generated from field: string name = 1;
-   */
-  name: string;
-};
-
-/**
- * Describes the message corral.storage.v1.GetUploadRequest.
- * Use `create(GetUploadRequestSchema)` to create a new message.
- */
-export const GetUploadRequestSchema: GenMessage<GetUploadRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 14);
-
-/**
- * Response for GetUpload.
- *
- * @generated from message corral.storage.v1.GetUploadResponse
- */
-export type GetUploadResponse = Message<"corral.storage.v1.GetUploadResponse"> & {
-  /**
-   * The upload.
-   *
-   * @generated from field: corral.storage.v1.Upload upload = 1;
-   */
-  upload?: Upload | undefined;
-};
-
-/**
- * Describes the message corral.storage.v1.GetUploadResponse.
- * Use `create(GetUploadResponseSchema)` to create a new message.
- */
-export const GetUploadResponseSchema: GenMessage<GetUploadResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 15);
-
-/**
- * Request for CreateUpload.
- *
- * @generated from message corral.storage.v1.CreateUploadRequest
- */
-export type CreateUploadRequest = Message<"corral.storage.v1.CreateUploadRequest"> & {
-  /**
-   * Required. The workspace, `workspaces/{workspace}`.
-   *
-   * @generated from field: string parent = 1;
-   */
-  parent: string;
-
-  /**
-   * Required. The upload: path, and optionally size_bytes, content_type,
-   * overwrite.
-   *
-   * @generated from field: corral.storage.v1.Upload upload = 2;
-   */
-  upload?: Upload | undefined;
-
-  /**
-   * A client-generated UUID4 that makes retries safe: a retry with the same
-   * request_id within 24 hours returns the upload already created.
-   *
-   * @generated from field: string request_id = 3;
-   */
-  requestId: string;
-};
-
-/**
- * Describes the message corral.storage.v1.CreateUploadRequest.
- * Use `create(CreateUploadRequestSchema)` to create a new message.
- */
-export const CreateUploadRequestSchema: GenMessage<CreateUploadRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 16);
-
-/**
- * Response for CreateUpload.
- *
- * @generated from message corral.storage.v1.CreateUploadResponse
- */
-export type CreateUploadResponse = Message<"corral.storage.v1.CreateUploadResponse"> & {
-  /**
-   * The upload, ACTIVE, with committed_bytes 0.
-   *
-   * @generated from field: corral.storage.v1.Upload upload = 1;
-   */
-  upload?: Upload | undefined;
-};
-
-/**
- * Describes the message corral.storage.v1.CreateUploadResponse.
- * Use `create(CreateUploadResponseSchema)` to create a new message.
- */
-export const CreateUploadResponseSchema: GenMessage<CreateUploadResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 17);
-
-/**
- * Request for GetReport.
- *
- * @generated from message corral.storage.v1.GetReportRequest
- */
-export type GetReportRequest = Message<"corral.storage.v1.GetReportRequest"> & {
-  /**
-   * Required. The report, `reports/{report}`.
-   *
-   * @generated from field: string name = 1;
-   */
-  name: string;
-
-  /**
-   * How much to return; default FULL.
-   *
-   * @generated from field: corral.storage.v1.ReportView view = 2;
-   */
-  view: ReportView;
-};
-
-/**
- * Describes the message corral.storage.v1.GetReportRequest.
- * Use `create(GetReportRequestSchema)` to create a new message.
- */
-export const GetReportRequestSchema: GenMessage<GetReportRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 18);
-
-/**
- * Response for GetReport.
- *
- * @generated from message corral.storage.v1.GetReportResponse
- */
-export type GetReportResponse = Message<"corral.storage.v1.GetReportResponse"> & {
-  /**
-   * The report.
-   *
-   * @generated from field: corral.storage.v1.Report report = 1;
-   */
-  report?: Report | undefined;
-};
-
-/**
- * Describes the message corral.storage.v1.GetReportResponse.
- * Use `create(GetReportResponseSchema)` to create a new message.
- */
-export const GetReportResponseSchema: GenMessage<GetReportResponse> = /*@__PURE__*/
   messageDesc(file_corral_storage_v1_storage_service, 19);
 
 /**
- * Request for ListReports.
+ * Request for MoveFile.
  *
- * @generated from message corral.storage.v1.ListReportsRequest
+ * @generated from message corral.storage.v1.MoveFileRequest
  */
-export type ListReportsRequest = Message<"corral.storage.v1.ListReportsRequest"> & {
+export type MoveFileRequest = Message<"corral.storage.v1.MoveFileRequest"> & {
   /**
-   * Maximum number of reports to return; 0 means 50, values above 1000 are
-   * treated as 1000 (100 with view FULL).
+   * Required. The file to move.
    *
-   * @generated from field: int32 page_size = 1;
+   * @generated from field: string name = 1;
    */
-  pageSize: number;
+  name: string;
 
   /**
-   * A next_page_token from a previous call; every other field must be the
-   * same as in that call, else INVALID_ARGUMENT.
+   * Required. The new path in the same workspace.
    *
-   * @generated from field: string page_token = 2;
+   * @generated from field: string destination_path = 2;
    */
-  pageToken: string;
+  destinationPath: string;
 
   /**
-   * Filter (see protos/README.md). Fields: `session`, `task_run` (a prefix
-   * `tasks/{task}/runs/*` selects every attempt of a task), `format`
-   * (`JSON`, `MARKDOWN`, `HTML`), `creator`, `title`, `labels.<key>`,
-   * `create_time`, and `organization` (superusers only).
+   * Replace a file at destination_path.
    *
-   * @generated from field: string filter = 3;
+   * @generated from field: bool overwrite = 3;
    */
-  filter: string;
-
-  /**
-   * Sort order: `create_time desc` (default), `create_time`, `title`.
-   *
-   * @generated from field: string order_by = 4;
-   */
-  orderBy: string;
-
-  /**
-   * How much of each report to return; default BASIC.
-   *
-   * @generated from field: corral.storage.v1.ReportView view = 5;
-   */
-  view: ReportView;
+  overwrite: boolean;
 };
 
 /**
- * Describes the message corral.storage.v1.ListReportsRequest.
- * Use `create(ListReportsRequestSchema)` to create a new message.
+ * Describes the message corral.storage.v1.MoveFileRequest.
+ * Use `create(MoveFileRequestSchema)` to create a new message.
  */
-export const ListReportsRequestSchema: GenMessage<ListReportsRequest> = /*@__PURE__*/
+export const MoveFileRequestSchema: GenMessage<MoveFileRequest> = /*@__PURE__*/
   messageDesc(file_corral_storage_v1_storage_service, 20);
 
 /**
- * Response for ListReports.
+ * Response for MoveFile.
  *
- * @generated from message corral.storage.v1.ListReportsResponse
+ * @generated from message corral.storage.v1.MoveFileResponse
  */
-export type ListReportsResponse = Message<"corral.storage.v1.ListReportsResponse"> & {
+export type MoveFileResponse = Message<"corral.storage.v1.MoveFileResponse"> & {
   /**
-   * The reports on this page.
+   * The file at its new path.
    *
-   * @generated from field: repeated corral.storage.v1.Report reports = 1;
+   * @generated from field: corral.storage.v1.File file = 1;
    */
-  reports: Report[];
-
-  /**
-   * Token for the next page; empty on the last page.
-   *
-   * @generated from field: string next_page_token = 2;
-   */
-  nextPageToken: string;
-
-  /**
-   * Total number of reports matching the filter.
-   *
-   * @generated from field: int32 total_size = 3;
-   */
-  totalSize: number;
+  file?: File | undefined;
 };
 
 /**
- * Describes the message corral.storage.v1.ListReportsResponse.
- * Use `create(ListReportsResponseSchema)` to create a new message.
+ * Describes the message corral.storage.v1.MoveFileResponse.
+ * Use `create(MoveFileResponseSchema)` to create a new message.
  */
-export const ListReportsResponseSchema: GenMessage<ListReportsResponse> = /*@__PURE__*/
+export const MoveFileResponseSchema: GenMessage<MoveFileResponse> = /*@__PURE__*/
   messageDesc(file_corral_storage_v1_storage_service, 21);
-
-/**
- * Request for CreateReport.
- *
- * @generated from message corral.storage.v1.CreateReportRequest
- */
-export type CreateReportRequest = Message<"corral.storage.v1.CreateReportRequest"> & {
-  /**
-   * Required. The report: format, title, content, and optionally
-   * organization, session, task_run, labels, creator.
-   *
-   * @generated from field: corral.storage.v1.Report report = 1;
-   */
-  report?: Report | undefined;
-
-  /**
-   * A client-generated UUID4 that makes retries safe (AIP-155): a retry with
-   * the same request_id within 24 hours returns the first report; reusing it
-   * for a different request fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
-   *
-   * @generated from field: string request_id = 2;
-   */
-  requestId: string;
-};
-
-/**
- * Describes the message corral.storage.v1.CreateReportRequest.
- * Use `create(CreateReportRequestSchema)` to create a new message.
- */
-export const CreateReportRequestSchema: GenMessage<CreateReportRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 22);
-
-/**
- * Response for CreateReport.
- *
- * @generated from message corral.storage.v1.CreateReportResponse
- */
-export type CreateReportResponse = Message<"corral.storage.v1.CreateReportResponse"> & {
-  /**
-   * The created report, without content.
-   *
-   * @generated from field: corral.storage.v1.Report report = 1;
-   */
-  report?: Report | undefined;
-};
-
-/**
- * Describes the message corral.storage.v1.CreateReportResponse.
- * Use `create(CreateReportResponseSchema)` to create a new message.
- */
-export const CreateReportResponseSchema: GenMessage<CreateReportResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 23);
-
-/**
- * Request for DeleteReport.
- *
- * @generated from message corral.storage.v1.DeleteReportRequest
- */
-export type DeleteReportRequest = Message<"corral.storage.v1.DeleteReportRequest"> & {
-  /**
-   * Required. The report to delete.
-   *
-   * @generated from field: string name = 1;
-   */
-  name: string;
-};
-
-/**
- * Describes the message corral.storage.v1.DeleteReportRequest.
- * Use `create(DeleteReportRequestSchema)` to create a new message.
- */
-export const DeleteReportRequestSchema: GenMessage<DeleteReportRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 24);
-
-/**
- * Response for DeleteReport.
- *
- * @generated from message corral.storage.v1.DeleteReportResponse
- */
-export type DeleteReportResponse = Message<"corral.storage.v1.DeleteReportResponse"> & {
-};
-
-/**
- * Describes the message corral.storage.v1.DeleteReportResponse.
- * Use `create(DeleteReportResponseSchema)` to create a new message.
- */
-export const DeleteReportResponseSchema: GenMessage<DeleteReportResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 25);
-
-/**
- * Request for CloneWorkspace.
- *
- * @generated from message corral.storage.v1.CloneWorkspaceRequest
- */
-export type CloneWorkspaceRequest = Message<"corral.storage.v1.CloneWorkspaceRequest"> & {
-  /**
-   * Required. The workspace to copy.
-   *
-   * @generated from field: string name = 1;
-   */
-  name: string;
-
-  /**
-   * Required. The session the copy belongs to (the fork).
-   *
-   * @generated from field: string session = 2;
-   */
-  session: string;
-
-  /**
-   * Required. The copy's owner (the fork's owner).
-   *
-   * @generated from field: string owner = 3;
-   */
-  owner: string;
-
-  /**
-   * A UUID4 that makes retries safe: a retry returns the copy already made.
-   *
-   * @generated from field: string request_id = 4;
-   */
-  requestId: string;
-};
-
-/**
- * Describes the message corral.storage.v1.CloneWorkspaceRequest.
- * Use `create(CloneWorkspaceRequestSchema)` to create a new message.
- */
-export const CloneWorkspaceRequestSchema: GenMessage<CloneWorkspaceRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 26);
-
-/**
- * Response for CloneWorkspace.
- *
- * @generated from message corral.storage.v1.CloneWorkspaceResponse
- */
-export type CloneWorkspaceResponse = Message<"corral.storage.v1.CloneWorkspaceResponse"> & {
-  /**
-   * The new workspace, with source_workspace set.
-   *
-   * @generated from field: corral.storage.v1.Workspace workspace = 1;
-   */
-  workspace?: Workspace | undefined;
-};
-
-/**
- * Describes the message corral.storage.v1.CloneWorkspaceResponse.
- * Use `create(CloneWorkspaceResponseSchema)` to create a new message.
- */
-export const CloneWorkspaceResponseSchema: GenMessage<CloneWorkspaceResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 27);
-
-/**
- * Request for CreateArchive.
- *
- * @generated from message corral.storage.v1.CreateArchiveRequest
- */
-export type CreateArchiveRequest = Message<"corral.storage.v1.CreateArchiveRequest"> & {
-  /**
-   * Required. The workspace to archive, `workspaces/{workspace}`.
-   *
-   * @generated from field: string workspace = 1;
-   */
-  workspace: string;
-
-  /**
-   * Archive only this directory (relative path); empty means the whole
-   * workspace.
-   *
-   * @generated from field: string path_prefix = 2;
-   */
-  pathPrefix: string;
-
-  /**
-   * A client-generated UUID4 that makes retries safe: a retry returns the
-   * archive already made.
-   *
-   * @generated from field: string request_id = 3;
-   */
-  requestId: string;
-};
-
-/**
- * Describes the message corral.storage.v1.CreateArchiveRequest.
- * Use `create(CreateArchiveRequestSchema)` to create a new message.
- */
-export const CreateArchiveRequestSchema: GenMessage<CreateArchiveRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 28);
-
-/**
- * Response for CreateArchive.
- *
- * @generated from message corral.storage.v1.CreateArchiveResponse
- */
-export type CreateArchiveResponse = Message<"corral.storage.v1.CreateArchiveResponse"> & {
-  /**
-   * The archive, `.corral/archives/{timestamp}.tar.gz`, content type
-   * `application/gzip`.
-   *
-   * @generated from field: corral.storage.v1.File file = 1;
-   */
-  file?: File | undefined;
-};
-
-/**
- * Describes the message corral.storage.v1.CreateArchiveResponse.
- * Use `create(CreateArchiveResponseSchema)` to create a new message.
- */
-export const CreateArchiveResponseSchema: GenMessage<CreateArchiveResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 29);
-
-/**
- * Request for AppendUploadChunk.
- *
- * @generated from message corral.storage.v1.AppendUploadChunkRequest
- */
-export type AppendUploadChunkRequest = Message<"corral.storage.v1.AppendUploadChunkRequest"> & {
-  /**
-   * Required. The upload, `workspaces/{workspace}/uploads/{upload}`.
-   *
-   * @generated from field: string name = 1;
-   */
-  name: string;
-
-  /**
-   * Required. Where in the file this chunk starts; must equal the upload's
-   * committed_bytes.
-   *
-   * @generated from field: int64 offset = 2;
-   */
-  offset: bigint;
-
-  /**
-   * Required. The bytes, 1 byte to 2 MiB.
-   *
-   * @generated from field: bytes data = 3;
-   */
-  data: Uint8Array;
-};
-
-/**
- * Describes the message corral.storage.v1.AppendUploadChunkRequest.
- * Use `create(AppendUploadChunkRequestSchema)` to create a new message.
- */
-export const AppendUploadChunkRequestSchema: GenMessage<AppendUploadChunkRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 30);
-
-/**
- * Response for AppendUploadChunk.
- *
- * @generated from message corral.storage.v1.AppendUploadChunkResponse
- */
-export type AppendUploadChunkResponse = Message<"corral.storage.v1.AppendUploadChunkResponse"> & {
-  /**
-   * Bytes received so far: the offset of the next chunk.
-   *
-   * @generated from field: int64 committed_bytes = 1;
-   */
-  committedBytes: bigint;
-};
-
-/**
- * Describes the message corral.storage.v1.AppendUploadChunkResponse.
- * Use `create(AppendUploadChunkResponseSchema)` to create a new message.
- */
-export const AppendUploadChunkResponseSchema: GenMessage<AppendUploadChunkResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 31);
-
-/**
- * Request for CommitUpload.
- *
- * @generated from message corral.storage.v1.CommitUploadRequest
- */
-export type CommitUploadRequest = Message<"corral.storage.v1.CommitUploadRequest"> & {
-  /**
-   * Required. The upload to commit.
-   *
-   * @generated from field: string name = 1;
-   */
-  name: string;
-
-  /**
-   * Required. SHA-256 of the whole content, 64 hex characters.
-   *
-   * @generated from field: string sha256 = 2;
-   */
-  sha256: string;
-};
-
-/**
- * Describes the message corral.storage.v1.CommitUploadRequest.
- * Use `create(CommitUploadRequestSchema)` to create a new message.
- */
-export const CommitUploadRequestSchema: GenMessage<CommitUploadRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 32);
-
-/**
- * Response for CommitUpload.
- *
- * @generated from message corral.storage.v1.CommitUploadResponse
- */
-export type CommitUploadResponse = Message<"corral.storage.v1.CommitUploadResponse"> & {
-  /**
-   * The file now in the workspace.
-   *
-   * @generated from field: corral.storage.v1.File file = 1;
-   */
-  file?: File | undefined;
-};
-
-/**
- * Describes the message corral.storage.v1.CommitUploadResponse.
- * Use `create(CommitUploadResponseSchema)` to create a new message.
- */
-export const CommitUploadResponseSchema: GenMessage<CommitUploadResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 33);
-
-/**
- * Request for AbortUpload.
- *
- * @generated from message corral.storage.v1.AbortUploadRequest
- */
-export type AbortUploadRequest = Message<"corral.storage.v1.AbortUploadRequest"> & {
-  /**
-   * Required. The upload to abandon.
-   *
-   * @generated from field: string name = 1;
-   */
-  name: string;
-};
-
-/**
- * Describes the message corral.storage.v1.AbortUploadRequest.
- * Use `create(AbortUploadRequestSchema)` to create a new message.
- */
-export const AbortUploadRequestSchema: GenMessage<AbortUploadRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 34);
-
-/**
- * Response for AbortUpload.
- *
- * @generated from message corral.storage.v1.AbortUploadResponse
- */
-export type AbortUploadResponse = Message<"corral.storage.v1.AbortUploadResponse"> & {
-  /**
-   * The upload, ABORTED (or EXPIRED).
-   *
-   * @generated from field: corral.storage.v1.Upload upload = 1;
-   */
-  upload?: Upload | undefined;
-};
-
-/**
- * Describes the message corral.storage.v1.AbortUploadResponse.
- * Use `create(AbortUploadResponseSchema)` to create a new message.
- */
-export const AbortUploadResponseSchema: GenMessage<AbortUploadResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 35);
 
 /**
  * Request for DownloadFile.
@@ -1034,7 +716,7 @@ export type DownloadFileRequest = Message<"corral.storage.v1.DownloadFileRequest
  * Use `create(DownloadFileRequestSchema)` to create a new message.
  */
 export const DownloadFileRequestSchema: GenMessage<DownloadFileRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 36);
+  messageDesc(file_corral_storage_v1_storage_service, 22);
 
 /**
  * Response for DownloadFile: one message per chunk.
@@ -1057,7 +739,8 @@ export type DownloadFileResponse = Message<"corral.storage.v1.DownloadFileRespon
   offset: bigint;
 
   /**
-   * The chunk, at most 1 MiB; empty only for an empty file.
+   * The chunk, at most 1 MiB; empty only in the one message of an empty
+   * range.
    *
    * @generated from field: bytes data = 3;
    */
@@ -1069,7 +752,761 @@ export type DownloadFileResponse = Message<"corral.storage.v1.DownloadFileRespon
  * Use `create(DownloadFileResponseSchema)` to create a new message.
  */
 export const DownloadFileResponseSchema: GenMessage<DownloadFileResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 23);
+
+/**
+ * Request for DownloadFileContent.
+ *
+ * @generated from message corral.storage.v1.DownloadFileContentRequest
+ */
+export type DownloadFileContentRequest = Message<"corral.storage.v1.DownloadFileContentRequest"> & {
+  /**
+   * Required. The file, `workspaces/{workspace}/files/{file}`.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Byte offset to start at; 0 for the whole file.
+   *
+   * @generated from field: int64 offset = 2;
+   */
+  offset: bigint;
+
+  /**
+   * Maximum bytes to send; 0 means to the end of the file.
+   *
+   * @generated from field: int64 limit = 3;
+   */
+  limit: bigint;
+
+  /**
+   * If set, fail with ABORTED (FILE_CHANGED) unless the content still has
+   * this SHA-256.
+   *
+   * @generated from field: string if_sha256 = 4;
+   */
+  ifSha256: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.DownloadFileContentRequest.
+ * Use `create(DownloadFileContentRequestSchema)` to create a new message.
+ */
+export const DownloadFileContentRequestSchema: GenMessage<DownloadFileContentRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 24);
+
+/**
+ * Request for CreateUpload.
+ *
+ * @generated from message corral.storage.v1.CreateUploadRequest
+ */
+export type CreateUploadRequest = Message<"corral.storage.v1.CreateUploadRequest"> & {
+  /**
+   * Required. The workspace, `workspaces/{workspace}`.
+   *
+   * @generated from field: string parent = 1;
+   */
+  parent: string;
+
+  /**
+   * Required. The upload: path, and optionally size_bytes, content_type,
+   * overwrite.
+   *
+   * @generated from field: corral.storage.v1.Upload upload = 2;
+   */
+  upload?: Upload | undefined;
+
+  /**
+   * A client-generated UUID4 that makes retries safe: a retry with the same
+   * request_id within 24 hours returns the upload already created.
+   *
+   * @generated from field: string request_id = 3;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.CreateUploadRequest.
+ * Use `create(CreateUploadRequestSchema)` to create a new message.
+ */
+export const CreateUploadRequestSchema: GenMessage<CreateUploadRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 25);
+
+/**
+ * Response for CreateUpload.
+ *
+ * @generated from message corral.storage.v1.CreateUploadResponse
+ */
+export type CreateUploadResponse = Message<"corral.storage.v1.CreateUploadResponse"> & {
+  /**
+   * The upload, ACTIVE, with committed_bytes 0.
+   *
+   * @generated from field: corral.storage.v1.Upload upload = 1;
+   */
+  upload?: Upload | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.CreateUploadResponse.
+ * Use `create(CreateUploadResponseSchema)` to create a new message.
+ */
+export const CreateUploadResponseSchema: GenMessage<CreateUploadResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 26);
+
+/**
+ * Request for GetUpload.
+ *
+ * @generated from message corral.storage.v1.GetUploadRequest
+ */
+export type GetUploadRequest = Message<"corral.storage.v1.GetUploadRequest"> & {
+  /**
+   * Required. The upload, `workspaces/{workspace}/uploads/{upload}`.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.GetUploadRequest.
+ * Use `create(GetUploadRequestSchema)` to create a new message.
+ */
+export const GetUploadRequestSchema: GenMessage<GetUploadRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 27);
+
+/**
+ * Response for GetUpload.
+ *
+ * @generated from message corral.storage.v1.GetUploadResponse
+ */
+export type GetUploadResponse = Message<"corral.storage.v1.GetUploadResponse"> & {
+  /**
+   * The upload.
+   *
+   * @generated from field: corral.storage.v1.Upload upload = 1;
+   */
+  upload?: Upload | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.GetUploadResponse.
+ * Use `create(GetUploadResponseSchema)` to create a new message.
+ */
+export const GetUploadResponseSchema: GenMessage<GetUploadResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 28);
+
+/**
+ * Request for AppendUploadChunk.
+ *
+ * @generated from message corral.storage.v1.AppendUploadChunkRequest
+ */
+export type AppendUploadChunkRequest = Message<"corral.storage.v1.AppendUploadChunkRequest"> & {
+  /**
+   * Required. The upload, `workspaces/{workspace}/uploads/{upload}`.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Required. Where in the file this chunk starts; must equal the upload's
+   * committed_bytes.
+   *
+   * @generated from field: int64 offset = 2;
+   */
+  offset: bigint;
+
+  /**
+   * Required. The bytes, 1 byte to 2 MiB.
+   *
+   * @generated from field: bytes data = 3;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message corral.storage.v1.AppendUploadChunkRequest.
+ * Use `create(AppendUploadChunkRequestSchema)` to create a new message.
+ */
+export const AppendUploadChunkRequestSchema: GenMessage<AppendUploadChunkRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 29);
+
+/**
+ * Response for AppendUploadChunk.
+ *
+ * @generated from message corral.storage.v1.AppendUploadChunkResponse
+ */
+export type AppendUploadChunkResponse = Message<"corral.storage.v1.AppendUploadChunkResponse"> & {
+  /**
+   * Bytes received so far: the offset of the next chunk.
+   *
+   * @generated from field: int64 committed_bytes = 1;
+   */
+  committedBytes: bigint;
+};
+
+/**
+ * Describes the message corral.storage.v1.AppendUploadChunkResponse.
+ * Use `create(AppendUploadChunkResponseSchema)` to create a new message.
+ */
+export const AppendUploadChunkResponseSchema: GenMessage<AppendUploadChunkResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 30);
+
+/**
+ * Request for CommitUpload.
+ *
+ * @generated from message corral.storage.v1.CommitUploadRequest
+ */
+export type CommitUploadRequest = Message<"corral.storage.v1.CommitUploadRequest"> & {
+  /**
+   * Required. The upload to commit.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Required. SHA-256 of the whole content, 64 hex characters.
+   *
+   * @generated from field: string sha256 = 2;
+   */
+  sha256: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.CommitUploadRequest.
+ * Use `create(CommitUploadRequestSchema)` to create a new message.
+ */
+export const CommitUploadRequestSchema: GenMessage<CommitUploadRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 31);
+
+/**
+ * Response for CommitUpload.
+ *
+ * @generated from message corral.storage.v1.CommitUploadResponse
+ */
+export type CommitUploadResponse = Message<"corral.storage.v1.CommitUploadResponse"> & {
+  /**
+   * The file now in the workspace.
+   *
+   * @generated from field: corral.storage.v1.File file = 1;
+   */
+  file?: File | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.CommitUploadResponse.
+ * Use `create(CommitUploadResponseSchema)` to create a new message.
+ */
+export const CommitUploadResponseSchema: GenMessage<CommitUploadResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 32);
+
+/**
+ * Request for AbortUpload.
+ *
+ * @generated from message corral.storage.v1.AbortUploadRequest
+ */
+export type AbortUploadRequest = Message<"corral.storage.v1.AbortUploadRequest"> & {
+  /**
+   * Required. The upload to abandon.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.AbortUploadRequest.
+ * Use `create(AbortUploadRequestSchema)` to create a new message.
+ */
+export const AbortUploadRequestSchema: GenMessage<AbortUploadRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 33);
+
+/**
+ * Response for AbortUpload.
+ *
+ * @generated from message corral.storage.v1.AbortUploadResponse
+ */
+export type AbortUploadResponse = Message<"corral.storage.v1.AbortUploadResponse"> & {
+  /**
+   * The upload, ABORTED (or as it already ended: EXPIRED, FAILED).
+   *
+   * @generated from field: corral.storage.v1.Upload upload = 1;
+   */
+  upload?: Upload | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.AbortUploadResponse.
+ * Use `create(AbortUploadResponseSchema)` to create a new message.
+ */
+export const AbortUploadResponseSchema: GenMessage<AbortUploadResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 34);
+
+/**
+ * Request for CreateReport.
+ *
+ * @generated from message corral.storage.v1.CreateReportRequest
+ */
+export type CreateReportRequest = Message<"corral.storage.v1.CreateReportRequest"> & {
+  /**
+   * Required. The report: title, content, format or content_type, and
+   * optionally labels, expire_time, and (Corral services) owner, session,
+   * task_run.
+   *
+   * @generated from field: corral.storage.v1.Report report = 1;
+   */
+  report?: Report | undefined;
+
+  /**
+   * A client-generated UUID4 that makes retries safe (AIP-155): a retry with
+   * the same request_id within 24 hours returns the first report; reusing it
+   * for a different request fails with INVALID_ARGUMENT (REQUEST_ID_REUSED).
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.CreateReportRequest.
+ * Use `create(CreateReportRequestSchema)` to create a new message.
+ */
+export const CreateReportRequestSchema: GenMessage<CreateReportRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 35);
+
+/**
+ * Response for CreateReport.
+ *
+ * @generated from message corral.storage.v1.CreateReportResponse
+ */
+export type CreateReportResponse = Message<"corral.storage.v1.CreateReportResponse"> & {
+  /**
+   * The created report, without content.
+   *
+   * @generated from field: corral.storage.v1.Report report = 1;
+   */
+  report?: Report | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.CreateReportResponse.
+ * Use `create(CreateReportResponseSchema)` to create a new message.
+ */
+export const CreateReportResponseSchema: GenMessage<CreateReportResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 36);
+
+/**
+ * Request for GetReport.
+ *
+ * @generated from message corral.storage.v1.GetReportRequest
+ */
+export type GetReportRequest = Message<"corral.storage.v1.GetReportRequest"> & {
+  /**
+   * Required. The report, `reports/{report}`.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * How much to return; default FULL.
+   *
+   * @generated from field: corral.storage.v1.ReportView view = 2;
+   */
+  view: ReportView;
+};
+
+/**
+ * Describes the message corral.storage.v1.GetReportRequest.
+ * Use `create(GetReportRequestSchema)` to create a new message.
+ */
+export const GetReportRequestSchema: GenMessage<GetReportRequest> = /*@__PURE__*/
   messageDesc(file_corral_storage_v1_storage_service, 37);
+
+/**
+ * Response for GetReport.
+ *
+ * @generated from message corral.storage.v1.GetReportResponse
+ */
+export type GetReportResponse = Message<"corral.storage.v1.GetReportResponse"> & {
+  /**
+   * The report.
+   *
+   * @generated from field: corral.storage.v1.Report report = 1;
+   */
+  report?: Report | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.GetReportResponse.
+ * Use `create(GetReportResponseSchema)` to create a new message.
+ */
+export const GetReportResponseSchema: GenMessage<GetReportResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 38);
+
+/**
+ * Request for ListReports.
+ *
+ * @generated from message corral.storage.v1.ListReportsRequest
+ */
+export type ListReportsRequest = Message<"corral.storage.v1.ListReportsRequest"> & {
+  /**
+   * Maximum number of reports to return; 0 means 50, values above 1000 are
+   * treated as 1000.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * A next_page_token from a previous call; every other field must be the
+   * same as in that call, else INVALID_ARGUMENT.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Filter (see protos/README.md). Fields: `session`, `task_run` (a prefix
+   * `tasks/{task}/runs/*` selects every attempt of a task), `format`
+   * (`MARKDOWN`, `JSON`, `HTML`, `UNSPECIFIED`), `content_type`, `owner`,
+   * `creator`, `title` (a prefix with `*`), `labels.<key>`, `create_time`,
+   * and `organization` (superusers and services; others see their own).
+   *
+   * @generated from field: string filter = 3;
+   */
+  filter: string;
+
+  /**
+   * Sort order: `create_time` (default `create_time desc`), `title` or
+   * `size_bytes`, each optionally followed by ` desc`.
+   *
+   * @generated from field: string order_by = 4;
+   */
+  orderBy: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.ListReportsRequest.
+ * Use `create(ListReportsRequestSchema)` to create a new message.
+ */
+export const ListReportsRequestSchema: GenMessage<ListReportsRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 39);
+
+/**
+ * Response for ListReports.
+ *
+ * @generated from message corral.storage.v1.ListReportsResponse
+ */
+export type ListReportsResponse = Message<"corral.storage.v1.ListReportsResponse"> & {
+  /**
+   * The reports on this page, without content.
+   *
+   * @generated from field: repeated corral.storage.v1.Report reports = 1;
+   */
+  reports: Report[];
+
+  /**
+   * Token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.ListReportsResponse.
+ * Use `create(ListReportsResponseSchema)` to create a new message.
+ */
+export const ListReportsResponseSchema: GenMessage<ListReportsResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 40);
+
+/**
+ * Request for DeleteReport.
+ *
+ * @generated from message corral.storage.v1.DeleteReportRequest
+ */
+export type DeleteReportRequest = Message<"corral.storage.v1.DeleteReportRequest"> & {
+  /**
+   * Required. The report to delete.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.DeleteReportRequest.
+ * Use `create(DeleteReportRequestSchema)` to create a new message.
+ */
+export const DeleteReportRequestSchema: GenMessage<DeleteReportRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 41);
+
+/**
+ * Response for DeleteReport.
+ *
+ * @generated from message corral.storage.v1.DeleteReportResponse
+ */
+export type DeleteReportResponse = Message<"corral.storage.v1.DeleteReportResponse"> & {
+};
+
+/**
+ * Describes the message corral.storage.v1.DeleteReportResponse.
+ * Use `create(DeleteReportResponseSchema)` to create a new message.
+ */
+export const DeleteReportResponseSchema: GenMessage<DeleteReportResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 42);
+
+/**
+ * Request for DownloadReport.
+ *
+ * @generated from message corral.storage.v1.DownloadReportRequest
+ */
+export type DownloadReportRequest = Message<"corral.storage.v1.DownloadReportRequest"> & {
+  /**
+   * Required. The report, `reports/{report}`.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.DownloadReportRequest.
+ * Use `create(DownloadReportRequestSchema)` to create a new message.
+ */
+export const DownloadReportRequestSchema: GenMessage<DownloadReportRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 43);
+
+/**
+ * Request for CreateArchive.
+ *
+ * @generated from message corral.storage.v1.CreateArchiveRequest
+ */
+export type CreateArchiveRequest = Message<"corral.storage.v1.CreateArchiveRequest"> & {
+  /**
+   * Required. The workspace to archive, `workspaces/{workspace}`.
+   *
+   * @generated from field: string parent = 1;
+   */
+  parent: string;
+
+  /**
+   * The archive: optionally format, path_prefix, expire_time.
+   *
+   * @generated from field: corral.storage.v1.Archive archive = 2;
+   */
+  archive?: Archive | undefined;
+
+  /**
+   * A client-generated UUID4 that makes retries safe: a retry returns the
+   * archive already asked for.
+   *
+   * @generated from field: string request_id = 3;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.CreateArchiveRequest.
+ * Use `create(CreateArchiveRequestSchema)` to create a new message.
+ */
+export const CreateArchiveRequestSchema: GenMessage<CreateArchiveRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 44);
+
+/**
+ * Response for CreateArchive.
+ *
+ * @generated from message corral.storage.v1.CreateArchiveResponse
+ */
+export type CreateArchiveResponse = Message<"corral.storage.v1.CreateArchiveResponse"> & {
+  /**
+   * The archive, BUILDING.
+   *
+   * @generated from field: corral.storage.v1.Archive archive = 1;
+   */
+  archive?: Archive | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.CreateArchiveResponse.
+ * Use `create(CreateArchiveResponseSchema)` to create a new message.
+ */
+export const CreateArchiveResponseSchema: GenMessage<CreateArchiveResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 45);
+
+/**
+ * Request for GetArchive.
+ *
+ * @generated from message corral.storage.v1.GetArchiveRequest
+ */
+export type GetArchiveRequest = Message<"corral.storage.v1.GetArchiveRequest"> & {
+  /**
+   * Required. The archive, `workspaces/{workspace}/archives/{archive}`.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.GetArchiveRequest.
+ * Use `create(GetArchiveRequestSchema)` to create a new message.
+ */
+export const GetArchiveRequestSchema: GenMessage<GetArchiveRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 46);
+
+/**
+ * Response for GetArchive.
+ *
+ * @generated from message corral.storage.v1.GetArchiveResponse
+ */
+export type GetArchiveResponse = Message<"corral.storage.v1.GetArchiveResponse"> & {
+  /**
+   * The archive.
+   *
+   * @generated from field: corral.storage.v1.Archive archive = 1;
+   */
+  archive?: Archive | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.GetArchiveResponse.
+ * Use `create(GetArchiveResponseSchema)` to create a new message.
+ */
+export const GetArchiveResponseSchema: GenMessage<GetArchiveResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 47);
+
+/**
+ * Request for ListArchives.
+ *
+ * @generated from message corral.storage.v1.ListArchivesRequest
+ */
+export type ListArchivesRequest = Message<"corral.storage.v1.ListArchivesRequest"> & {
+  /**
+   * Required. The workspace, `workspaces/{workspace}`.
+   *
+   * @generated from field: string parent = 1;
+   */
+  parent: string;
+
+  /**
+   * Maximum number of archives to return; 0 means 50, values above 1000
+   * are treated as 1000.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * A next_page_token from a previous call with the same parent.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.ListArchivesRequest.
+ * Use `create(ListArchivesRequestSchema)` to create a new message.
+ */
+export const ListArchivesRequestSchema: GenMessage<ListArchivesRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 48);
+
+/**
+ * Response for ListArchives.
+ *
+ * @generated from message corral.storage.v1.ListArchivesResponse
+ */
+export type ListArchivesResponse = Message<"corral.storage.v1.ListArchivesResponse"> & {
+  /**
+   * The archives on this page, newest first.
+   *
+   * @generated from field: repeated corral.storage.v1.Archive archives = 1;
+   */
+  archives: Archive[];
+
+  /**
+   * Token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.ListArchivesResponse.
+ * Use `create(ListArchivesResponseSchema)` to create a new message.
+ */
+export const ListArchivesResponseSchema: GenMessage<ListArchivesResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 49);
+
+/**
+ * Request for DeleteArchive.
+ *
+ * @generated from message corral.storage.v1.DeleteArchiveRequest
+ */
+export type DeleteArchiveRequest = Message<"corral.storage.v1.DeleteArchiveRequest"> & {
+  /**
+   * Required. The archive to delete.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+};
+
+/**
+ * Describes the message corral.storage.v1.DeleteArchiveRequest.
+ * Use `create(DeleteArchiveRequestSchema)` to create a new message.
+ */
+export const DeleteArchiveRequestSchema: GenMessage<DeleteArchiveRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 50);
+
+/**
+ * Response for DeleteArchive.
+ *
+ * @generated from message corral.storage.v1.DeleteArchiveResponse
+ */
+export type DeleteArchiveResponse = Message<"corral.storage.v1.DeleteArchiveResponse"> & {
+};
+
+/**
+ * Describes the message corral.storage.v1.DeleteArchiveResponse.
+ * Use `create(DeleteArchiveResponseSchema)` to create a new message.
+ */
+export const DeleteArchiveResponseSchema: GenMessage<DeleteArchiveResponse> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 51);
+
+/**
+ * Request for DownloadArchive.
+ *
+ * @generated from message corral.storage.v1.DownloadArchiveRequest
+ */
+export type DownloadArchiveRequest = Message<"corral.storage.v1.DownloadArchiveRequest"> & {
+  /**
+   * Required. The archive, `workspaces/{workspace}/archives/{archive}`.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Byte offset to start at (to resume); 0 for the whole archive.
+   *
+   * @generated from field: int64 offset = 2;
+   */
+  offset: bigint;
+};
+
+/**
+ * Describes the message corral.storage.v1.DownloadArchiveRequest.
+ * Use `create(DownloadArchiveRequestSchema)` to create a new message.
+ */
+export const DownloadArchiveRequestSchema: GenMessage<DownloadArchiveRequest> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_service, 52);
 
 /**
  * Request for GetStorageUsage.
@@ -1078,12 +1515,11 @@ export const DownloadFileResponseSchema: GenMessage<DownloadFileResponse> = /*@_
  */
 export type GetStorageUsageRequest = Message<"corral.storage.v1.GetStorageUsageRequest"> & {
   /**
-   * The organization, `organizations/{organization}`; default: the
-   * caller's.
+   * Required. `organizations/{organization}/storageUsage`.
    *
-   * @generated from field: string organization = 1;
+   * @generated from field: string name = 1;
    */
-  organization: string;
+  name: string;
 };
 
 /**
@@ -1091,7 +1527,7 @@ export type GetStorageUsageRequest = Message<"corral.storage.v1.GetStorageUsageR
  * Use `create(GetStorageUsageRequestSchema)` to create a new message.
  */
 export const GetStorageUsageRequestSchema: GenMessage<GetStorageUsageRequest> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 38);
+  messageDesc(file_corral_storage_v1_storage_service, 53);
 
 /**
  * Response for GetStorageUsage.
@@ -1112,23 +1548,30 @@ export type GetStorageUsageResponse = Message<"corral.storage.v1.GetStorageUsage
  * Use `create(GetStorageUsageResponseSchema)` to create a new message.
  */
 export const GetStorageUsageResponseSchema: GenMessage<GetStorageUsageResponse> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_service, 39);
+  messageDesc(file_corral_storage_v1_storage_service, 54);
 
 /**
- * StorageService owns per-session workspaces (the agent's working
- * directories) and their files, chunked uploads and streamed downloads,
- * workspace archives, reports, and storage accounting. Every path is
- * normalised and confined to its workspace (no traversal, no symlinks out).
+ * StorageService owns every byte an agent or a user keeps: per-session
+ * workspaces (the agent's working directory) and their files, resumable
+ * uploads, streamed downloads, reports and archives, with storage quotas and
+ * retention. Every path is checked and confined to its workspace: nothing is
+ * read or written through a symbolic link.
  *
  * REST path prefixes owned by this service: `/v1/workspaces`, `/v1/reports`,
- * `/v1/storageUsage`.
+ * and `/v1/organizations/*\/storageUsage`. Raw bytes come over REST from the
+ * `:download` methods (google.api.HttpBody): `curl -o` yields the file byte
+ * for byte, always as an attachment.
  *
- * Access: every RPC needs a bearer access token. For a workspace, "readers"
- * are its owner and the admins and viewers of its organization; "writers"
- * are its owner and the admins. Others get NOT_FOUND; readers who try to
- * write get PERMISSION_DENIED (READ_ONLY_ACCESS). Storage quota is debited
- * through identity's usage ledger. Any RPC may also fail with
- * UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+ * Access: every RPC needs a bearer access token. Workspaces, their files,
+ * uploads and archives follow the workspace's visibility rule, reports
+ * theirs (see Workspace and Report: the same rule as sessions'). Callers who
+ * may not see a resource get NOT_FOUND; readers who try to change it get
+ * PERMISSION_DENIED (READ_ONLY_ACCESS). Internal methods (CreateWorkspace,
+ * CloneWorkspace) have no REST binding, are not routed by the edge, and
+ * answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
+ * admins and superusers alike). Storage quota is held and settled through
+ * identity's usage ledger. Every change is audited. Any RPC may also fail
+ * with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
  *
  * ---- Workspaces ----
  *
@@ -1136,10 +1579,11 @@ export const GetStorageUsageResponseSchema: GenMessage<GetStorageUsageResponse> 
  */
 export const StorageService: GenService<{
   /**
-   * Gets a workspace with its size and file count.
+   * Gets a workspace with its last measured size and file count.
    *
-   * Callers: readers of the workspace; Corral services.
-   * Errors: NOT_FOUND if it does not exist or the caller cannot read it.
+   * Callers: readers of the workspace.
+   * Errors: NOT_FOUND (WORKSPACE_NOT_FOUND) if it does not exist or the
+   * caller cannot read it.
    *
    * @generated from rpc corral.storage.v1.StorageService.GetWorkspace
    */
@@ -1149,8 +1593,8 @@ export const StorageService: GenService<{
     output: typeof GetWorkspaceResponseSchema;
   },
   /**
-   * Lists workspaces: the caller's own, or all of the organization's for
-   * admins and viewers.
+   * Lists the workspaces the caller can read: their own for users, every
+   * workspace of the organization for admins and viewers.
    *
    * Callers: members of an organization; Corral services.
    * Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
@@ -1163,12 +1607,13 @@ export const StorageService: GenService<{
     output: typeof ListWorkspacesResponseSchema;
   },
   /**
-   * Creates an empty workspace for a session.
+   * Creates an empty workspace for a session. Internal: no REST binding.
    *
    * Callers: Corral services only (the session service, on CreateSession).
-   * Errors: PERMISSION_DENIED for anyone else; INVALID_ARGUMENT if
-   * organization, session or owner is missing, or (REQUEST_ID_REUSED);
-   * ALREADY_EXISTS if the session already has a workspace.
+   * Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
+   * INVALID_ARGUMENT if organization, session, owner or labels are missing
+   * or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
+   * if the session already has a workspace.
    *
    * @generated from rpc corral.storage.v1.StorageService.CreateWorkspace
    */
@@ -1178,157 +1623,17 @@ export const StorageService: GenService<{
     output: typeof CreateWorkspaceResponseSchema;
   },
   /**
-   * Deletes a workspace with all its files and uploads, and gives the bytes
-   * back to the quota. Reports are not affected.
-   *
-   * Callers: Corral services (the session service, on DeleteSession) and
-   * admins of the organization.
-   * Errors: NOT_FOUND; PERMISSION_DENIED for anyone else.
-   *
-   * @generated from rpc corral.storage.v1.StorageService.DeleteWorkspace
-   */
-  deleteWorkspace: {
-    methodKind: "unary";
-    input: typeof DeleteWorkspaceRequestSchema;
-    output: typeof DeleteWorkspaceResponseSchema;
-  },
-  /**
-   * Gets a file's metadata.
-   *
-   * Callers: readers of the workspace.
-   * Errors: NOT_FOUND if the workspace or file does not exist or the caller
-   * cannot read it.
-   *
-   * @generated from rpc corral.storage.v1.StorageService.GetFile
-   */
-  getFile: {
-    methodKind: "unary";
-    input: typeof GetFileRequestSchema;
-    output: typeof GetFileResponseSchema;
-  },
-  /**
-   * Lists the files of a workspace (recursively), by path.
-   *
-   * Callers: readers of the workspace.
-   * Errors: NOT_FOUND if the workspace does not exist or the caller cannot
-   * read it; INVALID_ARGUMENT if filter, order_by or page_token is malformed.
-   *
-   * @generated from rpc corral.storage.v1.StorageService.ListFiles
-   */
-  listFiles: {
-    methodKind: "unary";
-    input: typeof ListFilesRequestSchema;
-    output: typeof ListFilesResponseSchema;
-  },
-  /**
-   * Deletes a file.
-   *
-   * Callers: writers of the workspace.
-   * Errors: NOT_FOUND; PERMISSION_DENIED (READ_ONLY_ACCESS); ABORTED
-   * (FILE_CHANGED) if if_sha256 is set and does not match.
-   *
-   * @generated from rpc corral.storage.v1.StorageService.DeleteFile
-   */
-  deleteFile: {
-    methodKind: "unary";
-    input: typeof DeleteFileRequestSchema;
-    output: typeof DeleteFileResponseSchema;
-  },
-  /**
-   * Gets an upload, to learn where to resume (committed_bytes).
-   *
-   * Callers: the upload's creator, admins.
-   * Errors: NOT_FOUND if it does not exist or the caller cannot see it.
-   *
-   * @generated from rpc corral.storage.v1.StorageService.GetUpload
-   */
-  getUpload: {
-    methodKind: "unary";
-    input: typeof GetUploadRequestSchema;
-    output: typeof GetUploadResponseSchema;
-  },
-  /**
-   * Starts an upload. If size_bytes is given, the storage quota is reserved
-   * for it now.
-   *
-   * Callers: writers of the workspace.
-   * Errors: NOT_FOUND if the workspace does not exist; PERMISSION_DENIED
-   * (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED);
-   * ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
-   * false; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
-   *
-   * @generated from rpc corral.storage.v1.StorageService.CreateUpload
-   */
-  createUpload: {
-    methodKind: "unary";
-    input: typeof CreateUploadRequestSchema;
-    output: typeof CreateUploadResponseSchema;
-  },
-  /**
-   * Gets a report, with its content unless view is BASIC.
-   *
-   * Callers: members of the report's organization.
-   * Errors: NOT_FOUND if it does not exist or is in another organization.
-   *
-   * @generated from rpc corral.storage.v1.StorageService.GetReport
-   */
-  getReport: {
-    methodKind: "unary";
-    input: typeof GetReportRequestSchema;
-    output: typeof GetReportResponseSchema;
-  },
-  /**
-   * Lists the reports of the caller's organization, newest first, without
-   * content unless view is FULL.
-   *
-   * Callers: members of an organization.
-   * Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
-   *
-   * @generated from rpc corral.storage.v1.StorageService.ListReports
-   */
-  listReports: {
-    methodKind: "unary";
-    input: typeof ListReportsRequestSchema;
-    output: typeof ListReportsResponseSchema;
-  },
-  /**
-   * Files a report.
-   *
-   * Callers: users and admins (for sessions they can read); Corral services
-   * (the task service, for task runs).
-   * Errors: PERMISSION_DENIED for viewers; INVALID_ARGUMENT if format, title
-   * or content is missing, (CONTENT_INVALID) if content is over 2 MiB or a
-   * JSON report does not parse, (REQUEST_ID_REUSED); NOT_FOUND if session
-   * is set and the caller cannot read it; RESOURCE_EXHAUSTED
-   * (STORAGE_QUOTA_EXCEEDED).
-   *
-   * @generated from rpc corral.storage.v1.StorageService.CreateReport
-   */
-  createReport: {
-    methodKind: "unary";
-    input: typeof CreateReportRequestSchema;
-    output: typeof CreateReportResponseSchema;
-  },
-  /**
-   * Deletes a report and gives its bytes back to the quota.
-   *
-   * Callers: the report's creator and admins.
-   * Errors: NOT_FOUND; PERMISSION_DENIED (READ_ONLY_ACCESS) for others.
-   *
-   * @generated from rpc corral.storage.v1.StorageService.DeleteReport
-   */
-  deleteReport: {
-    methodKind: "unary";
-    input: typeof DeleteReportRequestSchema;
-    output: typeof DeleteReportResponseSchema;
-  },
-  /**
-   * Copies a workspace, files and all, for a forked session.
+   * Copies a workspace, files and all (symbolic links are not copied), for
+   * a forked session. The copy's bytes are held on its owner's quota.
+   * Internal: no REST binding.
    *
    * Callers: Corral services only (the session service, on ForkSession).
-   * Errors: NOT_FOUND if the source does not exist; PERMISSION_DENIED for
-   * anyone else; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED) for the new
-   * owner; INVALID_ARGUMENT (REQUEST_ID_REUSED).
+   * Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else; NOT_FOUND
+   * (WORKSPACE_NOT_FOUND) if the source does not exist; INVALID_ARGUMENT if
+   * session or owner is missing or owner is not in the source's
+   * organization, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
+   * if the new session already has a workspace; RESOURCE_EXHAUSTED
+   * (STORAGE_QUOTA_EXCEEDED) for the new owner.
    *
    * @generated from rpc corral.storage.v1.StorageService.CloneWorkspace
    */
@@ -1338,86 +1643,129 @@ export const StorageService: GenService<{
     output: typeof CloneWorkspaceResponseSchema;
   },
   /**
-   * Packs a workspace (or a directory of it) into a gzip-compressed tar
-   * file stored in the same workspace under `.corral/archives/`, and returns
-   * that file: download it with DownloadFile. Archives never include
-   * `.corral/`. Synchronous; counts against the storage quota.
+   * Updates a workspace's labels and expire_time.
    *
    * Callers: writers of the workspace.
-   * Errors: NOT_FOUND if the workspace does not exist; PERMISSION_DENIED
-   * (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED);
-   * FAILED_PRECONDITION (ARCHIVE_TOO_LARGE); RESOURCE_EXHAUSTED
-   * (STORAGE_QUOTA_EXCEEDED).
+   * Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+   * (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field
+   * or labels are malformed; ABORTED (ETAG_MISMATCH).
    *
-   * @generated from rpc corral.storage.v1.StorageService.CreateArchive
+   * @generated from rpc corral.storage.v1.StorageService.UpdateWorkspace
    */
-  createArchive: {
+  updateWorkspace: {
     methodKind: "unary";
-    input: typeof CreateArchiveRequestSchema;
-    output: typeof CreateArchiveResponseSchema;
+    input: typeof UpdateWorkspaceRequestSchema;
+    output: typeof UpdateWorkspaceResponseSchema;
   },
   /**
-   * Appends one chunk (at most 2 MiB) to an upload. offset must equal the
-   * upload's committed_bytes. Resending the chunk that ends exactly at
-   * committed_bytes is accepted as a no-op, so a retry after a lost
-   * response is safe.
+   * Deletes a workspace with all its files, uploads and archives, and gives
+   * its bytes back to the quota. It disappears at once; its files are
+   * removed by the sweeper soon after. Reports are not affected.
    *
-   * Callers: the upload's creator.
-   * Errors: NOT_FOUND if the upload does not exist; PERMISSION_DENIED if the
-   * caller did not create it; FAILED_PRECONDITION (OFFSET_MISMATCH, with
-   * committed_bytes in ErrorInfo metadata) or (UPLOAD_NOT_ACTIVE);
-   * INVALID_ARGUMENT (CHUNK_TOO_LARGE), or if the chunk would exceed the
-   * declared size_bytes; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
+   * Callers: Corral services (the session service, on DeleteSession),
+   * superusers and admins of the organization.
+   * Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+   * (READ_ONLY_ACCESS) for other readers; ABORTED (ETAG_MISMATCH).
    *
-   * @generated from rpc corral.storage.v1.StorageService.AppendUploadChunk
+   * @generated from rpc corral.storage.v1.StorageService.DeleteWorkspace
    */
-  appendUploadChunk: {
+  deleteWorkspace: {
     methodKind: "unary";
-    input: typeof AppendUploadChunkRequestSchema;
-    output: typeof AppendUploadChunkResponseSchema;
+    input: typeof DeleteWorkspaceRequestSchema;
+    output: typeof DeleteWorkspaceResponseSchema;
   },
   /**
-   * Finishes an upload: verifies the SHA-256 (and the declared size) and
-   * atomically moves the file into place. Idempotent on a committed upload
-   * with the same sha256.
-   *
-   * Callers: the upload's creator.
-   * Errors: NOT_FOUND; PERMISSION_DENIED; INVALID_ARGUMENT (CHECKSUM_MISMATCH
-   * or SIZE_MISMATCH; the upload is aborted) or if sha256 is not 64 hex
-   * characters; FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE); ALREADY_EXISTS
-   * (FILE_EXISTS) if a file appeared at path and overwrite is false.
-   *
-   * @generated from rpc corral.storage.v1.StorageService.CommitUpload
-   */
-  commitUpload: {
-    methodKind: "unary";
-    input: typeof CommitUploadRequestSchema;
-    output: typeof CommitUploadResponseSchema;
-  },
-  /**
-   * Abandons an upload and discards its bytes. Idempotent on an aborted or
-   * expired upload.
-   *
-   * Callers: the upload's creator, admins.
-   * Errors: NOT_FOUND; PERMISSION_DENIED; FAILED_PRECONDITION
-   * (UPLOAD_NOT_ACTIVE) if it was committed.
-   *
-   * @generated from rpc corral.storage.v1.StorageService.AbortUpload
-   */
-  abortUpload: {
-    methodKind: "unary";
-    input: typeof AbortUploadRequestSchema;
-    output: typeof AbortUploadResponseSchema;
-  },
-  /**
-   * Streams a file's content in chunks of at most 1 MiB, from offset. The
-   * first message also carries the file's metadata. To resume after a
-   * broken stream, call again with offset = bytes received and if_sha256 =
-   * the sha256 from the first message.
+   * Gets a file's metadata, sha256 included.
    *
    * Callers: readers of the workspace.
-   * Errors: NOT_FOUND if the file does not exist or the caller cannot read
-   * it; OUT_OF_RANGE if offset is beyond the end of the file; ABORTED
+   * Errors: NOT_FOUND (WORKSPACE_NOT_FOUND, FILE_NOT_FOUND); INVALID_ARGUMENT
+   * (INVALID_PATH) if the name's {file} is not a valid path.
+   *
+   * @generated from rpc corral.storage.v1.StorageService.GetFile
+   */
+  getFile: {
+    methodKind: "unary";
+    input: typeof GetFileRequestSchema;
+    output: typeof GetFileResponseSchema;
+  },
+  /**
+   * Lists the regular files of a workspace in path order (byte order of the
+   * UTF-8 paths), read from its directory. With a delimiter (`/`), files
+   * below the next delimiter after prefix are rolled up into prefixes: a
+   * directory view.
+   *
+   * Callers: readers of the workspace.
+   * Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); INVALID_ARGUMENT if prefix is
+   * not a path (or a path ending in `/`), delimiter is not empty or `/`, or
+   * page_token is malformed.
+   *
+   * @generated from rpc corral.storage.v1.StorageService.ListFiles
+   */
+  listFiles: {
+    methodKind: "unary";
+    input: typeof ListFilesRequestSchema;
+    output: typeof ListFilesResponseSchema;
+  },
+  /**
+   * Writes a small file (at most 4 MiB) in one call: it appears (or is
+   * replaced) atomically. Larger files: CreateUpload.
+   *
+   * Callers: writers of the workspace.
+   * Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+   * (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE);
+   * ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
+   * false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
+   * WORKSPACE_FULL); ABORTED (FILE_CHANGED) if if_sha256 is set and the file
+   * there has other content; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
+   *
+   * @generated from rpc corral.storage.v1.StorageService.WriteFile
+   */
+  writeFile: {
+    methodKind: "unary";
+    input: typeof WriteFileRequestSchema;
+    output: typeof WriteFileResponseSchema;
+  },
+  /**
+   * Deletes a file.
+   *
+   * Callers: writers of the workspace.
+   * Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+   * (READ_ONLY_ACCESS); ABORTED (FILE_CHANGED) if if_sha256 is set and does
+   * not match.
+   *
+   * @generated from rpc corral.storage.v1.StorageService.DeleteFile
+   */
+  deleteFile: {
+    methodKind: "unary";
+    input: typeof DeleteFileRequestSchema;
+    output: typeof DeleteFileResponseSchema;
+  },
+  /**
+   * Moves (renames) a file within its workspace, atomically.
+   *
+   * Callers: writers of the workspace.
+   * Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+   * (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH); ALREADY_EXISTS
+   * (FILE_EXISTS) if a file exists at destination_path and overwrite is
+   * false; FAILED_PRECONDITION (PATH_CONFLICT).
+   *
+   * @generated from rpc corral.storage.v1.StorageService.MoveFile
+   */
+  moveFile: {
+    methodKind: "unary";
+    input: typeof MoveFileRequestSchema;
+    output: typeof MoveFileResponseSchema;
+  },
+  /**
+   * Streams a file's content in chunks of at most 1 MiB, from offset, read
+   * from one opened copy of the file. The first message carries the file's
+   * metadata (sha256 included). To resume after a broken stream, call again
+   * with offset = bytes received and if_sha256 = the first message's
+   * sha256. For raw bytes over REST use DownloadFileContent.
+   *
+   * Callers: readers of the workspace.
+   * Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); INVALID_ARGUMENT
+   * (RANGE_NOT_SATISFIABLE) if offset is past the end of the file; ABORTED
    * (FILE_CHANGED) if if_sha256 is set and the content changed.
    *
    * @generated from rpc corral.storage.v1.StorageService.DownloadFile
@@ -1428,11 +1776,270 @@ export const StorageService: GenService<{
     output: typeof DownloadFileResponseSchema;
   },
   /**
-   * Reports how much an organization stores.
+   * The same bytes as DownloadFile, as `google.api.HttpBody` chunks: over
+   * REST (`GET /v1/workspaces/w/files/f:download?offset=...`) the response
+   * body is the raw content with the file's content type, served as an
+   * attachment. Same callers, errors and resumption as DownloadFile.
    *
-   * Callers: members of the organization; superusers for any organization.
-   * Errors: NOT_FOUND if the organization is unknown to storage or the
-   * caller is not a member.
+   * @generated from rpc corral.storage.v1.StorageService.DownloadFileContent
+   */
+  downloadFileContent: {
+    methodKind: "server_streaming";
+    input: typeof DownloadFileContentRequestSchema;
+    output: typeof HttpBodySchema;
+  },
+  /**
+   * Starts a resumable upload into a workspace. If size_bytes is given, the
+   * storage quota is held for it now.
+   *
+   * Callers: writers of the workspace.
+   * Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+   * (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED)
+   * or if size_bytes is negative; ALREADY_EXISTS (FILE_EXISTS) if a file
+   * exists at path and overwrite is false; FAILED_PRECONDITION
+   * (FILE_TOO_LARGE, WORKSPACE_FULL, PATH_CONFLICT); RESOURCE_EXHAUSTED
+   * (STORAGE_QUOTA_EXCEEDED).
+   *
+   * @generated from rpc corral.storage.v1.StorageService.CreateUpload
+   */
+  createUpload: {
+    methodKind: "unary";
+    input: typeof CreateUploadRequestSchema;
+    output: typeof CreateUploadResponseSchema;
+  },
+  /**
+   * Gets an upload, to learn where to resume (committed_bytes).
+   *
+   * Callers: the upload's creator and writers of its workspace.
+   * Errors: NOT_FOUND (UPLOAD_NOT_FOUND) if it does not exist or the caller
+   * cannot see it.
+   *
+   * @generated from rpc corral.storage.v1.StorageService.GetUpload
+   */
+  getUpload: {
+    methodKind: "unary";
+    input: typeof GetUploadRequestSchema;
+    output: typeof GetUploadResponseSchema;
+  },
+  /**
+   * Appends one chunk (1 byte to 2 MiB) to an upload. offset must equal the
+   * upload's committed_bytes. Resending the chunk that ends exactly at
+   * committed_bytes answers committed_bytes and changes nothing, so a retry
+   * after a lost response is safe (the commit's sha256 catches any
+   * difference).
+   *
+   * Callers: the upload's creator.
+   * Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+   * (READ_ONLY_ACCESS) for others who can see it; FAILED_PRECONDITION
+   * (OFFSET_MISMATCH, with committed_bytes in ErrorInfo metadata),
+   * (UPLOAD_NOT_ACTIVE), (FILE_TOO_LARGE or WORKSPACE_FULL: the upload
+   * FAILED); INVALID_ARGUMENT (CHUNK_TOO_LARGE), (SIZE_MISMATCH) if the
+   * chunk would go past the declared size_bytes; ABORTED (UPLOAD_BUSY);
+   * RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED: the upload FAILED).
+   *
+   * @generated from rpc corral.storage.v1.StorageService.AppendUploadChunk
+   */
+  appendUploadChunk: {
+    methodKind: "unary";
+    input: typeof AppendUploadChunkRequestSchema;
+    output: typeof AppendUploadChunkResponseSchema;
+  },
+  /**
+   * Finishes an upload: verifies the SHA-256 (and the declared size) and
+   * atomically puts the file in place. A retry on a COMMITTED upload with
+   * the same sha256 answers the same file.
+   *
+   * Callers: the upload's creator.
+   * Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+   * (READ_ONLY_ACCESS); INVALID_ARGUMENT (CHECKSUM_MISMATCH or SIZE_MISMATCH:
+   * the upload FAILED) or if sha256 is not 64 hex characters;
+   * FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE, PATH_CONFLICT); ALREADY_EXISTS
+   * (FILE_EXISTS) if a file appeared at path and overwrite is false (the
+   * upload stays ACTIVE); ABORTED (UPLOAD_BUSY).
+   *
+   * @generated from rpc corral.storage.v1.StorageService.CommitUpload
+   */
+  commitUpload: {
+    methodKind: "unary";
+    input: typeof CommitUploadRequestSchema;
+    output: typeof CommitUploadResponseSchema;
+  },
+  /**
+   * Abandons an upload, discards its bytes and gives back its quota hold.
+   * Idempotent on an upload that already ended without a commit.
+   *
+   * Callers: the upload's creator and writers of its workspace.
+   * Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
+   * (READ_ONLY_ACCESS); FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE) if it was
+   * committed; ABORTED (UPLOAD_BUSY).
+   *
+   * @generated from rpc corral.storage.v1.StorageService.AbortUpload
+   */
+  abortUpload: {
+    methodKind: "unary";
+    input: typeof AbortUploadRequestSchema;
+    output: typeof AbortUploadResponseSchema;
+  },
+  /**
+   * Files a report (content at most 4 MiB), its bytes held on its owner's
+   * storage quota.
+   *
+   * Callers: users and admins (owner: themselves); Corral services (any
+   * owner, session and task_run).
+   * Errors: PERMISSION_DENIED (READ_ONLY_ACCESS) for viewers;
+   * INVALID_ARGUMENT if title is missing or too long, content_type is
+   * missing for REPORT_FORMAT_UNSPECIFIED, owner, session or task_run are
+   * set by a non-service or malformed, labels are malformed, expire_time is
+   * in the past, (CONTENT_INVALID) if content is over 4 MiB or a JSON report
+   * does not parse, (REQUEST_ID_REUSED); RESOURCE_EXHAUSTED
+   * (STORAGE_QUOTA_EXCEEDED).
+   *
+   * @generated from rpc corral.storage.v1.StorageService.CreateReport
+   */
+  createReport: {
+    methodKind: "unary";
+    input: typeof CreateReportRequestSchema;
+    output: typeof CreateReportResponseSchema;
+  },
+  /**
+   * Gets a report, with its content unless view is BASIC.
+   *
+   * Callers: readers of the report.
+   * Errors: NOT_FOUND (REPORT_NOT_FOUND) if it does not exist or the caller
+   * cannot read it.
+   *
+   * @generated from rpc corral.storage.v1.StorageService.GetReport
+   */
+  getReport: {
+    methodKind: "unary";
+    input: typeof GetReportRequestSchema;
+    output: typeof GetReportResponseSchema;
+  },
+  /**
+   * Lists the reports the caller can read (their own for users, the
+   * organization's for admins and viewers), newest first, without content.
+   *
+   * Callers: members of an organization; Corral services (with an
+   * `organization` filter).
+   * Errors: INVALID_ARGUMENT if filter, order_by or page_token is malformed.
+   *
+   * @generated from rpc corral.storage.v1.StorageService.ListReports
+   */
+  listReports: {
+    methodKind: "unary";
+    input: typeof ListReportsRequestSchema;
+    output: typeof ListReportsResponseSchema;
+  },
+  /**
+   * Deletes a report and gives its bytes back to the quota.
+   *
+   * Callers: its owner (with the user role), admins of its organization,
+   * superusers and Corral services.
+   * Errors: NOT_FOUND (REPORT_NOT_FOUND); PERMISSION_DENIED
+   * (READ_ONLY_ACCESS) for other readers.
+   *
+   * @generated from rpc corral.storage.v1.StorageService.DeleteReport
+   */
+  deleteReport: {
+    methodKind: "unary";
+    input: typeof DeleteReportRequestSchema;
+    output: typeof DeleteReportResponseSchema;
+  },
+  /**
+   * Streams a report's content as `google.api.HttpBody` chunks: over REST
+   * (`GET /v1/reports/r:download`) the raw document with its content type,
+   * always as an attachment (HTML never renders on the API's origin).
+   *
+   * Callers: readers of the report.
+   * Errors: NOT_FOUND (REPORT_NOT_FOUND, BLOB_NOT_FOUND).
+   *
+   * @generated from rpc corral.storage.v1.StorageService.DownloadReport
+   */
+  downloadReport: {
+    methodKind: "server_streaming";
+    input: typeof DownloadReportRequestSchema;
+    output: typeof HttpBodySchema;
+  },
+  /**
+   * Starts building an archive of a workspace (or of one directory of it);
+   * returns it BUILDING. Poll GetArchive until READY or FAILED.
+   *
+   * Callers: writers of the workspace.
+   * Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
+   * (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, REQUEST_ID_REUSED)
+   * or if expire_time is in the past or more than 30 days ahead;
+   * UNIMPLEMENTED (UNIMPLEMENTED) where this deployment builds no archives.
+   *
+   * @generated from rpc corral.storage.v1.StorageService.CreateArchive
+   */
+  createArchive: {
+    methodKind: "unary";
+    input: typeof CreateArchiveRequestSchema;
+    output: typeof CreateArchiveResponseSchema;
+  },
+  /**
+   * Gets an archive.
+   *
+   * Callers: readers of the workspace.
+   * Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND).
+   *
+   * @generated from rpc corral.storage.v1.StorageService.GetArchive
+   */
+  getArchive: {
+    methodKind: "unary";
+    input: typeof GetArchiveRequestSchema;
+    output: typeof GetArchiveResponseSchema;
+  },
+  /**
+   * Lists a workspace's archives, newest first.
+   *
+   * Callers: readers of the workspace.
+   * Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); INVALID_ARGUMENT if page_token
+   * is malformed.
+   *
+   * @generated from rpc corral.storage.v1.StorageService.ListArchives
+   */
+  listArchives: {
+    methodKind: "unary";
+    input: typeof ListArchivesRequestSchema;
+    output: typeof ListArchivesResponseSchema;
+  },
+  /**
+   * Deletes an archive (a BUILDING one stops) and gives its bytes back.
+   *
+   * Callers: writers of the workspace.
+   * Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND);
+   * PERMISSION_DENIED (READ_ONLY_ACCESS).
+   *
+   * @generated from rpc corral.storage.v1.StorageService.DeleteArchive
+   */
+  deleteArchive: {
+    methodKind: "unary";
+    input: typeof DeleteArchiveRequestSchema;
+    output: typeof DeleteArchiveResponseSchema;
+  },
+  /**
+   * Streams a READY archive as `google.api.HttpBody` chunks (over REST: the
+   * raw file, as an attachment), from offset.
+   *
+   * Callers: readers of the workspace.
+   * Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND,
+   * BLOB_NOT_FOUND); FAILED_PRECONDITION (ARCHIVE_NOT_READY);
+   * INVALID_ARGUMENT (RANGE_NOT_SATISFIABLE).
+   *
+   * @generated from rpc corral.storage.v1.StorageService.DownloadArchive
+   */
+  downloadArchive: {
+    methodKind: "server_streaming";
+    input: typeof DownloadArchiveRequestSchema;
+    output: typeof HttpBodySchema;
+  },
+  /**
+   * Reports how much an organization keeps, with a breakdown by owner.
+   *
+   * Callers: members of the organization (users see only their own owner
+   * line); superusers and Corral services for any organization.
+   * Errors: NOT_FOUND if the caller is not a member of the organization.
    *
    * @generated from rpc corral.storage.v1.StorageService.GetStorageUsage
    */

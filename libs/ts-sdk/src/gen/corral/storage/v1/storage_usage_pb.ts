@@ -4,6 +4,7 @@
 
 import type { GenFile, GenMessage } from "@bufbuild/protobuf/codegenv2";
 import { fileDesc, messageDesc } from "@bufbuild/protobuf/codegenv2";
+import { file_google_api_field_behavior } from "../../../google/api/field_behavior_pb.js";
 import { file_google_api_resource } from "../../../google/api/resource_pb.js";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
@@ -13,42 +14,120 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file corral/storage/v1/storage_usage.proto.
  */
 export const file_corral_storage_v1_storage_usage: GenFile = /*@__PURE__*/
-  fileDesc("CiVjb3JyYWwvc3RvcmFnZS92MS9zdG9yYWdlX3VzYWdlLnByb3RvEhFjb3JyYWwuc3RvcmFnZS52MSKiAgoMU3RvcmFnZVVzYWdlEjsKDG9yZ2FuaXphdGlvbhgBIAEoCUIl+kEiCiBpZGVudGl0eS5jb3JyYWwuZGV2L09yZ2FuaXphdGlvbhITCgt0b3RhbF9ieXRlcxgCIAEoAxIXCg93b3Jrc3BhY2VfYnl0ZXMYAyABKAMSFAoMcmVwb3J0X2J5dGVzGAQgASgDEhwKFHBlbmRpbmdfdXBsb2FkX2J5dGVzGAUgASgDEhcKD3dvcmtzcGFjZV9jb3VudBgGIAEoAxISCgpmaWxlX2NvdW50GAcgASgDEhQKDHJlcG9ydF9jb3VudBgIIAEoAxIwCgxjb21wdXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wYgZwcm90bzM", [file_google_api_resource, file_google_protobuf_timestamp]);
+  fileDesc("CiVjb3JyYWwvc3RvcmFnZS92MS9zdG9yYWdlX3VzYWdlLnByb3RvEhFjb3JyYWwuc3RvcmFnZS52MSK6AgoMU3RvcmFnZVVzYWdlEhIKBG5hbWUYASABKAlCBOJBAQgSNAoFdG90YWwYAiABKAsyHy5jb3JyYWwuc3RvcmFnZS52MS5TdG9yYWdlQnl0ZXNCBOJBAQMSOgoGb3duZXJzGAMgAygLMiQuY29ycmFsLnN0b3JhZ2UudjEuT3duZXJTdG9yYWdlVXNhZ2VCBOJBAQMSNgoMY29tcHV0ZV90aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAzps6kFpCh9zdG9yYWdlLmNvcnJhbC5kZXYvU3RvcmFnZVVzYWdlEilvcmdhbml6YXRpb25zL3tvcmdhbml6YXRpb259L3N0b3JhZ2VVc2FnZSoNc3RvcmFnZVVzYWdlczIMc3RvcmFnZVVzYWdlIlIKEU93bmVyU3RvcmFnZVVzYWdlEg0KBW93bmVyGAEgASgJEi4KBXVzYWdlGAIgASgLMh8uY29ycmFsLnN0b3JhZ2UudjEuU3RvcmFnZUJ5dGVzIuEBCgxTdG9yYWdlQnl0ZXMSEwoLdG90YWxfYnl0ZXMYASABKAMSFwoPd29ya3NwYWNlX2J5dGVzGAIgASgDEhQKDHJlcG9ydF9ieXRlcxgDIAEoAxIVCg1hcmNoaXZlX2J5dGVzGAQgASgDEhwKFHBlbmRpbmdfdXBsb2FkX2J5dGVzGAUgASgDEhcKD3dvcmtzcGFjZV9jb3VudBgGIAEoAxISCgpmaWxlX2NvdW50GAcgASgDEhQKDHJlcG9ydF9jb3VudBgIIAEoAxIVCg1hcmNoaXZlX2NvdW50GAkgASgDYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
 
 /**
- * How much an organization stores. Storage reports the same byte counts to
- * identity's usage ledger, which enforces the quota.
+ * How much an organization keeps in storage, with a breakdown by owner. A
+ * read-only singleton of the organization. Storage reports the same bytes to
+ * identity's usage ledger (USAGE_KIND_STORAGE_BYTES), which enforces the
+ * quota; this resource is the inventory behind those figures.
+ *
+ * Visibility: members of the organization, superusers and Corral services.
+ * The per-owner breakdown lists every owner for admins, viewers, superusers
+ * and services; a user sees only their own line.
  *
  * @generated from message corral.storage.v1.StorageUsage
  */
 export type StorageUsage = Message<"corral.storage.v1.StorageUsage"> & {
   /**
-   * The organization, `organizations/{organization}`.
+   * Identifier. `organizations/{organization}/storageUsage`.
    *
-   * @generated from field: string organization = 1;
+   * @generated from field: string name = 1;
    */
-  organization: string;
+  name: string;
 
   /**
-   * Total bytes stored: workspaces plus reports plus uploads in progress.
+   * Output only. Everything below, in one figure.
    *
-   * @generated from field: int64 total_bytes = 2;
+   * @generated from field: corral.storage.v1.StorageBytes total = 2;
+   */
+  total?: StorageBytes | undefined;
+
+  /**
+   * Output only. The same per owner (a user or service account), largest
+   * first.
+   *
+   * @generated from field: repeated corral.storage.v1.OwnerStorageUsage owners = 3;
+   */
+  owners: OwnerStorageUsage[];
+
+  /**
+   * Output only. When the figures were computed. Workspace figures are as of
+   * each workspace's last measurement.
+   *
+   * @generated from field: google.protobuf.Timestamp compute_time = 4;
+   */
+  computeTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.StorageUsage.
+ * Use `create(StorageUsageSchema)` to create a new message.
+ */
+export const StorageUsageSchema: GenMessage<StorageUsage> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_usage, 0);
+
+/**
+ * One owner's line of a StorageUsage.
+ *
+ * @generated from message corral.storage.v1.OwnerStorageUsage
+ */
+export type OwnerStorageUsage = Message<"corral.storage.v1.OwnerStorageUsage"> & {
+  /**
+   * The owner, a user or service account resource name.
+   *
+   * @generated from field: string owner = 1;
+   */
+  owner: string;
+
+  /**
+   * What the owner keeps.
+   *
+   * @generated from field: corral.storage.v1.StorageBytes usage = 2;
+   */
+  usage?: StorageBytes | undefined;
+};
+
+/**
+ * Describes the message corral.storage.v1.OwnerStorageUsage.
+ * Use `create(OwnerStorageUsageSchema)` to create a new message.
+ */
+export const OwnerStorageUsageSchema: GenMessage<OwnerStorageUsage> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_usage, 1);
+
+/**
+ * Bytes and counts of what is stored.
+ *
+ * @generated from message corral.storage.v1.StorageBytes
+ */
+export type StorageBytes = Message<"corral.storage.v1.StorageBytes"> & {
+  /**
+   * Workspace files plus reports plus archives plus uploads in progress.
+   *
+   * @generated from field: int64 total_bytes = 1;
    */
   totalBytes: bigint;
 
   /**
-   * Bytes of workspace files (archives included).
+   * Bytes of workspace files (as last measured).
    *
-   * @generated from field: int64 workspace_bytes = 3;
+   * @generated from field: int64 workspace_bytes = 2;
    */
   workspaceBytes: bigint;
 
   /**
    * Bytes of report content.
    *
-   * @generated from field: int64 report_bytes = 4;
+   * @generated from field: int64 report_bytes = 3;
    */
   reportBytes: bigint;
+
+  /**
+   * Bytes of ready archives.
+   *
+   * @generated from field: int64 archive_bytes = 4;
+   */
+  archiveBytes: bigint;
 
   /**
    * Bytes received by uploads not yet committed.
@@ -65,7 +144,7 @@ export type StorageUsage = Message<"corral.storage.v1.StorageUsage"> & {
   workspaceCount: bigint;
 
   /**
-   * Number of files across all workspaces.
+   * Number of files across the workspaces (as last measured).
    *
    * @generated from field: int64 file_count = 7;
    */
@@ -79,18 +158,17 @@ export type StorageUsage = Message<"corral.storage.v1.StorageUsage"> & {
   reportCount: bigint;
 
   /**
-   * When these figures were computed (they may lag writes by a few
-   * seconds).
+   * Number of ready archives.
    *
-   * @generated from field: google.protobuf.Timestamp compute_time = 9;
+   * @generated from field: int64 archive_count = 9;
    */
-  computeTime?: Timestamp | undefined;
+  archiveCount: bigint;
 };
 
 /**
- * Describes the message corral.storage.v1.StorageUsage.
- * Use `create(StorageUsageSchema)` to create a new message.
+ * Describes the message corral.storage.v1.StorageBytes.
+ * Use `create(StorageBytesSchema)` to create a new message.
  */
-export const StorageUsageSchema: GenMessage<StorageUsage> = /*@__PURE__*/
-  messageDesc(file_corral_storage_v1_storage_usage, 0);
+export const StorageBytesSchema: GenMessage<StorageBytes> = /*@__PURE__*/
+  messageDesc(file_corral_storage_v1_storage_usage, 2);
 

@@ -14,15 +14,26 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file corral/storage/v1/upload.proto.
  */
 export const file_corral_storage_v1_upload: GenFile = /*@__PURE__*/
-  fileDesc("Ch5jb3JyYWwvc3RvcmFnZS92MS91cGxvYWQucHJvdG8SEWNvcnJhbC5zdG9yYWdlLnYxItEECgZVcGxvYWQSEgoEbmFtZRgBIAEoCUIE4kEBCBITCgRwYXRoGAIgASgJQgXiQQICBRIYCgpzaXplX2J5dGVzGAMgASgDQgTiQQEFEhoKDGNvbnRlbnRfdHlwZRgEIAEoCUIE4kEBBRIXCglvdmVyd3JpdGUYBSABKAhCBOJBAQUSNAoFc3RhdGUYBiABKA4yHy5jb3JyYWwuc3RvcmFnZS52MS5VcGxvYWQuU3RhdGVCBOJBAQMSHQoPY29tbWl0dGVkX2J5dGVzGAcgASgDQgTiQQEDEhUKB2NyZWF0b3IYCCABKAlCBOJBAQMSNQoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEjUKC2V4cGlyZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIuCgRmaWxlGAsgASgJQiDiQQED+kEZChdzdG9yYWdlLmNvcnJhbC5kZXYvRmlsZSJrCgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEhAKDFNUQVRFX0FDVElWRRABEhMKD1NUQVRFX0NPTU1JVFRFRBACEhEKDVNUQVRFX0FCT1JURUQQAxIRCg1TVEFURV9FWFBJUkVEEAQ6WOpBVQoZc3RvcmFnZS5jb3JyYWwuZGV2L1VwbG9hZBInd29ya3NwYWNlcy97d29ya3NwYWNlfS91cGxvYWRzL3t1cGxvYWR9Kgd1cGxvYWRzMgZ1cGxvYWRiBnByb3RvMw", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
+  fileDesc("Ch5jb3JyYWwvc3RvcmFnZS92MS91cGxvYWQucHJvdG8SEWNvcnJhbC5zdG9yYWdlLnYxIrgFCgZVcGxvYWQSEgoEbmFtZRgBIAEoCUIE4kEBCBITCgRwYXRoGAIgASgJQgXiQQICBRIYCgpzaXplX2J5dGVzGAMgASgDQgTiQQEFEhoKDGNvbnRlbnRfdHlwZRgEIAEoCUIE4kEBBRIXCglvdmVyd3JpdGUYBSABKAhCBOJBAQUSNAoFc3RhdGUYBiABKA4yHy5jb3JyYWwuc3RvcmFnZS52MS5VcGxvYWQuU3RhdGVCBOJBAQMSHQoPY29tbWl0dGVkX2J5dGVzGAcgASgDQgTiQQEDEhUKB2NyZWF0b3IYCCABKAlCBOJBAQMSNQoLY3JlYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wQgTiQQEDEjUKC2V4cGlyZV90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxIuCgRmaWxlGAsgASgJQiDiQQED+kEZChdzdG9yYWdlLmNvcnJhbC5kZXYvRmlsZRIcCg5mYWlsdXJlX3JlYXNvbhgMIAEoCUIE4kEBAxI1Cgt1cGRhdGVfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMifQoFU3RhdGUSFQoRU1RBVEVfVU5TUEVDSUZJRUQQABIQCgxTVEFURV9BQ1RJVkUQARITCg9TVEFURV9DT01NSVRURUQQAhIRCg1TVEFURV9BQk9SVEVEEAMSEQoNU1RBVEVfRVhQSVJFRBAEEhAKDFNUQVRFX0ZBSUxFRBAFOljqQVUKGXN0b3JhZ2UuY29ycmFsLmRldi9VcGxvYWQSJ3dvcmtzcGFjZXMve3dvcmtzcGFjZX0vdXBsb2Fkcy97dXBsb2FkfSoHdXBsb2FkczIGdXBsb2FkYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
 
 /**
  * A resumable, chunked upload of one file into a workspace, made only of
  * unary calls so that browsers can use it over grpc-web: CreateUpload, then
  * AppendUploadChunk for consecutive byte ranges, then CommitUpload with the
- * SHA-256 of the whole content (or AbortUpload). The file appears (or is
- * replaced) atomically at commit; until then nothing in the workspace
- * changes. An upload expires 24 hours after its last chunk.
+ * SHA-256 of the whole content (or AbortUpload). The bytes are kept in the
+ * blob store until the commit; the file appears (or is replaced) in the
+ * workspace atomically at commit, and until then nothing in the workspace
+ * changes. An upload expires 24 hours after its last chunk; the sweeper then
+ * discards its bytes.
+ *
+ * Quota: the storage bytes of the workspace's owner are held for the upload
+ * (all of size_bytes at CreateUpload when it is declared, else chunk by
+ * chunk). An upload the quota cannot hold ends FAILED
+ * (STORAGE_QUOTA_EXCEEDED) with its bytes discarded and its holds given
+ * back; so does one whose commit finds a wrong checksum or size.
+ *
+ * Visibility: an upload is seen by its creator and by whoever may write its
+ * workspace; only its creator (or a Corral service) appends and commits.
  *
  * @generated from message corral.storage.v1.Upload
  */
@@ -35,19 +46,17 @@ export type Upload = Message<"corral.storage.v1.Upload"> & {
   name: string;
 
   /**
-   * Required. Immutable. Destination path relative to the workspace root,
-   * `/`-separated, at most 1,024 bytes of UTF-8, without `.`/`..` segments,
-   * a leading `/`, NUL bytes or a `.corral/` prefix (INVALID_ARGUMENT,
-   * reason INVALID_PATH).
+   * Required. Immutable. Destination path relative to the workspace root
+   * (the rules are File's: INVALID_ARGUMENT, reason INVALID_PATH).
    *
    * @generated from field: string path = 2;
    */
   path: string;
 
   /**
-   * Immutable. The total size, if known: storage quota is reserved for it up
+   * Immutable. The total size, if known: storage quota is held for it up
    * front, and the commit fails if the bytes received differ. 0 means
-   * unknown (quota is then checked chunk by chunk).
+   * unknown (quota is then held chunk by chunk).
    *
    * @generated from field: int64 size_bytes = 3;
    */
@@ -110,6 +119,21 @@ export type Upload = Message<"corral.storage.v1.Upload"> & {
    * @generated from field: string file = 11;
    */
   file: string;
+
+  /**
+   * Output only. For a FAILED upload, the reason (an ErrorReason name, for
+   * example STORAGE_QUOTA_EXCEEDED or CHECKSUM_MISMATCH).
+   *
+   * @generated from field: string failure_reason = 12;
+   */
+  failureReason: string;
+
+  /**
+   * Output only. When the upload last changed (a chunk, a commit, an end).
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 13;
+   */
+  updateTime?: Timestamp | undefined;
 };
 
 /**
@@ -147,7 +171,7 @@ export enum Upload_State {
   COMMITTED = 2,
 
   /**
-   * Aborted by AbortUpload or by a failed commit; its bytes were discarded.
+   * Aborted by AbortUpload; its bytes were discarded.
    *
    * @generated from enum value: STATE_ABORTED = 3;
    */
@@ -159,6 +183,14 @@ export enum Upload_State {
    * @generated from enum value: STATE_EXPIRED = 4;
    */
   EXPIRED = 4,
+
+  /**
+   * Ended by the service (failure_reason says why); its bytes were
+   * discarded.
+   *
+   * @generated from enum value: STATE_FAILED = 5;
+   */
+  FAILED = 5,
 }
 
 /**

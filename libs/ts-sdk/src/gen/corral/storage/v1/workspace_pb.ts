@@ -14,23 +14,29 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file corral/storage/v1/workspace.proto.
  */
 export const file_corral_storage_v1_workspace: GenFile = /*@__PURE__*/
-  fileDesc("CiFjb3JyYWwvc3RvcmFnZS92MS93b3Jrc3BhY2UucHJvdG8SEWNvcnJhbC5zdG9yYWdlLnYxIuMDCglXb3Jrc3BhY2USEgoEbmFtZRgBIAEoCUIE4kEBCBJACgxvcmdhbml6YXRpb24YAiABKAlCKuJBAgIF+kEiCiBpZGVudGl0eS5jb3JyYWwuZGV2L09yZ2FuaXphdGlvbhI1CgdzZXNzaW9uGAMgASgJQiTiQQICBfpBHAoac2Vzc2lvbi5jb3JyYWwuZGV2L1Nlc3Npb24SFAoFb3duZXIYBCABKAlCBeJBAgIFEhgKCnNpemVfYnl0ZXMYBSABKANCBOJBAQMSGAoKZmlsZV9jb3VudBgGIAEoA0IE4kEBAxI/ChBzb3VyY2Vfd29ya3NwYWNlGAcgASgJQiXiQQED+kEeChxzdG9yYWdlLmNvcnJhbC5kZXYvV29ya3NwYWNlEjUKC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI1Cgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQM6UOpBTQocc3RvcmFnZS5jb3JyYWwuZGV2L1dvcmtzcGFjZRIWd29ya3NwYWNlcy97d29ya3NwYWNlfSoKd29ya3NwYWNlczIJd29ya3NwYWNlYgZwcm90bzM", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
+  fileDesc("CiFjb3JyYWwvc3RvcmFnZS92MS93b3Jrc3BhY2UucHJvdG8SEWNvcnJhbC5zdG9yYWdlLnYxIskFCglXb3Jrc3BhY2USEgoEbmFtZRgBIAEoCUIE4kEBCBJACgxvcmdhbml6YXRpb24YAiABKAlCKuJBAgIF+kEiCiBpZGVudGl0eS5jb3JyYWwuZGV2L09yZ2FuaXphdGlvbhI1CgdzZXNzaW9uGAMgASgJQiTiQQICBfpBHAoac2Vzc2lvbi5jb3JyYWwuZGV2L1Nlc3Npb24SFAoFb3duZXIYBCABKAlCBeJBAgIFEhgKCnNpemVfYnl0ZXMYBSABKANCBOJBAQMSGAoKZmlsZV9jb3VudBgGIAEoA0IE4kEBAxI/ChBzb3VyY2Vfd29ya3NwYWNlGAcgASgJQiXiQQED+kEeChxzdG9yYWdlLmNvcnJhbC5kZXYvV29ya3NwYWNlEjUKC2NyZWF0ZV90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEIE4kEBAxI1Cgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMSOAoGbGFiZWxzGAogAygLMiguY29ycmFsLnN0b3JhZ2UudjEuV29ya3NwYWNlLkxhYmVsc0VudHJ5EhIKBGV0YWcYCyABKAlCBOJBAQMSLwoLZXhwaXJlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjYKDG1lYXN1cmVfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXBCBOJBAQMaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ATpQ6kFNChxzdG9yYWdlLmNvcnJhbC5kZXYvV29ya3NwYWNlEhZ3b3Jrc3BhY2VzL3t3b3Jrc3BhY2V9Kgp3b3Jrc3BhY2VzMgl3b3Jrc3BhY2ViBnByb3RvMw", [file_google_api_field_behavior, file_google_api_resource, file_google_protobuf_timestamp]);
 
 /**
- * A session's working directory: the agent reads and writes its files there
- * (through the runtime, which mounts the same storage), and people upload
- * and download files through this service. One workspace per session,
- * created and deleted by the session service.
+ * A session's working directory: the agent reads and writes its files
+ * directly (the runtime runs it in the directory storage assigned, on a
+ * filesystem both services share), and people list, upload and download its
+ * files through this service. Files the agent writes show up in ListFiles at
+ * once: the listing reads the directory itself.
  *
- * Access mirrors the session's: its owner and the organization's admins may
- * read and write it; the organization's viewers may read it.
+ * Visibility (the same rule as a session's): "readers" are its owner, the
+ * admins and viewers of its organization, superusers and Corral services;
+ * "writers" are its owner (with the user role), the admins of its
+ * organization, superusers and Corral services. Anyone else gets NOT_FOUND,
+ * never a hint that it exists; a reader who tries to write gets
+ * PERMISSION_DENIED (READ_ONLY_ACCESS).
  *
  * @generated from message corral.storage.v1.Workspace
  */
 export type Workspace = Message<"corral.storage.v1.Workspace"> & {
   /**
-   * Identifier. The resource name, `workspaces/{workspace}`;
-   * server-assigned.
+   * Identifier. The resource name, `workspaces/{workspace}`. For a session's
+   * workspace {workspace} is the session's id, so `sessions/abc` works in
+   * `workspaces/abc`.
    *
    * @generated from field: string name = 1;
    */
@@ -54,21 +60,23 @@ export type Workspace = Message<"corral.storage.v1.Workspace"> & {
 
   /**
    * Required. Immutable. The principal whose storage quota the workspace
-   * uses (the session's owner).
+   * uses and who may write it (the session's owner), a user or service
+   * account of organization.
    *
    * @generated from field: string owner = 4;
    */
   owner: string;
 
   /**
-   * Output only. Total bytes of the files in the workspace.
+   * Output only. Total bytes of the regular files in the workspace, as last
+   * measured (see measure_time).
    *
    * @generated from field: int64 size_bytes = 5;
    */
   sizeBytes: bigint;
 
   /**
-   * Output only. Number of files in the workspace.
+   * Output only. Number of regular files in the workspace, as last measured.
    *
    * @generated from field: int64 file_count = 6;
    */
@@ -89,12 +97,47 @@ export type Workspace = Message<"corral.storage.v1.Workspace"> & {
   createTime?: Timestamp | undefined;
 
   /**
-   * Output only. When a file in it last changed (as far as the service has
-   * observed).
+   * Output only. When the workspace's resource (labels, expire_time) or its
+   * measured size last changed.
    *
    * @generated from field: google.protobuf.Timestamp update_time = 9;
    */
   updateTime?: Timestamp | undefined;
+
+  /**
+   * Free-form labels for filtering, at most 64 entries; keys
+   * `[a-z][a-z0-9_-]{0,62}`, values at most 63 characters.
+   *
+   * @generated from field: map<string, string> labels = 10;
+   */
+  labels: { [key: string]: string };
+
+  /**
+   * Output only. Changes whenever the resource changes. Send it back on
+   * UpdateWorkspace or DeleteWorkspace to make them conditional: a mismatch
+   * fails with ABORTED (reason ETAG_MISMATCH).
+   *
+   * @generated from field: string etag = 11;
+   */
+  etag: string;
+
+  /**
+   * When the retention sweeper deletes the workspace and its files; unset:
+   * kept until deleted. The session service sets it when a session is
+   * archived.
+   *
+   * @generated from field: google.protobuf.Timestamp expire_time = 12;
+   */
+  expireTime?: Timestamp | undefined;
+
+  /**
+   * Output only. When size_bytes and file_count were measured (the agent
+   * writes files directly; storage measures and reconciles the quota after
+   * every change it makes and periodically).
+   *
+   * @generated from field: google.protobuf.Timestamp measure_time = 13;
+   */
+  measureTime?: Timestamp | undefined;
 };
 
 /**
