@@ -1,0 +1,89 @@
+"""a. The runtime is killed (-9) in the middle of a turn: the turn ends FAILED, no agent process
+of it is left running, and the restarted runtime serves the session's next turn."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.faults.client import FAILED, QUICK, SUCCEEDED, Client, Watcher, streamed_text
+from tests.faults.record import record
+from tests.support.topology import AgentProcess, agent_processes, kill_agent_processes
+
+pytestmark = pytest.mark.timeout(300)
+
+DIE_WITHIN = 10.0  # seconds for the agents of a dead runtime to be gone
+
+
+async def _survivors(processes: list[AgentProcess], within: float) -> list[AgentProcess]:
+    """Those of ``processes`` still alive after up to ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        alive = [p for p in processes if p.alive]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        await asyncio.sleep(0.1)
+
+
+async def test_runtime_killed_mid_turn(client: Client) -> None:
+    topology = client.topology
+    runtime = topology.runtimes[0]
+    (user,) = await client.new_users(1, "runtime-kill")
+    session = await client.new_session(user)
+    turn = await client.send(user, session, streamed_text(30))
+    watcher = Watcher(client, user, session, [topology.edge]).start()
+    problems: list[str] = []
+    leftovers: list[AgentProcess] = []
+    try:
+        await watcher.streaming(turn, within=90)
+        agents = agent_processes(topology.runtime_root)
+        assert agents, "the harness sees no agent process of the running turn"
+        killed = time.monotonic()
+        await runtime.kill()
+
+        result = await watcher.result_of(turn, within=60)
+        turn_ended = time.monotonic() - killed
+        if result.status != FAILED:
+            problems.append(f"the turn ended {result.status}, not FAILED: {result}")
+
+        # Every process of the dead runtime's agents, including those it started since.
+        leftovers = await _survivors(
+            list({*agents, *agent_processes(topology.runtime_root)}), DIE_WITHIN
+        )
+        if leftovers:
+            problems.append(
+                f"{len(leftovers)} agent process(es) still running {DIE_WITHIN:g} s after the"
+                " runtime was killed: "
+                + "; ".join(f"pid {p.pid}: {p.cmdline[:100]}" for p in leftovers)
+            )
+
+        await topology.restart(runtime)
+        restarted = time.monotonic() - killed
+        if leftovers:  # a starting runtime should reap what its predecessor left
+            leftovers = await _survivors(leftovers, DIE_WITHIN)
+            if leftovers:
+                problems.append(
+                    f"{len(leftovers)} of them still running {DIE_WITHIN:g} s after the"
+                    " runtime restarted (not reaped)"
+                )
+
+        await topology.edge_sees_healthy()
+        after = await client.send(user, session, QUICK)
+        next_result = await watcher.result_of(after, within=90)
+        served = time.monotonic() - killed
+        if next_result.status != SUCCEEDED:
+            problems.append(f"the next turn after the restart ended {next_result}")
+        record(
+            "a_runtime_kill",
+            turn_ended_s=turn_ended,
+            runtime_ready_s=restarted,
+            next_turn_served_s=served,
+            agent_processes_mid_turn=len(agents),
+            agent_processes_left=len(leftovers),
+        )
+    finally:
+        await watcher.stop()
+        kill_agent_processes(leftovers)  # clean up after recording what was left
+    assert not problems, problems
