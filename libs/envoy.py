@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from corral.libs.config import Settings
+from corral.libs.envoy_replies import local_reply_config
 
 if TYPE_CHECKING:
     from corral.libs.app import ServiceApp
@@ -233,6 +234,7 @@ def render(
         "upstream_transport_socket": _upstream_tls(settings),
         "health_interval": _duration(interval),
         "health_timeout": _duration(min(interval, 1.0)),
+        "local_reply_config": local_reply_config(),
     }
     for name in EDGE_SERVICES:
         targets = (upstreams or {}).get(name) or [settings.target_for(name)]

@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from corral.libs.grpc import reflection
 from corral.libs.grpc.health import DependencyCheck, Readiness
 from corral.libs.grpc.interceptors import CallHook, CorralServerInterceptor
 from corral.libs.metrics import open_endpoint
@@ -84,14 +84,7 @@ class CorralServer:
             service.add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = [s.full_name for s in self.services]
-        reflection.enable_server_reflection(
-            [
-                *names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            self._server,
-        )
+        reflection.enable(self._server, names)
         self.readiness = Readiness(self.health, names, config.checks, config.health_interval)
 
     @property

@@ -247,7 +247,7 @@ async def test_rest_json_needs_a_bearer_token(edge: Edge, signing_key: SigningKe
     assert listed["sessions"][0]["name"] == "sessions/s1"
     assert listed["sessions"][0]["owner"] == "organizations/acme/users/carol"
     assert listed["totalSize"] == 1
-    assert listed["nextPageToken"] == ""  # primitive fields are always printed
+    assert "nextPageToken" not in listed  # proto3 JSON: default values are left out
 
     status, _, body = await http_request(
         edge, "GET", "/v1/sessions/s1/events:stream?afterSequence=2", bearer_header(token)
@@ -259,6 +259,7 @@ async def test_rest_json_needs_a_bearer_token(edge: Edge, signing_key: SigningKe
     status, headers, body = await http_request(edge, "GET", "/v1/sessions", {})
     assert status == 401, body
     assert headers.get("www-authenticate", "").startswith("Bearer")
+    assert json.loads(body)["code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
 def bearer_header(token: str) -> dict[str, str]:
@@ -332,6 +333,11 @@ async def test_not_serving_upstream_leaves_the_rotation(
         reply = await list_sessions()
         assert reply.status == grpc.StatusCode.UNAVAILABLE.value[0], reply
         assert time.monotonic() - started < 1
+        # Over REST the same refusal is a google.rpc.Status body saying to retry.
+        status, _, body = await http_request(edge, "GET", "/v1/sessions", bearer_header(token))
+        error = json.loads(body)
+        assert (status, error["code"]) == (503, grpc.StatusCode.UNAVAILABLE.value[0]), body
+        assert error["details"][0]["reason"] == "UNAVAILABLE"
         assert not seen
     finally:
         await edge.set_session_health("session-a", serving=True)
@@ -394,6 +400,9 @@ async def test_corral_dev_puts_the_edge_in_front_of_the_real_services(tmp_path: 
         status, body = await asyncio.to_thread(login)
         assert status == 200, body
         token = json.loads(body)["token"]["accessToken"]
+        # The user comes back without its input-only password, not even an empty one.
+        signed_in = json.loads(body)["user"]
+        assert signed_in["email"] == "admin@corral.local" and "password" not in signed_in
         reply = await asyncio.to_thread(
             grpcweb.call, envoy.url, LIST, _list_request(), metadata=bearer(token)
         )
