@@ -64,9 +64,25 @@ $(CONSOLE)/node_modules/.installed: $(CONSOLE)/package-lock.json
 	cd $(CONSOLE) && npm ci --no-audit --no-fund
 	@touch $@
 
+# Everything the console's bundle is made from: its own sources, the SDK's (generated code
+# included) and the protos that code comes from. The stamp is written after a good build (the
+# build empties dist/ first), so `make run` rebuilds only when one of these changed.
+CONSOLE_INPUTS = $(PROTO_SRC) buf.gen.ts.yaml \
+	$(shell find $(TS_SDK)/src $(CONSOLE)/src -type f 2>/dev/null) \
+	$(TS_SDK)/package.json $(TS_SDK)/tsconfig.json \
+	$(CONSOLE)/package.json $(CONSOLE)/tsconfig.json $(CONSOLE)/build.mjs
+
+$(CONSOLE)/dist/.built: $(VENV)/.installed $(TS_SDK)/node_modules/.installed \
+		$(CONSOLE)/node_modules/.installed $(CONSOLE_INPUTS)
+	$(BIN)/buf generate --template buf.gen.ts.yaml
+	cd $(TS_SDK) && npm run --silent build
+	cd $(CONSOLE) && npm run --silent build
+	@touch $@
+
 .PHONY: console
 console: ts-sdk $(CONSOLE)/node_modules/.installed ## Web console: type-check and bundle into libs/web-console/dist
 	cd $(CONSOLE) && npm run --silent build
+	@touch $(CONSOLE)/dist/.built
 
 .PHONY: buf-lint
 buf-lint: setup ## buf lint (STANDARD) on protos/
@@ -106,7 +122,7 @@ bench: setup ## Benchmarks, each a ratio against a baseline measured in the same
 
 .PHONY: run
 run: setup ## Bring the whole platform up on embedded defaults (SQLite, in-process hub)
-	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory console; \
+	@if command -v npm >/dev/null; then $(MAKE) --no-print-directory $(CONSOLE)/dist/.built; \
 	  else echo "npm not found: starting without the web console (gRPC, grpc-web, REST and corral chat still work)"; fi
 	$(BIN)/corral dev
 
