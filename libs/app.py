@@ -138,7 +138,11 @@ class Infrastructure:
         limiter: RateLimiter = InMemoryRateLimiter() if redis is None else RedisRateLimiter(redis)
         return RateLimitHook(
             limiter,
-            StaticLimits(settings.rate_limit_per_minute, settings.rate_limit_anonymous_per_minute),
+            StaticLimits(
+                settings.rate_limit_per_minute,
+                settings.rate_limit_anonymous_per_minute,
+                settings.rate_limit_service_per_minute,
+            ),
             burst=settings.rate_limit_burst,
             scope=self.name,
             trusted_proxies=trusted_networks(settings.trusted_proxies),

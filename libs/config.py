@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = 600
     rate_limit_anonymous_per_minute: int = 60
     rate_limit_burst: int = 50
+    # Corral's own services calling as themselves (tokens with the `service` role): their own,
+    # generous allowance per service account and service, apart from any organisation's.
+    rate_limit_service_per_minute: int = Field(default=60_000, ge=1)
     # Who may tell a service the real client address (the edge): the last x-forwarded-for
     # entry is believed only from these networks. Set it to the edge's addresses in production.
     trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])

@@ -176,19 +176,31 @@ class LimitProvider(Protocol):
 
 
 class StaticLimits:
-    """One limit for every authenticated caller and one for anonymous (public-method) calls."""
+    """One limit for every authenticated caller, one for anonymous (public-method) calls, and
+    one for Corral's own services (``service`` role): a turn costs a service several calls
+    (reserve, settle, release, audit) on behalf of many users, so it is not held to one
+    user's allowance."""
 
-    def __init__(self, default_per_minute: int | None, anonymous_per_minute: int | None) -> None:
-        for limit in (default_per_minute, anonymous_per_minute):
+    def __init__(
+        self,
+        default_per_minute: int | None,
+        anonymous_per_minute: int | None,
+        service_per_minute: int | None = None,
+    ) -> None:
+        for limit in (default_per_minute, anonymous_per_minute, service_per_minute):
             if limit is not None and limit < 1:
                 raise ValueError(f"a limit is positive or None (unlimited), not {limit}")
         self.default_per_minute = default_per_minute
         self.anonymous_per_minute = anonymous_per_minute
+        self.service_per_minute = service_per_minute
 
     async def requests_per_minute(self, caller: Caller | None) -> int | None:
-        """The caller's own quota when their token carries one, else the default."""
+        """The service allowance for a service, else the caller's own quota when their token
+        carries one, else the default."""
         if caller is None:
             return self.anonymous_per_minute
+        if caller.is_service:
+            return self.service_per_minute
         return caller.requests_per_minute or self.default_per_minute
 
 
@@ -290,11 +302,14 @@ class RateLimitHook:
         limit = await self._limits.requests_per_minute(caller)
         if limit is not None:
             buckets.append((caller.subject if caller else f"anon:{self._anonymous(call)}", limit))
-        if caller is not None and caller.organization_requests_per_minute:
-            # the organisation's quota is one allowance shared by all of its callers
+        service = caller is not None and caller.is_service
+        if caller is not None and caller.organization_requests_per_minute and not service:
+            # the organisation's quota is one allowance shared by all of its (human and
+            # programmatic) callers; Corral's own services act for every organisation
             buckets.append((caller.organization, caller.organization_requests_per_minute))
         for subject, per_minute in buckets:
-            burst = min(self._burst, per_minute)  # never more than a minute's worth at once
+            # never more than a minute's worth at once; a service may send a second's worth
+            burst = min(max(self._burst, per_minute // 60) if service else self._burst, per_minute)
             try:
                 decision = await self._limiter.acquire(self._scope + subject, per_minute, burst)
             except RateLimiterUnavailable as exc:

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from corral.libs.errors import Unauthenticated
 
 SUPERUSER_ROLE = "superuser"
+# Corral's own services (their internal service accounts): the ledger, the audit log and the
+# runtime answer them, and they have their own request-rate allowance (libs/ratelimit.py).
+SERVICE_ROLE = "service"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,11 @@ class Caller:
     @property
     def is_superuser(self) -> bool:
         return SUPERUSER_ROLE in self.roles
+
+    @property
+    def is_service(self) -> bool:
+        """A Corral service calling as itself (never implied by superuser)."""
+        return SERVICE_ROLE in self.roles
 
     def has_role(self, *roles: str) -> bool:
         return self.is_superuser or bool(self.roles.intersection(roles))

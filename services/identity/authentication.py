@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from corral.libs.auth.caller import Caller
+from corral.libs.auth.caller import SERVICE_ROLE, Caller
 from corral.libs.errors import PermissionDenied, ResourceExhausted, Unauthenticated
 from corral.libs.names import new_id
 from corral.services.identity import tokens
@@ -28,7 +28,6 @@ from corral.services.identity.base import (
 from corral.services.identity.domain import (
     ORGANIZATION,
     SERVICE_ACCOUNT,
-    SERVICE_ROLE,
     USER,
     ApiKeyState,
     Outcome,

@@ -12,12 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from corral.libs.auth.caller import SUPERUSER_ROLE, Caller
+from corral.libs.auth.caller import SERVICE_ROLE, SUPERUSER_ROLE, Caller
 from corral.libs.errors import FailedPrecondition, NotFound, PermissionDenied
 from corral.libs.etags import etag_of
 from corral.libs.names import ResourcePattern
 
-SERVICE_ROLE = "service"  # internal Corral services (the usage ledger, audit writers)
 MIN_PASSWORD_LENGTH = 12
 ORGANIZATION_ID = re.compile(r"^[a-z][a-z0-9-]{2,62}$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")

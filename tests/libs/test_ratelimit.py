@@ -23,6 +23,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from corral.libs.auth import StaticJwksSource, TokenVerifier
+from corral.libs.auth.caller import Caller
 from corral.libs.grpc.interceptors import AuthenticationHook, CallHook
 from corral.libs.grpc.server import CorralServer, ServerConfig
 from corral.libs.ratelimit import (
@@ -315,3 +316,34 @@ async def test_quotas_carried_by_the_token_set_the_limits(signing_key: SigningKe
         ]
         assert shared.count(grpc.StatusCode.OK) == 4
         assert shared[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_corral_services_have_their_own_generous_allowance(signing_key: SigningKey) -> None:
+    """A service account calling as a Corral service (`service` role) is held to the service
+    allowance, not a user's, and does not spend its organisation's shared allowance; a user
+    token claiming no such role gets nothing of it."""
+    limits = StaticLimits(2, 2, 600)
+    hook = RateLimitHook(InMemoryRateLimiter(), limits, burst=2)
+    service = signing_key.token(
+        sub="organizations/system/serviceAccounts/session", roles=["user", "service"], org_rpm=2
+    )
+    user = signing_key.token(sub="organizations/system/users/alice", org_rpm=2)
+    async with _servers(signing_key, hook) as [server]:
+        # A second's worth at once (600 a minute: 10), far beyond a user's burst of 2.
+        served = await asyncio.gather(
+            *(_attempt(server.address, "Whoami", service) for _ in range(10))
+        )
+        assert served == [grpc.StatusCode.OK] * 10
+        # The organisation's allowance (2) is still whole for its members.
+        assert [await _attempt(server.address, "Whoami", user) for _ in range(3)] == [
+            grpc.StatusCode.OK,
+            grpc.StatusCode.OK,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ]
+    # The service allowance is a limit too (the setting), not unlimited.
+    caller = Caller(
+        "organizations/system/serviceAccounts/session",
+        "organizations/system",
+        frozenset({"service"}),
+    )
+    assert await limits.requests_per_minute(caller) == 600
