@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from corral.libs.errors import (
     Aborted,
@@ -84,6 +85,38 @@ REPORTED = {
 
 def _changed() -> Aborted:
     return Aborted("the reservation changed concurrently; retry", reason="ABORTED")
+
+
+class Counter(NamedTuple):
+    """One usage counter row: whose, what, which period. Every transaction that changes
+    counters (reserve, settle, release, expiry) changes them in this tuple's sort order, so
+    concurrent ones take the rows' locks in one order and never deadlock."""
+
+    subject: str
+    kind: UsageKind
+    period: str
+
+
+def _period(kind: UsageKind, r: Reservation) -> str:
+    """The counter period a reservation's amount of ``kind`` sits in (gauges have none)."""
+    return "" if kind.is_gauge else r.period
+
+
+class Changes:
+    """Counter changes gathered first and written in the one lock order (:class:`Counter`)."""
+
+    def __init__(self) -> None:
+        self._deltas: dict[Counter, tuple[int, int]] = {}
+
+    def add(self, counter: Counter, *, used: int = 0, reserved: int = 0) -> None:
+        was_used, was_reserved = self._deltas.get(counter, (0, 0))
+        self._deltas[counter] = (was_used + used, was_reserved + reserved)
+
+    async def apply(self, uow: IdentityUnitOfWork) -> None:
+        for counter in sorted(self._deltas):
+            used, reserved = self._deltas[counter]
+            if used or reserved:
+                await uow.quotas.adjust(*counter, used=used, reserved=reserved)
 
 
 def _authorize(
@@ -264,37 +297,42 @@ class Ledger(UseCases):
         at: float,
     ) -> list[QuotaViolation]:
         """Hold ``amounts`` against every debited subject's limits; what would not fit."""
-        subjects = sorted(debited_subjects(org_id, subject))
+        subjects = debited_subjects(org_id, subject)
         limits = await uow.quotas.get_many(subjects)
         violations = []
-        for who in subjects:  # a fixed order: racing holders never deadlock
-            for kind in sorted(amounts):
-                amount = amounts[kind]
-                if amount <= 0:
-                    continue
-                limit_name = LIMIT_FOR_KIND[kind]
-                quota = limits.get(who)
-                limit = quota.limits[limit_name] if quota else None
-                if not await uow.quotas.hold(who, kind, counter_period(kind, at), amount, limit):
-                    violations.append(
-                        QuotaViolation(
-                            who, limit_name, f"holding {amount} more would exceed {limit}"
-                        )
+        holds = [
+            Counter(who, kind, counter_period(kind, at))
+            for who in subjects
+            for kind, amount in amounts.items()
+            if amount > 0
+        ]
+        for counter in sorted(holds):  # the one lock order (see Counter)
+            amount = amounts[counter.kind]
+            limit_name = LIMIT_FOR_KIND[counter.kind]
+            quota = limits.get(counter.subject)
+            limit = quota.limits[limit_name] if quota else None
+            if not await uow.quotas.hold(*counter, amount, limit):
+                violations.append(
+                    QuotaViolation(
+                        counter.subject, limit_name, f"holding {amount} more would exceed {limit}"
                     )
+                )
         return violations
 
-    async def _give_back(
-        self, uow: IdentityUnitOfWork, r: Reservation, *, reserved: bool, settled_gauges: bool
+    @staticmethod
+    def _give_back(
+        changes: Changes, r: Reservation, *, reserved: bool, settled_gauges: bool
     ) -> None:
+        """Add to ``changes`` what ending ``r`` gives back: what it still holds, and the gauges
+        it settled (a session stays open until its reservation is released)."""
         for who in debited_subjects(r.organization_id, r.subject):
             if reserved:
                 for kind, amount in r.amounts.items():
-                    period = "" if kind.is_gauge else r.period
-                    await uow.quotas.adjust(who, kind, period, reserved=-amount)
+                    changes.add(Counter(who, kind, _period(kind, r)), reserved=-amount)
             if settled_gauges:
                 for kind, amount in r.settled_amounts.items():
                     if kind.is_gauge:
-                        await uow.quotas.adjust(who, kind, "", used=-amount)
+                        changes.add(Counter(who, kind, ""), used=-amount)
 
     async def _reservation(
         self, uow: IdentityUnitOfWork, org_id: str, reservation_id: str
@@ -312,7 +350,9 @@ class Ledger(UseCases):
             r = await self._reservation(uow, org_id, reservation_id)
             at = self._clock()
             settled = settled_amounts(r.amounts, actual)
-            if r.state is ReservationState.SETTLED:
+            # A retry of a settle that went through (and perhaps the release after it) answers
+            # as the first did: callers retry until they hear back (the session's outbox does).
+            if r.settle_time is not None:
                 if r.settled_amounts == settled:
                     return r
                 raise FailedPrecondition(
@@ -324,7 +364,9 @@ class Ledger(UseCases):
                 )
             if r.state is ReservationState.EXPIRED or r.expire_time <= at:
                 if r.state is ReservationState.RESERVED:
-                    await self._expire(uow, r, at)
+                    changes = Changes()
+                    await self._expire(uow, r, at, changes)
+                    await changes.apply(uow)
                     await uow.commit()
                 raise FailedPrecondition(
                     "the reservation expired before it was settled", reason="RESERVATION_EXPIRED"
@@ -332,12 +374,15 @@ class Ledger(UseCases):
             r.state, r.settled_amounts, r.settle_time = ReservationState.SETTLED, settled, at
             if not await uow.reservations.transition(r, ReservationState.RESERVED):
                 raise _changed()
+            changes = Changes()
             for who in debited_subjects(org_id, r.subject):
                 for kind in set(r.amounts) | set(settled):
-                    period = "" if kind.is_gauge else r.period
-                    await uow.quotas.adjust(
-                        who, kind, period, reserved=-r.amounts.get(kind, 0), used=settled[kind]
+                    changes.add(
+                        Counter(who, kind, _period(kind, r)),
+                        reserved=-r.amounts.get(kind, 0),
+                        used=settled[kind],
                     )
+            await changes.apply(uow)
             for kind, amount in settled.items():
                 if amount:
                     await uow.reservations.record(org_id, r.subject, kind, amount, at)
@@ -353,28 +398,34 @@ class Ledger(UseCases):
             if r.state in (ReservationState.RELEASED, ReservationState.EXPIRED):
                 return r
             if r.state is ReservationState.RESERVED and r.expire_time <= at:
-                await self._expire(uow, r, at)
+                changes = Changes()
+                await self._expire(uow, r, at, changes)
+                await changes.apply(uow)
                 await uow.commit()
                 return r
             was = r.state
             r.state, r.end_time = ReservationState.RELEASED, at
             if not await uow.reservations.transition(r, was):
                 raise _changed()
-            await self._give_back(
-                uow,
+            changes = Changes()
+            self._give_back(
+                changes,
                 r,
                 reserved=was is ReservationState.RESERVED,
                 settled_gauges=was is ReservationState.SETTLED,
             )
+            await changes.apply(uow)
             await uow.commit()
         self.metrics.reservations_ended.add(1, {"how": "released"})
         return r
 
-    async def _expire(self, uow: IdentityUnitOfWork, r: Reservation, at: float) -> bool:
+    async def _expire(
+        self, uow: IdentityUnitOfWork, r: Reservation, at: float, changes: Changes
+    ) -> bool:
         r.state, r.end_time = ReservationState.EXPIRED, at
         if not await uow.reservations.transition(r, ReservationState.RESERVED):
             return False
-        await self._give_back(uow, r, reserved=True, settled_gauges=False)
+        self._give_back(changes, r, reserved=True, settled_gauges=False)
         return True
 
     async def expire_reservations(self) -> int:
@@ -382,8 +433,12 @@ class Ledger(UseCases):
         count = 0
         async with self._uow() as uow:
             at = self._clock()
-            for r in await uow.reservations.expired(at):
-                count += await self._expire(uow, r, at)
+            changes = Changes()
+            # Reservation rows in id order, then every counter in the one order: two sweeps
+            # (or a sweep and a settle) never wait for each other in a circle.
+            for r in sorted(await uow.reservations.expired(at), key=lambda r: r.id):
+                count += await self._expire(uow, r, at, changes)
+            await changes.apply(uow)
             await uow.commit()
         if count:
             self.metrics.reservations_ended.add(count, {"how": "expired"})

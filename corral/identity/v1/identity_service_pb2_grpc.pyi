@@ -355,13 +355,15 @@ class IdentityServiceStub:
     """Records the amounts actually used for a reservation: counters are
     debited (actual amounts may exceed the held ones: work already done is
     always recorded), gauges are committed until ReleaseUsage. Idempotent for
-    identical actual amounts.
+    identical actual amounts, also once the reservation was released after
+    its settle: a caller that did not hear back retries until it does.
 
     Callers: Corral services only.
     Errors: NOT_FOUND if the reservation does not exist; PERMISSION_DENIED
     if the caller is not a Corral service; FAILED_PRECONDITION
-    (RESERVATION_EXPIRED or RESERVATION_RELEASED), or if already settled with
-    different amounts; INVALID_ARGUMENT if an amount is negative.
+    (RESERVATION_EXPIRED, or RESERVATION_RELEASED if released unsettled), or
+    (ALREADY_SETTLED) if already settled with different amounts;
+    INVALID_ARGUMENT if an amount is negative.
     """
     ReleaseUsage: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ReleaseUsageRequest, _identity_service_pb2.ReleaseUsageResponse]
     """Gives back everything a reservation still holds (unsettled counters and
@@ -727,13 +729,15 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """Records the amounts actually used for a reservation: counters are
     debited (actual amounts may exceed the held ones: work already done is
     always recorded), gauges are committed until ReleaseUsage. Idempotent for
-    identical actual amounts.
+    identical actual amounts, also once the reservation was released after
+    its settle: a caller that did not hear back retries until it does.
 
     Callers: Corral services only.
     Errors: NOT_FOUND if the reservation does not exist; PERMISSION_DENIED
     if the caller is not a Corral service; FAILED_PRECONDITION
-    (RESERVATION_EXPIRED or RESERVATION_RELEASED), or if already settled with
-    different amounts; INVALID_ARGUMENT if an amount is negative.
+    (RESERVATION_EXPIRED, or RESERVATION_RELEASED if released unsettled), or
+    (ALREADY_SETTLED) if already settled with different amounts;
+    INVALID_ARGUMENT if an amount is negative.
     """
     ReleaseUsage: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ReleaseUsageRequest, _identity_service_pb2.ReleaseUsageResponse]  # type: ignore[assignment]
     """Gives back everything a reservation still holds (unsettled counters and
@@ -1300,13 +1304,15 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         """Records the amounts actually used for a reservation: counters are
         debited (actual amounts may exceed the held ones: work already done is
         always recorded), gauges are committed until ReleaseUsage. Idempotent for
-        identical actual amounts.
+        identical actual amounts, also once the reservation was released after
+        its settle: a caller that did not hear back retries until it does.
 
         Callers: Corral services only.
         Errors: NOT_FOUND if the reservation does not exist; PERMISSION_DENIED
         if the caller is not a Corral service; FAILED_PRECONDITION
-        (RESERVATION_EXPIRED or RESERVATION_RELEASED), or if already settled with
-        different amounts; INVALID_ARGUMENT if an amount is negative.
+        (RESERVATION_EXPIRED, or RESERVATION_RELEASED if released unsettled), or
+        (ALREADY_SETTLED) if already settled with different amounts;
+        INVALID_ARGUMENT if an amount is negative.
         """
 
     @_abc_1.abstractmethod

@@ -2741,13 +2741,15 @@ export const IdentityService: GenService<{
    * Records the amounts actually used for a reservation: counters are
    * debited (actual amounts may exceed the held ones: work already done is
    * always recorded), gauges are committed until ReleaseUsage. Idempotent for
-   * identical actual amounts.
+   * identical actual amounts, also once the reservation was released after
+   * its settle: a caller that did not hear back retries until it does.
    *
    * Callers: Corral services only.
    * Errors: NOT_FOUND if the reservation does not exist; PERMISSION_DENIED
    * if the caller is not a Corral service; FAILED_PRECONDITION
-   * (RESERVATION_EXPIRED or RESERVATION_RELEASED), or if already settled with
-   * different amounts; INVALID_ARGUMENT if an amount is negative.
+   * (RESERVATION_EXPIRED, or RESERVATION_RELEASED if released unsettled), or
+   * (ALREADY_SETTLED) if already settled with different amounts;
+   * INVALID_ARGUMENT if an amount is negative.
    *
    * @generated from rpc corral.identity.v1.IdentityService.SettleUsage
    */
