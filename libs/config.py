@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     # transcripts and working directories under runtime_root (default <data_dir>/runtime).
     runtime_root: Path | None = None
     runtime_pool_size: int = Field(default=8, ge=1)
+    # Turns that may wait for a process when every one is running a turn (in order of arrival);
+    # unset: 4 x runtime_pool_size; 0: none wait (refused POOL_EXHAUSTED at once).
+    runtime_pool_queue_size: int | None = Field(default=None, ge=0)
     runtime_idle_seconds: float = Field(default=600.0, gt=0)
     runtime_model: str = "claude-sonnet-4-5"
     runtime_permission_timeout_seconds: float = Field(default=60.0, gt=0)
@@ -208,6 +211,11 @@ class Settings(BaseSettings):
 
     def runtime_dir(self) -> Path:
         return (self.runtime_root or self.data_dir / "runtime").resolve()
+
+    def runtime_max_waiting_turns(self) -> int:
+        if self.runtime_pool_queue_size is None:
+            return 4 * self.runtime_pool_size
+        return self.runtime_pool_queue_size
 
     def resolved_service_api_key(self) -> str:
         if self.service_api_key:

@@ -114,6 +114,8 @@ class RuntimeApi(pb_grpc.RuntimeServiceServicer):
                 busy_processes=status.busy_processes,
                 open_sessions=status.open_sessions,
                 running_turns=status.running_turns,
+                waiting_turns=status.waiting_turns,
+                max_waiting_turns=status.max_waiting_turns,
                 pending_permission_requests=status.pending_permission_requests,
                 sdk_version=status.sdk_version,
                 cli_version=status.cli_version,

@@ -140,6 +140,9 @@ class ClaudeSdk:
         self._launcher = await asyncio.to_thread(process.install_launcher, self._bin)
         self.cli_version = await asyncio.to_thread(process.cli_version, self._cli)
 
+    async def close(self) -> None:
+        pass
+
     async def connect(self, spec: AgentSpec, gate: ToolGate) -> ClaudeClient:
         if self._sandbox is not None:
             # The session's two directories become the agent user's (files the runtime wrote

@@ -17,6 +17,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from claude_agent_sdk.types import CanUseToolShadowedWarning
@@ -105,8 +106,26 @@ async def compose(
         await _report_model_endpoint(endpoint, server.health, metrics)
         service.model_endpoint = endpoint
         background.append(endpoint.run)
-    app = ServiceApp("runtime", server, resources, background=background)
+    app = RuntimeApp("runtime", server, resources, background=background, service=service)
     return app, service
+
+
+@dataclass
+class RuntimeApp(ServiceApp):
+    """The runtime's server, which drains its turns before it stops: NOT_SERVING, then every
+    running turn is interrupted and its stream carries its turn_result (with what it cost)
+    before the server's own stop closes whatever calls remain."""
+
+    service: RuntimeService | None = None
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.service is not None:
+            await self.server.health.enter_graceful_shutdown()
+            try:
+                await self.service.drain()
+            except Exception:
+                log.exception("draining the runtime's turns failed")
+        await super().stop(grace)
 
 
 async def _report_model_endpoint(
@@ -139,7 +158,12 @@ async def _service(
         ),
         sdk,
         SessionStore(settings.runtime_dir()),
-        ProcessPool(settings.runtime_pool_size, settings.runtime_idle_seconds, clock),
+        ProcessPool(
+            settings.runtime_pool_size,
+            settings.runtime_idle_seconds,
+            clock,
+            max_waiting=settings.runtime_max_waiting_turns(),
+        ),
         metrics,
     )
     await service.start()

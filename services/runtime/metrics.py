@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
+from corral.libs.metrics import LATENCY_BUCKETS
 from corral.runtime.v1 import runtime_event_pb2 as pb
 from corral.services.runtime import process
 from corral.services.runtime.model_endpoint import ModelEndpoint
@@ -30,6 +31,8 @@ EXPORTED: tuple[str, ...] = (
     "corral_runtime_cli_memory_bytes",
     "corral_runtime_pool_exhausted_total",
     "corral_runtime_pool_evictions_total",
+    "corral_runtime_pool_waiting",
+    "corral_runtime_pool_wait_seconds",
     "corral_runtime_model_endpoint_up",
 )
 
@@ -65,8 +68,20 @@ class RuntimeMetrics:
             "corral.runtime.pool.exhausted",
             [self._observe_exhausted],
             "{turn}",
-            "Turns refused a process because every one was running a turn (POOL_EXHAUSTED):"
-            " the pool does not queue, a caller retries",
+            "Turns refused because every process was running a turn and the queue of turns"
+            " waiting for one was full (POOL_EXHAUSTED)",
+        )
+        meter.create_observable_gauge(
+            "corral.runtime.pool.waiting",
+            [self._observe_waiting],
+            "{turn}",
+            "Turns waiting for an agent process now (every one is running a turn)",
+        )
+        self.pool_wait = meter.create_histogram(
+            "corral.runtime.pool.wait",
+            "s",
+            "How long each turn waited for an agent process (0 when one was free)",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
         )
         meter.create_observable_counter(
             "corral.runtime.pool.evictions",
@@ -113,6 +128,9 @@ class RuntimeMetrics:
 
     def _observe_exhausted(self, _: CallbackOptions) -> Iterable[Observation]:
         yield Observation(sum(pool.exhausted for pool in list(self._pools)))
+
+    def _observe_waiting(self, _: CallbackOptions) -> Iterable[Observation]:
+        yield Observation(sum(pool.waiting for pool in list(self._pools)))
 
     def _observe_evictions(self, _: CallbackOptions) -> Iterable[Observation]:
         pools = list(self._pools)

@@ -1,10 +1,12 @@
 """A bounded pool of agent processes: one client (one CLI process) per live session.
 
 At most ``size`` processes exist at any moment, counting those being started and those being
-stopped. A session that needs a process when the pool is full takes the slot of the least
-recently used idle one (which is stopped first); a process idle for ``idle_seconds`` is stopped
-by :meth:`ProcessPool.reap`. A stopped session keeps its transcript and is resumed from it by
-its next turn, so open sessions far outnumber processes.
+stopped. A turn that needs a new process claims a slot (:meth:`ProcessPool.reserve`): a free
+one, else the slot of the least recently used idle process (which is stopped first). When
+every process is running a turn, the claim waits in a queue of at most ``max_waiting``, served
+in order of arrival as slots free up; a full queue refuses it (POOL_EXHAUSTED). A process idle
+for ``idle_seconds`` is stopped by :meth:`ProcessPool.reap`. A stopped session keeps its
+transcript and is resumed from it by its next turn, so open sessions far outnumber processes.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from corral.services.runtime import process
-from corral.services.runtime.domain import PoolExhausted
+from corral.services.runtime.domain import Draining, PoolExhausted
 from corral.services.runtime.sdk import AgentClient
 
 log = logging.getLogger("corral.runtime.pool")
@@ -91,19 +94,45 @@ class AgentProcess:
 Starter = Callable[[], Awaitable[AgentClient]]
 
 
+@dataclass(eq=False)
+class Ticket:
+    """A turn's claim on a slot: granted at once, or when its place in the queue comes up.
+    Once granted it holds the slot (and the idle process it takes over, ``victim``) until
+    :meth:`ProcessPool.start` uses it or :meth:`ProcessPool.abandon` gives it back."""
+
+    session_id: str
+    position: int  # its place in the queue on arrival (1: next); 0: granted at once
+    granted: asyncio.Future[None]  # fails with Draining if the pool closes first
+    arrived: float = field(default_factory=time.monotonic)
+    victim: AgentProcess | None = None
+    used: bool = False
+
+    @property
+    def waiting(self) -> bool:
+        return not self.granted.done()
+
+
 class ProcessPool:
     """``clock`` (monotonic seconds) orders evictions and measures idleness."""
 
     def __init__(
-        self, size: int, idle_seconds: float, clock: Callable[[], float] = time.monotonic
+        self,
+        size: int,
+        idle_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_waiting: int | None = None,
     ) -> None:
         self.size = size
         self.idle_seconds = idle_seconds
+        self.max_waiting = 4 * size if max_waiting is None else max_waiting
         self._clock = clock
         self._live: dict[str, AgentProcess] = {}  # session id -> process, started or idle
-        self._in_transit = 0  # slots held by processes being started or stopped
+        self._in_transit = 0  # slots held by tickets and by processes being stopped
+        self._waiting: deque[Ticket] = deque()  # claims waiting for a slot, oldest first
+        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
-        # For the metrics: processes stopped to free a slot, by why; turns refused a process.
+        # For the metrics: processes stopped to free a slot, by why; claims refused a place.
         self.evictions = {"lru": 0, "replaced": 0, "idle": 0}
         self.exhausted = 0
 
@@ -120,6 +149,10 @@ class ProcessPool:
     def busy(self) -> int:
         return sum(1 for p in self._live.values() if p.busy)
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
     def pids(self) -> list[int]:
         """The live processes' CLI pids (where known)."""
         return [p.client.pid for p in list(self._live.values()) if p.client.pid is not None]
@@ -129,7 +162,7 @@ class ProcessPool:
 
     def take_warm(self, session_id: str, key: str) -> AgentProcess | None:
         """The session's idle process, marked busy, if it was started for ``key`` and is still
-        alive (one that died while idle is replaced by :meth:`start`)."""
+        alive (one that died while idle is replaced through :meth:`reserve`)."""
         agent = self._live.get(session_id)
         if agent is None or agent.busy or agent.key != key or not agent.alive():
             return None
@@ -137,50 +170,125 @@ class ProcessPool:
         agent.last_used = self._clock()
         return agent
 
-    async def start(self, session_id: str, key: str, tag: str, start: Starter) -> AgentProcess:
-        """A new process for the session, marked busy: in a free slot, else in the slot of the
-        session's own idle process or of the least recently used idle one (stopped first)."""
+    def reserve(self, session_id: str) -> Ticket:
+        """A claim on a slot for a new process of the session: granted at once when a slot is
+        free, an idle process can give up its own (the session's own first, else the least
+        recently used) and nobody waits before it; else a place at the end of the queue.
+        POOL_EXHAUSTED if the queue is full; DRAINING if the pool is closing."""
         if self.closing():
-            raise PoolExhausted("the runtime is shutting down", retry_after_seconds=1.0)
-        victim = self._live.get(session_id)
-        if victim is not None:
-            if victim.busy:
+            raise Draining("the runtime is shutting down; use another replica")
+        ticket = Ticket(session_id, 0, asyncio.get_running_loop().create_future())
+        own = self._live.get(session_id)
+        if own is not None:
+            if own.busy:
                 raise PoolExhausted(f"session {session_id!r} is using its process")
-        elif self.live >= self.size:
-            idle = [p for p in self._live.values() if not p.busy]
-            if not idle:
-                self.exhausted += 1
-                raise PoolExhausted(
-                    f"all {self.size} agent processes are running turns",
-                    retry_after_seconds=1.0,
-                )
-            victim = min(idle, key=lambda p: p.last_used)
+            self._grant(ticket, own)
+            return ticket
+        if not self._waiting:
+            free, victim = self._free_slot()
+            if free:
+                self._grant(ticket, victim)
+                return ticket
+        if len(self._waiting) >= self.max_waiting:
+            self.exhausted += 1
+            raise PoolExhausted(
+                f"all {self.size} agent processes are running turns and"
+                f" {len(self._waiting)} turns are waiting for one",
+                retry_after_seconds=1.0,
+            )
+        self._waiting.append(ticket)
+        ticket.position = len(self._waiting)
+        return ticket
+
+    def _free_slot(self) -> tuple[bool, AgentProcess | None]:
+        """Whether a slot can be had, and the idle process to stop for it (None: the slot is
+        free). No slot: every process is running a turn."""
+        if self.live < self.size:
+            return True, None
+        idle = [p for p in self._live.values() if not p.busy]
+        return (True, min(idle, key=lambda p: p.last_used)) if idle else (False, None)
+
+    def _grant(self, ticket: Ticket, victim: AgentProcess | None) -> None:
         if victim is not None:
             del self._live[victim.session_id]
-            self.evictions["replaced" if victim.session_id == session_id else "lru"] += 1
-        self._in_transit += 1  # this slot (a free one, or the victim's) is ours from now on
+            self.evictions["replaced" if victim.session_id == ticket.session_id else "lru"] += 1
+        ticket.victim = victim
+        self._in_transit += 1  # this slot (a free one, or the victim's) is the ticket's now
+        ticket.granted.set_result(None)
+
+    def _dispatch(self) -> None:
+        """Grant waiting claims, oldest first, while there are slots for them."""
+        while self._waiting and not self.closing():
+            free, victim = self._free_slot()
+            if not free:
+                return
+            self._grant(self._waiting.popleft(), victim)
+
+    def _slot_freed(self) -> None:
+        self._in_transit -= 1
+        self._dispatch()
+
+    async def start(self, ticket: Ticket, key: str, tag: str, start: Starter) -> AgentProcess:
+        """A new process for the ticket's session, marked busy, in the slot the ticket holds
+        (its victim, if any, is stopped first)."""
+        if ticket.waiting or ticket.used:
+            raise RuntimeError("a ticket starts one process, once granted")
+        ticket.used = True
+        session_id = ticket.session_id
         try:
-            if victim is not None:
+            if ticket.victim is not None:
                 log.info(
                     "stopping an idle agent process to free its slot",
-                    extra={"session": victim.session_id, "for_session": session_id},
+                    extra={"session": ticket.victim.session_id, "for_session": session_id},
                 )
-                await victim.stop()
+                await ticket.victim.stop()
             client = await start()
-        finally:
-            self._in_transit -= 1
-        agent = AgentProcess(session_id, key, client, tag, self._clock())
-        await agent.settle_residents()
-        if self.closing():  # close() ran while this process was starting
-            await agent.stop()
-            raise PoolExhausted("the runtime is shutting down", retry_after_seconds=1.0)
+            agent = AgentProcess(session_id, key, client, tag, self._clock())
+            try:
+                await agent.settle_residents()
+                if self.closing():  # close() ran while this process was starting
+                    raise Draining("the runtime is shutting down; use another replica")
+            except BaseException:
+                await agent.stop()
+                raise
+        except BaseException:
+            self._slot_freed()
+            raise
+        self._in_transit -= 1
         self._live[session_id] = agent
         return agent
 
+    def abandon(self, ticket: Ticket) -> None:
+        """The claim is no longer needed (its turn was interrupted or its caller went away):
+        it leaves the queue, or gives back the slot it was granted and did not use."""
+        if ticket.waiting:
+            self._waiting.remove(ticket)
+            ticket.granted.cancel()
+            return
+        if ticket.used or ticket.granted.cancelled() or ticket.granted.exception() is not None:
+            return
+        ticket.used = True
+        victim = ticket.victim
+        if victim is None:
+            self._slot_freed()
+            return
+
+        async def stop_victim() -> None:  # it was taken out of the pool for this ticket
+            try:
+                await victim.stop()
+            finally:
+                self._slot_freed()
+
+        task = asyncio.create_task(stop_victim())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def checkin(self, agent: AgentProcess) -> None:
-        """The turn is over and the process stays warm for the session's next turn."""
+        """The turn is over and the process stays warm for the session's next turn (or gives
+        its slot to the oldest waiting claim)."""
         agent.busy = False
         agent.last_used = self._clock()
+        self._dispatch()
 
     async def discard(self, agent: AgentProcess) -> None:
         """Stop the process now (a failed or cancelled turn, a release)."""
@@ -190,7 +298,7 @@ class ProcessPool:
             try:
                 await agent.stop()
             finally:
-                self._in_transit -= 1
+                self._slot_freed()
         else:
             await agent.stop()
 
@@ -212,7 +320,16 @@ class ProcessPool:
         await asyncio.gather(*(self.discard(agent) for agent in idle))
         return len(idle)
 
+    def close_queue(self) -> None:
+        """Refuse new claims and end the waiting ones (DRAINING)."""
+        self._closed = True
+        while self._waiting:
+            self._waiting.popleft().granted.set_exception(
+                Draining("the runtime is shutting down; use another replica")
+            )
+
     async def close(self) -> None:
         """Stop every process (busy ones too: their turns have been interrupted by now)."""
-        self._closed = True
+        self.close_queue()
         await asyncio.gather(*(self.discard(agent) for agent in list(self._live.values())))
+        await asyncio.gather(*self._background, return_exceptions=True)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from asyncio import FIRST_COMPLETED
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +37,14 @@ from corral.services.runtime.domain import (
 )
 from corral.services.runtime.metrics import RuntimeMetrics, for_meter
 from corral.services.runtime.model_endpoint import ModelEndpoint
-from corral.services.runtime.pool import AgentProcess, ProcessPool
+from corral.services.runtime.pool import AgentProcess, ProcessPool, Ticket
 from corral.services.runtime.sdk import AgentClient, AgentSdk, AgentSpec
 from corral.services.runtime.store import SessionStore, saved_cost
 from corral.services.runtime.turn import SessionGate, Turn, TurnRequest
+
+# What a drain waits beyond three interrupt graces (an agent that ignored its interrupt is
+# stopped, which may take a while).
+DRAIN_SLACK_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,15 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class _Launch:
+    """How an admitted turn gets its process (and whether it is a new one): the session's warm
+    one, or one started in the slot ``ticket`` claims, once it is granted."""
+
+    process: Callable[[], Awaitable[tuple[AgentProcess, bool]]]
+    ticket: Ticket | None = None
+
+
+@dataclass(frozen=True)
 class RuntimeStatus:
     replica_id: str
     draining: bool
@@ -60,6 +75,8 @@ class RuntimeStatus:
     busy_processes: int
     open_sessions: int
     running_turns: int
+    waiting_turns: int
+    max_waiting_turns: int
     pending_permission_requests: int
     sdk_version: str
     cli_version: str
@@ -79,7 +96,8 @@ class RuntimeService:
         self.store = store
         self.pool = pool
         self.draining = False
-        self._turns: set[Turn] = set()
+        self._turns: set[Turn] = set()  # turns running in a process
+        self._streams: set[Turn] = set()  # turns whose RunTurn stream is open
         self.metrics = metrics or for_meter()
         self.metrics.track_pool(pool)
         self.model_endpoint: ModelEndpoint | None = None  # its reachability, when it is checked
@@ -94,16 +112,26 @@ class RuntimeService:
     async def run_turn(
         self, caller: Caller, request: TurnRequest
     ) -> AsyncIterator[pb.RuntimeEvent]:
-        """Start the turn (errors before it starts are raised), then yield its events."""
-        turn = await self._start_turn(caller, request)
+        """Admit the turn (errors before it starts are raised), wait for a process if every one
+        is running a turn, then yield its events."""
+        turn, launch = await self._admit(caller, request)
+        self._streams.add(turn)
         try:
+            if launch.ticket is not None and launch.ticket.waiting:
+                position = launch.ticket.position
+                yield turn.events.stamp(waiting_for_agent=pb.WaitingForAgent(position=position))
+            await self._launch(turn, launch)
             while (event := await turn.queue.get()) is not None:
                 yield event
         finally:
+            self._streams.discard(turn)
+            turn.delivered.set()
             if not turn.finished.is_set():  # the caller went away: stop the turn for real
                 turn.request_interrupt(stop_process=True)
 
-    async def _start_turn(self, caller: Caller, request: TurnRequest) -> Turn:
+    async def _admit(self, caller: Caller, request: TurnRequest) -> tuple[Turn, _Launch]:
+        """The checks before a turn, then how it gets its process: the session's warm one, or
+        a claim on a slot for a new one (which may have to wait)."""
         if self.draining:
             raise Draining("this runtime replica is shutting down; use another one")
         state = self.store.session(request.session_id, request.organization, create=True)
@@ -129,17 +157,60 @@ class RuntimeService:
             if state.workspace_id != state.session_id:
                 state.workspace_id = state.session_id
                 self.store.save(state)
-            agent, started = await self._process_for(turn, workspace)
+            return turn, await self._plan(turn, workspace)
         except BaseException:
-            state.turn = None
-            if not state.has_run():  # it never ran: nothing to resume
-                self.store.forget(state)
+            self._never_ran(turn)
             raise
+
+    async def _launch(self, turn: Turn, launch: _Launch) -> None:
+        """Get the turn its process (waiting for a slot if it must) and start it in a task of
+        its own. An interrupt while it waits ends it at once, having spent nothing."""
+        ticket = launch.ticket
+        try:
+            if ticket is not None and not await self._wait_for_slot(turn, ticket):
+                self.pool.abandon(ticket)
+                turn.end_unstarted(on_end=self._ended)
+                self._never_ran(turn)
+                return
+            agent, started = await launch.process()
+        except BaseException:
+            if ticket is not None:
+                self.pool.abandon(ticket)
+            self._never_ran(turn)
+            raise
+        if ticket is not None and ticket.position:
+            turn.waited = time.monotonic() - ticket.arrived
+        self.metrics.pool_wait.record(turn.waited)
         self._turns.add(turn)
         turn.task = asyncio.create_task(
             turn.run(agent, self.pool, process_started=started, on_end=self._ended)
         )
-        return turn
+
+    async def _wait_for_slot(self, turn: Turn, ticket: Ticket) -> bool:
+        """True once the ticket holds a slot; False if the turn was interrupted first. DRAINING
+        if the replica starts shutting down while it waits."""
+        if ticket.waiting:
+            interrupted = asyncio.create_task(turn.interrupt_requested.wait())
+            either: set[asyncio.Future[Any]] = {ticket.granted, interrupted}
+            try:
+                await asyncio.wait(either, return_when=FIRST_COMPLETED)
+            finally:
+                interrupted.cancel()
+        if turn.interrupt_requested.is_set():
+            return False
+        ticket.granted.result()
+        return True
+
+    def _never_ran(self, turn: Turn) -> None:
+        """The turn ends before it reached a process: the session is free again (and forgotten
+        if nothing ever ran in it)."""
+        state = turn.session
+        if state.turn is turn:
+            state.turn = None
+        turn.finished.set()
+        turn.interrupt_delivered.set()
+        if not state.has_run():  # it never ran: nothing to resume
+            self.store.forget(state)
 
     def _ended(self, turn: Turn) -> None:
         self._turns.discard(turn)
@@ -147,9 +218,9 @@ class RuntimeService:
             model = turn.request.options.model or turn.model
             self.metrics.turn_ended(turn.request.organization, model, turn.result)
 
-    async def _process_for(self, turn: Turn, workspace: Path) -> tuple[AgentProcess, bool]:
-        """The session's warm process if it can serve this turn, else a new one resumed from the
-        requested transcript (or starting one)."""
+    async def _plan(self, turn: Turn, workspace: Path) -> _Launch:
+        """The session's warm process if it can serve this turn; else a claim on a slot for a
+        new process resumed from the requested transcript (or starting one)."""
         request, state = turn.request, turn.session
         resume = request.resume_transcript_id
         if request.fork_transcript and not resume:
@@ -165,7 +236,11 @@ class RuntimeService:
         ):
             warm = self.pool.take_warm(state.session_id, key)
             if warm is not None:
-                return warm, False
+
+                async def warm_process() -> tuple[AgentProcess, bool]:
+                    return warm, False
+
+                return _Launch(warm_process)
         transcript = self.store.transcript(state, resume) if resume else None
         if transcript is None and resume and request.fork_transcript:
             transcript = await asyncio.to_thread(self.store.adopt, state, resume, workspace)
@@ -193,10 +268,15 @@ class RuntimeService:
                 baseline = await asyncio.to_thread(saved_cost, transcript)
             return await self.sdk.connect(spec, SessionGate(state))
 
-        agent = await self.pool.start(state.session_id, key, tag, start)
-        state.transcript_id = spec.new_transcript_id or resume
-        state.cost = CostMeter(baseline)
-        return agent, True
+        ticket = self.pool.reserve(state.session_id)
+
+        async def new_process() -> tuple[AgentProcess, bool]:
+            agent = await self.pool.start(ticket, key, tag, start)
+            state.transcript_id = spec.new_transcript_id or resume
+            state.cost = CostMeter(baseline)
+            return agent, True
+
+        return _Launch(new_process, ticket)
 
     # -- the other RPCs ---------------------------------------------------------------------------
 
@@ -263,6 +343,8 @@ class RuntimeService:
             busy_processes=self.pool.busy,
             open_sessions=self.store.open_sessions,
             running_turns=len(self._turns),
+            waiting_turns=self.pool.waiting,
+            max_waiting_turns=self.pool.max_waiting,
             pending_permission_requests=sum(t.permissions.pending_count for t in self._turns),
             sdk_version=self.sdk.sdk_version,
             cli_version=self.sdk.cli_version,
@@ -271,15 +353,30 @@ class RuntimeService:
     async def reap_idle(self) -> int:
         return await self.pool.reap()
 
-    async def close(self) -> None:
-        """Refuse new turns, interrupt the running ones, stop every process."""
+    async def drain(self) -> None:
+        """Before the server stops: refuse new turns, end the waiting ones (DRAINING),
+        interrupt the running ones and give them the interrupt grace to wrap up, then wait
+        (bounded) until each turn's stream has carried its turn_result, with what it cost."""
         self.draining = True
-        tasks = [t.task for t in self._turns if t.task is not None]
+        self.pool.close_queue()
         for turn in list(self._turns):
             turn.request_interrupt(stop_process=True)
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.config.interrupt_grace_seconds * 3)
+        # An interrupt takes the grace to be heeded, then the grace again once the process is
+        # stopped; stopping it may take a while longer (pool.STOP_SECONDS at worst).
+        bound = self.config.interrupt_grace_seconds * 3 + DRAIN_SLACK_SECONDS
+        streams = [asyncio.create_task(t.delivered.wait()) for t in self._streams]
+        tasks = [t.task for t in self._turns if t.task is not None]
+        if streams or tasks:
+            await asyncio.wait([*streams, *tasks], timeout=bound)
+        for waiter in streams:
+            waiter.cancel()
+
+    async def close(self) -> None:
+        """Drain (if the server's stop did not already), stop every process, close the SDK."""
+        if not self.draining:
+            await self.drain()
         await self.pool.close()
+        await self.sdk.close()
 
 
 def _process_key(request: TurnRequest, workspace: Path) -> str:

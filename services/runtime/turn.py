@@ -108,8 +108,10 @@ class Turn:
         self.interrupt_requested = asyncio.Event()
         self.interrupt_delivered = asyncio.Event()
         self.finished = asyncio.Event()
+        self.delivered = asyncio.Event()  # its RunTurn stream is over (every event sent)
         self.stop_process = False
         self.started = time.monotonic()
+        self.waited = 0.0  # seconds it waited for a process (turn_started says so)
         self.task: asyncio.Task[None] | None = None
         self.result: pb.TurnResult | None = None  # set as the turn ends
 
@@ -239,10 +241,28 @@ class Turn:
             try:
                 await self._end(agent, pool, result, failure, stop_process, running)
             finally:  # whatever cleaning up raised, the session is free and the stream ends
-                state.turn = None
-                on_end(self)
-                self.finished.set()
-                self.queue.put_nowait(None)
+                self._close(on_end)
+
+    def end_unstarted(self, *, on_end: Callable[[Turn], None]) -> None:
+        """Interrupted while it waited for a process: the turn ends having spent nothing."""
+        self.result = ev.turn_result(
+            None,
+            cost_usd=0.0,
+            interrupted=True,
+            transcript_id=self.session.transcript_id,
+            elapsed_seconds=time.monotonic() - self.started,
+        )
+        self.emit(turn_result=self.result)
+        self.interrupt_delivered.set()
+        self._close(on_end)
+
+    def _close(self, on_end: Callable[[Turn], None]) -> None:
+        """The session is free, ``on_end`` is told, and the event stream ends."""
+        if self.session.turn is self:
+            self.session.turn = None
+        on_end(self)
+        self.finished.set()
+        self.queue.put_nowait(None)
 
     async def _end(
         self,
@@ -362,6 +382,7 @@ class Turn:
             model=self.request.options.model or self.model,
             process_started=process_started,
         )
+        started.wait_duration.CopyFrom(ev.seconds(self.waited))
         self.emit(turn_started=started)
         for server in started.mcp_servers:
             if server.status == "failed":

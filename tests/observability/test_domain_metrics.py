@@ -379,7 +379,8 @@ async def test_runtime_metrics_count_tokens_cost_processes_and_evictions(
 
 
 async def test_a_full_pool_counts_as_exhausted(make_runtime: Callable[..., Any]) -> None:
-    runtime: Runtime = await make_runtime(runtime_pool_size=1)
+    # No turn may wait for a process: the second is refused at once.
+    runtime: Runtime = await make_runtime(runtime_pool_size=1, runtime_pool_queue_size=0)
     # A turn that waits for a person holds the only process.
     write = {"tool": "Bash", "input": {"command": "echo yes > asked.txt"}}
     waiting = runtime.call(session_id(), directive(write, {"text": "done"}))
@@ -521,6 +522,7 @@ def test_every_family_is_exported_under_its_documented_prometheus_name() -> None
     result = TurnResult()
     result.usage.input_tokens, result.usage.cost_usd_micros = 10, 20
     runtime.turn_ended(ORG, MODEL, result)
+    runtime.pool_wait.record(0.5)
     endpoint = model_endpoint.ModelEndpoint("http://127.0.0.1:1")
     endpoint.reachable = True
     runtime.track_endpoint(endpoint)

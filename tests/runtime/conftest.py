@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.metrics import Meter
 
 from corral.libs.app import ServiceApp
 from corral.libs.auth import StaticJwksSource
@@ -168,7 +169,10 @@ async def make_runtime(
     started: list[Runtime] = []
 
     async def make(
-        sdk: FakeSdk | None = None, clock: Callable[[], float] = time.monotonic, **settings: Any
+        sdk: FakeSdk | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        meter: Meter | None = None,
+        **settings: Any,
     ) -> Runtime:
         root = settings.pop("runtime_root", tmp_path / f"runtime-{len(started)}")
         settings.setdefault("runtime_sandbox_read_only", SANDBOX_READ_ONLY)
@@ -181,7 +185,12 @@ async def make_runtime(
             **settings,
         )
         app, service = await compose(
-            config, sdk, port=0, jwks_source=StaticJwksSource(signing_key.jwks()), clock=clock
+            config,
+            sdk,
+            port=0,
+            jwks_source=StaticJwksSource(signing_key.jwks()),
+            clock=clock,
+            meter=meter,
         )
         await app.start()
         channel = grpc.aio.insecure_channel(app.server.address)

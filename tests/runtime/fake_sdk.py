@@ -166,6 +166,9 @@ class FakeSdk:
     async def start(self) -> None:
         self.started = True
 
+    async def close(self) -> None:
+        self.started = False
+
     async def connect(self, spec: AgentSpec, gate: ToolGate) -> FakeClient:
         assert self.started, "the runtime connected before it started its SDK"
         client = FakeClient(self, spec, gate)

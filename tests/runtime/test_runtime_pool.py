@@ -182,19 +182,19 @@ async def test_three_sessions_share_two_processes_and_resume_their_conversations
             for name in "ab"
         ]
         asked = [(await turn.until("permission_request")).permission_request for turn in running]
-        with pytest.raises(grpc.aio.AioRpcError) as full:
-            await runtime.turn(new_session(), "me too")
-        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert error_reason(full.value) == "POOL_EXHAUSTED"
+        third = Turn(runtime, runtime.request(new_session(), "me too"))
+        assert (await third.until("waiting_for_agent")).waiting_for_agent.position == 1
         for turn, request in zip(running, asked, strict=True):
             await turn.decide(request.id, event_pb.PERMISSION_BEHAVIOR_ALLOW)
             await turn.rest()
             assert turn.find("turn_result")[0].status == SUCCEEDED
+        await third.rest()
+        assert third.find("turn_result")[0].status == SUCCEEDED
         current = await status(runtime)
         assert current.pool_size == 2
         assert current.live_processes == 2
-        assert current.open_sessions == 3
-        assert current.running_turns == 0
+        assert current.open_sessions == 4
+        assert (current.running_turns, current.waiting_turns) == (0, 0)
     finally:
         sampling = False
         await sampler
@@ -233,7 +233,7 @@ async def test_idle_processes_are_reaped_and_released_sessions_resume(
     assert error_reason(deleted.value) == "TRANSCRIPT_NOT_FOUND"
 
 
-async def test_release_refuses_a_running_turn_and_shutdown_stops_everything(
+async def test_release_refuses_a_running_turn_and_shutdown_reports_it_and_stops_everything(
     make_runtime: Callable[..., Any],
 ) -> None:
     runtime: Runtime = await make_runtime()
@@ -250,7 +250,13 @@ async def test_release_refuses_a_running_turn_and_shutdown_stops_everything(
         )
     assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
-    await runtime.app.stop(0.5)
+    # A graceful stop, even with no grace for calls: the turn is interrupted first, and its
+    # stream carries its result, with what it cost, before the server goes.
+    await asyncio.gather(runtime.app.stop(0), turn.rest())
+    result = turn.find("turn_result")[0]
+    assert (result.status, result.error.reason) == (INTERRUPTED, "INTERRUPTED")
+    assert result.usage.cost_usd_micros > 0
+    assert result.usage.input_tokens > 0
     assert not cli_processes()
     assert not processes_with(marker)
 

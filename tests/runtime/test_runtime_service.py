@@ -20,7 +20,7 @@ from corral.runtime.v1 import agent_options_pb2 as options_pb
 from corral.runtime.v1 import runtime_event_pb2 as event_pb
 from corral.services.runtime.claude import ClaudeSdk
 from corral.services.runtime.domain import Behavior, Decision, DecisionSource, RuleAction
-from corral.services.runtime.pool import AgentProcess, ProcessPool
+from corral.services.runtime.pool import AgentProcess, ProcessPool, Ticket
 from corral.services.runtime.sdk import AgentSpec, RuleVerdict
 from corral.services.runtime.service import RuntimeConfig, RuntimeService
 from corral.services.runtime.store import SessionStore
@@ -355,7 +355,7 @@ async def test_a_caller_that_goes_away_stops_the_turn_and_its_process(
 async def test_the_pool_evicts_the_least_recently_used_idle_process(tmp_path: Path) -> None:
     clock, sdk = Clock(), FakeSdk()
     await sdk.start()
-    pool = ProcessPool(2, idle_seconds=60, clock=clock)
+    pool = ProcessPool(2, idle_seconds=60, clock=clock, max_waiting=1)
 
     def connect(session: str) -> Callable[[], Any]:
         spec = AgentSpec(session, options(), "m", tmp_path, tmp_path, tag=f"tag-{session}")
@@ -365,9 +365,13 @@ async def test_the_pool_evicts_the_least_recently_used_idle_process(tmp_path: Pa
 
         return start
 
-    a = await pool.start("a", "k", "tag-a", connect("a"))
+    async def start(ticket: Ticket) -> AgentProcess:
+        session = ticket.session_id
+        return await pool.start(ticket, "k", f"tag-{session}", connect(session))
+
+    a = await start(pool.reserve("a"))
     clock.now = 1
-    b = await pool.start("b", "k", "tag-b", connect("b"))
+    b = await start(pool.reserve("b"))
     pool.checkin(a)
     clock.now = 2
     pool.checkin(b)
@@ -376,23 +380,37 @@ async def test_the_pool_evicts_the_least_recently_used_idle_process(tmp_path: Pa
     assert pool.take_warm("b", "other options") is None
     pool.checkin(a)
 
-    c = await pool.start("c", "k", "tag-c", connect("c"))
+    c = await start(pool.reserve("c"))
     stopped = [client.spec.session_id for client in sdk.clients if client.disconnected]
     assert stopped == ["b"]
     assert (pool.has_process("a"), pool.has_process("b"), pool.live) == (True, False, 2)
 
     assert pool.take_warm("a", "k") is a  # both busy now: a third session waits its turn
-    with pytest.raises(ResourceExhausted) as full:
-        await pool.start("d", "k", "tag-d", connect("d"))
+    d = pool.reserve("d")
+    assert (d.waiting, d.position, pool.waiting) == (True, 1, 1)
+    with pytest.raises(ResourceExhausted) as full:  # and the queue holds one
+        pool.reserve("e")
     assert full.value.reason == "POOL_EXHAUSTED"
+    assert pool.exhausted == 1
 
-    pool.checkin(a)
+    clock.now = 4
+    pool.checkin(a)  # a's process goes to d, which waited: the next turn of a must wait too
+    assert not d.waiting and d.victim is a and not pool.has_process("a")
+    assert pool.live == 2
+    await start(d)
+    assert client_of_session(sdk, "a").disconnected
+    assert pool.take_warm("a", "k") is None
+
     pool.checkin(c)
-    clock.now = 3 + 60
+    clock.now = 4 + 60
     assert await pool.reap() == 0  # idle for exactly idle_seconds: not yet
     clock.now += 1
-    assert await pool.reap() == 2
-    assert pool.live == 0
+    assert await pool.reap() == 1
+    assert pool.live == 1
+
+
+def client_of_session(sdk: FakeSdk, session: str) -> FakeClient:
+    return next(c for c in sdk.clients if c.spec.session_id == session)
 
 
 async def test_names_use_the_shared_alphabet_and_options_may_merge_a_policy(
