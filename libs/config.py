@@ -165,6 +165,13 @@ class Settings(BaseSettings):
     )
     anthropic_base_url: str = Field(default="", validation_alias=AliasChoices("anthropic_base_url"))
 
+    # Storage: workspaces (the agents' working directories), uploads and the local blob store
+    # under storage_root (default <data_dir>/storage), a filesystem the runtime shares
+    # (ReadWriteMany in Kubernetes); the largest file and workspace it accepts.
+    storage_root: Path | None = None
+    storage_max_file_bytes: int = Field(default=5 * 1024**3, ge=1)
+    storage_max_workspace_bytes: int = Field(default=20 * 1024**3, ge=1)
+
     # Metrics (libs/metrics.py): Prometheus' text format at http://<host>:<port>/metrics. One
     # endpoint for the process (metrics_port), or one per service (<service>_metrics_port, which
     # wins); 0 picks a free port, unset serves none. OTLP too when the endpoint below is set.
@@ -211,6 +218,9 @@ class Settings(BaseSettings):
 
     def runtime_dir(self) -> Path:
         return (self.runtime_root or self.data_dir / "runtime").resolve()
+
+    def storage_dir(self) -> Path:
+        return (self.storage_root or self.data_dir / "storage").resolve()
 
     def runtime_max_waiting_turns(self) -> int:
         if self.runtime_pool_queue_size is None:
