@@ -171,6 +171,20 @@ class Settings(BaseSettings):
     storage_root: Path | None = None
     storage_max_file_bytes: int = Field(default=5 * 1024**3, ge=1)
     storage_max_workspace_bytes: int = Field(default=20 * 1024**3, ge=1)
+    # Where reports, archives and upload parts are kept: `local` (under storage_root) or `s3`,
+    # any S3-compatible object store (services/storage/README.md). Credentials: the key pair (the
+    # secret inline or in a mounted file), or neither for botocore's chain (AWS_* variables,
+    # profile, instance or pod role). Path-style addressing for MinIO and most self-hosted stores.
+    storage_blob: Literal["local", "s3"] = "local"
+    storage_s3_endpoint_url: str = ""  # empty: AWS S3 in storage_s3_region
+    storage_s3_bucket: str = ""
+    storage_s3_region: str = "us-east-1"
+    storage_s3_access_key_id: str = ""
+    storage_s3_secret_access_key: SecretStr = SecretStr("")
+    storage_s3_secret_access_key_file: Path | None = None
+    storage_s3_path_style: bool = False
+    storage_s3_ca_file: Path | None = None  # a private CA for the endpoint's certificate
+    storage_s3_part_size: int = Field(default=8 * 1024**2, ge=5 * 1024**2, le=5 * 1024**3)
 
     # Metrics (libs/metrics.py): Prometheus' text format at http://<host>:<port>/metrics. One
     # endpoint for the process (metrics_port), or one per service (<service>_metrics_port, which
