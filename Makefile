@@ -111,6 +111,10 @@ typecheck: setup ## mypy --strict over services and libs
 pytest: setup ## Run the test suite (PostgreSQL/Redis from CORRAL_TEST_POSTGRES_URL / CORRAL_TEST_REDIS_URL)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+.PHONY: faults
+faults: setup ## Fault scenarios on a production-like topology started by the tests (tests/faults)
+	$(BIN)/pytest -q tests/faults $(PYTEST_ARGS)
+
 .PHONY: test
 test: setup lint typecheck buf-lint breaking check-protos check-ts-sdk console pytest ## Everything CI checks
 

@@ -178,7 +178,13 @@ class Client:
         return reply.turn
 
     async def finished_turn(
-        self, user: User, name: str, *, within: float, target: str | None = None
+        self,
+        user: User,
+        name: str,
+        *,
+        within: float,
+        target: str | None = None,
+        every: float = POLL,
     ) -> turn_pb2.Turn:
         """The turn once FINISHED (GetTurn polled; UNAVAILABLE answers are waited out)."""
 
@@ -191,7 +197,7 @@ class Client:
                 return None
             return turn if turn.state == turn_pb2.Turn.STATE_FINISHED else None
 
-        return await until(probe, within=within, what=f"{name} FINISHED")
+        return await until(probe, within=within, what=f"{name} FINISHED", every=every)
 
     async def history(self, user: User, session: str) -> list[event_pb2.SessionEvent]:
         """Every persisted event of the session (ListSessionEvents, all pages)."""
@@ -207,6 +213,21 @@ class Client:
             token = page.next_page_token
             if not token:
                 return events
+
+    async def session_names(self, user: User) -> set[str]:
+        """The names of every session ``user`` can list."""
+        names: set[str] = set()
+        token = ""
+        while True:
+            page = await self.sessions().ListSessions(
+                spb.ListSessionsRequest(page_size=1000, page_token=token),
+                metadata=user.auth,
+                timeout=30,
+            )
+            names.update(s.name for s in page.sessions)
+            token = page.next_page_token
+            if not token:
+                return names
 
     async def quota(self, name: str) -> quota_pb2.Quota:
         admin = await self.admin()
@@ -316,6 +337,16 @@ class Watcher:
         )
         return event.turn_result
 
+    async def caught_up(self, within: float = 30) -> list[event_pb2.SessionEvent]:
+        """Until this watcher has seen every event the session's history holds now (the
+        history, returned)."""
+        history = await self._client.history(self._user, self._session)
+        last = history[-1].sequence if history else 0
+        await self.until(
+            lambda e: e.sequence >= last, within=within, what=f"the watcher seeing event {last}"
+        )
+        return history
+
     def duplicates_or_gaps(self) -> list[str]:
         """What breaks "every event exactly once, in order" in what this watcher saw."""
         problems = []
@@ -347,10 +378,67 @@ def same_events(
     return problems
 
 
-async def outcome_of(what: str, call: Awaitable[Any]) -> Outcome:
-    """Run one call and keep how it ended."""
+async def attempt(what: str, call: Awaitable[T]) -> tuple[Outcome, T | None]:
+    """Run one call; how it ended, and its answer when it succeeded."""
     try:
-        await call
+        answer = await call
     except grpc.aio.AioRpcError as exc:
-        return Outcome(what, exc.code(), reason_of(exc), exc.details() or "")
-    return Outcome(what, grpc.StatusCode.OK)
+        return Outcome(what, exc.code(), reason_of(exc), exc.details() or ""), None
+    return Outcome(what, grpc.StatusCode.OK), answer
+
+
+async def outcome_of(what: str, call: Awaitable[Any]) -> Outcome:
+    return (await attempt(what, call))[0]
+
+
+async def noted(problems: list[str], wait: Awaitable[T]) -> T | None:
+    """``wait``'s value; when it fails (a bounded wait that ran out), its message goes to
+    ``problems`` and the answer is None, so a scenario reports everything it found."""
+    try:
+        return await wait
+    except AssertionError as exc:
+        problems.append(str(exc))
+        return None
+
+
+class Prober:
+    """A client calling a read and a create over and over, through the edge and to each
+    replica directly, keeping every outcome and the sessions it was told were created."""
+
+    def __init__(self, client: Client, user: User, session: str) -> None:
+        self._client = client
+        self._user = user
+        self._session = session
+        self.outcomes: list[Outcome] = []
+        self.created: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> Prober:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        topology = self._client.topology
+        targets = [topology.edge, *(s.target for s in topology.sessions)]
+        auth = self._user.auth
+        while True:
+            for target in targets:
+                stub = self._client.sessions(target)
+                get = stub.GetSession(spb.GetSessionRequest(name=self._session), metadata=auth)
+                self.outcomes.append(await outcome_of(f"GetSession via {target}", get))
+                create = stub.CreateSession(
+                    spb.CreateSessionRequest(session=session_pb2.Session(display_name="probe")),
+                    metadata=auth,
+                    timeout=10,
+                )
+                outcome, created = await attempt(f"CreateSession via {target}", create)
+                self.outcomes.append(outcome)
+                if created is not None:
+                    self.created.append(created.session.name)
+                await asyncio.sleep(0.8)  # a user's pace: well under the per-minute limit

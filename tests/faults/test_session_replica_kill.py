@@ -10,7 +10,15 @@ import pytest
 
 from corral.session.v1 import event_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as spb
-from tests.faults.client import QUICK, SUCCEEDED, Client, Watcher, same_events, streamed_text
+from tests.faults.client import (
+    QUICK,
+    SUCCEEDED,
+    Client,
+    Watcher,
+    noted,
+    same_events,
+    streamed_text,
+)
 from tests.faults.record import record
 
 pytestmark = pytest.mark.timeout(300)
@@ -55,9 +63,9 @@ async def test_session_replica_killed_mid_stream(client: Client) -> None:
         if next_result.status != SUCCEEDED:
             problems.append(f"the next turn ended {next_result}")
 
+        history = await noted(problems, watcher.caught_up()) or await client.history(user, session)
         await watcher.stop()
         problems += watcher.duplicates_or_gaps()
-        history = await client.history(user, session)
         problems += same_events(watcher.events, history)
         if [e.sequence for e in history] != [e.sequence for e in watcher.events]:
             problems.append(
