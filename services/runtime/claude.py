@@ -38,7 +38,7 @@ from claude_agent_sdk import (
 from claude_agent_sdk.types import McpSdkServerConfig, McpServerConfig, PermissionMode
 
 from corral.runtime.v1 import agent_options_pb2 as options_pb
-from corral.services.runtime import mcp_bridge, process, sandbox
+from corral.services.runtime import mcp_bridge, orphans, process, sandbox
 from corral.services.runtime.domain import (
     Behavior,
     DecisionSource,
@@ -125,6 +125,7 @@ class ClaudeSdk:
         scrub_tool_env: bool,
         sandbox: SandboxPolicy | None = None,
     ) -> None:
+        self._root = root
         self._bin = root / "bin"
         self._mcp_homes = root / "mcp"  # the private homes of the stdio MCP servers
         self._model_env = dict(model_env)
@@ -132,16 +133,26 @@ class ClaudeSdk:
         self._sandbox = sandbox
         self._cli: Path | None = None  # the CLI the launcher runs, and the launcher
         self._launcher: Path | None = None
+        self._owner: orphans.Owner | None = None  # set by start: what every agent carries
+        self._guard: orphans.Guard | None = None
         self.sdk_version: str = claude_agent_sdk.__version__
         self.cli_version = ""
 
     async def start(self) -> None:
+        """Kill what a previous runtime on this root left running, start this one's guard,
+        and install the launcher (``orphans``)."""
+        self._owner = orphans.Owner.of_this_process(self._root)
+        await asyncio.to_thread(orphans.reap, self._owner)
+        self._guard = orphans.Guard.start(self._owner)
         self._cli = await asyncio.to_thread(process.bundled_cli)
         self._launcher = await asyncio.to_thread(process.install_launcher, self._bin)
         self.cli_version = await asyncio.to_thread(process.cli_version, self._cli)
 
     async def close(self) -> None:
-        pass
+        """After the last agent stopped: the guard ends, killing whatever outlived it."""
+        if self._guard is not None:
+            await self._guard.close()
+            self._guard = None
 
     async def connect(self, spec: AgentSpec, gate: ToolGate) -> ClaudeClient:
         if self._sandbox is not None:
@@ -192,7 +203,7 @@ class ClaudeSdk:
         )
         env = {name: os.environ[name] for name in process.PASSTHROUGH if name in os.environ}
         env.update(server.stdio.env)
-        env.update({"HOME": str(home), process.TAG_VARIABLE: spec.tag})
+        env.update({"HOME": str(home), process.TAG_VARIABLE: spec.tag, **self._marks()})
         argv: list[str] = []
         if self._sandbox is not None:
             env["TMPDIR"] = "/tmp"
@@ -233,6 +244,7 @@ class ClaudeSdk:
             "CLAUDE_CONFIG_DIR": str(spec.config_dir),
             "HOME": str(spec.config_dir),
             process.TAG_VARIABLE: spec.tag,
+            **self._marks(),
         }
         if mode == "bypassPermissions":
             runtime_env["IS_SANDBOX"] = "1"
@@ -268,6 +280,12 @@ class ClaudeSdk:
                 "agent stderr: %s", line, extra={"session": spec.session_id}
             ),
         )
+
+    def _marks(self) -> dict[str, str]:
+        """Whose every agent process is: see ``orphans``."""
+        if self._owner is None:
+            raise RuntimeError("ClaudeSdk.start() was not awaited")
+        return {orphans.OWNER_VARIABLE: self._owner.marker}
 
     def _sandbox_command(self, spec: AgentSpec) -> list[str]:
         if self._sandbox is None or self._cli is None:

@@ -3,15 +3,16 @@
 The SDK starts the CLI with the runtime's whole environment plus ``options.env``. An agent must
 see only what its session allows, so the SDK is pointed (``cli_path``) at a small launcher that
 keeps the variables the runtime names in ``CORRAL_CLI_ENV`` (and those the SDK itself sets),
+asks the kernel to kill it when the runtime dies (``PR_SET_PDEATHSIG``, kept across ``exec``),
 starts a new session (``setsid``: the CLI leads its own process group, apart from the runtime's),
 and then ``exec``s the real CLI, inside the agent's sandbox (``sandbox.py``: bubblewrap, as the
-agent user) unless sandboxing is off. What the runtime sees as the agent's pid is then
-bubblewrap's; the CLI and everything it starts are its descendants.
+agent user, ``--die-with-parent``) unless sandboxing is off. What the runtime sees as the
+agent's pid is then bubblewrap's; the CLI and everything it starts are its descendants.
 
 Tools the CLI runs (Bash) live in sessions of their own and may outlive the CLI, so every
 process an agent starts is found by its tag (``TAG_VARIABLE``, inherited through the
 environment) as well as by descent, and whatever outlives its agent or its interrupted turn is
-killed.
+killed. What outlives the runtime itself is ``orphans.py``'s.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-import claude_agent_sdk
 
 log = logging.getLogger("corral.runtime.process")
 
@@ -50,13 +49,18 @@ SANDBOX_VARIABLE = "CORRAL_SANDBOX_COMMAND"
 # Set to a fresh value for each agent process; everything it starts inherits it, so what it ran
 # is found again even after it was re-parented (a tool that outlived a crashed CLI).
 TAG_VARIABLE = "CORRAL_AGENT_TAG"
+# The runtime's pid, for the launcher only: it dies at once if the runtime already has.
+PARENT_VARIABLE = "CORRAL_AGENT_PARENT"
 
 _LAUNCHER = '''\
 """Corral's Claude CLI launcher (written by the runtime; do not edit): keep only the
-environment variables named in {keep} and the SDK's own, start a new session, exec the CLI
-(inside the sandbox command in {sandbox}, if there is one)."""
+environment variables named in {keep} and the SDK's own, die with the runtime (the pid in
+{parent}), start a new session, exec the CLI (inside the sandbox command in {sandbox}, if
+there is one)."""
+import ctypes
 import json
 import os
+import signal
 import sys
 
 SDK_VARIABLES = {sdk!r}
@@ -64,8 +68,15 @@ keep = set(os.environ.get("{keep}", "").split(",")) | set(SDK_VARIABLES)
 keep.discard("")
 cli = os.environ["{cli}"]
 sandbox = json.loads(os.environ.get("{sandbox}") or "[]")
+parent = int(os.environ.get("{parent}") or 0)
 env = {{name: value for name, value in os.environ.items() if name in keep}}
 argv = [*sandbox, cli, *sys.argv[1:]]
+if parent:
+    # PR_SET_PDEATHSIG (1): SIGKILL when the runtime dies; it outlives exec.
+    if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:
+        sys.exit("corral launcher: cannot set the parent-death signal")
+    if os.getppid() != parent:  # the runtime died before the signal was set
+        sys.exit("corral launcher: the runtime is gone")
 os.setsid()
 os.execve(argv[0], argv, env)
 '''
@@ -73,6 +84,8 @@ os.execve(argv[0], argv, env)
 
 def bundled_cli() -> Path:
     """The Claude Code CLI the SDK ships (the one it would run itself)."""
+    import claude_agent_sdk  # here: the orphan guard imports this module, and starts fast
+
     return Path(claude_agent_sdk.__file__).resolve().parent / "_bundled" / "claude"
 
 
@@ -87,7 +100,11 @@ def install_launcher(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "claude-launcher"
     text = f"#!{sys.executable} -IS\n" + _LAUNCHER.format(
-        keep=KEEP_VARIABLE, cli=CLI_VARIABLE, sdk=SDK_VARIABLES, sandbox=SANDBOX_VARIABLE
+        keep=KEEP_VARIABLE,
+        cli=CLI_VARIABLE,
+        sdk=SDK_VARIABLES,
+        sandbox=SANDBOX_VARIABLE,
+        parent=PARENT_VARIABLE,
     )
     if not path.exists() or path.read_text() != text:
         temporary = path.with_suffix(".tmp")
@@ -113,6 +130,7 @@ def cli_environment(
     env.update(runtime_env)
     env[KEEP_VARIABLE] = ",".join(sorted(env))
     env[CLI_VARIABLE] = str(cli)
+    env[PARENT_VARIABLE] = str(os.getpid())
     if sandbox:
         env[SANDBOX_VARIABLE] = json.dumps(list(sandbox))
     return env
@@ -197,19 +215,27 @@ def tree_rss(roots: list[int]) -> int:
     return total
 
 
-def tagged(tag: str) -> list[ProcessId]:
-    """Every live process whose environment carries ``TAG_VARIABLE=tag``."""
-    needle = f"{TAG_VARIABLE}={tag}".encode()
-    found: list[ProcessId] = []
+def carrying(variable: str) -> list[tuple[ProcessId, str]]:
+    """Every live process whose environment sets ``variable``, with its value (processes of
+    other users whose environment cannot be read are not seen)."""
+    prefix = f"{variable}=".encode()
+    found: list[tuple[ProcessId, str]] = []
     for pid in _pids():
         try:
             with open(f"/proc/{pid}/environ", "rb") as handle:
                 variables = handle.read().split(b"\0")
         except OSError:
             continue
-        if needle in variables and (identity := identify(pid)) is not None:
-            found.append(identity)
+        for entry in variables:
+            if entry.startswith(prefix) and (identity := identify(pid)) is not None:
+                found.append((identity, entry[len(prefix) :].decode(errors="replace")))
+                break
     return found
+
+
+def tagged(tag: str) -> list[ProcessId]:
+    """Every live process whose environment carries ``TAG_VARIABLE=tag``."""
+    return [process for process, value in carrying(TAG_VARIABLE) if value == tag]
 
 
 def alive(process: ProcessId) -> bool:
@@ -219,18 +245,38 @@ def alive(process: ProcessId) -> bool:
 
 def kill_all(processes: list[ProcessId]) -> int:
     """SIGKILL each process still alive (and the group it leads, if it leads one); returns how
-    many were killed."""
-    killed = 0
-    for process in processes:
-        pid = process[0]
-        if not alive(process):
-            continue
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.getpgid(pid) == pid:
-                os.killpg(pid, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGKILL)
-            killed += 1
+    many were killed. A pid whose process is not the one identified any more (it ended and the
+    pid was reused) is left alone."""
+    killed = sum(1 for process in processes if _kill(process))
     if killed:
         log.info("killed processes that outlived their agent", extra={"count": killed})
     return killed
+
+
+def _kill(process: ProcessId) -> bool:
+    """SIGKILL through a pidfd (Linux 5.3+): opened first, then the start time checked, so the
+    signal reaches the process identified or none."""
+    pid = process[0]
+    try:
+        handle: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no pidfds here: the start time check alone
+        handle = None
+    try:
+        if not alive(process):
+            return False
+        leader = os.getpgid(pid) == pid
+        if handle is not None:
+            signal.pidfd_send_signal(handle, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        if leader:  # what it started in its group (the group id stays taken while it is used)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        if handle is not None:
+            os.close(handle)

@@ -216,6 +216,7 @@ async def test_the_claude_adapter_answers_the_sdk_as_the_gate_decided(tmp_path: 
     said: Any = await hook({"tool_name": "Bash"}, None, {"signal": None})  # type: ignore[typeddict-item]
     assert said["hookSpecificOutput"]["permissionDecision"] == "deny"
     assert await hook({"tool_name": "Read"}, None, {"signal": None}) == {}  # type: ignore[typeddict-item]
+    await sdk.close()
 
 
 async def test_an_interrupt_denies_what_is_pending_and_keeps_the_process(
