@@ -31,6 +31,7 @@ from tests.runtime.conftest import (
     CLI_MARKER,
     ORG,
     SANDBOX_READ_ONLY,
+    directive,
     new_session,
     options,
     processes_with,
@@ -211,10 +212,20 @@ async def test_a_runtime_killed_mid_turn_takes_every_agent_process_with_it(
     runtime: RuntimeProcess = await start_runtime(  # type: ignore[misc]
         tmp_path / "root", CORRAL_RUNTIME_SANDBOX=sandbox
     )
-    marker = f"corral-marker-{uuid.uuid4().hex}"
+    marker, hidden = f"corral-marker-{uuid.uuid4().hex}", f"corral-hidden-{uuid.uuid4().hex}"
     agent = options(allowed_tools=["Bash"], mcp_servers=[calc_server()])
-    call = runtime.run(long_tool(marker), agent)
+    prompt = long_tool(marker)
+    if sandbox == "bwrap":
+        # A hostile agent's process that sheds every mark (no environment, a session of its
+        # own): its sandbox's PID namespace still takes it along.
+        escape = f"setsid env -i /usr/bin/python3 -c 'import time; time.sleep(60)' {hidden} &"
+        prompt = directive(
+            {"tool": "Bash", "input": {"command": escape}},
+            *json.loads(prompt.removeprefix("<<corral-model ").removesuffix(">>")),
+        )
+    call = runtime.run(prompt, agent)
     await until_tool_runs(call, marker)
+    assert sandbox != "bwrap" or processes_with(hidden), "the unmarked process did not start"
 
     owned = set(owned_by(runtime.pid))
     assert set(processes_with(marker)) <= owned, "the tool does not carry its owner"
@@ -228,6 +239,7 @@ async def test_a_runtime_killed_mid_turn_takes_every_agent_process_with_it(
     assert await eventually(
         lambda: not owned_by(runtime.pid) and not processes_with(marker), within=10
     ), f"left running: {owned_by(runtime.pid)}"
+    assert await eventually(lambda: not processes_with(hidden), within=10)
     gone = time.monotonic() - killed
     assert await eventually(lambda: not alive(guard), within=10), "the guard lives on"
     print(f"\n[{sandbox}] {len(owned)} agent processes gone {gone:.3f} s after SIGKILL")
