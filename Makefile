@@ -95,17 +95,17 @@ breaking: setup ## buf breaking against main (FILE)
 
 .PHONY: lint
 lint: setup ## ruff (lint + format check)
-	$(BIN)/ruff check services libs tests
-	$(BIN)/ruff format --check services libs tests
+	$(BIN)/ruff check services libs clients tests
+	$(BIN)/ruff format --check services libs clients tests
 
 .PHONY: fmt
 fmt: setup ## Format the code with ruff
-	$(BIN)/ruff check --fix services libs tests
-	$(BIN)/ruff format services libs tests
+	$(BIN)/ruff check --fix services libs clients tests
+	$(BIN)/ruff format services libs clients tests
 
 .PHONY: typecheck
 typecheck: setup ## mypy --strict over services and libs
-	$(BIN)/mypy -p corral.libs -p corral.services
+	$(BIN)/mypy -p corral.libs -p corral.services -p corral.client
 
 .PHONY: pytest
 pytest: setup ## Run the test suite (PostgreSQL/Redis from CORRAL_TEST_POSTGRES_URL / CORRAL_TEST_REDIS_URL)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import secrets
 import sys
 import time
@@ -26,7 +27,8 @@ from corral.services.identity.main import build_service, open_database
 from corral.services.identity.service import IdentityService
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """The ``corral admin`` command line (the ``corral`` CLI mounts it as a subcommand)."""
     parser = argparse.ArgumentParser(prog="corral admin", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     org = commands.add_parser("create-org", help="create an organization")
@@ -73,10 +75,15 @@ def new_encryption_key(clock: Callable[[], float] = time.time) -> str:
     return f"k{day}-{secrets.token_hex(3)}:{KeyRing.generate_key()}"
 
 
-async def _run(settings: Settings, args: argparse.Namespace) -> None:
+# What a command made, as (label, value) pairs: printed as lines, or as JSON by ``corral admin
+# --json``. Names and keys print alone, the rest as "label: value"; "(shown once)" follows secrets.
+Result = list[tuple[str, str]]
+SECRETS = {"password", "api_key"}
+
+
+async def _run(settings: Settings, args: argparse.Namespace) -> Result:
     if args.command == "new-encryption-key":  # needs no database, no key ring
-        print(new_encryption_key())
-        return
+        return [("encryption_key", new_encryption_key())]
     config = identity_settings(settings)
     async with AsyncExitStack() as resources:
         engine = await open_database(config, None, resources)
@@ -86,17 +93,17 @@ async def _run(settings: Settings, args: argparse.Namespace) -> None:
         revocations = infra.revocation_store() if config.redis_url else None
         identity = build_service(config, engine, revocations=revocations)
         await identity.keys.ensure_signing_keys()
-        await _command(identity, args)
+        return await _command(identity, args)
 
 
-async def _command(identity: IdentityService, args: argparse.Namespace) -> None:
+async def _command(identity: IdentityService, args: argparse.Namespace) -> Result:
     ctx = SYSTEM_CONTEXT
     if args.command == "create-org":
         org, _ = await identity.accounts.create_organization(
             ctx, args.organization_id, args.display_name or args.organization_id, None, "", ""
         )
-        print(org.name)
-    elif args.command == "create-user":
+        return [("name", org.name)]
+    if args.command == "create-user":
         password = args.password or secrets.token_urlsafe(18)
         user = await identity.accounts.create_user(
             ctx,
@@ -108,10 +115,8 @@ async def _command(identity: IdentityService, args: argparse.Namespace) -> None:
             "",
             superuser=args.superuser,
         )
-        print(user.name)
-        if not args.password:
-            print(f"password: {password}  (shown once)")
-    elif args.command == "create-service-account":
+        return [("name", user.name), *([] if args.password else [("password", password)])]
+    if args.command == "create-service-account":
         account = await identity.service_accounts.create_service_account(
             ctx,
             args.org,
@@ -121,8 +126,8 @@ async def _command(identity: IdentityService, args: argparse.Namespace) -> None:
             "",
             internal=args.internal,
         )
-        print(account.name)
-    elif args.command == "create-api-key":
+        return [("name", account.name)]
+    if args.command == "create-api-key":
         ids = SERVICE_ACCOUNT.parse(args.service_account)
         if ids is None:
             raise SystemExit("service_account must be organizations/{org}/serviceAccounts/{id}")
@@ -134,21 +139,44 @@ async def _command(identity: IdentityService, args: argparse.Namespace) -> None:
         key, plaintext = await identity.service_accounts.create_api_key(
             ctx, ids[0], ids[1], args.display_name, expires, ""
         )
-        print(key.name)
-        print(f"api key: {plaintext}  (shown once)")
-    elif args.command == "rotate-keys":
-        rotation = await identity.keys.rotate_signing_keys(ctx, args.revoke_previous)
-        previous = rotation.previous
-        print(f"active:   {SIGNING_KEY.format(rotation.active.kid)}")
-        print(f"pending:  {SIGNING_KEY.format(rotation.pending.kid)}")
-        if previous is not None:
-            print(f"previous: {SIGNING_KEY.format(previous.kid)} ({previous.state.value})")
+        return [("name", key.name), ("api_key", plaintext)]
+    # rotate-keys
+    rotation = await identity.keys.rotate_signing_keys(ctx, args.revoke_previous)
+    previous = rotation.previous
+    result = [
+        ("active", SIGNING_KEY.format(rotation.active.kid)),
+        ("pending", SIGNING_KEY.format(rotation.pending.kid)),
+    ]
+    if previous is not None:
+        result += [
+            ("previous", SIGNING_KEY.format(previous.kid)),
+            ("previous_state", previous.state.value),
+        ]
+    return result
 
 
-async def run(argv: Sequence[str], settings: Settings) -> int:
-    args = _parser().parse_args(list(argv))
+def _print(result: Result, json_output: bool) -> None:
+    if json_output:
+        print(json.dumps(dict(result)))
+        return
+    for label, value in result:
+        if label in ("name", "encryption_key"):
+            print(value)
+        else:
+            note = "  (shown once)" if label in SECRETS else ""
+            print(f"{label.replace('_', ' ')}: {value}{note}")
+
+
+async def run(argv: Sequence[str], settings: Settings, *, json_output: bool = False) -> int:
+    return await run_parsed(parser().parse_args(list(argv)), settings, json_output=json_output)
+
+
+async def run_parsed(
+    args: argparse.Namespace, settings: Settings, *, json_output: bool = False
+) -> int:
+    """Run a parsed command line (the ``corral`` CLI parses it with ``parser()`` mounted)."""
     try:
-        await _run(settings, args)
+        _print(await _run(settings, args), json_output)
     except CorralError as exc:
         print(f"corral admin: {exc.message} ({exc.reason})", file=sys.stderr)
         return 1
@@ -158,6 +186,8 @@ async def run(argv: Sequence[str], settings: Settings) -> int:
     return 0
 
 
-def main(argv: Sequence[str], settings: Settings | None = None) -> int:
+def main(
+    argv: Sequence[str], settings: Settings | None = None, *, json_output: bool = False
+) -> int:
     """Entry point of ``corral admin``; returns the exit status."""
-    return asyncio.run(run(argv, settings or Settings()))
+    return asyncio.run(run(argv, settings or Settings(), json_output=json_output))

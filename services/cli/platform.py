@@ -1,9 +1,7 @@
-"""The ``corral`` command: ``dev``, ``serve``, ``migrate``, ``health``."""
+"""The CLI's commands that run the platform: ``dev``, ``serve``, ``migrate``, ``health``."""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 
@@ -14,13 +12,12 @@ from corral.libs import db
 from corral.libs.app import ServiceApp, run_until_signalled
 from corral.libs.config import SERVICE_NAMES, Settings
 from corral.libs.envoy import EdgeError, start_edge
-from corral.libs.observability import configure_logging, configure_tracing
 from corral.libs.web_console import start_console
 from corral.services import registry
-from corral.services.chat import demo
+from corral.services.cli.chat import demo
 
 
-def _services(names: Sequence[str]) -> list[str]:
+def services(names: Sequence[str]) -> list[str]:
     chosen = list(names) or list(SERVICE_NAMES)
     unknown = [n for n in chosen if n not in SERVICE_NAMES]
     if unknown:
@@ -44,7 +41,7 @@ async def check_health(targets: dict[str, str], wait: float = 3.0) -> dict[str, 
     return results
 
 
-async def _serve(settings: Settings, names: list[str], *, banner: bool) -> None:
+async def serve(settings: Settings, names: list[str], *, banner: bool) -> None:
     apps: list[ServiceApp] = []
     for name in names:
         apps.append(await registry.build(name, settings))
@@ -101,8 +98,14 @@ async def _serve(settings: Settings, names: list[str], *, banner: bool) -> None:
         print(
             f"\n  {sign_in}\n"
             "  chat:  .venv/bin/corral chat        (Ctrl-C interrupts a turn)\n"
-            "  list:  grpcurl -plaintext"
-            f" {apps[0].server.address} list    (server reflection)\n  stop:  Ctrl-C\n",
+            + (
+                f"  list:  .venv/bin/buf curl --list-services --protocol grpc"
+                f' --http2-prior-knowledge -H "authorization: Bearer $TOKEN" {edge.url}'
+                "    (server reflection; README: Over gRPC)\n"
+                if edge is not None
+                else ""
+            )
+            + "  stop:  Ctrl-C\n",
             file=sys.stderr,
             flush=True,
         )
@@ -110,7 +113,7 @@ async def _serve(settings: Settings, names: list[str], *, banner: bool) -> None:
     await run_until_signalled(apps, settings.shutdown_grace_seconds, announce if banner else None)
 
 
-async def _migrate(settings: Settings, names: list[str]) -> None:
+async def migrate(settings: Settings, names: list[str]) -> None:
     for name in names:
         engine = db.create_engine(settings.database_url_for(name), schema=name)
         try:
@@ -118,72 +121,3 @@ async def _migrate(settings: Settings, names: list[str]) -> None:
             print(f"{name}: at {await db.current_revision(engine)}")
         finally:
             await engine.dispose()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="corral", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("dev", help="run every service in one process on SQLite (development)")
-    serve = commands.add_parser(
-        "serve", help="run one or more services (production: one per process)"
-    )
-    serve.add_argument("services", nargs="+", choices=SERVICE_NAMES)
-    migrate = commands.add_parser(
-        "migrate", help="upgrade the databases of the given services (default: all)"
-    )
-    migrate.add_argument("services", nargs="*")
-    health = commands.add_parser("health", help="check the health of running services")
-    health.add_argument("services", nargs="*")
-    admin = commands.add_parser(
-        "admin", help="create-org|create-user|create-service-account|create-api-key|rotate-keys"
-    )
-    admin.add_argument("arguments", nargs=argparse.REMAINDER)
-    chat = commands.add_parser("chat", help="talk to an agent in the terminal (creates a session)")
-    chat.add_argument(
-        "--session", help="attach to this session (sessions/...) instead of a new one"
-    )
-    chat.add_argument("-m", "--message", help="send one message, print the answer, exit")
-    chat.add_argument(
-        "--allow", action="append", default=[], help="a tool the agent may use unasked"
-    )
-    chat.add_argument(
-        "--ask", action="append", default=[], help="a tool pattern to approve each time"
-    )
-    chat.add_argument(
-        "--mcp", action="append", default=[], help="a stdio MCP server: NAME='COMMAND'"
-    )
-    args = parser.parse_args(argv)
-
-    settings = Settings()
-    if args.command == "dev":
-        settings = settings.model_copy(update={"env": "development"})
-    configure_logging(settings.log_level, settings.log_format)
-    if args.command == "dev":
-        configure_tracing("corral-dev", settings.otel_exporter_otlp_endpoint)
-        asyncio.run(_serve(settings, list(SERVICE_NAMES), banner=True))
-    elif args.command == "serve":
-        configure_tracing(f"corral-{'-'.join(args.services)}", settings.otel_exporter_otlp_endpoint)
-        asyncio.run(_serve(settings, _services(args.services), banner=False))
-    elif args.command == "migrate":
-        asyncio.run(_migrate(settings, _services(args.services)))
-    elif args.command == "chat":
-        from corral.services.chat import agent_options
-        from corral.services.chat import main as chat_main
-
-        options = agent_options(args.allow, args.ask, args.mcp)
-        return asyncio.run(chat_main(args.session, args.message, options))
-    elif args.command == "admin":
-        from corral.services.identity.admin import main as admin_main
-
-        return admin_main(args.arguments, settings)
-    elif args.command == "health":
-        names = _services(args.services)
-        status = asyncio.run(check_health({n: settings.target_for(n) for n in names}))
-        for name, value in status.items():
-            print(f"{name}: {value}")
-        return 0 if all(v == "SERVING" for v in status.values()) else 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
