@@ -14,6 +14,7 @@ import pytest
 
 from corral.services.storage.blob_local import LocalBlobStore
 from corral.services.storage.blobs import BlobStore
+from tests.storage.s3_server import s3_store
 
 
 @asynccontextmanager
@@ -21,5 +22,13 @@ async def local_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
     yield LocalBlobStore(tmp_path / "blobs")
 
 
-FACTORIES = {"local": local_store}
+@asynccontextmanager
+async def s3_bucket_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[BlobStore]:
+    async with s3_store(request.getfixturevalue("s3_endpoint")) as store:
+        yield store
+
+
+FACTORIES = {"local": local_store, "s3": s3_bucket_store}
 ADAPTERS = list(FACTORIES)
