@@ -26,6 +26,7 @@ from claude_agent_sdk import (
     UserMessage,
 )
 
+from corral.services.runtime.domain import ProcessFailed
 from corral.services.runtime.sdk import AgentProcessLost, AgentSpec, ToolGate
 
 Script = Callable[["FakeClient", str], Awaitable[None]]
@@ -162,6 +163,7 @@ class FakeSdk:
         self.script = script
         self.started = False
         self.clients: list[FakeClient] = []
+        self.broken: set[str] = set()  # sessions whose process cannot start
 
     async def start(self) -> None:
         self.started = True
@@ -171,6 +173,8 @@ class FakeSdk:
 
     async def connect(self, spec: AgentSpec, gate: ToolGate) -> FakeClient:
         assert self.started, "the runtime connected before it started its SDK"
+        if spec.session_id in self.broken:
+            raise ProcessFailed("the agent process could not be started")
         client = FakeClient(self, spec, gate)
         self.clients.append(client)
         return client

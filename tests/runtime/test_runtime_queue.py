@@ -19,12 +19,14 @@ from grpc_status import rpc_status
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
+from corral.libs.errors import Unavailable
 from corral.runtime.v1 import runtime_event_pb2 as event_pb
 from corral.runtime.v1 import runtime_service_pb2 as pb
 from corral.services.session.events import from_runtime
 from tests.runtime.conftest import Runtime, cli_processes, new_session, payloads
 from tests.runtime.fake_sdk import FakeClient, FakeSdk, init, text
 from tests.runtime.test_runtime_permissions import Turn, write_file
+from tests.runtime.test_runtime_service import ALICE, turn_request
 from tests.support.grpc_tools import error_reason
 
 SUCCEEDED = event_pb.TurnResult.STATUS_SUCCEEDED
@@ -212,6 +214,35 @@ async def test_a_waiting_turn_leaves_the_queue_when_its_caller_goes_or_it_is_int
     assert (now.running_turns, now.waiting_turns) == (0, 0)
 
 
+async def test_a_process_that_cannot_start_gives_its_slot_to_the_next_waiting_turn(
+    make_runtime: Callable[..., Any],
+) -> None:
+    held = Held()
+    sdk = FakeSdk(held.script)
+    runtime: Runtime = await make_runtime(sdk=sdk, runtime_pool_size=1)
+    running = await arrive(runtime, "running")
+    broken_session = new_session()
+    sdk.broken.add(broken_session)
+    broken = await arrive(runtime, "broken", session=broken_session)
+    after = await arrive(runtime, "after")
+    assert after.events[0].waiting_for_agent.position == 2
+
+    held.release("running")
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await broken.rest()
+    assert (failed.value.code(), error_reason(failed.value)) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "PROCESS_CRASHED",
+    )
+    assert payloads(broken.events) == ["waiting_for_agent"]
+    await after.until("turn_started")
+    held.release("after")
+    assert (await after.rest())[-1].turn_result.status == SUCCEEDED
+    assert (await running.rest())[-1].turn_result.status == SUCCEEDED
+    now = await status(runtime)
+    assert (now.live_processes, now.running_turns, now.waiting_turns) == (1, 0, 0)
+
+
 async def test_a_graceful_stop_reports_what_running_turns_cost_and_ends_waiting_ones(
     make_runtime: Callable[..., Any],
 ) -> None:
@@ -234,6 +265,11 @@ async def test_a_graceful_stop_reports_what_running_turns_cost_and_ends_waiting_
     assert payloads(waiting.events) == ["waiting_for_agent"]
     assert held.started == ["running"]
     assert runtime.sdk is not None and all(c.disconnected for c in runtime.sdk.clients)
+    # Whoever reaches the stopped replica's service is sent elsewhere.
+    assert runtime.service.status().draining
+    with pytest.raises(Unavailable) as draining:
+        await anext(runtime.service.run_turn(ALICE, turn_request(new_session())))
+    assert draining.value.reason == "DRAINING"
 
 
 async def test_real_agents_wait_for_a_process_in_order_of_arrival(
