@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,13 +125,11 @@ class RuntimeProcess:
         return pid
 
 
-Start = Callable[..., "asyncio.Future[RuntimeProcess]"]
+StartRuntime = Callable[..., Awaitable[RuntimeProcess]]
 
 
 @pytest.fixture
-async def start_runtime(
-    tmp_path: Path, signing_key: SigningKey
-) -> AsyncIterator[Callable[..., AsyncIterator[RuntimeProcess]]]:
+async def start_runtime(tmp_path: Path, signing_key: SigningKey) -> AsyncIterator[StartRuntime]:
     """Starts runtimes in processes of their own; kills them and anything they left, after."""
     started: list[RuntimeProcess] = []
 
@@ -166,7 +164,7 @@ async def start_runtime(
         started.append(runtime)
         return runtime
 
-    yield start  # type: ignore[misc]
+    yield start
     for runtime in started:
         await runtime.channel.close()
         if runtime.child.returncode is None:
@@ -207,11 +205,9 @@ def calc_server() -> options_pb.McpServer:
 
 @pytest.mark.parametrize("sandbox", ["bwrap", "off"])
 async def test_a_runtime_killed_mid_turn_takes_every_agent_process_with_it(
-    start_runtime: Callable[..., AsyncIterator[RuntimeProcess]], tmp_path: Path, sandbox: str
+    start_runtime: StartRuntime, tmp_path: Path, sandbox: str
 ) -> None:
-    runtime: RuntimeProcess = await start_runtime(  # type: ignore[misc]
-        tmp_path / "root", CORRAL_RUNTIME_SANDBOX=sandbox
-    )
+    runtime: RuntimeProcess = await start_runtime(tmp_path / "root", CORRAL_RUNTIME_SANDBOX=sandbox)
     marker, hidden = f"corral-marker-{uuid.uuid4().hex}", f"corral-hidden-{uuid.uuid4().hex}"
     agent = options(allowed_tools=["Bash"], mcp_servers=[calc_server()])
     prompt = long_tool(marker)
@@ -248,10 +244,10 @@ async def test_a_runtime_killed_mid_turn_takes_every_agent_process_with_it(
 
 
 async def test_a_starting_runtime_reaps_what_a_dead_one_left_and_nothing_else(
-    start_runtime: Callable[..., AsyncIterator[RuntimeProcess]], tmp_path: Path
+    start_runtime: StartRuntime, tmp_path: Path
 ) -> None:
     root = tmp_path / "root"
-    first: RuntimeProcess = await start_runtime(root)  # type: ignore[misc]
+    first: RuntimeProcess = await start_runtime(root)
     marker = f"corral-marker-{uuid.uuid4().hex}"
     await until_tool_runs(first.run(long_tool(marker), options(allowed_tools=["Bash"])), marker)
     owner = environment(processes_with(marker)[0])[OWNER]
@@ -295,9 +291,9 @@ async def test_a_starting_runtime_reaps_what_a_dead_one_left_and_nothing_else(
 
 
 async def test_sigterm_interrupts_the_turn_reports_its_cost_and_leaves_nothing(
-    start_runtime: Callable[..., AsyncIterator[RuntimeProcess]], tmp_path: Path
+    start_runtime: StartRuntime, tmp_path: Path
 ) -> None:
-    runtime: RuntimeProcess = await start_runtime(tmp_path / "root")  # type: ignore[misc]
+    runtime: RuntimeProcess = await start_runtime(tmp_path / "root")
     marker = f"corral-marker-{uuid.uuid4().hex}"
     call = runtime.run(long_tool(marker), options(allowed_tools=["Bash"]))
     events = await until_tool_runs(call, marker)
