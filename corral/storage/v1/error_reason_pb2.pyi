@@ -123,6 +123,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INVALID_ARGUMENT: an upload's parts did not join (internal; the upload
     FAILED).
     """
+    ERROR_REASON_BLOB_CHANGED: _ErrorReason.ValueType  # 31
+    """ABORTED: a stored object was replaced while it was being copied or
+    joined; retry.
+    """
+    ERROR_REASON_BLOB_STORE_UNAVAILABLE: _ErrorReason.ValueType  # 32
+    """UNAVAILABLE: the blob store (S3-compatible object storage) cannot be
+    reached or is overloaded; retry with backoff.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable, machine-readable reasons for errors returned by the storage
@@ -230,5 +238,13 @@ accept.
 ERROR_REASON_INVALID_MULTIPART_PARTS: ErrorReason.ValueType  # 30
 """INVALID_ARGUMENT: an upload's parts did not join (internal; the upload
 FAILED).
+"""
+ERROR_REASON_BLOB_CHANGED: ErrorReason.ValueType  # 31
+"""ABORTED: a stored object was replaced while it was being copied or
+joined; retry.
+"""
+ERROR_REASON_BLOB_STORE_UNAVAILABLE: ErrorReason.ValueType  # 32
+"""UNAVAILABLE: the blob store (S3-compatible object storage) cannot be
+reached or is overloaded; retry with backoff.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
