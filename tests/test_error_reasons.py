@@ -14,7 +14,7 @@ from corral.common.v1 import error_reason_pb2 as common
 
 ROOT = Path(__file__).resolve().parent.parent
 LITERAL = re.compile(r"""(?:reason|default_reason)\s*=\s*["']([A-Z][A-Z0-9_]+)["']""")
-IMPLEMENTED = ("identity", "session", "runtime")
+IMPLEMENTED = ("identity", "session", "runtime", "storage")
 
 
 def _names(enum: EnumTypeWrapper) -> set[str]:
