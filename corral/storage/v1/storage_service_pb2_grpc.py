@@ -46,8 +46,9 @@ class StorageServiceStub:
     CloneWorkspace) have no REST binding, are not routed by the edge, and
     answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
     admins and superusers alike). Storage quota is held and settled through
-    identity's usage ledger. Every change is audited. Any RPC may also fail
-    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    identity's usage ledger. Every change is audited (an upload by its
+    creation, commit and end, not chunk by chunk). Any RPC may also fail with
+    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 
@@ -224,8 +225,9 @@ class StorageServiceServicer:
     CloneWorkspace) have no REST binding, are not routed by the edge, and
     answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
     admins and superusers alike). Storage quota is held and settled through
-    identity's usage ledger. Every change is audited. Any RPC may also fail
-    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    identity's usage ledger. Every change is audited (an upload by its
+    creation, commit and end, not chunk by chunk). Any RPC may also fail with
+    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 
@@ -341,9 +343,9 @@ class StorageServiceServicer:
 
         Callers: writers of the workspace.
         Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE);
-        ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
-        false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE) or
+        if if_sha256 is set without overwrite; ALREADY_EXISTS (FILE_EXISTS) if a
+        file exists at path and overwrite is false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
         WORKSPACE_FULL); ABORTED (FILE_CHANGED) if if_sha256 is set and the file
         there has other content; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
         """
@@ -368,9 +370,10 @@ class StorageServiceServicer:
 
         Callers: writers of the workspace.
         Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH); ALREADY_EXISTS
-        (FILE_EXISTS) if a file exists at destination_path and overwrite is
-        false; FAILED_PRECONDITION (PATH_CONFLICT).
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH), or if
+        destination_path is the file's own; ALREADY_EXISTS (FILE_EXISTS) if a
+        file exists at destination_path and overwrite is false;
+        FAILED_PRECONDITION (PATH_CONFLICT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -460,9 +463,11 @@ class StorageServiceServicer:
         Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
         (READ_ONLY_ACCESS); INVALID_ARGUMENT (CHECKSUM_MISMATCH or SIZE_MISMATCH:
         the upload FAILED) or if sha256 is not 64 hex characters;
-        FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE, PATH_CONFLICT); ALREADY_EXISTS
-        (FILE_EXISTS) if a file appeared at path and overwrite is false (the
-        upload stays ACTIVE); ABORTED (UPLOAD_BUSY).
+        FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE), (PATH_CONFLICT: the upload
+        FAILED); ALREADY_EXISTS (FILE_EXISTS) if a file appeared at path and
+        overwrite is false (the upload stays ACTIVE: move the file away and
+        commit again; should it appear during the commit itself, the upload
+        FAILED); ABORTED (UPLOAD_BUSY).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -586,7 +591,8 @@ class StorageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteArchive(self, request, context):
-        """Deletes an archive (a BUILDING one stops) and gives its bytes back.
+        """Deletes an archive and gives its bytes back (a BUILDING one is discarded
+        when its build ends).
 
         Callers: writers of the workspace.
         Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND);
@@ -798,8 +804,9 @@ class StorageService:
     CloneWorkspace) have no REST binding, are not routed by the edge, and
     answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
     admins and superusers alike). Storage quota is held and settled through
-    identity's usage ledger. Every change is audited. Any RPC may also fail
-    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    identity's usage ledger. Every change is audited (an upload by its
+    creation, commit and end, not chunk by chunk). Any RPC may also fail with
+    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 

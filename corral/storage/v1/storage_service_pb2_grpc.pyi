@@ -47,8 +47,9 @@ class StorageServiceStub:
     CloneWorkspace) have no REST binding, are not routed by the edge, and
     answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
     admins and superusers alike). Storage quota is held and settled through
-    identity's usage ledger. Every change is audited. Any RPC may also fail
-    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    identity's usage ledger. Every change is audited (an upload by its
+    creation, commit and end, not chunk by chunk). Any RPC may also fail with
+    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 
@@ -136,9 +137,9 @@ class StorageServiceStub:
 
     Callers: writers of the workspace.
     Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE);
-    ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
-    false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE) or
+    if if_sha256 is set without overwrite; ALREADY_EXISTS (FILE_EXISTS) if a
+    file exists at path and overwrite is false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
     WORKSPACE_FULL); ABORTED (FILE_CHANGED) if if_sha256 is set and the file
     there has other content; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
     """
@@ -155,9 +156,10 @@ class StorageServiceStub:
 
     Callers: writers of the workspace.
     Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH); ALREADY_EXISTS
-    (FILE_EXISTS) if a file exists at destination_path and overwrite is
-    false; FAILED_PRECONDITION (PATH_CONFLICT).
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH), or if
+    destination_path is the file's own; ALREADY_EXISTS (FILE_EXISTS) if a
+    file exists at destination_path and overwrite is false;
+    FAILED_PRECONDITION (PATH_CONFLICT).
     """
     DownloadFile: _grpc.UnaryStreamMultiCallable[_storage_service_pb2.DownloadFileRequest, _storage_service_pb2.DownloadFileResponse]
     """Streams a file's content in chunks of at most 1 MiB, from offset, read
@@ -223,9 +225,11 @@ class StorageServiceStub:
     Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
     (READ_ONLY_ACCESS); INVALID_ARGUMENT (CHECKSUM_MISMATCH or SIZE_MISMATCH:
     the upload FAILED) or if sha256 is not 64 hex characters;
-    FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE, PATH_CONFLICT); ALREADY_EXISTS
-    (FILE_EXISTS) if a file appeared at path and overwrite is false (the
-    upload stays ACTIVE); ABORTED (UPLOAD_BUSY).
+    FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE), (PATH_CONFLICT: the upload
+    FAILED); ALREADY_EXISTS (FILE_EXISTS) if a file appeared at path and
+    overwrite is false (the upload stays ACTIVE: move the file away and
+    commit again; should it appear during the commit itself, the upload
+    FAILED); ABORTED (UPLOAD_BUSY).
     """
     AbortUpload: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.AbortUploadRequest, _storage_service_pb2.AbortUploadResponse]
     """Abandons an upload, discards its bytes and gives back its quota hold.
@@ -309,7 +313,8 @@ class StorageServiceStub:
     is malformed.
     """
     DeleteArchive: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteArchiveRequest, _storage_service_pb2.DeleteArchiveResponse]
-    """Deletes an archive (a BUILDING one stops) and gives its bytes back.
+    """Deletes an archive and gives its bytes back (a BUILDING one is discarded
+    when its build ends).
 
     Callers: writers of the workspace.
     Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND);
@@ -355,8 +360,9 @@ class StorageServiceAsyncStub(StorageServiceStub):
     CloneWorkspace) have no REST binding, are not routed by the edge, and
     answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
     admins and superusers alike). Storage quota is held and settled through
-    identity's usage ledger. Every change is audited. Any RPC may also fail
-    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    identity's usage ledger. Every change is audited (an upload by its
+    creation, commit and end, not chunk by chunk). Any RPC may also fail with
+    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 
@@ -441,9 +447,9 @@ class StorageServiceAsyncStub(StorageServiceStub):
 
     Callers: writers of the workspace.
     Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE);
-    ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
-    false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE) or
+    if if_sha256 is set without overwrite; ALREADY_EXISTS (FILE_EXISTS) if a
+    file exists at path and overwrite is false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
     WORKSPACE_FULL); ABORTED (FILE_CHANGED) if if_sha256 is set and the file
     there has other content; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
     """
@@ -460,9 +466,10 @@ class StorageServiceAsyncStub(StorageServiceStub):
 
     Callers: writers of the workspace.
     Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH); ALREADY_EXISTS
-    (FILE_EXISTS) if a file exists at destination_path and overwrite is
-    false; FAILED_PRECONDITION (PATH_CONFLICT).
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH), or if
+    destination_path is the file's own; ALREADY_EXISTS (FILE_EXISTS) if a
+    file exists at destination_path and overwrite is false;
+    FAILED_PRECONDITION (PATH_CONFLICT).
     """
     DownloadFile: _aio.UnaryStreamMultiCallable[_storage_service_pb2.DownloadFileRequest, _storage_service_pb2.DownloadFileResponse]  # type: ignore[assignment]
     """Streams a file's content in chunks of at most 1 MiB, from offset, read
@@ -528,9 +535,11 @@ class StorageServiceAsyncStub(StorageServiceStub):
     Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
     (READ_ONLY_ACCESS); INVALID_ARGUMENT (CHECKSUM_MISMATCH or SIZE_MISMATCH:
     the upload FAILED) or if sha256 is not 64 hex characters;
-    FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE, PATH_CONFLICT); ALREADY_EXISTS
-    (FILE_EXISTS) if a file appeared at path and overwrite is false (the
-    upload stays ACTIVE); ABORTED (UPLOAD_BUSY).
+    FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE), (PATH_CONFLICT: the upload
+    FAILED); ALREADY_EXISTS (FILE_EXISTS) if a file appeared at path and
+    overwrite is false (the upload stays ACTIVE: move the file away and
+    commit again; should it appear during the commit itself, the upload
+    FAILED); ABORTED (UPLOAD_BUSY).
     """
     AbortUpload: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.AbortUploadRequest, _storage_service_pb2.AbortUploadResponse]  # type: ignore[assignment]
     """Abandons an upload, discards its bytes and gives back its quota hold.
@@ -614,7 +623,8 @@ class StorageServiceAsyncStub(StorageServiceStub):
     is malformed.
     """
     DeleteArchive: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteArchiveRequest, _storage_service_pb2.DeleteArchiveResponse]  # type: ignore[assignment]
-    """Deletes an archive (a BUILDING one stops) and gives its bytes back.
+    """Deletes an archive and gives its bytes back (a BUILDING one is discarded
+    when its build ends).
 
     Callers: writers of the workspace.
     Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND);
@@ -659,8 +669,9 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     CloneWorkspace) have no REST binding, are not routed by the edge, and
     answer Corral services only (PERMISSION_DENIED, SERVICE_ONLY, for users,
     admins and superusers alike). Storage quota is held and settled through
-    identity's usage ledger. Every change is audited. Any RPC may also fail
-    with UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
+    identity's usage ledger. Every change is audited (an upload by its
+    creation, commit and end, not chunk by chunk). Any RPC may also fail with
+    UNAUTHENTICATED and RESOURCE_EXHAUSTED (rate limit, with RetryInfo).
     ---- Workspaces ----
     """
 
@@ -797,9 +808,9 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Callers: writers of the workspace.
         Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE);
-        ALREADY_EXISTS (FILE_EXISTS) if a file exists at path and overwrite is
-        false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH, CHUNK_TOO_LARGE) or
+        if if_sha256 is set without overwrite; ALREADY_EXISTS (FILE_EXISTS) if a
+        file exists at path and overwrite is false; FAILED_PRECONDITION (PATH_CONFLICT, FILE_TOO_LARGE,
         WORKSPACE_FULL); ABORTED (FILE_CHANGED) if if_sha256 is set and the file
         there has other content; RESOURCE_EXHAUSTED (STORAGE_QUOTA_EXCEEDED).
         """
@@ -828,9 +839,10 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Callers: writers of the workspace.
         Errors: NOT_FOUND (FILE_NOT_FOUND, WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH); ALREADY_EXISTS
-        (FILE_EXISTS) if a file exists at destination_path and overwrite is
-        false; FAILED_PRECONDITION (PATH_CONFLICT).
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT (INVALID_PATH), or if
+        destination_path is the file's own; ALREADY_EXISTS (FILE_EXISTS) if a
+        file exists at destination_path and overwrite is false;
+        FAILED_PRECONDITION (PATH_CONFLICT).
         """
 
     @_abc_1.abstractmethod
@@ -932,9 +944,11 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: NOT_FOUND (UPLOAD_NOT_FOUND); PERMISSION_DENIED
         (READ_ONLY_ACCESS); INVALID_ARGUMENT (CHECKSUM_MISMATCH or SIZE_MISMATCH:
         the upload FAILED) or if sha256 is not 64 hex characters;
-        FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE, PATH_CONFLICT); ALREADY_EXISTS
-        (FILE_EXISTS) if a file appeared at path and overwrite is false (the
-        upload stays ACTIVE); ABORTED (UPLOAD_BUSY).
+        FAILED_PRECONDITION (UPLOAD_NOT_ACTIVE), (PATH_CONFLICT: the upload
+        FAILED); ALREADY_EXISTS (FILE_EXISTS) if a file appeared at path and
+        overwrite is false (the upload stays ACTIVE: move the file away and
+        commit again; should it appear during the commit itself, the upload
+        FAILED); ABORTED (UPLOAD_BUSY).
         """
 
     @_abc_1.abstractmethod
@@ -1078,7 +1092,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_service_pb2.DeleteArchiveRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.DeleteArchiveResponse, _abc.Awaitable[_storage_service_pb2.DeleteArchiveResponse]]:
-        """Deletes an archive (a BUILDING one stops) and gives its bytes back.
+        """Deletes an archive and gives its bytes back (a BUILDING one is discarded
+        when its build ends).
 
         Callers: writers of the workspace.
         Errors: NOT_FOUND (ARCHIVE_NOT_FOUND, WORKSPACE_NOT_FOUND);

@@ -32,7 +32,8 @@ export const file_corral_storage_v1_file: GenFile = /*@__PURE__*/
  * normalization form C, at most 1,024 bytes (255 per segment), with no empty,
  * `.` or `..` segment, no leading or trailing `/`, no backslash, and no NUL
  * or other control character. Anything else is INVALID_ARGUMENT
- * (INVALID_PATH).
+ * (INVALID_PATH). A file the agent named otherwise (no path can address it)
+ * is not listed.
  *
  * @generated from message corral.storage.v1.File
  */
