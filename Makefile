@@ -84,6 +84,14 @@ console: ts-sdk $(CONSOLE)/node_modules/.installed ## Web console: type-check an
 	cd $(CONSOLE) && npm run --silent build
 	@touch $(CONSOLE)/dist/.built
 
+.PHONY: openapi
+openapi: setup ## Regenerate the OpenAPI documents of the REST surface (openapi/, from the protos' HTTP rules)
+	$(PY) openapi/generate.py
+
+.PHONY: check-openapi
+check-openapi: setup ## Fail if the committed OpenAPI documents are stale (needs Debian's golang-grpc-gateway)
+	$(PY) openapi/generate.py --check
+
 .PHONY: buf-lint
 buf-lint: setup ## buf lint (STANDARD) on protos/
 	$(BIN)/buf lint
@@ -116,7 +124,7 @@ faults: setup ## Fault scenarios on a production-like topology started by the te
 	$(BIN)/pytest -q tests/faults $(PYTEST_ARGS)
 
 .PHONY: test
-test: setup lint typecheck buf-lint breaking check-protos check-ts-sdk console pytest ## Everything CI checks
+test: setup lint typecheck buf-lint breaking check-protos check-ts-sdk check-openapi console pytest ## Everything CI checks
 
 .PHONY: bench
 bench: setup ## Benchmarks, each a ratio against a baseline measured in the same run
