@@ -34,11 +34,13 @@ _STREAMING_OR_END = ("text_delta", "turn_result")
 POLL = 0.25  # seconds between polls; a user's calls stay well under the per-minute limit
 
 
-def streamed_text(seconds: float, *, tokens: tuple[int, int] | None = None) -> str:
-    """A prompt whose answer streams for about ``seconds`` (deltas every 0.25 s), reporting
-    ``tokens`` (input, output) as its usage when given."""
+def streamed_text(
+    seconds: float, *, every: float = 0.25, tokens: tuple[int, int] | None = None
+) -> str:
+    """A prompt whose answer streams for about ``seconds``, a delta each ``every`` seconds,
+    reporting ``tokens`` (input, output) as its usage when given."""
     steps: list[dict[str, Any]] = [
-        {"text": "fault " * max(1, round(seconds * 4)), "chunk": 6, "delay": 0.25}
+        {"text": "fault " * max(1, round(seconds / every)), "chunk": 6, "delay": every}
     ]
     if tokens is not None:
         steps.append({"usage": {"input_tokens": tokens[0], "output_tokens": tokens[1]}})

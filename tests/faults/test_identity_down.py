@@ -75,7 +75,7 @@ async def test_identity_down_when_a_turn_ends(client: Client) -> None:
             return True if done else None
 
         what = f"the turn's {tokens} tokens and {usage.cost_usd_micros} micro-USD settled"
-        if await noted(problems, until(settled, within=90, what=what, every=0.5)):
+        if await noted(problems, until(settled, within=60, what=what, every=0.5)):
             measured["settled_after_identity_back_s"] = time.monotonic() - back
 
         async def released() -> bool | None:
@@ -88,7 +88,7 @@ async def test_identity_down_when_a_turn_ends(client: Client) -> None:
             return True if free and not held.reserved_cost_usd_micros else None
 
         if await noted(
-            problems, until(released, within=30, what="no usage held for the user", every=0.5)
+            problems, until(released, within=20, what="no usage held for the user", every=0.5)
         ):
             measured["released_after_identity_back_s"] = time.monotonic() - back
         problems += [f"a call answered {line}" for line in bad(calls)]

@@ -34,7 +34,8 @@ async def test_postgres_restarted_mid_turn(client: Client) -> None:
     topology = client.topology
     user, prober_user = await client.new_users(2, "postgres-restart")
     session = await client.new_session(user)
-    turn = await client.send(user, session, streamed_text(20))
+    # Events every 50 ms: the restart lands while the turn's driver writes them.
+    turn = await client.send(user, session, streamed_text(20, every=0.05))
     watcher = Watcher(client, user, session, [topology.edge]).start()
     prober = Prober(client, prober_user, await client.new_session(prober_user))
     problems: list[str] = []

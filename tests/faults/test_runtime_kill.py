@@ -8,7 +8,15 @@ import time
 
 import pytest
 
-from tests.faults.client import FAILED, QUICK, SUCCEEDED, Client, Watcher, streamed_text
+from tests.faults.client import (
+    FAILED,
+    QUICK,
+    SUCCEEDED,
+    Client,
+    Watcher,
+    noted,
+    streamed_text,
+)
 from tests.faults.record import record
 from tests.support.topology import AgentProcess, agent_processes, kill_agent_processes
 
@@ -35,23 +43,27 @@ async def test_runtime_killed_mid_turn(client: Client) -> None:
     turn = await client.send(user, session, streamed_text(30))
     watcher = Watcher(client, user, session, [topology.edge]).start()
     problems: list[str] = []
+    measured: dict[str, object] = {}
     leftovers: list[AgentProcess] = []
     try:
         await watcher.streaming(turn, within=90)
         agents = agent_processes(topology.runtime_root)
         assert agents, "the harness sees no agent process of the running turn"
+        measured["agent_processes_mid_turn"] = len(agents)
         killed = time.monotonic()
         await runtime.kill()
 
-        result = await watcher.result_of(turn, within=60)
-        turn_ended = time.monotonic() - killed
-        if result.status != FAILED:
-            problems.append(f"the turn ended {result.status}, not FAILED: {result}")
+        result = await noted(problems, watcher.result_of(turn, within=60))
+        if result is not None:
+            measured["turn_ended_s"] = time.monotonic() - killed
+            if result.status != FAILED:
+                problems.append(f"the turn ended {result.status}, not FAILED: {result}")
 
         # Every process of the dead runtime's agents, including those it started since.
         leftovers = await _survivors(
             list({*agents, *agent_processes(topology.runtime_root)}), DIE_WITHIN
         )
+        measured["agent_processes_left"] = len(leftovers)
         if leftovers:
             problems.append(
                 f"{len(leftovers)} agent process(es) still running {DIE_WITHIN:g} s after the"
@@ -60,9 +72,10 @@ async def test_runtime_killed_mid_turn(client: Client) -> None:
             )
 
         await topology.restart(runtime)
-        restarted = time.monotonic() - killed
+        measured["runtime_ready_s"] = time.monotonic() - killed
         if leftovers:  # a starting runtime should reap what its predecessor left
             leftovers = await _survivors(leftovers, DIE_WITHIN)
+            measured["agent_processes_left_after_restart"] = len(leftovers)
             if leftovers:
                 problems.append(
                     f"{len(leftovers)} of them still running {DIE_WITHIN:g} s after the"
@@ -71,18 +84,12 @@ async def test_runtime_killed_mid_turn(client: Client) -> None:
 
         await topology.edge_sees_healthy()
         after = await client.send(user, session, QUICK)
-        next_result = await watcher.result_of(after, within=90)
-        served = time.monotonic() - killed
-        if next_result.status != SUCCEEDED:
-            problems.append(f"the next turn after the restart ended {next_result}")
-        record(
-            "a_runtime_kill",
-            turn_ended_s=turn_ended,
-            runtime_ready_s=restarted,
-            next_turn_served_s=served,
-            agent_processes_mid_turn=len(agents),
-            agent_processes_left=len(leftovers),
-        )
+        next_result = await noted(problems, watcher.result_of(after, within=90))
+        if next_result is not None:
+            measured["next_turn_served_s"] = time.monotonic() - killed
+            if next_result.status != SUCCEEDED:
+                problems.append(f"the next turn after the restart ended {next_result}")
+        record("a_runtime_kill", **measured, problems=len(problems))
     finally:
         await watcher.stop()
         kill_agent_processes(leftovers)  # clean up after recording what was left

@@ -33,35 +33,38 @@ async def test_session_replica_killed_mid_stream(client: Client) -> None:
     turn = await client.send(user, session, streamed_text(30), doomed.target)
     watcher = Watcher(client, user, session, [doomed.target, other.target]).start()
     problems: list[str] = []
+    measured: dict[str, object] = {}
     try:
         await watcher.streaming(turn, within=90)
-        seen_before = len(watcher.events)
+        last_before = watcher.last_sequence
         killed = time.monotonic()
         await doomed.kill()
 
-        await watcher.until(
-            lambda e: e.sequence > watcher.events[seen_before - 1].sequence,
+        resumed = watcher.until(
+            lambda e: e.sequence > last_before,
             within=60,
             what="an event after the kill, on the other replica",
         )
-        resumed = time.monotonic() - killed
-        result = await watcher.result_of(turn, within=90)
-        turn_ended = time.monotonic() - killed
-        finished = await client.finished_turn(user, turn.name, within=30, target=other.target)
+        if await noted(problems, resumed) is not None:
+            measured["resumed_on_other_replica_s"] = time.monotonic() - killed
+        result = await noted(problems, watcher.result_of(turn, within=90))
+        if result is not None:
+            measured["turn_ended_s"] = time.monotonic() - killed
+            measured["turn_status"] = event_pb2.TurnResult.Status.Name(result.status)
+            measured["turn_error"] = result.error.reason
         got = await client.sessions(other.target).GetSession(
             spb.GetSessionRequest(name=session), metadata=user.auth, timeout=10
         )
-        if got.session.state in (
-            session_pb2.Session.STATE_RUNNING,
-            session_pb2.Session.STATE_AWAITING_PERMISSION,
-        ):
-            problems.append(f"the session is still {got.session.state} after its turn ended")
-
-        after = await client.send(user, session, QUICK)
-        next_result = await watcher.result_of(after, within=90)
-        usable = time.monotonic() - killed
-        if next_result.status != SUCCEEDED:
-            problems.append(f"the next turn ended {next_result}")
+        state = session_pb2.Session.State.Name(got.session.state)
+        if state in ("STATE_RUNNING", "STATE_AWAITING_PERMISSION"):
+            problems.append(f"the session is still {state} after the kill")
+        else:
+            after = await client.send(user, session, QUICK)
+            next_result = await noted(problems, watcher.result_of(after, within=90))
+            if next_result is not None:
+                measured["session_usable_s"] = time.monotonic() - killed
+                if next_result.status != SUCCEEDED:
+                    problems.append(f"the next turn ended {next_result}")
 
         history = await noted(problems, watcher.caught_up()) or await client.history(user, session)
         await watcher.stop()
@@ -74,15 +77,11 @@ async def test_session_replica_killed_mid_stream(client: Client) -> None:
             )
         record(
             "b_session_replica_kill",
-            resumed_on_other_replica_s=resumed,
-            turn_ended_s=turn_ended,
-            session_usable_s=usable,
-            turn_status=event_pb2.TurnResult.Status.Name(result.status),
-            turn_error=result.error.reason,
+            **measured,
             streams_opened=watcher.streams,
             stream_endings=[str(e) for e in watcher.endings],
+            problems=len(problems),
         )
-        assert finished.state == finished.STATE_FINISHED
     finally:
         await watcher.stop()
         await topology.restart(doomed)
