@@ -19,7 +19,7 @@ from google.protobuf import field_mask_pb2
 from corral.identity.v1 import identity_service_pb2 as ipb
 from corral.identity.v1 import identity_service_pb2_grpc as irpc
 from corral.identity.v1 import quota_pb2, role_pb2, user_pb2
-from corral.session.v1 import event_pb2, session_pb2, turn_pb2
+from corral.session.v1 import agent_options_pb2, event_pb2, session_pb2, turn_pb2
 from corral.session.v1 import session_service_pb2 as spb
 from corral.session.v1 import session_service_pb2_grpc as srpc
 from tests.support.grpc_tools import error_reason
@@ -155,9 +155,13 @@ class Client:
 
         return list(await asyncio.gather(*(one(i) for i in range(count))))
 
-    async def new_session(self, user: User, target: str | None = None) -> str:
+    async def new_session(self, user: User, target: str | None = None, **options: Any) -> str:
+        """A session of ``user``'s, with these agent options (``allowed_tools=["Bash"]``)."""
+        session = session_pb2.Session(
+            display_name="faults", agent_options=agent_options_pb2.AgentOptions(**options)
+        )
         created = await self.sessions(target).CreateSession(
-            spb.CreateSessionRequest(session=session_pb2.Session(display_name="faults")),
+            spb.CreateSessionRequest(session=session),
             metadata=user.auth,
             timeout=30,
         )

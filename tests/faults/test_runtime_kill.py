@@ -1,10 +1,12 @@
-"""a. The runtime is killed (-9) in the middle of a turn: the turn ends FAILED, no agent process
-of it is left running, and the restarted runtime serves the session's next turn."""
+"""a. The runtime is killed (-9) in the middle of a turn, while the agent runs a tool: the turn
+ends FAILED, no agent process (the CLI, its sandbox, the tool) is left running, and the restarted
+runtime serves the session's next turn."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import pytest
 
@@ -15,9 +17,10 @@ from tests.faults.client import (
     Client,
     Watcher,
     noted,
-    streamed_text,
+    until,
 )
 from tests.faults.record import record
+from tests.support.platform import directive
 from tests.support.topology import AgentProcess, agent_processes, kill_agent_processes
 
 pytestmark = pytest.mark.timeout(300)
@@ -39,16 +42,27 @@ async def test_runtime_killed_mid_turn(client: Client) -> None:
     topology = client.topology
     runtime = topology.runtimes[0]
     (user,) = await client.new_users(1, "runtime-kill")
-    session = await client.new_session(user)
-    turn = await client.send(user, session, streamed_text(30))
+    session = await client.new_session(user, allowed_tools=["Bash"])
+    # The agent runs a long tool: the CLI and a child of its own are running when it dies.
+    marker = f"corral-faults-{uuid.uuid4().hex}"
+    command = f"python3 -c 'import time; time.sleep(300)' {marker}"
+    turn = await client.send(
+        user,
+        session,
+        directive({"text": "working on it"}, {"tool": "Bash", "input": {"command": command}}),
+    )
     watcher = Watcher(client, user, session, [topology.edge]).start()
     problems: list[str] = []
     measured: dict[str, object] = {}
     leftovers: list[AgentProcess] = []
     try:
         await watcher.streaming(turn, within=90)
-        agents = agent_processes(topology.runtime_root)
-        assert agents, "the harness sees no agent process of the running turn"
+
+        async def tool_running() -> list[AgentProcess] | None:
+            found = agent_processes(topology.runtime_root)
+            return found if any(marker in p.cmdline for p in found) else None
+
+        agents = await until(tool_running, within=60, what="the agent's tool running", every=0.1)
         measured["agent_processes_mid_turn"] = len(agents)
         killed = time.monotonic()
         await runtime.kill()
