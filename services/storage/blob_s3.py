@@ -1,4 +1,4 @@
-"""The blob store on S3-compatible object storage (AWS S3, MinIO, Ceph RGW, SeaweedFS, ...).
+"""The blob store on S3-compatible object storage (AWS S3, MinIO, Ceph RGW, ...).
 
 Each method of the port is one or a few S3 requests through ``aiobotocore``:
 
