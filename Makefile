@@ -92,6 +92,10 @@ openapi: setup ## Regenerate the OpenAPI documents of the REST surface (openapi/
 check-openapi: setup ## Fail if the committed OpenAPI documents are stale (needs Debian's golang-grpc-gateway)
 	$(PY) openapi/generate.py --check
 
+.PHONY: go-client
+go-client: setup ## Generate the Go client from the protos and build build/go/corral-example (Debian's Go packages, offline)
+	$(PY) clients/go/build.py build/go/corral-example --keep build/go/gopath
+
 .PHONY: buf-lint
 buf-lint: setup ## buf lint (STANDARD) on protos/
 	$(BIN)/buf lint
