@@ -60,6 +60,7 @@ from corral.services.storage.blobs import (
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CopySourceTypeDef
 
     from corral.libs.config import Settings
 
@@ -418,7 +419,7 @@ class S3BlobStore:
             _CHANGED: BlobChanged(f"{source!r} changed while it was copied"),
             **_source_gone(source),
         }
-        copy_source = {"Bucket": self._bucket, "Key": source}
+        copy_source: CopySourceTypeDef = {"Bucket": self._bucket, "Key": source}
         if size <= self._max_copy_bytes:
             with _translated(f"CopyObject {source}", refused):
                 response = await self._client.copy_object(
@@ -442,7 +443,7 @@ class S3BlobStore:
             for number, start in enumerate(range(0, size, part_size), start=1):
                 end = min(size, start + part_size) - 1
                 with _translated(f"UploadPartCopy {source}", refused):
-                    response = await self._client.upload_part_copy(
+                    copied_part = await self._client.upload_part_copy(
                         Bucket=self._bucket,
                         Key=destination,
                         UploadId=upload_id,
@@ -451,7 +452,8 @@ class S3BlobStore:
                         CopySourceIfMatch=etag,
                         CopySourceRange=f"bytes={start}-{end}",
                     )
-                parts.append(PartInfo(number, end + 1 - start, response["CopyPartResult"]["ETag"]))
+                etag_of_part = copied_part["CopyPartResult"]["ETag"]
+                parts.append(PartInfo(number, end + 1 - start, etag_of_part))
             _, modified = await self._complete(destination, upload_id, parts)
         except BaseException:
             await self._abort_quietly(destination, upload_id)
