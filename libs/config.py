@@ -164,6 +164,9 @@ class Settings(BaseSettings):
         default=SecretStr(""), validation_alias=AliasChoices("anthropic_api_key")
     )
     anthropic_base_url: str = Field(default="", validation_alias=AliasChoices("anthropic_base_url"))
+    # What the offline model's turns cost: "free" (nothing, the default: its costs are invented)
+    # or "list" (Claude's list prices, as the CLI computes them; to exercise budgets).
+    offline_model_pricing: Literal["free", "list"] = "free"
 
     # Storage: workspaces (the agents' working directories), uploads and the local blob store
     # under storage_root (default <data_dir>/storage), a filesystem the runtime shares

@@ -19,6 +19,11 @@ from sqlalchemy import text
 from corral.libs import db
 from tests.support.keys import SigningKey
 
+# The offline model's turns cost nothing by default (its costs are invented); the suite charges
+# Claude's list prices so budgets, quotas and cost metrics have something to measure. Tests of
+# the default pass offline_model_pricing="free" themselves.
+os.environ.setdefault("CORRAL_OFFLINE_MODEL_PRICING", "list")
+
 POSTGRES_URL = os.environ.get(
     "CORRAL_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )

@@ -35,6 +35,7 @@ from corral.services.runtime.api import RuntimeApi
 from corral.services.runtime.claude import ClaudeSdk
 from corral.services.runtime.metrics import RuntimeMetrics, for_meter
 from corral.services.runtime.model_endpoint import ModelEndpoint
+from corral.services.runtime.offline_model import pricing as offline_pricing
 from corral.services.runtime.pool import ProcessPool
 from corral.services.runtime.sandbox import SandboxPolicy, SandboxUnavailable, command, prepare
 from corral.services.runtime.sdk import AgentSdk
@@ -75,10 +76,12 @@ async def compose(
     try:
         infra = Infrastructure(settings, "runtime", resources)
         metrics = for_meter(meter or infra.meter())
+        charge = True  # an SDK handed in reports its own costs
         if sdk is None:
             sdk, base_url = await _claude_sdk(settings, resources)
             endpoint = ModelEndpoint(base_url, interval=model_check_seconds)
-        service = await _service(settings, sdk, clock, metrics)
+            charge = offline_pricing.charged(settings)
+        service = await _service(settings, sdk, clock, metrics, charge=charge)
         resources.push_async_callback(service.close)
         api = RuntimeApi(service)
         registration = ServiceRegistration(
@@ -145,7 +148,12 @@ async def _report_model_endpoint(
 
 
 async def _service(
-    settings: Settings, sdk: AgentSdk, clock: Callable[[], float], metrics: RuntimeMetrics
+    settings: Settings,
+    sdk: AgentSdk,
+    clock: Callable[[], float],
+    metrics: RuntimeMetrics,
+    *,
+    charge: bool = True,
 ) -> RuntimeService:
     service = RuntimeService(
         RuntimeConfig(
@@ -155,6 +163,7 @@ async def _service(
             permission_timeout_seconds=settings.runtime_permission_timeout_seconds,
             interrupt_grace_seconds=settings.runtime_interrupt_grace_seconds,
             replica_id=socket.gethostname(),
+            charge_model_cost=charge,
         ),
         sdk,
         SessionStore(settings.runtime_dir()),
@@ -271,8 +280,12 @@ async def _model_endpoint(settings: Settings, resources: AsyncExitStack) -> dict
     url = f"http://127.0.0.1:{bound}"
     log.warning(
         "ANTHROPIC_API_KEY is not set: agents talk to the OFFLINE MODEL server at %s, a local "
-        "scripted stand-in. Its answers are NOT from Claude. Set ANTHROPIC_API_KEY for real ones.",
+        "scripted stand-in. Its answers are NOT from Claude. Set ANTHROPIC_API_KEY for real ones."
+        " %s.",
         url,
+        offline_pricing.ANNOUNCEMENT
+        if not offline_pricing.charged(settings)
+        else "Its turns are charged at Claude's list prices (CORRAL_OFFLINE_MODEL_PRICING=list)",
     )
     return {"ANTHROPIC_BASE_URL": url, "ANTHROPIC_API_KEY": OFFLINE_API_KEY}
 

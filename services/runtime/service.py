@@ -55,6 +55,8 @@ class RuntimeConfig:
     permission_timeout_seconds: float
     interrupt_grace_seconds: float
     replica_id: str = ""
+    # False: turns report no cost (the offline model's are invented; offline_model/pricing.py).
+    charge_model_cost: bool = True
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class RuntimeService:
             permission_timeout=self.config.permission_timeout_seconds,
             interrupt_grace=self.config.interrupt_grace_seconds,
             model=self.config.default_model,
+            charge_cost=self.config.charge_model_cost,
         )
         state.turn = turn
         try:

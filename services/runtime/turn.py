@@ -90,8 +90,10 @@ class Turn:
         permission_timeout: float,
         interrupt_grace: float,
         model: str,
+        charge_cost: bool = True,
     ) -> None:
         self.session = session
+        self.charge_cost = charge_cost  # False: the result reports no cost (tokens still count)
         self.request = request
         self.turn_id = request.turn_id
         self.rules = [
@@ -291,7 +293,7 @@ class Turn:
             state.transcript_id = result.session_id
         self.result = ev.turn_result(
             result,
-            cost_usd=cost,
+            cost_usd=cost if self.charge_cost else 0.0,
             interrupted=interrupted,
             transcript_id=state.transcript_id,
             failure=failure,
