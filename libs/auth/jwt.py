@@ -19,7 +19,7 @@ import jwt
 
 from corral.libs.auth.caller import Caller
 from corral.libs.auth.revocation import RevocationList
-from corral.libs.errors import Unauthenticated
+from corral.libs.errors import OUTAGE_RETRY_SECONDS, Unauthenticated, Unavailable
 
 # Asymmetric algorithms only: a symmetric (HS*) or "none" token is never accepted.
 ALLOWED_ALGORITHMS = frozenset({"ES256", "ES384", "EdDSA", "RS256", "PS256"})
@@ -105,8 +105,11 @@ class TokenVerifier:
             except Exception as exc:  # the key server is down: keep the keys we had
                 if self._keys:
                     return
-                raise Unauthenticated(
-                    "signing keys are unavailable", reason="JWKS_UNAVAILABLE"
+                # Not the caller's fault, and no reason to sign in again: retry later.
+                raise Unavailable(
+                    "signing keys are unavailable; retry",
+                    reason="JWKS_UNAVAILABLE",
+                    retry_after_seconds=OUTAGE_RETRY_SECONDS,
                 ) from exc
             keys: dict[str, jwt.PyJWK] = {}
             for entry in document.get("keys", []):

@@ -3,7 +3,8 @@
 ``grpc.aio`` server + ``grpc.health.v1`` (readiness: per service and "", following dependency
 health; liveness: the name ``liveness``, SERVING while the loop answers) + server
 reflection + the Corral interceptor (+ OpenTelemetry). Binds port 0 for tests. Shutdown marks
-every service NOT_SERVING, lets load balancers notice, then ``stop(grace)`` drains calls.
+every service NOT_SERVING, lets load balancers notice, tells each service to drain (end its
+streams with a reconnect), then ``stop(grace)`` drains calls.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ LIVENESS = "liveness"
 
 @dataclass(frozen=True)
 class ServiceRegistration:
-    """One gRPC service: its full name (``corral.session.v1.SessionService``) and how to add it."""
+    """One gRPC service: its full name (``corral.session.v1.SessionService``) and how to add it.
+    ``on_drain`` runs when the server starts to stop (after NOT_SERVING, before in-flight calls
+    are drained): a service ends its long-lived streams there, telling clients to reconnect."""
 
     full_name: str
     add_to_server: Callable[[grpc.aio.Server], None]
+    on_drain: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -63,6 +67,9 @@ class ServerConfig:
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            # A port is one process's: a second server binding it fails instead of sharing it
+            # (gRPC sets SO_REUSEPORT by default), so a process named after its port is unique.
+            ("grpc.so_reuseport", 0),
         ]
     )
 
@@ -111,11 +118,18 @@ class CorralServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING first (so balancers stop sending), then drain in-flight calls."""
+        """NOT_SERVING first (so balancers stop sending), then each service's ``on_drain``
+        (streams told to reconnect elsewhere), then drain in-flight calls."""
         await self.readiness.stop()
         await self.health.enter_graceful_shutdown()
         if self.config.drain_delay:
             await asyncio.sleep(self.config.drain_delay)
+        for service in self.services:
+            if service.on_drain is not None:
+                try:
+                    await service.on_drain()
+                except Exception:
+                    log.exception("draining a service failed", extra={"service": service.full_name})
         await self._server.stop(self.config.shutdown_grace if grace is None else grace)
         if self._close_metrics is not None:
             await self._close_metrics()

@@ -463,3 +463,39 @@ async def test_graceful_shutdown_drains_in_flight_calls(
         probe.release.set()
         assert (await in_flight).fields["finished"].bool_value
         await stopping
+
+
+async def test_a_port_belongs_to_one_server() -> None:
+    """A second server cannot bind a port a live one holds (gRPC would share it through
+    SO_REUSEPORT): a process named after its port, as the session service's are, is unique."""
+    first = CorralServer(ServerConfig(name="first", tracing=False, metrics=False), [])
+    port = await first.start()
+    try:
+        second = CorralServer(
+            ServerConfig(name="second", port=port, tracing=False, metrics=False), []
+        )
+        with pytest.raises((OSError, RuntimeError)):
+            await second.start()
+    finally:
+        await first.stop(0)
+
+
+async def test_stop_lets_each_service_drain_before_calls_are_cut() -> None:
+    """``on_drain`` runs once NOT_SERVING is set and while calls still run: a service ends its
+    long-lived streams there with its own status (the session service: STREAM_RESTART)."""
+    seen: list[str] = []
+    server: CorralServer | None = None
+
+    async def on_drain() -> None:
+        assert server is not None
+        seen.append(await _health(server.address, SERVICE))
+
+    probe = Probe()
+    registration = _registration(probe)
+    server = CorralServer(
+        ServerConfig(name="probe", tracing=False, metrics=False),
+        [ServiceRegistration(registration.full_name, registration.add_to_server, on_drain)],
+    )
+    await server.start()
+    await server.stop(0)
+    assert seen == ["NOT_SERVING"]

@@ -45,7 +45,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_TOKEN_TYPE: _ErrorReason.ValueType  # 9
     """UNAUTHENTICATED: not an access token (for example a refresh token)."""
     ERROR_REASON_JWKS_UNAVAILABLE: _ErrorReason.ValueType  # 10
-    """UNAUTHENTICATED: the signing keys could not be fetched; retry."""
+    """UNAVAILABLE: the signing keys needed to check the token could not be
+    fetched (identity or its database is down); retry after the RetryInfo
+    delay, with the same token.
+    """
     ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 11
     """RESOURCE_EXHAUSTED: over the requests-per-minute limit (QuotaFailure and
     RetryInfo details say which one and when to retry).
@@ -159,7 +162,10 @@ ERROR_REASON_TOKEN_INVALID: ErrorReason.ValueType  # 8
 ERROR_REASON_TOKEN_TYPE: ErrorReason.ValueType  # 9
 """UNAUTHENTICATED: not an access token (for example a refresh token)."""
 ERROR_REASON_JWKS_UNAVAILABLE: ErrorReason.ValueType  # 10
-"""UNAUTHENTICATED: the signing keys could not be fetched; retry."""
+"""UNAVAILABLE: the signing keys needed to check the token could not be
+fetched (identity or its database is down); retry after the RetryInfo
+delay, with the same token.
+"""
 ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 11
 """RESOURCE_EXHAUSTED: over the requests-per-minute limit (QuotaFailure and
 RetryInfo details say which one and when to retry).

@@ -94,7 +94,9 @@ export enum ErrorReason {
   TOKEN_TYPE = 9,
 
   /**
-   * UNAUTHENTICATED: the signing keys could not be fetched; retry.
+   * UNAVAILABLE: the signing keys needed to check the token could not be
+   * fetched (identity or its database is down); retry after the RetryInfo
+   * delay, with the same token.
    *
    * @generated from enum value: ERROR_REASON_JWKS_UNAVAILABLE = 10;
    */
