@@ -154,7 +154,8 @@ class Turn:
     result: bytes = b""  # the serialised TurnResult once finished
     reservation: str = ""  # the usage reservation held with identity while the turn runs
     driver: str = ""  # the session-service process that runs it (it holds the sender's token)
-    lease_time: datetime | None = None  # renewed by that process while it lives
+    lease_time: datetime | None = None  # renewed by that process while it works on the turn
+    budget_hold: str = ""  # the reservation holding its spending cap while it runs
 
     @property
     def name(self) -> str:

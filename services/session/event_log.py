@@ -14,8 +14,8 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from corral.libs.errors import InvalidArgument, NotFound
-from corral.libs.eventhub import EventHub, HubClosed, HubMessage, Lagged
+from corral.libs.errors import CorralError, InvalidArgument, NotFound, Unavailable, outage
+from corral.libs.eventhub import EventHub, HubClosed, HubMessage, Lagged, Subscription
 from corral.libs.listing import Condition
 from corral.services.session import events
 from corral.services.session.domain import SESSION, SessionState, StoredEvent
@@ -27,6 +27,7 @@ log = logging.getLogger("corral.session")
 
 REPLAY_PAGE = 500
 HOLE_WAIT_SECONDS = 10.0
+RESTART_AFTER_SECONDS = 0.1  # a drained watcher reconnects (to another replica) at once
 
 Mutation = Callable[[UnitOfWork, int], Awaitable[None]]
 
@@ -105,6 +106,8 @@ class EventLog:
         self._heartbeat = heartbeat_seconds
         self._locks: dict[str, asyncio.Lock] = {}
         self._watchers = 0
+        self._subscriptions: set[Subscription] = set()
+        self._draining = False
         self._metrics = metrics or for_meter()
         self._metrics.track_log(self)
 
@@ -113,6 +116,23 @@ class EventLog:
 
     def forget(self, session_id: str) -> None:
         self._locks.pop(session_id, None)
+
+    async def drain(self) -> None:
+        """The server is stopping: every open stream ends UNAVAILABLE (STREAM_RESTART) now, and
+        its client reconnects (to another replica) with the last sequence it received."""
+        self._draining = True
+        for subscription in list(self._subscriptions):
+            await subscription.close()
+
+    def _restart(self, why: str, cause: CorralError | None = None) -> Unavailable:
+        metadata = {"cause": cause.reason} if cause is not None else {}
+        delay = getattr(cause, "retry_after_seconds", None) or RESTART_AFTER_SECONDS
+        return Unavailable(
+            f"{why}; reconnect with the last sequence received",
+            reason="STREAM_RESTART",
+            retry_after_seconds=delay,
+            metadata=metadata,
+        )
 
     async def append(
         self,
@@ -167,13 +187,31 @@ class EventLog:
     ) -> AsyncIterator[tuple[int, bytes]]:
         """Replay the log after ``after``, then tail live events; (sequence, SessionEvent bytes).
         A heartbeat (sequence = the cursor) is sent after every ``heartbeat_seconds`` of quiet.
-        An archived session's stream ends after its history."""
+        An archived session's stream ends after its history. The stream ends UNAVAILABLE
+        (STREAM_RESTART) when the server drains or the database fails under it."""
+        if self._draining:
+            raise self._restart("the server is shutting down")
+        try:
+            async for item in self._watch(session_id, archived, after, event_filter):
+                yield item
+        except HubClosed as exc:
+            raise self._restart("the server is shutting down") from exc
+        except Exception as exc:
+            cause = outage(exc)
+            if cause is None:
+                raise
+            raise self._restart("the session database is unavailable", cause) from exc
+
+    async def _watch(
+        self, session_id: str, archived: bool, after: int, event_filter: EventFilter
+    ) -> AsyncIterator[tuple[int, bytes]]:
         self._watchers += 1
         try:
             subscription = await self._hub.subscribe(topic(session_id))
         except BaseException:
             self._watchers -= 1
             raise
+        self._subscriptions.add(subscription)
         cursor = after
         try:
             async for event in self.replay(session_id, cursor, None):
@@ -183,10 +221,10 @@ class EventLog:
             if archived:
                 return  # nothing more will happen: the stream ends with OK after the history
             while True:
+                if self._draining:
+                    raise HubClosed("the server is draining")
                 try:
                     message = await subscription.get(self._heartbeat)
-                except HubClosed:
-                    return  # the service is shutting down; the client reconnects elsewhere
                 except Lagged:
                     message = None
                 if message is None:
@@ -217,6 +255,7 @@ class EventLog:
                         yield message.sequence, message.payload
         finally:
             self._watchers -= 1
+            self._subscriptions.discard(subscription)
             await subscription.close()
 
     async def _require_session(self, session_id: str) -> None:

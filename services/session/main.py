@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -43,6 +44,15 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 SERVICE = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"]
 
 
+def instance_name(port: int) -> str:
+    """This process's name on the turns it runs: its host and port when the port is fixed (a
+    process restarted in its place ends the turns of its previous run at once, without waiting
+    for their leases), else a random one."""
+    if not port:
+        return ""
+    return f"{socket.gethostname()[:50]}:{port}"
+
+
 @dataclass(frozen=True)
 class Wiring:
     service: SessionService
@@ -63,9 +73,11 @@ def wire(
     trusted_proxies: Networks | None = None,
     meter: Meter | None = None,
     default_turn_budget_usd_micros: int = 1_000_000,
+    instance: str = "",
 ) -> Wiring:
     """The session service from its dependencies: the one place it is put together (``build``
-    and the tests both use it). ``meter``: where its metrics go (default: the process's)."""
+    and the tests both use it). ``meter``: where its metrics go (default: the process's);
+    ``instance``: this process's name on the turns it runs (default: a random one)."""
     service = SessionService(
         lambda: SessionUnitOfWork(engine),
         hub,
@@ -78,11 +90,13 @@ def wire(
         key_ring=key_ring,
         metrics=for_meter(meter),
         default_turn_budget_usd_micros=default_turn_budget_usd_micros,
+        instance=instance,
     )
     api = SessionApi(service, trusted_proxies)
     registration = ServiceRegistration(
         SERVICE.full_name,
         lambda server: session_service_pb2_grpc.add_SessionServiceServicer_to_server(api, server),
+        on_drain=service.drain,
     )
     return Wiring(service, registration)
 
@@ -115,6 +129,7 @@ async def build(
             "no service credentials (CORRAL_SERVICE_API_KEY, or <data_dir>/service-api-key): the"
             " agent runtime answers internal services only and will refuse every turn"
         )
+    bound = settings.port_for("session") if port is None else port
     wired = wire(
         engine,
         hub,
@@ -127,8 +142,11 @@ async def build(
         trusted_proxies=trusted_networks(settings.trusted_proxies),
         meter=infra.meter(),
         default_turn_budget_usd_micros=round(settings.session_default_turn_budget_usd * 1e6),
+        instance=instance_name(bound),
     )
     resources.push_async_callback(wired.service.close)
-    await wired.service.recover()
+    # Turns left by a process that stopped are ended by the background sweep, which starts
+    # with one as soon as the server has its port (a second process on this port fails to
+    # bind first, so it never ends the turns of the one that holds it).
     server = infra.server([wired.registration], verifier=infra.verifier(jwks), port=port)
     return ServiceApp("session", server, resources, background=[wired.service.maintain])

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 from google.protobuf import struct_pb2
 
@@ -58,9 +58,9 @@ class Turns(Protocol):
 
     async def in_state(self, session_id: str, *states: TurnState) -> list[Turn]: ...
 
-    async def renew_leases(self, driver: str, at: datetime) -> None: ...
+    async def renew_leases(self, driver: str, turn_ids: Sequence[str], at: datetime) -> None: ...
 
-    async def orphaned_sessions(self, lease_before: datetime) -> list[str]: ...
+    async def orphaned_sessions(self, lease_before: datetime, driver: str) -> list[str]: ...
 
     async def list(self, session_id: str, page: Page) -> list[Turn]:
         """One page (with one row to spare) in turn order."""
@@ -107,24 +107,41 @@ class Policies(Protocol):
     async def save(self, policy: AgentPolicyRecord) -> None: ...
 
 
-class AuditOutboxStore(Protocol):
-    """Audit events waiting to reach identity (written in the transaction of the change)."""
+@dataclass
+class OutboxItem:
+    """An effect on another service that must happen (:mod:`.outbox`): its ``kind`` names
+    the handler, ``payload`` (JSON) says what to do."""
 
-    async def add(self, entry: AuditEntry, next_attempt: datetime) -> None: ...
+    id: str
+    kind: str
+    organization: str
+    payload: dict[str, Any]
+    create_time: datetime
+    attempts: int = 0
 
-    async def due(self, at: datetime, limit: int) -> list[tuple[AuditEntry, datetime]]:
-        """Entries whose next attempt is at or before ``at``, oldest first, with that time."""
+
+class OutboxStore(Protocol):
+    """Effects waiting to reach other services (written in the transaction of the change)."""
+
+    async def add(self, item: OutboxItem, next_attempt: datetime) -> None: ...
+
+    async def due(self, at: datetime, limit: int) -> list[tuple[OutboxItem, datetime]]:
+        """Items whose next attempt is at or before ``at``, oldest first, with that time."""
         ...
 
-    async def claim(self, entry_id: str, seen: datetime, until: datetime) -> bool:
+    async def claim(self, item_id: str, seen: datetime, until: datetime) -> bool:
         """Move the next attempt from ``seen`` to ``until``; False if another replica did."""
         ...
 
-    async def delivered(self, entry_id: str) -> None: ...
+    async def delivered(self, item_id: str) -> None: ...
 
     async def failed(
-        self, entry_id: str, attempts: int, next_attempt: datetime, error: str
+        self, item_id: str, attempts: int, next_attempt: datetime, error: str
     ) -> None: ...
+
+    async def pending(self) -> int:
+        """How many items wait."""
+        ...
 
 
 class UnitOfWork(Protocol):
@@ -150,7 +167,7 @@ class UnitOfWork(Protocol):
     def idempotency(self) -> IdempotencyStore: ...
 
     @property
-    def outbox(self) -> AuditOutboxStore: ...
+    def outbox(self) -> OutboxStore: ...
 
     async def __aenter__(self) -> Self: ...
 

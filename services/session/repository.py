@@ -14,7 +14,6 @@ from corral.libs import keyset
 from corral.libs.db import UnitOfWork
 from corral.libs.idempotency import SqlIdempotencyStore, idempotency_table
 from corral.libs.listing import Condition, Page
-from corral.services.session.audit import OutboxRecords, outbox_table
 from corral.services.session.domain import (
     AgentPolicyRecord,
     Session,
@@ -24,6 +23,7 @@ from corral.services.session.domain import (
     TurnState,
     Usage,
 )
+from corral.services.session.outbox import OutboxRecords, outbox_table
 
 metadata = sa.MetaData()
 
@@ -94,6 +94,7 @@ turns = sa.Table(
     sa.Column("reservation", sa.String(300), nullable=False),
     sa.Column("driver", sa.String(64), nullable=False, server_default=""),
     sa.Column("lease_time", sa.DateTime(timezone=True)),
+    sa.Column("budget_hold", sa.String(300), nullable=False, server_default=""),
     sa.Index("ix_turns_session_ordinal", "session_id", "ordinal", unique=True),
     sa.Index("ix_turns_session_state", "session_id", "state"),
 )
@@ -140,7 +141,7 @@ agent_policies = sa.Table(
 )
 
 idempotency_keys = idempotency_table(metadata)
-audit_outbox = outbox_table(metadata)
+outbox = outbox_table(metadata)
 
 
 def _session_row(session: Session) -> dict[str, Any]:
@@ -220,6 +221,7 @@ def _turn_row(turn: Turn) -> dict[str, Any]:
         "reservation": turn.reservation,
         "driver": turn.driver,
         "lease_time": turn.lease_time,
+        "budget_hold": turn.budget_hold,
     }
 
 
@@ -242,6 +244,7 @@ def _to_turn(row: sa.Row[Any]) -> Turn:
         reservation=m["reservation"],
         driver=m["driver"],
         lease_time=_aware(m["lease_time"]),
+        budget_hold=m["budget_hold"],
     )
 
 
@@ -328,21 +331,33 @@ class TurnRepository:
         )
         return [_to_turn(row) for row in await self._c.execute(query)]
 
-    async def renew_leases(self, driver: str, at: datetime) -> None:
-        """The process ``driver`` is alive: extend the lease of every unfinished turn it runs."""
+    async def renew_leases(self, driver: str, turn_ids: Sequence[str], at: datetime) -> None:
+        """The turns ``turn_ids`` of the process ``driver`` are being worked on: extend their
+        leases."""
+        if not turn_ids:
+            return
         await self._c.execute(
             turns.update()
-            .where(turns.c.driver == driver, turns.c.state != TurnState.FINISHED.value)
+            .where(
+                turns.c.driver == driver,
+                turns.c.id.in_(turn_ids),
+                turns.c.state != TurnState.FINISHED.value,
+            )
             .values(lease_time=at)
         )
 
-    async def orphaned_sessions(self, lease_before: datetime) -> list[str]:
-        """Sessions with an unfinished turn whose process stopped renewing its lease."""
+    async def orphaned_sessions(self, lease_before: datetime, driver: str) -> list[str]:
+        """Sessions with an unfinished turn whose lease ran out, or that ``driver`` (this
+        process) runs: it judges those itself."""
         query = (
             sa.select(turns.c.session_id)
             .where(
                 turns.c.state != TurnState.FINISHED.value,
-                sa.or_(turns.c.lease_time.is_(None), turns.c.lease_time < lease_before),
+                sa.or_(
+                    turns.c.lease_time.is_(None),
+                    turns.c.lease_time < lease_before,
+                    turns.c.driver == driver,
+                ),
             )
             .distinct()
         )
@@ -530,4 +545,4 @@ class SessionUnitOfWork(UnitOfWork):
         self.permissions = PermissionRepository(self.connection)
         self.policies = PolicyRepository(self.connection)
         self.idempotency = SqlIdempotencyStore(self.connection, idempotency_keys)
-        self.outbox = OutboxRecords(self.connection, audit_outbox)
+        self.outbox = OutboxRecords(self.connection, outbox)

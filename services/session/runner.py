@@ -1,9 +1,13 @@
 """The turn runner: drives each session's queued turns through the runtime, writes their
-events to the log, finishes them (usage settled with identity), and keeps their leases.
+events to the log, finishes them (their usage settled with identity through the outbox), and
+keeps their leases.
 
-A turn runs in the process that accepted it (only that process holds its sender's token).
-That process's turns carry its id and a lease it renews; a turn whose lease runs out belongs to
-a process that died, and any replica's :meth:`TurnRunner.recover` ends it as FAILED.
+A turn runs in the process that accepted it (only that process holds its sender's token). Its
+lease means that the turn is being worked on: the process renews the leases of the turns its
+drivers are alive for, and only those. A turn whose driver died (an exception, the database
+lost mid-turn) is ended here as soon as the database answers, and its session's queued turns
+driven again; a turn whose lease ran out belongs to a process that is gone, and any replica's
+:meth:`TurnRunner.recover` ends it as FAILED.
 """
 
 from __future__ import annotations
@@ -12,74 +16,78 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from google.rpc import code_pb2
-
-from corral.libs.errors import CorralError, ResourceExhausted, Unavailable
-from corral.libs.grpc.errors import code_for
+from corral.libs.errors import CorralError, ResourceExhausted, Unavailable, outage
 from corral.libs.names import new_id
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.services.session import events
 from corral.services.session.domain import (
+    SESSION,
     Session,
     SessionState,
     Turn,
     TurnState,
-    Usage,
     now,
 )
 from corral.services.session.event_log import EventLog, state_event
+from corral.services.session.leases import (
+    UNFINISHED,
+    AlreadyEnded,
+    LiveTurn,
+    TurnLeases,
+    unfinished,
+)
 from corral.services.session.metrics import SessionMetrics, for_meter
 from corral.services.session.options import for_runtime, with_policy
+from corral.services.session.outbox import Outbox
+from corral.services.session.outcome import TurnOutcome
 from corral.services.session.ports import Runtime, TurnRequest, UnitOfWork, UsageLedger
+from corral.services.session.usage import usage_item
 from corral.session.v1 import agent_options_pb2, agent_policy_pb2, event_pb2
 
 log = logging.getLogger("corral.session")
 
 BATCH_MAX = 256
-UNFINISHED = (TurnState.QUEUED, TurnState.RUNNING, TurnState.AWAITING_PERMISSION)
+STOP_GRACE_SECONDS = 5.0  # how long a stopping service waits for its interrupted turns' results
 
 
-@dataclass
-class _LiveTurn:
-    token: str
-    actor: str
-    accepted: float = field(default_factory=time.monotonic)
-    running: bool = False
-    first_event_seen: bool = False
-    pending: set[str] = field(default_factory=set)  # its open permission requests
-
-
-class TurnRunner:
+class TurnRunner(TurnLeases):
     def __init__(
         self,
         uow: Callable[[], UnitOfWork],
         event_log: EventLog,
         runtime: Runtime,
         ledger: UsageLedger,
+        outbox: Outbox,
         *,
         lease_seconds: float,
         clock: Callable[[], datetime] = now,
         metrics: SessionMetrics | None = None,
         default_turn_budget_usd_micros: int = 1_000_000,
+        instance: str = "",
     ) -> None:
         """``default_turn_budget_usd_micros``: a turn's cap when neither its session nor its
-        organisation's policy sets one (CORRAL_SESSION_DEFAULT_TURN_BUDGET_USD)."""
+        organisation's policy sets one (CORRAL_SESSION_DEFAULT_TURN_BUDGET_USD). ``instance``:
+        this process's name on its turns (default: a new random one); a process that restarts
+        under the same name ends the turns of its previous run at once."""
         self._metrics = metrics or for_meter()
         self._metrics.track_runner(self)
         self._uow = uow
         self._log = event_log
         self._runtime = runtime
         self._ledger = ledger
+        self._outbox = outbox
         self.clock = clock
-        self.instance = new_id()[:16]
+        self.instance = instance or new_id()[:16]
+        self._started = clock()
         self._lease = timedelta(seconds=lease_seconds)
         self._drivers: dict[str, asyncio.Task[None]] = {}
         self._wake: set[str] = set()  # sessions given a turn since their driver last looked
-        self._live: dict[str, _LiveTurn] = {}  # turn id -> the credentials it runs with
+        self._live: dict[str, LiveTurn] = {}  # turn id -> the credentials it runs with
         self._keeper: asyncio.Task[None] | None = None
+        self._rescues: dict[str, asyncio.Task[None]] = {}
+        self._closing = False
         self.default_turn_budget_usd_micros = default_turn_budget_usd_micros
 
     def queued_turns(self) -> int:
@@ -93,16 +101,21 @@ class TurnRunner:
     def start(self, turn: Turn, *, token: str, actor: str) -> None:
         """Run ``turn`` (just queued by this process) as its sender, after the session's
         earlier turns."""
-        self._live[turn.id] = _LiveTurn(token=token, actor=actor)
+        self._live[turn.id] = LiveTurn(turn.session_id, token=token, actor=actor)
         if self._keeper is None or self._keeper.done():
             self._keeper = asyncio.create_task(self._keep_leases(), name="turn-leases")
+        self._drive_soon(turn.session_id)
+
+    def _drive_soon(self, session_id: str) -> None:
         # Say there is work before looking at the driver: a driver that is just finding its
         # queue empty sees this and looks again instead of exiting (no lost wake-up).
-        self._wake.add(turn.session_id)
-        task = self._drivers.get(turn.session_id)
+        if self._closing:
+            return
+        self._wake.add(session_id)
+        task = self._drivers.get(session_id)
         if task is None or task.done():
-            self._drivers[turn.session_id] = asyncio.create_task(
-                self._drive(turn.session_id), name=f"turns:{turn.session_id}"
+            self._drivers[session_id] = asyncio.create_task(
+                self._drive(session_id), name=f"turns:{session_id}"
             )
 
     async def stop(self, session_id: str) -> None:
@@ -111,32 +124,54 @@ class TurnRunner:
         if driver is not None:
             driver.cancel()
             await asyncio.gather(driver, return_exceptions=True)
+        for turn_id in [t for t, live in self._live.items() if live.session_id == session_id]:
+            del self._live[turn_id]
 
     async def finish_unrun(self, session_id: str, turn: Turn, status: str, message: str) -> None:
-        """End a turn that never reached the runtime (cancelled while queued, or orphaned)."""
+        """End a turn that never reached the runtime (cancelled while queued, or orphaned):
+        what it holds is given back through the outbox."""
         result = event_pb2.SessionEvent(turn_id=turn.id)
         result.turn_result.status = event_pb2.TurnResult.Status.Value(f"STATUS_{status}")
         result.turn_result.error.reason = "TURN_NOT_RUN"
         result.turn_result.error.message = message
+        items = []
 
         async def mutate(uow: UnitOfWork, _: int) -> None:
+            session = await uow.sessions.get(session_id, for_update=True)
+            await unfinished(uow, session_id, turn.id)
             turn.state = TurnState.FINISHED
             turn.end_time = now()
             turn.result = result.turn_result.SerializeToString()
             await uow.turns.save(turn)
+            if session is not None and turn.reservation:
+                items.append(usage_item(session.organization, turn.reservation, None))
+                await self._outbox.add(uow, items[-1])
 
-        await self._log.append(session_id, turn.id, [result], mutate)
+        live = self._live.get(turn.id)
+        try:
+            await self._log.append(session_id, turn.id, [result], mutate)
+        except AlreadyEnded:
+            self._live.pop(turn.id, None)
+            return
+        self._live.pop(turn.id, None)
         self._metrics.turns_completed.add(1, {"status": status.lower()})
-        live = self._live.pop(turn.id, None)
-        if turn.reservation:
-            await self.release_quietly(turn.reservation, live.token if live else "")
+        for item in items:
+            self._outbox.send(item, token=live.token if live else "")
 
-    async def release_quietly(self, reservation: str, token: str) -> None:
+    async def release(self, organization: str, reservation: str, token: str) -> None:
+        """Give back a reservation no turn was written for (its SendMessage failed): at once,
+        else through the outbox (as the service), else it expires."""
         try:
             await self._ledger.release(reservation, token=token)
+            return
+        except Exception as exc:
+            failure: Exception = exc
+        try:
+            await self._outbox.record(usage_item(organization, reservation, None), token="")
         except Exception:
-            log.exception(
-                "could not release a usage reservation", extra={"reservation": reservation}
+            log.warning(
+                "a usage reservation could not be released; it expires",
+                extra={"reservation": reservation, "error": repr(failure)[:300]},
             )
 
     # -- driving a session's turns -------------------------------------------------------------
@@ -151,23 +186,44 @@ class TurnRunner:
                     session = await uow.sessions.get(session_id)
                     active = await uow.turns.in_state(session_id, *UNFINISHED)
                 mine = [
-                    t for t in active if t.driver == self.instance and t.state == TurnState.QUEUED
+                    t
+                    for t in active
+                    if t.driver == self.instance
+                    and t.state == TurnState.QUEUED
+                    and not self._abandoned(t)
                 ]
                 if session is None or not mine:
                     if session is not None and session_id in self._wake:
                         continue  # a turn arrived while we looked: look again
                     return  # no await between this check and leaving _drivers (finally)
                 if active[0].id != mine[0].id:
+                    if self._abandoned(active[0]):
+                        return  # it is ended by the rescue, which drives the session again
                     await asyncio.sleep(0.2)  # an earlier turn, run by another replica, goes first
                     continue
                 await self._run(session, mine[0])
         except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("turn driver failed", extra={"session": session_id})
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # stopped on purpose: stop() or close()
+            log.warning("turn driver was cancelled from within", extra={"session": session_id})
+            self._rescue(session_id)
+        except Exception as exc:
+            if outage(exc) is None:
+                log.exception("turn driver failed", extra={"session": session_id})
+            else:
+                log.warning(
+                    "turn driver lost the database",
+                    extra={"session": session_id, "error": repr(exc)[:300]},
+                )
+            self._rescue(session_id)
         finally:
             if self._drivers.get(session_id) is asyncio.current_task():
                 del self._drivers[session_id]
+
+    def _abandoned(self, turn: Turn) -> bool:
+        live = self._live.get(turn.id)
+        return live is not None and bool(live.abandoned)
 
     async def _run(self, session: Session, turn: Turn) -> None:
         live = self._live.get(turn.id)
@@ -176,12 +232,28 @@ class TurnRunner:
                 session.id, turn, "FAILED", "the turn's sender is no longer connected"
             )
             return
+        try:
+            await self._run_live(session, turn, live)
+        except AlreadyEnded:
+            self._live.pop(turn.id, None)  # another replica ended it; nothing of ours to do
+        except BaseException as exc:  # its driver dies with it: the rescue ends the turn
+            mapped = outage(exc) if isinstance(exc, Exception) else None
+            if self._closing:
+                live.abandoned = "the session service stopped"
+            elif mapped is not None:
+                live.abandoned = f"the session service lost its database mid-turn ({mapped.reason})"
+            else:
+                live.abandoned = "the session service stopped working on the turn mid-way"
+            raise
+
+    async def _run_live(self, session: Session, turn: Turn, live: LiveTurn) -> None:
         started = time.monotonic()
         live.running = True
 
         async def begin(uow: UnitOfWork, _: int) -> None:
             current = await uow.sessions.get(session.id, for_update=True)
             assert current is not None
+            await unfinished(uow, session.id, turn.id)
             current.move_to(SessionState.RUNNING)
             current.current_turn = turn.id
             current.update_time = now()
@@ -189,6 +261,7 @@ class TurnRunner:
             await uow.sessions.save(current)
             turn.state = TurnState.RUNNING
             turn.start_time = now()
+            turn.lease_time = self.clock()
             await uow.turns.save(turn)
 
         await self._log.append(
@@ -196,48 +269,49 @@ class TurnRunner:
         )
         try:
             request = await self._request(session, turn, live.actor)
-            hold = await self._hold_budget(turn, request, live)
+            await self._hold_budget(turn, request, live)
         except Exception as exc:  # no budget left, or it cannot be prepared: it ends unrun
+            if outage(exc) is not None:
+                raise  # the database: the rescue ends it once the database is back
             if not isinstance(exc, CorralError):
                 log.exception("a turn could not be prepared", extra={"turn": turn.id})
                 exc = Unavailable("the turn could not be prepared; retry", reason="TURN_ABORTED")
             outcome = TurnOutcome()
             await self._finish(session.id, turn, outcome, 0.0, live.token, outcome.failed(exc))
             return
-        try:
-            await self._drive_turn(session, turn, request, live, started)
-        finally:
-            # After the settle (in _finish): what the turn spent is recorded before its cap is
-            # given back.
-            if hold:
-                await self.release_quietly(hold, live.token)
+        await self._drive_turn(session, turn, request, live, started)
 
-    async def _hold_budget(self, turn: Turn, request: TurnRequest, live: _LiveTurn) -> str:
+    async def _hold_budget(self, turn: Turn, request: TurnRequest, live: LiveTurn) -> None:
         """Hold the turn's cap (``request.options.max_budget_usd_micros``) against the
         organisation's cost budget while it runs. When less remains, hold what remains and
-        lower the cap to it; with nothing left, QUOTA_EXCEEDED. Returns the hold's name."""
+        lower the cap to it; with nothing left, QUOTA_EXCEEDED. The hold is kept on the turn,
+        so whoever ends the turn gives it back."""
         cap = request.options.max_budget_usd_micros
         who = {"organization": request.organization, "user": live.actor, "token": live.token}
         try:
-            return await self._ledger.reserve_budget(
+            hold = await self._ledger.reserve_budget(
                 cost_usd_micros=cap, request_id=f"{turn.id}-budget", **who
             )
         except ResourceExhausted:
             remaining = await self._ledger.remaining_budget(**who)
             if remaining is None or not 0 < remaining < cap:
                 raise
-        hold = await self._ledger.reserve_budget(
-            cost_usd_micros=remaining, request_id=f"{turn.id}-budget-rest", **who
-        )
-        request.options.max_budget_usd_micros = remaining
-        log.info(
-            "turn capped at the remaining budget",
-            extra={"turn": turn.id, "cap": cap, "remaining": remaining},
-        )
-        return hold
+            hold = await self._ledger.reserve_budget(
+                cost_usd_micros=remaining, request_id=f"{turn.id}-budget-rest", **who
+            )
+            request.options.max_budget_usd_micros = remaining
+            log.info(
+                "turn capped at the remaining budget",
+                extra={"turn": turn.id, "cap": cap, "remaining": remaining},
+            )
+        turn.budget_hold = live.hold = hold
+        turn.lease_time = self.clock()
+        async with self._uow() as uow:
+            await uow.turns.save(turn)
+            await uow.commit()
 
     async def _drive_turn(
-        self, session: Session, turn: Turn, request: TurnRequest, live: _LiveTurn, started: float
+        self, session: Session, turn: Turn, request: TurnRequest, live: LiveTurn, started: float
     ) -> None:
         outcome = TurnOutcome()
         queue: asyncio.Queue[rt.RuntimeEvent | BaseException | None] = asyncio.Queue()
@@ -322,7 +396,7 @@ class TurnRunner:
         return min(cap, most) if most else cap
 
     async def _write_events(
-        self, session_id: str, turn: Turn, batch: list[event_pb2.SessionEvent], live: _LiveTurn
+        self, session_id: str, turn: Turn, batch: list[event_pb2.SessionEvent], live: LiveTurn
     ) -> None:
         if not batch:
             return
@@ -368,15 +442,18 @@ class TurnRunner:
         token: str,
         tail: Sequence[event_pb2.SessionEvent] = (),
     ) -> None:
-        """Write the turn's last events and its end in one transaction: once a client sees the
-        turn_result, the session already accepts the next message. Then settle its usage."""
+        """Write the turn's last events, its end and its usage's settle (an outbox item) in one
+        transaction: once a client sees the turn_result, the session already accepts the next
+        message, and what the turn used reaches identity whenever identity answers."""
         failed = outcome.status == "FAILED"
         final_state = SessionState.FAILED if failed else SessionState.IDLE
+        items = []
 
         async def finish(uow: UnitOfWork, _: int) -> None:
             current = await uow.sessions.get(session_id, for_update=True)
             if current is None:
                 return
+            await unfinished(uow, session_id, turn.id)
             current.move_to(final_state)
             current.current_turn = ""
             current.usage.add(outcome.usage)
@@ -394,19 +471,26 @@ class TurnRunner:
             turn.result = outcome.result
             turn.last_sequence = await uow.events.last_sequence(session_id)
             await uow.turns.save(turn)
+            if turn.reservation or turn.budget_hold:
+                holds = [turn.budget_hold]
+                items.append(
+                    usage_item(current.organization, turn.reservation, outcome.usage, holds)
+                )
+                await self._outbox.add(uow, items[-1])
 
         closing = [*tail, state_event(final_state, SessionState.RUNNING)]
-        await self._log.append(session_id, turn.id, closing, finish)
+        try:
+            await self._log.append(session_id, turn.id, closing, finish)
+        except AlreadyEnded:
+            self._live.pop(turn.id, None)  # someone else ended it meanwhile
+            raise
         self._live.pop(turn.id, None)
         status = {"status": outcome.status.lower()}
         self._metrics.turns_completed.add(1, status)
         if seconds > 0:  # a turn that ran here (not one recovered, or refused its budget)
             self._metrics.turn_duration.record(seconds, status)
-        if turn.reservation:
-            try:
-                await self._ledger.settle(turn.reservation, outcome.usage, token=token)
-            except Exception:
-                log.exception("could not settle usage", extra={"reservation": turn.reservation})
+        for item in items:
+            self._outbox.send(item, token=token)
         log.info(
             "turn finished",
             extra={
@@ -417,118 +501,34 @@ class TurnRunner:
             },
         )
 
-    # -- leases and recovery -------------------------------------------------------------------
-
-    async def _keep_leases(self) -> None:
-        interval = self._lease.total_seconds() / 3
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                async with self._uow() as uow:
-                    await uow.turns.renew_leases(self.instance, self.clock())
-                    await uow.commit()
-            except Exception:
-                log.exception("could not renew turn leases")
-
-    async def recover(self) -> None:
-        """End the turns whose process is gone (their lease ran out: a crash, a restart, a lost
-        replica) as FAILED; their events so far stay, and the session takes the next message.
-        Turns of live processes, this one or other replicas, are left alone."""
-        cutoff = self.clock() - self._lease
-        async with self._uow() as uow:
-            session_ids = await uow.turns.orphaned_sessions(cutoff)
-        for session_id in session_ids:
-            async with self._uow() as uow:
-                session = await uow.sessions.get(session_id)
-                unfinished = await uow.turns.in_state(session_id, *UNFINISHED)
-            if session is None:
-                continue
-            for turn in unfinished:
-                if turn.driver == self.instance or (turn.lease_time and turn.lease_time >= cutoff):
-                    continue
-                reason = "the session service that ran this turn stopped"
-                if turn.state == TurnState.QUEUED:
-                    await self.finish_unrun(session_id, turn, "FAILED", reason)
-                    continue
-                outcome = TurnOutcome()
-                tail = outcome.failed(RuntimeError(reason))
-                await self._finish(session_id, turn, outcome, 0.0, "", tail)
-
-    async def maintain(self) -> None:
-        """Sweep for orphaned turns every half lease (run as the service's background job)."""
-        while True:
-            await asyncio.sleep(self._lease.total_seconds() / 2)
-            try:
-                await self.recover()
-            except Exception:
-                log.exception("orphaned-turn sweep failed")
-
-    async def close(self) -> None:
-        tasks = list(self._drivers.values())
+    async def close(self, *, graceful: bool = True) -> None:
+        """Stop. ``graceful``: interrupt the turns running here, wait a little for their
+        results (what they cost), and end what is left FAILED; else (a crash, as tests stage
+        it) just stop, leaving the turns to the lease."""
+        self._closing = True
+        running = [(turn_id, live) for turn_id, live in list(self._live.items()) if live.running]
+        if graceful and running:
+            for turn_id, live in running:
+                try:
+                    name = SESSION.format(live.session_id)
+                    await self._runtime.interrupt(name, turn_id, token=live.token)
+                except Exception as exc:
+                    log.debug("interrupt at stop failed", extra={"error": repr(exc)[:200]})
+            drivers = [t for t in self._drivers.values() if not t.done()]
+            if drivers:
+                await asyncio.wait(drivers, timeout=STOP_GRACE_SECONDS)
+        tasks = [*self._drivers.values(), *self._rescues.values()]
         if self._keeper is not None:
             tasks.append(self._keeper)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class TurnOutcome:
-    """What a turn's events add up to."""
-
-    def __init__(self) -> None:
-        self.status = "SUCCEEDED"
-        self.usage = Usage()
-        self.result = b""
-        self.result_seen = False
-        self.transcript_id = ""
-        self.error_reason = ""
-        self.error_message = ""
-
-    def observe(self, event: rt.RuntimeEvent) -> None:
-        if event.HasField("turn_started") and event.turn_started.transcript_id:
-            self.transcript_id = event.turn_started.transcript_id
-        if event.HasField("turn_result"):
-            result = event.turn_result
-            self.result_seen = True
-            self.status = rt.TurnResult.Status.Name(result.status).removeprefix("STATUS_")
-            u = result.usage
-            self.usage = Usage(
-                u.input_tokens,
-                u.output_tokens,
-                u.cache_read_input_tokens,
-                u.cache_creation_input_tokens,
-                u.cost_usd_micros,
-            )
-            if result.transcript_id:
-                self.transcript_id = result.transcript_id
-            mapped = events.from_runtime(event)
-            assert mapped is not None
-            self.result = mapped.turn_result.SerializeToString()
-            if result.HasField("error"):
-                self.error_reason, self.error_message = result.error.reason, result.error.message
-
-    def failed(self, exc: BaseException | None) -> list[event_pb2.SessionEvent]:
-        """The events that end a turn whose runtime stream broke off."""
-        self.status = "FAILED"
-        self.result_seen = True
-        reason = "RUNTIME_UNAVAILABLE"
-        message = "the agent runtime stopped answering mid-turn"
-        if isinstance(exc, CorralError):
-            reason, message = exc.reason, exc.message
-        elif exc is not None and not isinstance(exc, asyncio.CancelledError):
-            reason, message = "TURN_ABORTED", str(exc)
-        self.error_reason, self.error_message = reason, message
-        error = event_pb2.SessionEvent()
-        error.error.code = (
-            code_for(exc).value[0] if isinstance(exc, CorralError) else code_pb2.UNAVAILABLE
-        )
-        error.error.reason = reason
-        error.error.message = message
-        result = event_pb2.SessionEvent()
-        result.turn_result.status = event_pb2.TurnResult.STATUS_FAILED
-        result.turn_result.error.CopyFrom(error.error)
-        u = result.turn_result.usage
-        u.input_tokens, u.output_tokens = self.usage.input_tokens, self.usage.output_tokens
-        u.cost_usd_micros = self.usage.cost_usd_micros
-        self.result = result.turn_result.SerializeToString()
-        return [error, result]
+        if not graceful:
+            return
+        for live in self._live.values():
+            live.abandoned = live.abandoned or "the session service stopped"
+        for session_id in {live.session_id for live in self._live.values()}:
+            try:
+                await self._recover_session(session_id, self.clock() - self._lease)
+            except Exception as exc:  # the lease ends them elsewhere
+                log.warning("could not end turns at stop", extra={"error": repr(exc)[:300]})

@@ -27,8 +27,8 @@ from corral.libs.eventhub import EventHub
 from corral.libs.idempotency import RETENTION_SECONDS, CreateRequest
 from corral.libs.listing import Condition, Page, finish_page
 from corral.libs.names import new_id
-from corral.services.session import domain, policy
-from corral.services.session.audit import AuditOutbox
+from corral.services.session import audit, domain, policy, usage
+from corral.services.session.audit import Audit
 from corral.services.session.domain import (
     SESSION,
     AgentPolicyRecord,
@@ -39,15 +39,19 @@ from corral.services.session.domain import (
 )
 from corral.services.session.event_log import EventFilter, EventLog, state_event
 from corral.services.session.idempotent import once
+from corral.services.session.leases import UNFINISHED
 from corral.services.session.metrics import SessionMetrics, for_meter
 from corral.services.session.options import options_with
+from corral.services.session.outbox import Outbox
 from corral.services.session.ports import AuditWriter, Runtime, UnitOfWork, UsageLedger
-from corral.services.session.runner import UNFINISHED, TurnRunner
+from corral.services.session.runner import TurnRunner
 from corral.services.session.secrets import Secrets, UnsealingRuntime
 from corral.services.session.turns import TurnUseCases
 from corral.session.v1 import agent_options_pb2, agent_policy_pb2
 
 log = logging.getLogger("corral.session")
+
+OUTBOX_SETTLE_SECONDS = 2.0
 
 
 class SessionService(TurnUseCases):
@@ -57,7 +61,7 @@ class SessionService(TurnUseCases):
         hub: EventHub,
         runtime: Runtime,
         ledger: UsageLedger,
-        audit: AuditWriter,
+        audit_writer: AuditWriter,
         *,
         heartbeat_seconds: float = 15.0,
         lease_seconds: float = 30.0,
@@ -65,22 +69,29 @@ class SessionService(TurnUseCases):
         key_ring: KeyRing | None = None,
         metrics: SessionMetrics | None = None,
         default_turn_budget_usd_micros: int = 1_000_000,
+        instance: str = "",
     ) -> None:
         """``key_ring`` seals MCP secrets at rest (the deployment's, from Settings, if not
-        given); ``audit`` is identity's audit log, written through the outbox; ``metrics``:
-        the process's session instruments if not given."""
+        given); ``audit_writer`` is identity's audit log and ``ledger`` its usage ledger, both
+        written through the outbox; ``metrics``: the process's session instruments if not
+        given; ``instance``: this process's name on the turns it runs (see TurnRunner)."""
         self.metrics = metrics or for_meter()
         self._uow = uow
         self._runtime = runtime
         self._ledger = ledger
         self.secrets = Secrets(key_ring or Settings().key_ring())
-        self.audit = AuditOutbox(uow, audit, clock=clock)
+        self.outbox = Outbox(uow, clock=clock)
+        self.outbox.handle(audit.AUDIT, audit.deliver(audit_writer))
+        self.outbox.handle(usage.USAGE, usage.deliver(ledger))
+        self.audit = Audit(self.outbox, clock=clock)
         self.events = EventLog(uow, hub, heartbeat_seconds=heartbeat_seconds, metrics=self.metrics)
         self.runner = TurnRunner(
             uow,
             self.events,
             UnsealingRuntime(runtime, self.secrets),  # secrets open here, for a turn only
             ledger,
+            self.outbox,
+            instance=instance,
             lease_seconds=lease_seconds,
             clock=clock,
             metrics=self.metrics,
@@ -91,9 +102,9 @@ class SessionService(TurnUseCases):
         await self.runner.recover()
 
     async def maintain(self) -> None:
-        """The background jobs: the orphaned-turn sweep, the audit outbox's retries, and
-        forgetting request ids past their retention (hourly)."""
-        await asyncio.gather(self.runner.maintain(), self.audit.run(), self._purge_requests())
+        """The background jobs: the orphaned-turn sweep, the outbox's retries (audit entries,
+        turns' usage), and forgetting request ids past their retention (hourly)."""
+        await asyncio.gather(self.runner.maintain(), self.outbox.run(), self._purge_requests())
 
     async def _purge_requests(self) -> None:
         while True:
@@ -111,9 +122,21 @@ class SessionService(TurnUseCases):
             return 0
         return purged
 
-    async def close(self) -> None:
-        await self.audit.close()
-        await self.runner.close()
+    async def drain(self) -> None:
+        """The server is stopping: open event streams end UNAVAILABLE (STREAM_RESTART), so
+        their clients reconnect to another replica with the last sequence they received."""
+        await self.events.drain()
+
+    async def close(self, *, graceful: bool = True) -> None:
+        """Stop: turns running here are interrupted and ended (``graceful``; else left to
+        their leases, as a crash would), then the outbox's attempts in flight get a moment."""
+        if graceful:
+            await self.events.drain()
+        await self.runner.close(graceful=graceful)
+        if graceful:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.outbox.settle(), OUTBOX_SETTLE_SECONDS)
+        await self.outbox.close()
 
     async def _policy(self, organization: str) -> agent_policy_pb2.AgentPolicy | None:
         async with self._uow() as uow:
@@ -338,12 +361,19 @@ class SessionService(TurnUseCases):
             organization=session.organization,
         )
         async with self._uow() as uow:
-            held = [t.reservation for t in await uow.turns.in_state(session_id, *UNFINISHED)]
+            # What its unfinished turns hold is given back through the outbox.
+            held = [
+                usage.usage_item(session.organization, t.reservation, None, [t.budget_hold])
+                for t in await uow.turns.in_state(session_id, *UNFINISHED)
+                if t.reservation or t.budget_hold
+            ]
+            for item in held:
+                await self.outbox.add(uow, item)
             await uow.sessions.delete(session_id)
             await self.audit.add(uow, entry)
             await uow.commit()
-        for reservation in filter(None, held):  # identity is called with no transaction open
-            await self.runner.release_quietly(reservation, caller.token)
+        for item in held:
+            self.outbox.send(item, token=caller.token)
         self.events.forget(session_id)
         self.audit.send(entry, token=caller.token)
 

@@ -16,7 +16,7 @@ from corral.libs.idempotency import CreateRequest
 from corral.libs.listing import Page, finish_page
 from corral.libs.names import new_id
 from corral.services.session import domain, policy
-from corral.services.session.audit import AuditOutbox
+from corral.services.session.audit import Audit
 from corral.services.session.domain import (
     SESSION,
     TURN,
@@ -28,8 +28,9 @@ from corral.services.session.domain import (
 )
 from corral.services.session.event_log import EventLog
 from corral.services.session.idempotent import once
+from corral.services.session.leases import UNFINISHED
 from corral.services.session.ports import Runtime, UnitOfWork, UsageLedger
-from corral.services.session.runner import UNFINISHED, TurnRunner
+from corral.services.session.runner import TurnRunner
 from corral.session.v1 import agent_options_pb2, event_pb2
 
 log = logging.getLogger("corral.session")
@@ -39,14 +40,14 @@ MAX_QUEUED_TURNS = 16
 
 class TurnUseCases:
     """Needs the session service's unit of work, runtime, ledger, runner, event log and audit
-    outbox (set by :class:`~.service.SessionService`)."""
+    (set by :class:`~.service.SessionService`)."""
 
     _uow: Callable[[], UnitOfWork]
     _runtime: Runtime
     _ledger: UsageLedger
     runner: TurnRunner
     events: EventLog
-    audit: AuditOutbox
+    audit: Audit
 
     async def get_session(self, caller: Caller, session_id: str) -> Session:
         raise NotImplementedError
@@ -149,7 +150,7 @@ class TurnUseCases:
 
             await self.events.append(session_id, turn_id, [user_event], mutate)
         except BaseException:
-            await self.runner.release_quietly(reservation, caller.token)
+            await self.runner.release(session.organization, reservation, caller.token)
             raise
         self.audit.send(entry, token=caller.token)
         self.runner.start(created[0], token=caller.token, actor=caller.subject)

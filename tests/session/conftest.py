@@ -45,6 +45,7 @@ class Stack:
     channel: grpc.aio.Channel
     make_service: Callable[..., SessionService]
     engine: AsyncEngine  # the service's database, for tests that read its raw rows
+    make_wiring: Callable[..., Wiring]  # another replica, with its gRPC registration
 
     @property
     def stub(self) -> rpc.SessionServiceStub:
@@ -92,8 +93,9 @@ async def stack(
     await db.migrate(engine, MIGRATIONS, schema=schema)
     runtime, ledger, audit = FakeRuntime(), FakeLedger(), FakeAudit()
 
-    def make(clock: Callable[[], datetime] = now) -> Wiring:
-        """Another replica of the service (``clock``: the time as it sees it)."""
+    def make(clock: Callable[[], datetime] = now, instance: str = "") -> Wiring:
+        """Another replica of the service (``clock``: the time as it sees it; ``instance``:
+        its name on its turns, as a restarted process keeps it)."""
         return wire(
             engine,
             hub,
@@ -103,10 +105,11 @@ async def stack(
             heartbeat_seconds=0.3,
             lease_seconds=LEASE_SECONDS,
             clock=clock,
+            instance=instance,
         )
 
-    def make_service(clock: Callable[[], datetime] = now) -> SessionService:
-        return make(clock).service
+    def make_service(clock: Callable[[], datetime] = now, instance: str = "") -> SessionService:
+        return make(clock, instance).service
 
     wired = make()
     service = wired.service
@@ -128,6 +131,7 @@ async def stack(
             channel,
             make_service,
             engine,
+            make,
         )
     finally:
         await channel.close()

@@ -162,7 +162,9 @@ class FakeRuntime:
 
 
 class FakeLedger:
-    """Concurrent-turn limit per organisation; records settlements."""
+    """Concurrent-turn limit per organisation; records settlements. Like identity, a settle
+    or release retried after it went through changes nothing; ``down`` makes every settle and
+    release fail as an unreachable identity would (``attempts`` counts them)."""
 
     def __init__(self, limit: int = 100, budget: int | None = None) -> None:
         self.limit = limit
@@ -171,8 +173,17 @@ class FakeLedger:
         self.budget_holds: dict[str, int] = {}  # running turns' caps
         self.settled: list[tuple[str, Usage]] = []
         self.released: list[str] = []
+        self.down = False
+        self.attempts = 0
+        self.tokens: list[str] = []  # the token each settle and release came with
         self._n = 0
         self._changed = asyncio.Condition()
+
+    def _call(self, token: str) -> None:
+        self.attempts += 1
+        self.tokens.append(token)
+        if self.down:
+            raise Unavailable("identity is down", reason="DEPENDENCY_FAILED")
 
     async def wait_settled(self, count: int = 1, within: float = 5.0) -> None:
         """Until ``count`` reservations were settled (a turn settles after its result event)."""
@@ -199,7 +210,9 @@ class FakeLedger:
         return name
 
     async def settle(self, reservation: str, usage: Usage, *, token: str) -> None:
-        self.settled.append((reservation, usage))
+        self._call(token)
+        if all(name != reservation for name, _ in self.settled):
+            self.settled.append((reservation, usage))
         await self.release(reservation, token=token)
 
     async def reserve_budget(
@@ -223,9 +236,11 @@ class FakeLedger:
         return self.budget - sum(self.budget_holds.values())
 
     async def release(self, reservation: str, *, token: str) -> None:
+        self._call(token)
+        if reservation in self.held or reservation in self.budget_holds:
+            self.released.append(reservation)
         self.held.pop(reservation, None)
         self.budget_holds.pop(reservation, None)
-        self.released.append(reservation)
         async with self._changed:
             self._changed.notify_all()
 

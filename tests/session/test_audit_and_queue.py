@@ -151,23 +151,23 @@ async def test_a_failed_audit_write_is_retried_until_identity_has_it(stack: Stac
             metadata=(*stack.auth(), ("x-request-id", "create-1")),
         )
     ).session  # the change is made whatever identity says
-    await stack.service.audit.settle()
+    await stack.service.outbox.settle()
     assert stack.audit.attempts == 1 and stack.audit.records == []
 
     # Another replica's retry loop, on a clock the test moves.
     moment = [now()]
     replica = stack.make_service(clock=lambda: moment[0])
     try:
-        assert await replica.audit.drain() == 0  # the backoff has not passed yet
+        assert await replica.outbox.drain() == 0  # the backoff has not passed yet
         assert stack.audit.attempts == 1
         for hours in (1, 2):
             moment[0] = now() + timedelta(hours=hours)
-            assert await replica.audit.drain() == 0  # fails again
+            assert await replica.outbox.drain() == 0  # fails again
         assert stack.audit.attempts == 3 and stack.audit.records == []
         moment[0] = now() + timedelta(hours=3)
-        assert await replica.audit.drain() == 1  # identity is back
+        assert await replica.outbox.drain() == 1  # identity is back
         moment[0] = now() + timedelta(hours=4)
-        assert await replica.audit.drain() == 0  # written once, never again
+        assert await replica.outbox.drain() == 0  # written once, never again
     finally:
         await replica.close()
     (record,) = stack.audit.records

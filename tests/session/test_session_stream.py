@@ -396,7 +396,7 @@ async def test_restart_mid_turn_ends_it_failed_and_keeps_its_events(stack: Stack
         await stack.stub.GetSession(pb.GetSessionRequest(name=session.name), metadata=stack.auth())
     ).session
     assert got.state == session_pb2.Session.STATE_RUNNING  # a live process's turn is left alone
-    await stack.service.close()  # the process dies: its driver and its lease renewals stop
+    await stack.service.close(graceful=False)  # the process dies: its driver and leases stop
     await replica.close()
     later = now() + timedelta(seconds=2 * LEASE_SECONDS)
     replica = stack.make_service(clock=lambda: later)  # a replica whose time is past the lease

@@ -64,7 +64,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_STREAM_RESTART: _ErrorReason.ValueType  # 16
     """UNAVAILABLE: the event stream ended because the server is draining or
-    the watcher fell too far behind; reconnect with the last sequence seen.
+    its database failed (ErrorInfo metadata `cause`); reconnect with the last
+    sequence seen, after the RetryInfo delay.
     """
     ERROR_REASON_RUNTIME_LOST: _ErrorReason.ValueType  # 17
     """Event error: the agent runtime lost the turn (process crash)."""
@@ -93,7 +94,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_TURN_NOT_RUN: _ErrorReason.ValueType  # 29
     """Event error: the turn ended before it reached a runtime (interrupted while queued, or the service restarted)."""
     ERROR_REASON_TURN_ABORTED: _ErrorReason.ValueType  # 30
-    """Event error: the turn was abandoned by the session service."""
+    """Event error: the turn was abandoned by the session service: the process
+    that ran it stopped or restarted, or lost its database mid-turn (the
+    message says which).
+    """
     ERROR_REASON_MCP_HOST_NOT_ALLOWED: _ErrorReason.ValueType  # 31
     """INVALID_ARGUMENT: an MCP HTTP server's host is not allowed by the
     organisation's agent policy.
@@ -154,7 +158,8 @@ admin (for writes), or may not read it.
 """
 ERROR_REASON_STREAM_RESTART: ErrorReason.ValueType  # 16
 """UNAVAILABLE: the event stream ended because the server is draining or
-the watcher fell too far behind; reconnect with the last sequence seen.
+its database failed (ErrorInfo metadata `cause`); reconnect with the last
+sequence seen, after the RetryInfo delay.
 """
 ERROR_REASON_RUNTIME_LOST: ErrorReason.ValueType  # 17
 """Event error: the agent runtime lost the turn (process crash)."""
@@ -183,7 +188,10 @@ ERROR_REASON_NOTHING_TO_FORK: ErrorReason.ValueType  # 28
 ERROR_REASON_TURN_NOT_RUN: ErrorReason.ValueType  # 29
 """Event error: the turn ended before it reached a runtime (interrupted while queued, or the service restarted)."""
 ERROR_REASON_TURN_ABORTED: ErrorReason.ValueType  # 30
-"""Event error: the turn was abandoned by the session service."""
+"""Event error: the turn was abandoned by the session service: the process
+that ran it stopped or restarted, or lost its database mid-turn (the
+message says which).
+"""
 ERROR_REASON_MCP_HOST_NOT_ALLOWED: ErrorReason.ValueType  # 31
 """INVALID_ARGUMENT: an MCP HTTP server's host is not allowed by the
 organisation's agent policy.

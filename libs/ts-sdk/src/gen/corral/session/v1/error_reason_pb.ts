@@ -139,7 +139,8 @@ export enum ErrorReason {
 
   /**
    * UNAVAILABLE: the event stream ended because the server is draining or
-   * the watcher fell too far behind; reconnect with the last sequence seen.
+   * its database failed (ErrorInfo metadata `cause`); reconnect with the last
+   * sequence seen, after the RetryInfo delay.
    *
    * @generated from enum value: ERROR_REASON_STREAM_RESTART = 16;
    */
@@ -237,7 +238,9 @@ export enum ErrorReason {
   TURN_NOT_RUN = 29,
 
   /**
-   * Event error: the turn was abandoned by the session service.
+   * Event error: the turn was abandoned by the session service: the process
+   * that ran it stopped or restarted, or lost its database mid-turn (the
+   * message says which).
    *
    * @generated from enum value: ERROR_REASON_TURN_ABORTED = 30;
    */

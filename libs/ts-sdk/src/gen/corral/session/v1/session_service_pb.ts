@@ -1307,8 +1307,9 @@ export const SessionService: GenService<{
    * after 15 s of silence. The stream stays open until the client cancels
    * it; it ends with OK after the history of an ARCHIVED session, with
    * NOT_FOUND if the session is deleted, and with UNAVAILABLE
-   * (STREAM_RESTART) when the server drains or the watcher falls too far
-   * behind: reconnect with the last sequence received.
+   * (STREAM_RESTART, with a RetryInfo) when the server drains (a graceful
+   * stop) or its database fails mid-stream: reconnect with the last sequence
+   * received. A watcher that falls behind is refilled from the log, not ended.
    *
    * Callers: readers of the session.
    * Errors: NOT_FOUND if the session does not exist or the caller cannot
