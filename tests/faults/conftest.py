@@ -1,7 +1,8 @@
 """The fault scenarios share one production-like topology (tests/support/topology.py): its own
 PostgreSQL and Redis, identity, two session replicas and a runtime with a pool of 8, each its
-own process, Envoy in front. Every test starts from a topology that is whole again: whatever an
-earlier scenario left stopped is started and waited for."""
+own process, Envoy in front (started with the package's first scenario, stopped after its last).
+Every test starts from a topology that is whole again: whatever an earlier scenario left stopped
+is started and waited for."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tests.support.topology import Topology, running_topology
 POOL_SIZE = 8
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def topology(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Topology]:
     folder = tmp_path_factory.mktemp("faults")
     async with running_topology(

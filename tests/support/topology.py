@@ -64,13 +64,13 @@ class TopologyError(RuntimeError):
 
 def require_binary(name: str, hint: str) -> str:
     """The binary's path; a skip when it is missing (a failure under CI=true)."""
-    path = shutil.which(name) or next(iter(sorted(Path("/").glob(name.lstrip("/")))), None)
+    path = shutil.which(name)
     if path is None:
         message = f"{name} is not installed ({hint})"
         if IN_CI:
             pytest.fail(f"{message}; under CI=true this is a failure, not a skip", pytrace=False)
         pytest.skip(message)
-    return str(path)
+    return path
 
 
 def postgres_bin() -> Path:
@@ -86,15 +86,21 @@ def _pdeathsig(argv: Sequence[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else list(argv)
 
 
+def _base_environment() -> dict[str, str]:
+    """The test's environment without any Corral, model or tracing setting of its own."""
+    prefixes = ("CORRAL_", "ANTHROPIC_", "OTEL_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+
 class OsProcess:
     """A child process: its command line, environment and log file; started (again) on demand,
     signalled by its own pid only."""
 
-    def __init__(self, label: str, argv: Sequence[str], env: Mapping[str, str], log: Path):
+    def __init__(self, label: str, argv: Sequence[str], env: Mapping[str, str], logs: Path):
         self.label = label
         self.argv = list(argv)
         self.env = dict(env)
-        self.log = log
+        self.log = logs / f"{label}.log"
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -162,10 +168,10 @@ class Service(OsProcess):
     """``corral serve <name>``: ready when its gRPC health check answers SERVING."""
 
     def __init__(
-        self, name: str, replica: int, port: int, env: Mapping[str, str], log: Path
+        self, name: str, replica: int, port: int, env: Mapping[str, str], logs: Path
     ) -> None:
         argv = [sys.executable, "-m", "corral.services.cli", "serve", name]
-        super().__init__(f"{name}-{replica}", argv, env, log)
+        super().__init__(f"{name}-{replica}", argv, env, logs)
         self.name = name
         self.replica = replica
         self.port = port
@@ -206,10 +212,8 @@ async def _port_open(port: int) -> bool:
 class Listener(OsProcess):
     """A server process (Redis, the model endpoint) ready when its TCP port accepts."""
 
-    def __init__(
-        self, label: str, port: int, argv: Sequence[str], env: Mapping[str, str], log: Path
-    ):
-        super().__init__(label, argv, env, log)
+    def __init__(self, label: str, port: int, argv: Sequence[str], logs: Path) -> None:
+        super().__init__(label, argv, _base_environment(), logs)
         self.port = port
 
     async def ready(self, within: float = READY_SECONDS) -> None:
@@ -268,18 +272,8 @@ class PostgresCluster:
             raise TopologyError(f"{tool} {' '.join(args)} failed ({code}):\n{output.read_text()}")
 
     async def init(self) -> None:
-        await self._run(
-            "initdb",
-            "-D",
-            str(self.data),
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        )
+        options = ["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"]
+        await self._run("initdb", "-D", str(self.data), *options)
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write(
                 f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
@@ -288,28 +282,20 @@ class PostgresCluster:
                 "fsync = off\nfull_page_writes = off\n"
             )
 
-    async def start(self) -> None:
+    async def _pg_ctl(self, *args: str) -> None:
+        """``pg_ctl`` on this cluster, waiting (60 s at most) for the action to complete."""
         await self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start"
+            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", *args
         )
+
+    async def start(self) -> None:
+        await self._pg_ctl("start")
 
     async def restart(self, mode: str = "fast") -> None:
-        await self._run(
-            "pg_ctl",
-            "-D",
-            str(self.data),
-            "-l",
-            str(self.log),
-            "-m",
-            mode,
-            "-w",
-            "-t",
-            "60",
-            "restart",
-        )
+        await self._pg_ctl("-m", mode, "restart")
 
     async def stop(self, mode: str = "fast") -> None:
-        await self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+        await self._pg_ctl("-m", mode, "stop")
 
     @property
     def pid(self) -> int | None:
@@ -319,9 +305,6 @@ class PostgresCluster:
         except (OSError, ValueError, IndexError):
             return None
         return pid if Path(f"/proc/{pid}").exists() else None
-
-    async def ready(self) -> bool:
-        return await _port_open(self.port)
 
     def remove(self) -> None:
         with contextlib.suppress(OSError):
@@ -389,12 +372,6 @@ class Accounts:
     service_api_key: str
 
 
-def _base_environment() -> dict[str, str]:
-    """The test's environment without any Corral, model or tracing setting of its own."""
-    prefixes = ("CORRAL_", "ANTHROPIC_", "OTEL_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
-
-
 class Topology:
     """The running platform; see the module's docstring. Start it with :func:`running_topology`."""
 
@@ -411,38 +388,13 @@ class Topology:
         self.logs = folder / "logs"
         self.runtime_root = folder / "runtime"
         self.postgres = PostgresCluster(self.logs)
-        self.redis = Listener(
-            "redis",
-            (redis_port := free_port()),
-            [
-                require_binary("redis-server", "apt-get install redis-server"),
-                "--port",
-                str(redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(folder),
-            ],
-            _base_environment(),
-            self.logs / "redis.log",
-        )
-        self.model = Listener(
-            "model",
-            (model_port := free_port()),
-            [
-                sys.executable,
-                "-m",
-                "corral.services.runtime.offline_model",
-                "--port",
-                str(model_port),
-            ],
-            _base_environment(),
-            self.logs / "model.log",
-        )
+        redis_port, model_port = free_port(), free_port()
+        redis = require_binary("redis-server", "apt-get install redis-server")
+        persistence = ["--save", "", "--appendonly", "no"]  # a restart comes back empty
+        redis_argv = [redis, "--port", str(redis_port), "--bind", "127.0.0.1", *persistence]
+        self.redis = Listener("redis", redis_port, [*redis_argv, "--dir", str(folder)], self.logs)
+        model = [sys.executable, "-m", "corral.services.runtime.offline_model"]
+        self.model = Listener("model", model_port, [*model, "--port", str(model_port)], self.logs)
         self.encryption_keys = admin.new_encryption_key()
         self.identity_http_port = free_port()
         self.env = {
@@ -487,7 +439,7 @@ class Topology:
         env = {**self.env, f"CORRAL_{name.upper()}_PORT": str(port), **extra}
         if name != "identity":
             env["CORRAL_IDENTITY_TARGET"] = f"127.0.0.1:{self.identity.port}"
-        return Service(name, replica, port, env, self.logs / f"{name}-{replica}.log")
+        return Service(name, replica, port, env, self.logs)
 
     @property
     def services(self) -> list[Service]:
@@ -562,31 +514,12 @@ class Topology:
 
     async def _bootstrap(self) -> Accounts:
         """What deploy/README.md tells an operator to do on the first start."""
+        org = ["--org", ORGANIZATION]
         await self.admin("create-org", ORGANIZATION, "--display-name", "Faults")
-        await self.admin(
-            "create-user",
-            "--org",
-            ORGANIZATION,
-            "--email",
-            ADMIN_EMAIL,
-            "--role",
-            "admin",
-            "--superuser",
-            "--password",
-            PASSWORD,
-        )
-        account = (
-            await self.admin(
-                "create-service-account",
-                "--org",
-                ORGANIZATION,
-                "--display-name",
-                "Corral services",
-                "--role",
-                "admin",
-                "--internal",
-            )
-        ).strip()
+        superuser = ["--email", ADMIN_EMAIL, "--role", "admin", "--superuser"]
+        await self.admin("create-user", *org, *superuser, "--password", PASSWORD)
+        internal = ["--display-name", "Corral services", "--role", "admin", "--internal"]
+        account = (await self.admin("create-service-account", *org, *internal)).strip()
         printed = await self.admin("create-api-key", account, "--display-name", "services")
         key = next(line for line in printed.splitlines() if line.startswith("api key:"))
         return Accounts(f"organizations/{ORGANIZATION}", ADMIN_EMAIL, PASSWORD, key.split()[2])
