@@ -93,9 +93,11 @@ async def stack(
     await db.migrate(engine, MIGRATIONS, schema=schema)
     runtime, ledger, audit = FakeRuntime(), FakeLedger(), FakeAudit()
 
-    def make(clock: Callable[[], datetime] = now, instance: str = "") -> Wiring:
+    def make(
+        clock: Callable[[], datetime] = now, instance: str = "", lease: float = LEASE_SECONDS
+    ) -> Wiring:
         """Another replica of the service (``clock``: the time as it sees it; ``instance``:
-        its name on its turns, as a restarted process keeps it)."""
+        its name on its turns, as a restarted process keeps it; ``lease``: its turns')."""
         return wire(
             engine,
             hub,
@@ -103,13 +105,15 @@ async def stack(
             ledger,
             audit,
             heartbeat_seconds=0.3,
-            lease_seconds=LEASE_SECONDS,
+            lease_seconds=lease,
             clock=clock,
             instance=instance,
         )
 
-    def make_service(clock: Callable[[], datetime] = now, instance: str = "") -> SessionService:
-        return make(clock, instance).service
+    def make_service(
+        clock: Callable[[], datetime] = now, instance: str = "", lease: float = LEASE_SECONDS
+    ) -> SessionService:
+        return make(clock, instance, lease).service
 
     wired = make()
     service = wired.service

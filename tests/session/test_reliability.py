@@ -236,3 +236,58 @@ def test_a_process_with_a_fixed_port_is_named_after_it() -> None:
     ad hoc replicas) every start is a new name."""
     assert instance_name(50052) == f"{socket.gethostname()[:50]}:50052"
     assert instance_name(0) == ""
+
+
+async def test_only_turns_being_worked_on_keep_their_lease(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica A runs two turns; one's driver dies and A cannot end it itself (its rescue is
+    switched off here). A keeps renewing the live turn's lease but not the dead one's, so
+    replica B's sweep ends the dead turn once its lease runs out and leaves the live one."""
+    lease = 3.0
+    a = stack.make_service(lease=lease)
+    b = stack.make_service(lease=lease)
+    monkeypatch.setattr(a.runner, "_rescue", lambda session_id: None)
+    caller = Caller(f"{ACME}/users/alice", ACME, frozenset({"user"}), token=stack.token("alice"))
+    sessions = []
+    for _ in range(2):
+        created = await a.create_session(
+            caller,
+            display_name="",
+            options=agent_options_pb2.AgentOptions(),
+            labels={},
+            organization="",
+            request_id="",
+        )
+        await a.send_message(
+            caller, created.id, text="go", request_id="", strategy=BusyStrategy.REJECT
+        )
+        sessions.append(created)
+    live, dead = await stack.runtime.next_turn(), await stack.runtime.next_turn()
+    mapping = event_mapping.from_runtime
+
+    def broken(event: Any) -> Any:
+        if event.HasField("text_delta") and event.text_delta.text == "boom":
+            raise RuntimeError("a bug")
+        return mapping(event)
+
+    monkeypatch.setattr(event_mapping, "from_runtime", broken)
+    dead.text("boom")
+    live.text("still here")
+    dead_session = next(s for s in sessions if s.name == dead.request.session)
+    live_session = next(s for s in sessions if s.name == live.request.session)
+    try:
+        async with asyncio.timeout(10 * lease):
+            while await _session_state(stack, dead_session.name) != (
+                session_pb2.Session.STATE_FAILED
+            ):
+                await b.recover()
+                await asyncio.sleep(0.2)
+        # Well past the first lease: the live turn's was renewed, so B left it alone.
+        assert await _session_state(stack, live_session.name) == (session_pb2.Session.STATE_RUNNING)
+        [ended] = _results(await collect(stack, dead_session.name))
+        assert "stopped" in ended.error.message  # B: the process that ran it stopped
+    finally:
+        live.finish()
+        await a.close()
+        await b.close()
