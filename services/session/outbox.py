@@ -133,12 +133,6 @@ class OutboxRecords:
             .values(attempts=attempts, next_attempt=next_attempt, last_error=error[:500])
         )
 
-    async def pending(self) -> int:
-        """How many items wait (metrics, tests)."""
-        return int(
-            (await self._c.execute(sa.select(sa.func.count()).select_from(self._t))).scalar_one()
-        )
-
 
 def backoff(attempts: int) -> timedelta:
     """1 s, 2 s, 4 s, ... up to 5 minutes between attempts."""

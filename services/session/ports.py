@@ -139,10 +139,6 @@ class OutboxStore(Protocol):
         self, item_id: str, attempts: int, next_attempt: datetime, error: str
     ) -> None: ...
 
-    async def pending(self) -> int:
-        """How many items wait."""
-        ...
-
 
 class UnitOfWork(Protocol):
     """One transaction: ``async with uow: ...; await uow.commit()``; no commit, no change.

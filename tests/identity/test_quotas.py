@@ -217,3 +217,49 @@ async def test_tokens_carry_the_request_rate_quotas(identity: Identity) -> None:
     grant = await identity.login(user.email)
     claims = jwt.decode(grant.token.access_token, options={"verify_signature": False})
     assert (claims["rpm"], claims["org_rpm"]) == (30, 1200)
+
+
+async def test_settle_and_release_answer_a_retry_as_the_first_call(identity: Identity) -> None:
+    """What the session service's outbox relies on when it did not hear back: the same
+    SettleUsage after the settle and the release went through is OK, and so is the release;
+    other amounts are refused, and a reservation released unsettled cannot be settled."""
+    root = await identity.root()
+    held = await identity.stub.ReserveUsage(
+        _reserve(ORG, (SESSIONS, 1), (TOKENS, 5)), metadata=bearer(root)
+    )
+    name = held.usage_reservation.name
+    settle = pb.SettleUsageRequest(
+        name=name,
+        actual_amounts=[
+            usage_pb2.UsageAmount(kind=SESSIONS, amount=1),
+            usage_pb2.UsageAmount(kind=TOKENS, amount=3),
+        ],
+    )
+    release = pb.ReleaseUsageRequest(name=name)
+    for _ in range(2):
+        settled = await identity.stub.SettleUsage(settle, metadata=bearer(root))
+        assert settled.usage_reservation.name == name
+        await identity.stub.ReleaseUsage(release, metadata=bearer(root))
+    quota = (
+        await identity.stub.GetQuota(pb.GetQuotaRequest(name=f"{ORG}/quota"), metadata=bearer(root))
+    ).quota
+    assert (quota.usage.concurrent_sessions, quota.usage.tokens) == (0, 3)  # counted once
+    other = pb.SettleUsageRequest(
+        name=name, actual_amounts=[usage_pb2.UsageAmount(kind=TOKENS, amount=4)]
+    )
+    await fails(
+        identity.stub.SettleUsage(other, metadata=bearer(root)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ALREADY_SETTLED",
+    )
+    unsettled = await identity.stub.ReserveUsage(_reserve(ORG, (TOKENS, 5)), metadata=bearer(root))
+    await identity.stub.ReleaseUsage(
+        pb.ReleaseUsageRequest(name=unsettled.usage_reservation.name), metadata=bearer(root)
+    )
+    await fails(
+        identity.stub.SettleUsage(
+            pb.SettleUsageRequest(name=unsettled.usage_reservation.name), metadata=bearer(root)
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RESERVATION_RELEASED",
+    )
