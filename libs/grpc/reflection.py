@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha._async import ReflectionServicer
@@ -31,6 +32,31 @@ PUBLIC_API = {
 }
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 ALWAYS = (HEALTH, reflection.SERVICE_NAME, V1_SERVICE)
+
+
+def _describe_v1() -> None:
+    """grpcio-reflection ships only v1alpha's descriptor; v1's is the same file under another
+    package, so it is added to the pool here, and tools can resolve every service listed."""
+    pool = descriptor_pool.Default()
+    name = "grpc_reflection/v1/reflection.proto"  # as grpcio names v1alpha's file
+    try:
+        pool.FindFileByName(name)
+        return
+    except KeyError:
+        pass
+    file = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(file)
+    file.name, file.package = name, "grpc.reflection.v1"
+    file.options.Clear()
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    for message in file.message_type:  # the messages nest nothing
+        for field in message.field:
+            if field.HasField("type_name"):
+                field.type_name = field.type_name.replace(old, new)
+    for method in file.service[0].method:
+        method.input_type = method.input_type.replace(old, new)
+        method.output_type = method.output_type.replace(old, new)
+    pool.Add(file)
 
 
 class Reflection:
@@ -61,6 +87,7 @@ class Reflection:
 
 def enable(server: grpc.aio.Server, own: Sequence[str]) -> Reflection:
     """Serve reflection (v1alpha and v1) on ``server`` for its ``own`` services."""
+    _describe_v1()
     servicer = Reflection(own)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,

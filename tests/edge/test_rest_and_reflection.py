@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
 from corral.libs.grpc.reflection import PUBLIC_API
@@ -68,6 +69,18 @@ async def test_reflection_through_the_edge_lists_the_public_api(
     reply = await reflect(edge.target, version, symbol, signing_key.token())
     assert reply.WhichOneof("message_response") == "file_descriptor_response", reply
     assert reply.file_descriptor_response.file_descriptor_proto
+
+    # Every listed service resolves, v1 reflection's own included (a copy of v1alpha's file).
+    for name in names:
+        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=name)
+        reply = await reflect(edge.target, version, request, signing_key.token())
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in reply.file_descriptor_response.file_descriptor_proto
+        ]
+        (found,) = [s for f in files for s in f.service if f"{f.package}.{s.name}" == name]
+        package = name.rsplit(".", 1)[0]
+        assert all(m.input_type.startswith(f".{package}.") for m in found.method), found
 
 
 @pytest.mark.parametrize("version", ["v1", "v1alpha"])
