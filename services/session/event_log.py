@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ log = logging.getLogger("corral.session")
 REPLAY_PAGE = 500
 HOLE_WAIT_SECONDS = 10.0
 RESTART_AFTER_SECONDS = 0.1  # a drained watcher reconnects (to another replica) at once
+PUBLISH_WARN_SECONDS = 30.0
 
 Mutation = Callable[[UnitOfWork, int], Awaitable[None]]
 
@@ -108,6 +111,8 @@ class EventLog:
         self._watchers = 0
         self._subscriptions: set[Subscription] = set()
         self._draining = False
+        self._publish_warned = -math.inf
+        self._unpublished = 0
         self._metrics = metrics or for_meter()
         self._metrics.track_log(self)
 
@@ -176,11 +181,22 @@ class EventLog:
                     await self._hub.publish(
                         topic(session_id), [HubMessage(s.sequence, s.payload) for s in stored]
                     )
-                except Exception:  # durable already: watchers find it in the log
-                    log.warning(
-                        "event publish failed", extra={"session": session_id}, exc_info=True
-                    )
+                except Exception as exc:  # durable already: watchers find it in the log
+                    self._publish_failed(session_id, exc)
         return first
+
+    def _publish_failed(self, session_id: str, exc: Exception) -> None:
+        """One warning every PUBLISH_WARN_SECONDS while the hub is down, not one per batch."""
+        self._unpublished += 1
+        at = time.monotonic()
+        if at - self._publish_warned < PUBLISH_WARN_SECONDS:
+            return
+        self._publish_warned = at
+        log.warning(
+            "event publish failed; watchers read the log instead",
+            extra={"session": session_id, "error": repr(exc)[:300], "failed": self._unpublished},
+        )
+        self._unpublished = 0
 
     async def watch(
         self, session_id: str, *, archived: bool, after: int, event_filter: EventFilter

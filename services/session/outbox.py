@@ -255,8 +255,8 @@ class Outbox:
             await asyncio.sleep(self._poll)
             try:
                 await self.drain()
-            except Exception as exc:
-                log.warning("outbox drain failed", extra={"error": repr(exc)[:300]})
+            except Exception as exc:  # the database: one warning every half minute
+                self._warnings.failed(OutboxItem("", "drain", "", {}, self._clock()), exc)
 
     async def settle(self) -> None:
         """Wait for the immediate attempts in flight (tests, shutdown)."""
