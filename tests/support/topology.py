@@ -53,6 +53,7 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+SERVICES = ("identity", "session", "runtime")  # what runs here (and is migrated)
 ORGANIZATION = "faults"
 ADMIN_EMAIL = "admin@faults.test"
 PASSWORD = "faults-topology-password"
@@ -410,6 +411,8 @@ class Topology:
             "CORRAL_RUNTIME_ROOT": str(self.runtime_root),
             "CORRAL_RUNTIME_POOL_SIZE": str(pool_size),
             "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{model_port}",
+            # Turns cost what the CLI says at list prices, so budgets and the ledger see cost.
+            "CORRAL_OFFLINE_MODEL_PRICING": "list",
             "CORRAL_LOG_FORMAT": "text",
             "CORRAL_SHUTDOWN_GRACE_SECONDS": "3",
             "CORRAL_HEALTH_CHECK_INTERVAL_SECONDS": "1",
@@ -480,7 +483,7 @@ class Topology:
         log = self.logs / "migrate.log"
         with log.open("ab") as sink:
             child = await asyncio.create_subprocess_exec(
-                *_pdeathsig([sys.executable, "-m", "corral.services.cli", "migrate"]),
+                *_pdeathsig([sys.executable, "-m", "corral.services.cli", "migrate", *SERVICES]),
                 env=self.env,
                 cwd=ROOT,
                 stdout=sink,
