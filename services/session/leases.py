@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from corral.libs.errors import Unavailable
+from corral.libs.errors import Unavailable, outage
 from corral.services.session.domain import SESSION, Session, Turn, TurnState
 from corral.services.session.outcome import TurnOutcome
 from corral.services.session.ports import Runtime, UnitOfWork
@@ -125,7 +125,12 @@ class TurnLeases:
         async with self._uow() as uow:
             session_ids = await uow.turns.orphaned_sessions(cutoff, self.instance)
         for session_id in session_ids:
-            await self._recover_session(session_id, cutoff)
+            try:
+                await self._recover_session(session_id, cutoff)
+            except Exception as exc:
+                if outage(exc) is not None:
+                    raise  # the database is down: the next sweep tries again
+                log.exception("recovering a session's turns failed", extra={"session": session_id})
 
     async def _recover_session(self, session_id: str, cutoff: datetime) -> None:
         async with self._uow() as uow:
@@ -175,6 +180,9 @@ class TurnLeases:
         while True:
             try:
                 await self._recover_session(session_id, self.clock() - self._lease)
+                # Its queued turns (the driver may have died before it ran any) run again.
+                if any(live.session_id == session_id for live in self._live.values()):
+                    self._drive_soon(session_id)
                 return
             except Exception as exc:
                 log.debug(
