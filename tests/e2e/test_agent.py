@@ -213,7 +213,7 @@ async def test_interrupt_stops_a_long_tool_and_reports_what_it_cost(platform: Pl
     assert not processes_with(marker), "the interrupted tool is still running"
 
 
-async def test_runtime_killed_mid_turn_fails_the_turn_loses_nothing_and_the_next_turn_resumes(
+async def test_runtime_stopped_mid_turn_ends_the_turn_loses_nothing_and_the_next_turn_resumes(
     platform: Platform,
 ) -> None:
     session = await new_session(platform)
@@ -222,10 +222,14 @@ async def test_runtime_killed_mid_turn_fails_the_turn_loses_nothing_and_the_next
     assert first[-1].turn_result.status == event_pb2.TurnResult.STATUS_SUCCEEDED
     await say(platform, session, directive({"text": "thinking slowly", "chunk": 2, "delay": 0.3}))
     await events_until(platform, session, "text_delta", after=first[-1].sequence)
-    await platform.restart("runtime")  # the runtime and its CLI processes die mid-turn
+    await platform.restart("runtime")  # the runtime stops mid-turn, its CLI processes with it
     events = await events_until(platform, session, count=2)
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))  # nothing lost
-    assert events[-1].turn_result.status == event_pb2.TurnResult.STATUS_FAILED
+    # A stopping runtime drains: it interrupts its running turns and reports what they cost
+    # (RuntimeApp.stop); a runtime that dies outright leaves the turn to fail when its lease
+    # ends (tests/faults). Either way the turn is over, not left running.
+    ended = events[-1].turn_result.status
+    assert ended in (event_pb2.TurnResult.STATUS_INTERRUPTED, event_pb2.TurnResult.STATUS_FAILED)
     await until_turn_over(platform, session)
     await say(platform, session, "what word did I ask you to remember?")
     after = await events_until(platform, session, count=3)
