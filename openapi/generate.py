@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -55,11 +56,20 @@ ANY = {
 }
 
 
-def plugin() -> str:
-    found = shutil.which(PLUGIN)
-    if found is None:
-        sys.exit(f"{PLUGIN} not found: install Debian's golang-grpc-gateway package")
-    return found
+def plugin() -> str | None:
+    return shutil.which(PLUGIN)
+
+
+def missing_plugin(check: bool) -> int:
+    """Without the generator, a check is skipped locally (as tests are without their servers)
+    and fails under CI=true; regenerating always fails."""
+    message = f"{PLUGIN} not found: apt-get install golang-grpc-gateway"
+    in_ci = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+    if check and not in_ci:
+        print(f"{message}; the OpenAPI freshness check is skipped", file=sys.stderr)
+        return 0
+    print(message, file=sys.stderr)
+    return 1
 
 
 def descriptor_set() -> descriptor_pb2.FileDescriptorSet:
@@ -91,8 +101,10 @@ def generate(files: descriptor_pb2.FileDescriptorSet, context: str) -> dict[str,
         file_to_generate=[target], parameter="json_names_for_fields=true"
     )
     request.proto_file.extend(files.file)  # dependencies first, as protoc orders them
+    generator = plugin()
+    assert generator is not None
     reply = subprocess.run(
-        [plugin()], input=request.SerializeToString(), capture_output=True, check=False
+        [generator], input=request.SerializeToString(), capture_output=True, check=False
     )
     if reply.returncode != 0:
         sys.exit(f"{PLUGIN} failed for {target}: {reply.stderr.decode()}")
@@ -161,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a document is stale")
     args = parser.parse_args(argv)
+    if plugin() is None:
+        return missing_plugin(args.check)
     stale = []
     for path, text in documents().items():
         if args.check:
