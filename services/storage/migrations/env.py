@@ -3,5 +3,6 @@
 from alembic import context
 
 from corral.libs.db import run_alembic_env
+from corral.services.storage.tables import metadata
 
-run_alembic_env(context, None)  # no tables yet: the baseline revision only versions the schema
+run_alembic_env(context, metadata)
