@@ -10,6 +10,7 @@ import pytest
 from corral.services.storage.blobs import BlobStore
 from tests.storage.blob_stores import ADAPTERS, FACTORIES
 from tests.storage.s3_server import s3_endpoint  # noqa: F401 - the S3 adapter's server
+from tests.storage.stack import any_stack, stack  # noqa: F401 - the service on port 0
 
 
 @pytest.fixture(params=ADAPTERS)

@@ -1,0 +1,202 @@
+"""Workspaces through the gRPC API: created and cloned by services, read by whoever the
+visibility rule allows, labelled, deleted with their files."""
+
+from __future__ import annotations
+
+import uuid
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2, timestamp_pb2
+
+from corral.storage.v1 import storage_service_pb2 as pb
+from corral.storage.v1 import workspace_pb2
+from tests.storage.stack import ACME, ALICE, BOB, Stack
+from tests.support.grpc_tools import error_reason
+
+
+async def test_a_service_creates_a_workspace_named_after_its_session(stack: Stack) -> None:
+    ws = await stack.workspace("s1", team="red")
+    assert (ws.name, ws.session, ws.owner, ws.organization) == (
+        "workspaces/s1",
+        "sessions/s1",
+        ALICE,
+        ACME,
+    )
+    assert dict(ws.labels) == {"team": "red"} and ws.etag
+    assert stack.workspace_dir(ws.name).is_dir()
+    got = await stack.stub.GetWorkspace(pb.GetWorkspaceRequest(name=ws.name), metadata=stack.auth())
+    assert got.workspace == ws
+    await stack.settle()
+    assert stack.audit.actions() == ["storage.workspaces.create"]
+
+
+async def test_create_is_idempotent_and_one_per_session(stack: Stack) -> None:
+    request = pb.CreateWorkspaceRequest(
+        workspace=workspace_pb2.Workspace(organization=ACME, session="sessions/s2", owner=ALICE),
+        request_id=str(uuid.uuid4()),
+    )
+    first_id = request.request_id
+    first = await stack.stub.CreateWorkspace(request, metadata=stack.as_service())
+    again = await stack.stub.CreateWorkspace(request, metadata=stack.as_service())
+    assert again.workspace.name == first.workspace.name
+    request.request_id = str(uuid.uuid4())
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.stub.CreateWorkspace(request, metadata=stack.as_service())
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert error_reason(refused.value) == "WORKSPACE_EXISTS"
+    reused = pb.CreateWorkspaceRequest(
+        workspace=workspace_pb2.Workspace(organization=ACME, session="sessions/s3", owner=ALICE),
+        request_id=first_id,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as reuse:
+        await stack.stub.CreateWorkspace(reused, metadata=stack.as_service())
+    assert error_reason(reuse.value) == "REQUEST_ID_REUSED"
+
+
+async def test_the_owner_must_belong_to_the_organization(stack: Stack) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.workspace(owner="organizations/globex/users/eve")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_list_shows_what_the_role_may_read(stack: Stack) -> None:
+    mine = await stack.workspace(owner=ALICE)
+    theirs = await stack.workspace(owner=BOB)
+    await stack.workspace(org="organizations/globex", owner="organizations/globex/users/eve")
+
+    async def names(**kw: object) -> set[str]:
+        reply = await stack.stub.ListWorkspaces(
+            pb.ListWorkspacesRequest(),
+            metadata=stack.auth(**kw),  # type: ignore[arg-type]
+        )
+        return {w.name for w in reply.workspaces}
+
+    assert await names() == {mine.name}
+    assert await names(user="carol", roles=("viewer",)) == {mine.name, theirs.name}
+    assert await names(user="root", roles=("admin",)) == {mine.name, theirs.name}
+    filtered = await stack.stub.ListWorkspaces(
+        pb.ListWorkspacesRequest(filter=f'owner = "{BOB}"'), metadata=stack.auth()
+    )
+    assert list(filtered.workspaces) == []
+
+
+async def test_list_pages_through_every_workspace(stack: Stack) -> None:
+    made = {(await stack.workspace()).name for _ in range(5)}
+    seen: list[str] = []
+    token = ""
+    while True:
+        reply = await stack.stub.ListWorkspaces(
+            pb.ListWorkspacesRequest(page_size=2, page_token=token, order_by="create_time"),
+            metadata=stack.auth(),
+        )
+        seen += [w.name for w in reply.workspaces]
+        token = reply.next_page_token
+        if not token:
+            break
+    assert sorted(seen) == sorted(made) and len(seen) == 5
+
+
+async def test_update_changes_labels_and_expiry_with_an_etag(stack: Stack) -> None:
+    ws = await stack.workspace()
+    change = workspace_pb2.Workspace(name=ws.name, labels={"keep": "yes"}, etag=ws.etag)
+    change.expire_time.FromSeconds(4_000_000_000)
+    updated = await stack.stub.UpdateWorkspace(
+        pb.UpdateWorkspaceRequest(
+            workspace=change, update_mask=field_mask_pb2.FieldMask(paths=["labels", "expire_time"])
+        ),
+        metadata=stack.auth(),
+    )
+    assert dict(updated.workspace.labels) == {"keep": "yes"}
+    assert updated.workspace.expire_time.seconds == 4_000_000_000
+    assert updated.workspace.etag != ws.etag
+    with pytest.raises(grpc.aio.AioRpcError) as stale:
+        await stack.stub.UpdateWorkspace(
+            pb.UpdateWorkspaceRequest(
+                workspace=change, update_mask=field_mask_pb2.FieldMask(paths=["labels"])
+            ),
+            metadata=stack.auth(),
+        )
+    assert error_reason(stale.value) == "ETAG_MISMATCH"
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await stack.stub.UpdateWorkspace(
+            pb.UpdateWorkspaceRequest(
+                workspace=workspace_pb2.Workspace(name=ws.name, owner=BOB),
+                update_mask=field_mask_pb2.FieldMask(paths=["owner"]),
+            ),
+            metadata=stack.auth(),
+        )
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_delete_removes_the_files_and_gives_the_bytes_back(stack: Stack) -> None:
+    ws = await stack.workspace()
+    await stack.stub.WriteFile(
+        pb.WriteFileRequest(parent=ws.name, path="notes.md", data=b"x" * 1000),
+        metadata=stack.auth(),
+    )
+    assert stack.ledger.in_use(ALICE) == 1000
+    await stack.stub.DeleteWorkspace(
+        pb.DeleteWorkspaceRequest(name=ws.name), metadata=stack.as_service()
+    )
+    await stack.settle()
+    assert not stack.workspace_dir(ws.name).exists()
+    assert stack.ledger.in_use(ALICE) == 0 and stack.ledger.live() == []
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await stack.stub.GetWorkspace(pb.GetWorkspaceRequest(name=ws.name), metadata=stack.auth())
+    assert error_reason(gone.value) == "WORKSPACE_NOT_FOUND"
+    assert list((stack.root / "trash").iterdir()) == []
+
+
+async def test_clone_copies_the_files_for_the_forks_owner(stack: Stack) -> None:
+    ws = await stack.workspace()
+    directory = stack.workspace_dir(ws.name)
+    (directory / "src").mkdir()
+    (directory / "src" / "main.py").write_bytes(b"print('hi')\n")
+    (directory / "data.bin").write_bytes(b"\x00" * 4096)
+    (directory / "link").symlink_to("/etc/passwd")
+    clone = await stack.stub.CloneWorkspace(
+        pb.CloneWorkspaceRequest(
+            name=ws.name, session="sessions/fork1", owner=BOB, request_id=str(uuid.uuid4())
+        ),
+        metadata=stack.as_service(),
+    )
+    copy = clone.workspace
+    assert (copy.name, copy.owner, copy.source_workspace) == ("workspaces/fork1", BOB, ws.name)
+    assert (copy.size_bytes, copy.file_count) == (4096 + 12, 2)
+    target = stack.workspace_dir(copy.name)
+    assert (target / "src" / "main.py").read_bytes() == b"print('hi')\n"
+    assert not (target / "link").exists() and not (target / "link").is_symlink()
+    (directory / "data.bin").write_bytes(b"changed")
+    assert (target / "data.bin").read_bytes() == b"\x00" * 4096
+    assert stack.ledger.in_use(BOB) == 4096 + 12
+
+
+async def test_clone_is_refused_past_the_new_owners_quota(stack: Stack) -> None:
+    ws = await stack.workspace()
+    (stack.workspace_dir(ws.name) / "big").write_bytes(b"b" * 10_000)
+    stack.ledger.limits[BOB] = 5_000
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.stub.CloneWorkspace(
+            pb.CloneWorkspaceRequest(name=ws.name, session="sessions/fork2", owner=BOB),
+            metadata=stack.as_service(),
+        )
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_reason(refused.value) == "STORAGE_QUOTA_EXCEEDED"
+    assert not stack.workspace_dir("workspaces/fork2").exists()
+    assert stack.ledger.in_use(BOB) == 0
+
+
+async def test_expire_time_is_a_timestamp_the_sweeper_honours(stack: Stack) -> None:
+    ws = await stack.workspace()
+    past = timestamp_pb2.Timestamp(seconds=1)
+    change = workspace_pb2.Workspace(name=ws.name, expire_time=past)
+    await stack.stub.UpdateWorkspace(
+        pb.UpdateWorkspaceRequest(
+            workspace=change, update_mask=field_mask_pb2.FieldMask(paths=["expire_time"])
+        ),
+        metadata=stack.auth(),
+    )
+    done = await stack.service.sweeper.sweep()
+    assert done is not None and done.workspaces_deleted == 1
+    assert not stack.workspace_dir(ws.name).exists()
