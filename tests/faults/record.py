@@ -1,5 +1,5 @@
 """Times to recovery: printed, kept for the run's summary, and written to
-test-artifacts/faults.json (one entry per scenario, the latest run's)."""
+test-artifacts/faults.json (this run's scenarios, one entry each)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,4 @@ def record(scenario: str, **measures: object) -> None:
     MEASURED.setdefault(scenario, {}).update(entry)
     print(f"[faults] {scenario}: {json.dumps(entry, sort_keys=True)}")
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        kept = json.loads(ARTIFACT.read_text())
-    except (OSError, ValueError):
-        kept = {}
-    kept[scenario] = MEASURED[scenario]
-    ARTIFACT.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n")
+    ARTIFACT.write_text(json.dumps(MEASURED, indent=2, sort_keys=True) + "\n")

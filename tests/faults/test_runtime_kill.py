@@ -1,12 +1,14 @@
-"""a. The runtime is killed (-9) in the middle of a turn, while the agent runs a tool: the turn
-ends FAILED, no agent process (the CLI, its sandbox, the tool) is left running, and the restarted
-runtime serves the session's next turn."""
+"""a. The runtime is killed (-9) in the middle of a turn, while the agent runs a tool, with its
+agents sandboxed and not: the turn ends FAILED, no process of it is left running (an agent's: the
+CLI, its sandbox, the tool, found by the runtime's tag in their environment; or any descendant of
+the runtime), and the restarted runtime serves the session's next turn."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -21,7 +23,12 @@ from tests.faults.client import (
 )
 from tests.faults.record import record
 from tests.support.platform import directive
-from tests.support.topology import AgentProcess, agent_processes, kill_agent_processes
+from tests.support.topology import (
+    AgentProcess,
+    agent_processes,
+    descendants,
+    kill_agent_processes,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,7 +45,33 @@ async def _survivors(processes: list[AgentProcess], within: float) -> list[Agent
         await asyncio.sleep(0.1)
 
 
-async def test_runtime_killed_mid_turn(client: Client) -> None:
+# Agents in bubblewrap (the default), and unsandboxed (CORRAL_RUNTIME_SANDBOX=off, which an
+# operator may allow): without the sandbox's own die-with-parent, the runtime must see to it.
+SANDBOXES = {
+    "sandboxed": {},
+    "unsandboxed": {"CORRAL_RUNTIME_SANDBOX": "off", "CORRAL_RUNTIME_ALLOW_UNSANDBOXED": "true"},
+}
+
+
+@pytest.fixture(params=list(SANDBOXES))
+async def sandbox(request: pytest.FixtureRequest, client: Client) -> AsyncIterator[str]:
+    """The runtime, (re)started with the sandbox setting of the case; as it was afterwards."""
+    runtime = client.topology.runtimes[0]
+    settings: dict[str, str] = SANDBOXES[request.param]
+    if not settings:
+        yield request.param
+        return
+    before = dict(runtime.env)
+    runtime.env.update(settings)
+    await client.topology.restart(runtime)
+    try:
+        yield request.param
+    finally:
+        runtime.env = before
+        await client.topology.restart(runtime)
+
+
+async def test_runtime_killed_mid_turn(client: Client, sandbox: str) -> None:
     topology = client.topology
     runtime = topology.runtimes[0]
     (user,) = await client.new_users(1, "runtime-kill")
@@ -64,6 +97,9 @@ async def test_runtime_killed_mid_turn(client: Client) -> None:
 
         agents = await until(tool_running, within=60, what="the agent's tool running", every=0.1)
         measured["agent_processes_mid_turn"] = len(agents)
+        # And whatever else the runtime started: none of it may outlive it either.
+        started = descendants(runtime.pid)
+        measured["runtime_descendants"] = len(started)
         killed = time.monotonic()
         await runtime.kill()
 
@@ -75,12 +111,12 @@ async def test_runtime_killed_mid_turn(client: Client) -> None:
 
         # Every process of the dead runtime's agents, including those it started since.
         leftovers = await _survivors(
-            list({*agents, *agent_processes(topology.runtime_root)}), DIE_WITHIN
+            list({*agents, *started, *agent_processes(topology.runtime_root)}), DIE_WITHIN
         )
         measured["agent_processes_left"] = len(leftovers)
         if leftovers:
             problems.append(
-                f"{len(leftovers)} agent process(es) still running {DIE_WITHIN:g} s after the"
+                f"{len(leftovers)} of its processes still running {DIE_WITHIN:g} s after the"
                 " runtime was killed: "
                 + "; ".join(f"pid {p.pid}: {p.cmdline[:100]}" for p in leftovers)
             )
@@ -103,7 +139,7 @@ async def test_runtime_killed_mid_turn(client: Client) -> None:
             measured["next_turn_served_s"] = time.monotonic() - killed
             if next_result.status != SUCCEEDED:
                 problems.append(f"the next turn after the restart ended {next_result}")
-        record("a_runtime_kill", **measured, problems=len(problems))
+        record(f"a_runtime_kill_{sandbox}", **measured, problems=len(problems))
     finally:
         await watcher.stop()
         kill_agent_processes(leftovers)  # clean up after recording what was left

@@ -355,6 +355,25 @@ def agent_processes(runtime_root: Path) -> list[AgentProcess]:
     return found
 
 
+def descendants(root: int) -> list[AgentProcess]:
+    """Every live descendant of process ``root`` (what it started, and what they started)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = Path(f"/proc/{entry}/stat").read_text(errors="replace")
+            children.setdefault(int(text[text.rfind(")") + 2 :].split()[1]), []).append(int(entry))
+    found, stack = [], list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            start = _start_time(pid)
+            if start is not None:
+                found.append(AgentProcess(pid, start, cmdline.decode(errors="replace")))
+    return found
+
+
 def kill_agent_processes(processes: Sequence[AgentProcess]) -> None:
     """SIGKILL each (by pid, if it is still the same process)."""
     for process in processes:
