@@ -134,6 +134,7 @@ test: setup lint typecheck buf-lint breaking check-protos check-ts-sdk check-ope
 bench: setup ## Benchmarks, each a ratio against a baseline measured in the same run
 	$(PY) -m tests.bench.bench_kit
 	$(PY) -m tests.bench.bench_fanout
+	$(PY) -m tests.bench.bench_storage
 	@log=$$(mktemp); $(PY) -m tests.bench.bench_agent 2>$$log || { tail -20 $$log; rm -f $$log; exit 1; }; rm -f $$log
 
 .PHONY: run
