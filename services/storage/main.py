@@ -23,6 +23,7 @@ from corral.services.session.adapters import service_credentials
 from corral.services.session.ports import AuditWriter
 from corral.services.storage.adapters import IdentityStorageAudit, IdentityStorageLedger
 from corral.services.storage.api import StorageApi
+from corral.services.storage.archives import WorkspaceArchiver
 from corral.services.storage.base import Limits, Storage
 from corral.services.storage.blob_local import LocalBlobStore
 from corral.services.storage.blob_s3 import S3BlobStore, S3Config
@@ -120,6 +121,8 @@ async def build(
         IdentityStorageLedger(channel, credentials),
         IdentityStorageAudit(channel, credentials),
         limits=Limits(settings.storage_max_file_bytes, settings.storage_max_workspace_bytes),
+        # An archive is never larger than the largest workspace the service accepts.
+        packer=WorkspaceArchiver(max_bytes=settings.storage_max_workspace_bytes),
         trusted_proxies=trusted_networks(settings.trusted_proxies),
     )
     resources.push_async_callback(wired.service.close)
