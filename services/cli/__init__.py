@@ -1,10 +1,11 @@
 """The corral command.
 
 Running the platform: dev, serve, migrate, health. Using it: sessions (ls, show, archive, rm),
-events tail, approvals (ls, answer), chat. Operating it: admin (works on identity's database
-directly). completion prints a shell completion script. Every command that prints takes
---json (one JSON document, or one JSON line per event for streams); colour only on a terminal,
-never with NO_COLOR set or --no-color.
+events tail, approvals (ls, answer), chat, workspaces ls, files (ls, get), reports (ls, show,
+get, create). Operating it: admin (works on identity's database directly). completion prints
+a shell completion script. Every command that prints takes --json (one JSON document, or one
+JSON line per event for streams); colour only on a terminal, never with NO_COLOR set or
+--no-color.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argcomplete
 from argcomplete.shell_integration import shellcode
 
 from corral.libs.config import SERVICE_NAMES, Settings
-from corral.services.cli import api
+from corral.services.cli import api, storage
 from corral.services.cli.output import Output
 
 
@@ -64,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     health.add_argument("services", nargs="*", help=f"of {', '.join(SERVICE_NAMES)}")
 
     api.register(commands, common)
+    storage.register(commands, common)
 
     from corral.services.identity.admin import parser as admin_parser
 
