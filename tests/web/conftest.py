@@ -13,17 +13,24 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
+from corral.identity.v1 import identity_service_pb2 as ipb
+from corral.identity.v1 import identity_service_pb2_grpc as irpc
 from corral.libs.config import SERVICE_NAMES
 from corral.libs.envoy import start_edge
 from corral.libs.web_console import ConsoleServer
 from corral.services import registry
 from corral.services.identity.config import IdentitySettings
+from corral.storage.v1 import storage_service_pb2 as spb
+from corral.storage.v1 import storage_service_pb2_grpc as srpc
+from corral.storage.v1 import workspace_pb2
 from tests.conftest import _unavailable
 from tests.support.grpc_tools import free_port
 
@@ -43,6 +50,7 @@ class Stack:
     email: str
     password: str
     data_dir: Path
+    settings: IdentitySettings
 
 
 def node() -> str:
@@ -134,8 +142,35 @@ async def stack(built: None, tmp_path_factory: pytest.TempPathFactory) -> AsyncI
             envoy.url, host="127.0.0.1", port=console_port, directory=settings.console_dir
         )
         console.start()
-        yield Stack(envoy.url, console.url, EMAIL, PASSWORD, directory)
+        yield Stack(envoy.url, console.url, EMAIL, PASSWORD, directory, settings)
     finally:
         if console is not None:
             await console.stop()
         await asyncio.gather(*(app.stop(0) for app in apps))
+
+
+async def service_workspace(stack: Stack) -> str:
+    """A new workspace owned by the signed-in user, for a session of its own, made as the
+    session service makes one: CreateWorkspace is internal (not routed by the edge, services
+    only), so the platform's service account calls storage's port directly."""
+    settings = stack.settings
+    async with grpc.aio.insecure_channel(settings.target_for("identity")) as channel:
+        identity = irpc.IdentityServiceStub(channel)
+        user = (await identity.Login(ipb.LoginRequest(email=EMAIL, password=PASSWORD))).user
+        service = await identity.ExchangeApiKey(
+            ipb.ExchangeApiKeyRequest(api_key=settings.resolved_service_api_key())
+        )
+    organization = "/".join(user.name.split("/")[:2])
+    async with grpc.aio.insecure_channel(settings.target_for("storage")) as channel:
+        reply = await srpc.StorageServiceStub(channel).CreateWorkspace(
+            spb.CreateWorkspaceRequest(
+                workspace=workspace_pb2.Workspace(
+                    organization=organization,
+                    session=f"sessions/{uuid.uuid4().hex}",
+                    owner=user.name,
+                ),
+                request_id=str(uuid.uuid4()),
+            ),
+            metadata=(("authorization", f"Bearer {service.token.access_token}"),),
+        )
+    return reply.workspace.name

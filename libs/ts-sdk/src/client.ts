@@ -24,6 +24,9 @@ import type { SessionEvent } from "./gen/corral/session/v1/event_pb.js";
 import { SessionService } from "./gen/corral/session/v1/session_service_pb.js";
 import { StorageService } from "./gen/corral/storage/v1/storage_service_pb.js";
 import { TaskService } from "./gen/corral/task/v1/task_service_pb.js";
+import type { File } from "./gen/corral/storage/v1/file_pb.js";
+import { downloadFile, uploadFile } from "./storage.js";
+import type { Download, DownloadOptions, UploadOptions } from "./storage.js";
 
 export interface CorralOptions {
   /** The edge (Envoy), e.g. `http://localhost:8080`. */
@@ -71,6 +74,18 @@ export interface Corral {
     session: string,
     options?: StreamSessionEventsOptions,
   ): AsyncGenerator<SessionEvent, void, undefined>;
+  /**
+   * Puts `data` at `path` in `workspace`: one WriteFile call for a small file, else a
+   * resumable chunked upload checked by SHA-256 (see storage.ts).
+   */
+  uploadFile(
+    workspace: string,
+    path: string,
+    data: Blob | Uint8Array,
+    options?: UploadOptions,
+  ): Promise<File>;
+  /** A file's content and metadata over the DownloadFile stream, resumed if it breaks. */
+  downloadFile(name: string, options?: DownloadOptions): Promise<Download>;
 }
 
 /** Set per stream call: told when the response headers arrive (the server took the stream). */
@@ -183,13 +198,17 @@ export function createCorral(options: CorralOptions): Corral {
     }
   }
 
+  const storage = createClient(StorageService, transport);
   return {
     transport,
     identity: createClient(IdentityService, transport),
     session,
     task: createClient(TaskService, transport),
-    storage: createClient(StorageService, transport),
+    storage,
     streamSessionEvents,
+    uploadFile: (workspace, path, data, uploadOptions) =>
+      uploadFile(storage, workspace, path, data, uploadOptions),
+    downloadFile: (name, downloadOptions) => downloadFile(storage, name, downloadOptions),
   };
 }
 

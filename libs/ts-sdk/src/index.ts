@@ -1,5 +1,7 @@
 export { createCorral } from "./client.js";
 export type { Corral, CorralOptions, StreamSessionEventsOptions, StreamState } from "./client.js";
+export { downloadFile, MAX_CHUNK_BYTES, MAX_WRITE_BYTES, sha256Hex, uploadFile } from "./storage.js";
+export type { Download, DownloadOptions, Progress, StorageClient, UploadOptions } from "./storage.js";
 export { Code, ConnectError } from "@connectrpc/connect";
 export * as identityV1 from "./gen/corral/identity/v1/identity_service_pb.js";
 export * as sessionV1 from "./gen/corral/session/v1/session_service_pb.js";
