@@ -145,6 +145,10 @@ class RuntimeService:
             raise TurnAlreadyRunning(
                 f"session {request.session_id!r} is running turn {state.turn.turn_id!r}"
             )
+        if not self.config.charge_model_cost:
+            # The offline model's costs are invented and reported as zero, so they stop nothing
+            # either: the CLI would end the turn at its list-price budget (offline_model/pricing).
+            request.options.ClearField("max_budget_usd_micros")
         turn = Turn(
             state,
             request,
