@@ -8,6 +8,7 @@ keeps ``size`` rows and makes the next token from the last one.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +41,22 @@ def where(
             clause if clause is not None else compare(table.c[condition.column], condition)
         )
     return clauses
+
+
+def label_condition(table: sa.Table) -> Callable[[Condition], sa.ColumnElement[bool] | None]:
+    """The ``special`` of :func:`where` for a table whose ``labels`` column holds sorted JSON
+    with standard separators: ``labels.<key> = value`` (or ``!=``) matches the exact pair;
+    None for the plain columns."""
+
+    def condition(cond: Condition) -> sa.ColumnElement[bool] | None:
+        if not cond.column.startswith("labels."):
+            return None
+        pair = json.dumps({cond.column.removeprefix("labels."): cond.value})[1:-1]
+        escaped = pair.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        matched = table.c.labels.like(f"%{escaped}%", escape="\\")
+        return matched if cond.op == "=" else sa.not_(matched)
+
+    return condition
 
 
 def page_query(

@@ -22,9 +22,9 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from corral.libs.errors import InvalidArgument, Validator
@@ -61,6 +61,11 @@ def parse_time(text: str) -> float:
     return calendar.timegm(parsed) + (float(f"0.{frac}") if frac else 0.0)
 
 
+def parse_datetime(text: str) -> datetime:
+    """RFC 3339 (``2025-06-01T00:00:00Z``) to an aware UTC datetime (a filter's time value)."""
+    return datetime.fromtimestamp(parse_time(text), UTC)
+
+
 def enum_value(mapping: Mapping[str, str]) -> Callable[[str], str]:
     def convert(text: str) -> str:
         if text.upper() not in mapping:
@@ -68,6 +73,25 @@ def enum_value(mapping: Mapping[str, str]) -> Callable[[str], str]:
         return mapping[text.upper()]
 
     return convert
+
+
+class LabelledFields(Mapping[str, FieldSpec]):
+    """Filterable fields, plus any ``labels.<key>`` (matched in SQL by
+    :func:`corral.libs.keyset.label_condition`)."""
+
+    def __init__(self, fixed: Mapping[str, FieldSpec]) -> None:
+        self._fixed = dict(fixed)
+
+    def __getitem__(self, key: str) -> FieldSpec:
+        if key.startswith("labels.") and len(key) > len("labels."):
+            return FieldSpec(key)
+        return self._fixed[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._fixed, "labels.<key>"])
+
+    def __len__(self) -> int:
+        return len(self._fixed) + 1
 
 
 def _lex(text: str) -> list[tuple[str, str]]:
@@ -219,6 +243,38 @@ def page_from(size: int, token: str, query_fingerprint: str, *, default: int = 5
             "the page_token belongs to a different query", reason="INVALID_PAGE_TOKEN"
         )
     return Page(size, after, query_fingerprint)
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """What a List request asks for: its filter's conditions, its order and its page."""
+
+    conditions: list[Condition]
+    order: str
+    descending: bool
+    page: Page
+
+
+def list_query(
+    request: Any,
+    fields: Mapping[str, FieldSpec],
+    orders: Mapping[str, str],
+    *scope: object,
+    default_order: str = "create_time desc",
+    default_size: int = 50,
+) -> ListQuery:
+    """The filter, ``order_by`` and page of a standard List ``request`` (``filter``,
+    ``order_by``, ``page_size``, ``page_token``); its page tokens belong to this query: the
+    ``scope`` (e.g. the caller, the parent), the filter and the order."""
+    conditions = parse_filter(request.filter, fields)
+    order, descending = parse_order(request.order_by, orders, default_order)
+    page = page_from(
+        request.page_size,
+        request.page_token,
+        fingerprint(*scope, request.filter, request.order_by),
+        default=default_size,
+    )
+    return ListQuery(conditions, order, descending, page)
 
 
 def next_token(page: Page, last: tuple[Any, Any] | None) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from corral.libs.errors import FieldViolation, InvalidArgument
+from corral.libs.errors import FieldViolation, InvalidArgument, Validator
 
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"
 _ID = re.compile(rf"^{ID_PATTERN}$")
@@ -72,3 +72,15 @@ def parse_any(
         f"{field_path} is not a valid resource name",
         violations=[FieldViolation(field_path, f"must be a resource name of the form {forms}")],
     )
+
+
+def ids_of(
+    pattern: ResourcePattern, name: str, field_path: str, check: Validator
+) -> tuple[str, ...]:
+    """The ids of ``name``; when it is not a name of ``pattern``, empty ids and a violation on
+    ``check`` (so a request reports every bad field at once)."""
+    try:
+        return pattern.parse_field(name, field_path)
+    except InvalidArgument as exc:
+        check.violations.extend(exc.violations)
+        return ("",) * len(pattern.variables)

@@ -1,4 +1,4 @@
-"""Field checks every service applies the same way: labels, text, request ids.
+"""Field checks every service applies the same way: labels, text, request ids, update masks.
 
 Each check adds :class:`~corral.libs.errors.FieldViolation`s to a
 :class:`~corral.libs.errors.Validator`, so one request reports all its bad fields at once.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 
 from corral.libs.errors import Validator
@@ -57,6 +58,28 @@ def check_text(
 
 def check_request_id(value: str, check: Validator, field_path: str = "request_id") -> None:
     check_text(value, check, field_path, max_length=MAX_REQUEST_ID, lines=False)
+
+
+def check_update_mask(
+    sent: field_mask_pb2.FieldMask,
+    allowed: frozenset[str],
+    check: Validator,
+    *,
+    nested: bool = False,
+) -> frozenset[str]:
+    """The paths of an update mask (``*``: every field in ``allowed``): at least one, each an
+    allowed field or, with ``nested``, a path into one (``agent_options.model``)."""
+    paths = frozenset(sent.paths)
+    check.check(bool(paths), "update_mask", "name the fields to change")
+    if "*" in paths:
+        return allowed
+    for path in sorted(paths):
+        check.check(
+            (path.split(".", 1)[0] if nested else path) in allowed,
+            "update_mask",
+            f"{path!r} cannot be changed; updatable: {', '.join(sorted(allowed))}",
+        )
+    return paths
 
 
 def nul_fields(message: Message, prefix: str = "") -> list[str]:

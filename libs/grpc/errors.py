@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
@@ -155,3 +158,14 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> errors.CorralError:
     if code == grpc.StatusCode.INTERNAL or code == grpc.StatusCode.UNKNOWN:
         return errors.Unavailable("a dependency failed", reason="DEPENDENCY_FAILED")
     return category(message, reason=reason, metadata=metadata)
+
+
+@contextlib.contextmanager
+def domain_errors() -> Iterator[None]:
+    """Around a call to another service: a failed call raises what the callee meant, as the
+    category :func:`from_rpc_error` reads from it (adapters use it so that their service layer
+    never sees gRPC)."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from exc

@@ -33,8 +33,6 @@ ORGANIZATION = ResourcePattern("organizations/{organization}")
 # A turn's options are the session's merged over its organisation's policy: each may bring
 # its share of MCP servers.
 POLICY_SERVERS = agent_options.MAX_MCP_SERVERS
-# The role identity puts in the tokens of internal service accounts (services/identity/domain.py).
-SERVICE_ROLE = "service"
 _BEHAVIORS = {
     event_pb.PERMISSION_BEHAVIOR_ALLOW: Behavior.ALLOW,
     event_pb.PERMISSION_BEHAVIOR_DENY: Behavior.DENY,
@@ -126,7 +124,7 @@ class RuntimeApi(pb_grpc.RuntimeServiceServicer):
 def require_service() -> Caller:
     """The caller, if it is an internal service principal (a superuser is a person: refused)."""
     caller = require_caller()
-    if SERVICE_ROLE not in caller.roles:
+    if not caller.is_service:
         raise PermissionDenied(
             "the agent runtime answers Corral's internal services only",
             reason="PERMISSION_DENIED",

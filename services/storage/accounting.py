@@ -20,8 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 from corral.libs.errors import ResourceExhausted
-from corral.services.session.outbox import Outbox
-from corral.services.session.ports import OutboxItem
+from corral.libs.outbox import Outbox, OutboxItem
 from corral.services.storage.domain import Workspace, now
 from corral.services.storage.ports import StorageLedger
 from corral.services.storage.repository import StorageUnitOfWork
@@ -129,7 +128,7 @@ class Accounting:
             if r
         ]
         for item in items:
-            await self._outbox.add(uow, item)  # type: ignore[arg-type]  # has ``outbox``
+            await self._outbox.add(uow, item)
 
         def send() -> None:
             for item in items:

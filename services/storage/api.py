@@ -7,16 +7,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from google.api import httpbody_pb2
-from google.protobuf import field_mask_pb2
 
+from corral.libs.audit import CallOrigins
 from corral.libs.auth.caller import require_caller
-from corral.libs.config import Settings
 from corral.libs.errors import FieldViolation, InvalidArgument, Validator
-from corral.libs.listing import fingerprint, page_from, parse_filter, parse_order
-from corral.libs.names import ResourcePattern
-from corral.libs.ratelimit import Networks, client_address, trusted_networks
-from corral.libs.validation import check_labels, check_request_id, check_text
-from corral.services.session.audit import ORIGIN, Origin
+from corral.libs.listing import fingerprint, list_query, page_from
+from corral.libs.names import ids_of
+from corral.libs.ratelimit import Networks
+from corral.libs.timestamps import from_timestamp, to_timestamp
+from corral.libs.validation import (
+    check_labels,
+    check_request_id,
+    check_text,
+    check_update_mask,
+)
 from corral.services.storage import converters as cv
 from corral.services.storage.domain import (
     ARCHIVE,
@@ -37,6 +41,7 @@ from corral.services.storage.domain import (
     is_service,
     now,
 )
+from corral.services.storage.files import Download
 from corral.services.storage.paths import (
     DELIMITER,
     check_path,
@@ -53,41 +58,32 @@ MAX_CONTENT_TYPE = 200
 UPDATABLE = frozenset({"labels", "expire_time"})
 
 
-def _ids(pattern: ResourcePattern, name: str, field: str, check: Validator) -> tuple[str, ...]:
-    try:
-        return pattern.parse_field(name, field)
-    except InvalidArgument as exc:
-        check.violations.extend(exc.violations)
-        return ("",) * len(pattern.variables)
-
-
-def _file(name: str, field: str) -> tuple[str, str]:
-    return parse_file_name(name, field)
-
-
 def _content_type(value: str, field: str, check: Validator) -> None:
     check_text(value, check, field, max_length=MAX_CONTENT_TYPE, lines=False)
 
 
 class StorageApi(rpc.StorageServiceServicer):
     def __init__(self, service: StorageService, trusted_proxies: Networks | None = None) -> None:
+        """``trusted_proxies``: who may name the client's address (the edge); the deployment's
+        CORRAL_TRUSTED_PROXIES if not given."""
         self._service = service
-        self._trusted = (
-            trusted_networks(Settings().trusted_proxies)
-            if trusted_proxies is None
-            else trusted_proxies
-        )
+        self._origin = CallOrigins(trusted_proxies).capture  # for a change's audit event
 
-    def _origin(self, context: Any) -> None:
-        """Where this state-changing call comes from, for its audit event."""
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        trailing = dict(context.trailing_metadata() or ())
-        ORIGIN.set(
-            Origin(
-                request_id=str(metadata.get("x-request-id") or trailing.get("x-request-id", "")),
-                source_ip=client_address(context.peer() or "", metadata, self._trusted),
-                user_agent=metadata.get("user-agent", "")[:256],
-            )
+    async def _download(
+        self, request: pb.DownloadFileRequest | pb.DownloadFileContentRequest
+    ) -> Download:
+        workspace_id, path = parse_file_name(request.name, "name")
+        check = Validator()
+        check.check(request.offset >= 0, "offset", "must not be negative")
+        check.check(request.limit >= 0, "limit", "must not be negative")
+        check.raise_if_any()
+        return await self._service.files.download(
+            require_caller(),
+            workspace_id,
+            path,
+            offset=request.offset,
+            limit=request.limit,
+            if_sha256=request.if_sha256.lower(),
         )
 
     # -- workspaces ------------------------------------------------------------------------------
@@ -95,25 +91,21 @@ class StorageApi(rpc.StorageServiceServicer):
     async def GetWorkspace(
         self, request: pb.GetWorkspaceRequest, context: Any
     ) -> pb.GetWorkspaceResponse:
-        check = Validator()
-        (workspace_id,) = _ids(WORKSPACE, request.name, "name", check)
-        check.raise_if_any()
+        (workspace_id,) = WORKSPACE.parse_field(request.name, "name")
         found = await self._service.workspaces.get(require_caller(), workspace_id)
         return pb.GetWorkspaceResponse(workspace=cv.workspace_to_proto(found))
 
     async def ListWorkspaces(
         self, request: pb.ListWorkspacesRequest, context: Any
     ) -> pb.ListWorkspacesResponse:
-        conditions = parse_filter(request.filter, cv.WORKSPACE_FIELDS)
-        order, descending = parse_order(request.order_by, cv.WORKSPACE_ORDER, "create_time desc")
         caller = require_caller()
-        page = page_from(
-            request.page_size,
-            request.page_token,
-            fingerprint(caller.subject, request.filter, request.order_by),
-        )
+        query = list_query(request, cv.WORKSPACE_FIELDS, cv.WORKSPACE_ORDER, caller.subject)
         found, token = await self._service.workspaces.list(
-            caller, conditions, order=order, descending=descending, page=page
+            caller,
+            query.conditions,
+            order=query.order,
+            descending=query.descending,
+            page=query.page,
         )
         return pb.ListWorkspacesResponse(
             workspaces=[cv.workspace_to_proto(w) for w in found], next_page_token=token
@@ -126,8 +118,8 @@ class StorageApi(rpc.StorageServiceServicer):
         caller = require_caller()
         check = Validator()
         sent = request.workspace
-        _ids(ORGANIZATION, sent.organization, "workspace.organization", check)
-        (session_id,) = _ids(SESSION, sent.session, "workspace.session", check)
+        ids_of(ORGANIZATION, sent.organization, "workspace.organization", check)
+        (session_id,) = ids_of(SESSION, sent.session, "workspace.session", check)
         check.require(sent.owner, "workspace.owner")
         check_labels(sent.labels, check, "workspace.labels")
         check_request_id(request.request_id, check)
@@ -140,7 +132,7 @@ class StorageApi(rpc.StorageServiceServicer):
             session_id=session_id,
             owner=sent.owner,
             labels=dict(sent.labels),
-            expire_time=cv.from_ts(sent.expire_time) if sent.HasField("expire_time") else None,
+            expire_time=from_timestamp(sent.expire_time) if sent.HasField("expire_time") else None,
             request_id=request.request_id,
         )
         return pb.CreateWorkspaceResponse(workspace=cv.workspace_to_proto(created))
@@ -151,8 +143,8 @@ class StorageApi(rpc.StorageServiceServicer):
         self._origin(context)
         caller = require_caller()
         check = Validator()
-        (source_id,) = _ids(WORKSPACE, request.name, "name", check)
-        (session_id,) = _ids(SESSION, request.session, "session", check)
+        (source_id,) = ids_of(WORKSPACE, request.name, "name", check)
+        (session_id,) = ids_of(SESSION, request.session, "session", check)
         check.require(request.owner, "owner")
         check_labels(request.labels, check, "labels")
         check_request_id(request.request_id, check)
@@ -175,8 +167,8 @@ class StorageApi(rpc.StorageServiceServicer):
         self._origin(context)
         check = Validator()
         sent = request.workspace
-        (workspace_id,) = _ids(WORKSPACE, sent.name, "workspace.name", check)
-        paths = _mask(request.update_mask, check)
+        (workspace_id,) = ids_of(WORKSPACE, sent.name, "workspace.name", check)
+        paths = check_update_mask(request.update_mask, UPDATABLE, check)
         if "labels" in paths:
             check_labels(sent.labels, check, "workspace.labels")
         check.raise_if_any()
@@ -186,7 +178,7 @@ class StorageApi(rpc.StorageServiceServicer):
             etag=sent.etag,
             paths=paths,
             labels=dict(sent.labels),
-            expire_time=cv.from_ts(sent.expire_time) if sent.HasField("expire_time") else None,
+            expire_time=from_timestamp(sent.expire_time) if sent.HasField("expire_time") else None,
         )
         return pb.UpdateWorkspaceResponse(workspace=cv.workspace_to_proto(updated))
 
@@ -194,22 +186,20 @@ class StorageApi(rpc.StorageServiceServicer):
         self, request: pb.DeleteWorkspaceRequest, context: Any
     ) -> pb.DeleteWorkspaceResponse:
         self._origin(context)
-        check = Validator()
-        (workspace_id,) = _ids(WORKSPACE, request.name, "name", check)
-        check.raise_if_any()
+        (workspace_id,) = WORKSPACE.parse_field(request.name, "name")
         await self._service.workspaces.delete(require_caller(), workspace_id, etag=request.etag)
         return pb.DeleteWorkspaceResponse()
 
     # -- files -----------------------------------------------------------------------------------
 
     async def GetFile(self, request: pb.GetFileRequest, context: Any) -> pb.GetFileResponse:
-        workspace_id, path = _file(request.name, "name")
+        workspace_id, path = parse_file_name(request.name, "name")
         found = await self._service.files.get(require_caller(), workspace_id, path)
         return pb.GetFileResponse(file=cv.file_to_proto(found))
 
     async def ListFiles(self, request: pb.ListFilesRequest, context: Any) -> pb.ListFilesResponse:
         check = Validator()
-        (workspace_id,) = _ids(WORKSPACE, request.parent, "parent", check)
+        (workspace_id,) = ids_of(WORKSPACE, request.parent, "parent", check)
         check.check(request.delimiter in ("", DELIMITER), "delimiter", "must be empty or '/'")
         check.raise_if_any()
         prefix = check_prefix(request.prefix, "prefix")
@@ -229,7 +219,7 @@ class StorageApi(rpc.StorageServiceServicer):
     async def WriteFile(self, request: pb.WriteFileRequest, context: Any) -> pb.WriteFileResponse:
         self._origin(context)
         check = Validator()
-        (workspace_id,) = _ids(WORKSPACE, request.parent, "parent", check)
+        (workspace_id,) = ids_of(WORKSPACE, request.parent, "parent", check)
         _content_type(request.content_type, "content_type", check)
         check.check(not request.if_sha256 or request.overwrite, "if_sha256", "needs overwrite")
         check.raise_if_any()
@@ -255,7 +245,7 @@ class StorageApi(rpc.StorageServiceServicer):
         self, request: pb.DeleteFileRequest, context: Any
     ) -> pb.DeleteFileResponse:
         self._origin(context)
-        workspace_id, path = _file(request.name, "name")
+        workspace_id, path = parse_file_name(request.name, "name")
         await self._service.files.delete(
             require_caller(), workspace_id, path, if_sha256=request.if_sha256.lower()
         )
@@ -263,7 +253,7 @@ class StorageApi(rpc.StorageServiceServicer):
 
     async def MoveFile(self, request: pb.MoveFileRequest, context: Any) -> pb.MoveFileResponse:
         self._origin(context)
-        workspace_id, path = _file(request.name, "name")
+        workspace_id, path = parse_file_name(request.name, "name")
         target = check_path(request.destination_path, "destination_path")
         moved = await self._service.files.move(
             require_caller(), workspace_id, path, target, overwrite=request.overwrite
@@ -273,16 +263,7 @@ class StorageApi(rpc.StorageServiceServicer):
     async def DownloadFile(
         self, request: pb.DownloadFileRequest, context: Any
     ) -> AsyncIterator[pb.DownloadFileResponse]:
-        workspace_id, path = _file(request.name, "name")
-        _range(request.offset, request.limit)
-        download = await self._service.files.download(
-            require_caller(),
-            workspace_id,
-            path,
-            offset=request.offset,
-            limit=request.limit,
-            if_sha256=request.if_sha256.lower(),
-        )
+        download = await self._download(request)
         first: pb.DownloadFileResponse | None = pb.DownloadFileResponse(
             file=cv.file_to_proto(download.file), offset=request.offset
         )
@@ -301,16 +282,7 @@ class StorageApi(rpc.StorageServiceServicer):
     async def DownloadFileContent(
         self, request: pb.DownloadFileContentRequest, context: Any
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        workspace_id, path = _file(request.name, "name")
-        _range(request.offset, request.limit)
-        download = await self._service.files.download(
-            require_caller(),
-            workspace_id,
-            path,
-            offset=request.offset,
-            limit=request.limit,
-            if_sha256=request.if_sha256.lower(),
-        )
+        download = await self._download(request)
         async for body in _bodies(download.file.content_type, download.chunks):
             yield body
 
@@ -321,7 +293,7 @@ class StorageApi(rpc.StorageServiceServicer):
     ) -> pb.CreateUploadResponse:
         self._origin(context)
         check = Validator()
-        (workspace_id,) = _ids(WORKSPACE, request.parent, "parent", check)
+        (workspace_id,) = ids_of(WORKSPACE, request.parent, "parent", check)
         sent = request.upload
         check.check(sent.size_bytes >= 0, "upload.size_bytes", "must not be negative")
         _content_type(sent.content_type, "upload.content_type", check)
@@ -340,9 +312,7 @@ class StorageApi(rpc.StorageServiceServicer):
         return pb.CreateUploadResponse(upload=cv.upload_to_proto(created))
 
     async def GetUpload(self, request: pb.GetUploadRequest, context: Any) -> pb.GetUploadResponse:
-        check = Validator()
-        workspace_id, upload_id = _ids(UPLOAD, request.name, "name", check)
-        check.raise_if_any()
+        workspace_id, upload_id = UPLOAD.parse_field(request.name, "name")
         found = await self._service.uploads.get(require_caller(), workspace_id, upload_id)
         return pb.GetUploadResponse(upload=cv.upload_to_proto(found))
 
@@ -350,7 +320,7 @@ class StorageApi(rpc.StorageServiceServicer):
         self, request: pb.AppendUploadChunkRequest, context: Any
     ) -> pb.AppendUploadChunkResponse:
         check = Validator()
-        workspace_id, upload_id = _ids(UPLOAD, request.name, "name", check)
+        workspace_id, upload_id = ids_of(UPLOAD, request.name, "name", check)
         check.check(request.offset >= 0, "offset", "must not be negative")
         check.check(bool(request.data), "data", "is required")
         check.raise_if_any()
@@ -370,7 +340,7 @@ class StorageApi(rpc.StorageServiceServicer):
     ) -> pb.CommitUploadResponse:
         self._origin(context)
         check = Validator()
-        workspace_id, upload_id = _ids(UPLOAD, request.name, "name", check)
+        workspace_id, upload_id = ids_of(UPLOAD, request.name, "name", check)
         sha256 = request.sha256.lower()
         check.check(
             len(sha256) == 64 and all(c in "0123456789abcdef" for c in sha256),
@@ -387,9 +357,7 @@ class StorageApi(rpc.StorageServiceServicer):
         self, request: pb.AbortUploadRequest, context: Any
     ) -> pb.AbortUploadResponse:
         self._origin(context)
-        check = Validator()
-        workspace_id, upload_id = _ids(UPLOAD, request.name, "name", check)
-        check.raise_if_any()
+        workspace_id, upload_id = UPLOAD.parse_field(request.name, "name")
         ended = await self._service.uploads.abort(require_caller(), workspace_id, upload_id)
         return pb.AbortUploadResponse(upload=cv.upload_to_proto(ended))
 
@@ -414,10 +382,10 @@ class StorageApi(rpc.StorageServiceServicer):
         check_labels(sent.labels, check, "report.labels")
         check_request_id(request.request_id, check)
         if sent.session:
-            _ids(SESSION, sent.session, "report.session", check)
+            ids_of(SESSION, sent.session, "report.session", check)
         if sent.task_run:
-            _ids(TASK_RUN, sent.task_run, "report.task_run", check)
-        expire_time = cv.from_ts(sent.expire_time) if sent.HasField("expire_time") else None
+            ids_of(TASK_RUN, sent.task_run, "report.task_run", check)
+        expire_time = from_timestamp(sent.expire_time) if sent.HasField("expire_time") else None
         check.raise_if_any()
         if len(sent.content) > MAX_REPORT_BYTES:
             raise InvalidArgument(
@@ -441,9 +409,7 @@ class StorageApi(rpc.StorageServiceServicer):
         return pb.CreateReportResponse(report=cv.report_to_proto(created))
 
     async def GetReport(self, request: pb.GetReportRequest, context: Any) -> pb.GetReportResponse:
-        check = Validator()
-        (report_id,) = _ids(REPORT, request.name, "name", check)
-        check.raise_if_any()
+        (report_id,) = REPORT.parse_field(request.name, "name")
         found = await self._service.reports.get(require_caller(), report_id)
         content = None
         if request.view != report_pb2.REPORT_VIEW_BASIC:
@@ -453,16 +419,14 @@ class StorageApi(rpc.StorageServiceServicer):
     async def ListReports(
         self, request: pb.ListReportsRequest, context: Any
     ) -> pb.ListReportsResponse:
-        conditions = parse_filter(request.filter, cv.REPORT_FIELDS)
-        order, descending = parse_order(request.order_by, cv.REPORT_ORDER, "create_time desc")
         caller = require_caller()
-        page = page_from(
-            request.page_size,
-            request.page_token,
-            fingerprint(caller.subject, request.filter, request.order_by),
-        )
+        query = list_query(request, cv.REPORT_FIELDS, cv.REPORT_ORDER, caller.subject)
         found, token = await self._service.reports.list(
-            caller, conditions, order=order, descending=descending, page=page
+            caller,
+            query.conditions,
+            order=query.order,
+            descending=query.descending,
+            page=query.page,
         )
         return pb.ListReportsResponse(
             reports=[cv.report_to_proto(r) for r in found], next_page_token=token
@@ -472,18 +436,14 @@ class StorageApi(rpc.StorageServiceServicer):
         self, request: pb.DeleteReportRequest, context: Any
     ) -> pb.DeleteReportResponse:
         self._origin(context)
-        check = Validator()
-        (report_id,) = _ids(REPORT, request.name, "name", check)
-        check.raise_if_any()
+        (report_id,) = REPORT.parse_field(request.name, "name")
         await self._service.reports.delete(require_caller(), report_id)
         return pb.DeleteReportResponse()
 
     async def DownloadReport(
         self, request: pb.DownloadReportRequest, context: Any
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        check = Validator()
-        (report_id,) = _ids(REPORT, request.name, "name", check)
-        check.raise_if_any()
+        (report_id,) = REPORT.parse_field(request.name, "name")
         found = await self._service.reports.get(require_caller(), report_id)
         chunks = await self._service.reports.content(found)
         async for body in _bodies(found.content_type, chunks):
@@ -496,7 +456,7 @@ class StorageApi(rpc.StorageServiceServicer):
     ) -> pb.CreateArchiveResponse:
         self._origin(context)
         check = Validator()
-        (workspace_id,) = _ids(WORKSPACE, request.parent, "parent", check)
+        (workspace_id,) = ids_of(WORKSPACE, request.parent, "parent", check)
         sent = request.archive
         formats = {v: k for k, v in cv.ARCHIVE_FORMATS.items()}
         check.check(
@@ -507,7 +467,7 @@ class StorageApi(rpc.StorageServiceServicer):
         check_request_id(request.request_id, check)
         expire_time = None
         if sent.HasField("expire_time"):
-            expire_time = cv.from_ts(sent.expire_time)
+            expire_time = from_timestamp(sent.expire_time)
             check.check(
                 now() < expire_time <= now() + MAX_ARCHIVE_LIFETIME,
                 "archive.expire_time",
@@ -528,18 +488,14 @@ class StorageApi(rpc.StorageServiceServicer):
     async def GetArchive(
         self, request: pb.GetArchiveRequest, context: Any
     ) -> pb.GetArchiveResponse:
-        check = Validator()
-        workspace_id, archive_id = _ids(ARCHIVE, request.name, "name", check)
-        check.raise_if_any()
+        workspace_id, archive_id = ARCHIVE.parse_field(request.name, "name")
         found = await self._service.archives.get(require_caller(), workspace_id, archive_id)
         return pb.GetArchiveResponse(archive=cv.archive_to_proto(found))
 
     async def ListArchives(
         self, request: pb.ListArchivesRequest, context: Any
     ) -> pb.ListArchivesResponse:
-        check = Validator()
-        (workspace_id,) = _ids(WORKSPACE, request.parent, "parent", check)
-        check.raise_if_any()
+        (workspace_id,) = WORKSPACE.parse_field(request.parent, "parent")
         page = page_from(request.page_size, request.page_token, fingerprint(request.parent))
         found, token = await self._service.archives.list(require_caller(), workspace_id, page)
         return pb.ListArchivesResponse(
@@ -550,9 +506,7 @@ class StorageApi(rpc.StorageServiceServicer):
         self, request: pb.DeleteArchiveRequest, context: Any
     ) -> pb.DeleteArchiveResponse:
         self._origin(context)
-        check = Validator()
-        workspace_id, archive_id = _ids(ARCHIVE, request.name, "name", check)
-        check.raise_if_any()
+        workspace_id, archive_id = ARCHIVE.parse_field(request.name, "name")
         await self._service.archives.delete(require_caller(), workspace_id, archive_id)
         return pb.DeleteArchiveResponse()
 
@@ -560,7 +514,7 @@ class StorageApi(rpc.StorageServiceServicer):
         self, request: pb.DownloadArchiveRequest, context: Any
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         check = Validator()
-        workspace_id, archive_id = _ids(ARCHIVE, request.name, "name", check)
+        workspace_id, archive_id = ids_of(ARCHIVE, request.name, "name", check)
         check.check(request.offset >= 0, "offset", "must not be negative")
         check.raise_if_any()
         archive, chunks = await self._service.archives.content(
@@ -574,9 +528,7 @@ class StorageApi(rpc.StorageServiceServicer):
     async def GetStorageUsage(
         self, request: pb.GetStorageUsageRequest, context: Any
     ) -> pb.GetStorageUsageResponse:
-        check = Validator()
-        (org_id,) = _ids(USAGE, request.name, "name", check)
-        check.raise_if_any()
+        (org_id,) = USAGE.parse_field(request.name, "name")
         figures = await self._service.usage.get(require_caller(), ORGANIZATION.format(org_id))
         usage = storage_usage_pb2.StorageUsage(
             name=figures.name,
@@ -585,30 +537,13 @@ class StorageApi(rpc.StorageServiceServicer):
                 storage_usage_pb2.OwnerStorageUsage(owner=owner, usage=cv.bytes_to_proto(b))
                 for owner, b in figures.owners
             ],
-            compute_time=cv.ts(figures.compute_time),
+            compute_time=to_timestamp(figures.compute_time),
         )
         return pb.GetStorageUsageResponse(storage_usage=usage)
 
 
 def _violation(field: str, description: str) -> FieldViolation:
     return FieldViolation(field, description)
-
-
-def _range(offset: int, limit: int) -> None:
-    check = Validator()
-    check.check(offset >= 0, "offset", "must not be negative")
-    check.check(limit >= 0, "limit", "must not be negative")
-    check.raise_if_any()
-
-
-def _mask(sent: field_mask_pb2.FieldMask, check: Validator) -> frozenset[str]:
-    paths = frozenset(sent.paths)
-    check.check(bool(paths), "update_mask", "name the fields to change")
-    if "*" in paths:
-        return UPDATABLE
-    for path in sorted(paths - UPDATABLE):
-        check.add("update_mask", f"{path!r} cannot be changed; updatable: labels, expire_time")
-    return paths
 
 
 async def _bodies(

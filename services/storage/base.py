@@ -9,14 +9,12 @@ import mimetypes
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
+from corral.libs.audit import AUDIT, Audit, AuditWriter
+from corral.libs.audit import deliver as deliver_audit
 from corral.libs.auth.caller import Caller
-from corral.services.session.audit import AUDIT, Audit
-from corral.services.session.audit import deliver as deliver_audit
-from corral.services.session.outbox import Outbox
-from corral.services.session.ports import AuditWriter
-from corral.services.session.ports import UnitOfWork as OutboxUnitOfWork
+from corral.libs.outbox import Outbox
 from corral.services.storage.accounting import RELEASE, Accounting, deliver_release
 from corral.services.storage.blobs import BlobStore
 from corral.services.storage.domain import UPLOAD_LIFETIME, now
@@ -55,9 +53,8 @@ class Storage:
     upload_lifetime: timedelta = UPLOAD_LIFETIME
 
     def __post_init__(self) -> None:
-        # The session context's outbox, on this context's own ``outbox`` table: it needs a
-        # unit of work with ``outbox`` (this one has it) and nothing else of session's.
-        self.outbox = Outbox(cast(Callable[[], OutboxUnitOfWork], self.uow), clock=self.clock)
+        # The kit's outbox, on this context's own ``outbox`` table.
+        self.outbox = Outbox(self.uow, clock=self.clock)
         self.outbox.handle(AUDIT, deliver_audit(self.audit_writer))
         self.outbox.handle(RELEASE, deliver_release(self.ledger))
         self.audit = Audit(self.outbox, clock=self.clock)
@@ -77,12 +74,12 @@ class Storage:
         organization: str = "",
     ) -> Callable[[], None]:
         """Keep an audit entry in ``uow``'s transaction; returns what sends it after the
-        commit."""
+        commit (as this service: its writer never forwards the caller's token)."""
         entry = self.audit.entry(
             caller, action, resource, metadata, organization=organization or caller.organization
         )
-        await self.audit.add(uow, entry)  # type: ignore[arg-type]  # it has ``outbox``
-        return lambda: self.audit.send(entry, token=caller.token)
+        await self.audit.add(uow, entry)
+        return lambda: self.audit.send(entry, token="")
 
     def background(self, job: Callable[[], Coroutine[Any, Any, object]]) -> None:
         """Run ``job()`` after the answer; failures are logged."""

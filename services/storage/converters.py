@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from datetime import UTC, datetime
-
-from google.protobuf import timestamp_pb2
-
-from corral.libs.listing import FieldSpec, enum_value, parse_time
+from corral.libs.listing import FieldSpec, LabelledFields, enum_value, parse_datetime
+from corral.libs.timestamps import to_timestamp
 from corral.services.storage.domain import (
     ARCHIVE_CONTENT_TYPES,
     Archive,
@@ -43,48 +39,14 @@ ARCHIVE_FORMATS = {
 }
 
 
-def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-def from_ts(stamp: timestamp_pb2.Timestamp) -> datetime:
-    return stamp.ToDatetime(tzinfo=UTC)
-
-
-def _time(value: str) -> datetime:
-    return datetime.fromtimestamp(parse_time(value), UTC)
-
-
-class LabelledFields(Mapping[str, FieldSpec]):
-    """Filterable fields, plus any ``labels.<key>``."""
-
-    def __init__(self, fixed: dict[str, FieldSpec]) -> None:
-        self._fixed = fixed
-
-    def __getitem__(self, key: str) -> FieldSpec:
-        if key.startswith("labels.") and len(key) > len("labels."):
-            return FieldSpec(key)
-        return self._fixed[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter([*self._fixed, "labels.<key>"])
-
-    def __len__(self) -> int:
-        return len(self._fixed) + 1
-
-
 WORKSPACE_FIELDS = LabelledFields(
     {
         "session": FieldSpec("session"),
         "owner": FieldSpec("owner"),
         "source_workspace": FieldSpec("source_workspace"),
         "organization": FieldSpec("organization"),
-        "create_time": FieldSpec("create_time", _time),
-        "update_time": FieldSpec("update_time", _time),
+        "create_time": FieldSpec("create_time", parse_datetime),
+        "update_time": FieldSpec("update_time", parse_datetime),
     }
 )
 WORKSPACE_ORDER = {
@@ -102,7 +64,7 @@ REPORT_FIELDS = LabelledFields(
         "creator": FieldSpec("creator"),
         "title": FieldSpec("title", prefix=True),
         "organization": FieldSpec("organization"),
-        "create_time": FieldSpec("create_time", _time),
+        "create_time": FieldSpec("create_time", parse_datetime),
     }
 )
 REPORT_ORDER = {"create_time": "create_time", "title": "title", "size_bytes": "size_bytes"}
@@ -117,12 +79,12 @@ def workspace_to_proto(w: Workspace) -> workspace_pb2.Workspace:
         size_bytes=w.size_bytes,
         file_count=w.file_count,
         source_workspace=w.source_workspace,
-        create_time=ts(w.create_time),
-        update_time=ts(w.update_time),
+        create_time=to_timestamp(w.create_time),
+        update_time=to_timestamp(w.update_time),
         labels=w.labels,
         etag=w.etag,
-        expire_time=ts(w.expire_time),
-        measure_time=ts(w.measure_time),
+        expire_time=to_timestamp(w.expire_time),
+        measure_time=to_timestamp(w.measure_time),
     )
 
 
@@ -133,7 +95,7 @@ def file_to_proto(f: FileInfo) -> file_pb2.File:
         size_bytes=f.size,
         sha256=f.sha256,
         content_type=f.content_type,
-        update_time=ts(f.update_time),
+        update_time=to_timestamp(f.update_time),
     )
 
 
@@ -147,11 +109,11 @@ def upload_to_proto(u: Upload) -> upload_pb2.Upload:
         state=upload_pb2.Upload.State.Value(f"STATE_{u.state.value}"),
         committed_bytes=u.committed_bytes,
         creator=u.creator,
-        create_time=ts(u.create_time),
-        expire_time=ts(u.expire_time) if u.state is UploadState.ACTIVE else None,
+        create_time=to_timestamp(u.create_time),
+        expire_time=to_timestamp(u.expire_time) if u.state is UploadState.ACTIVE else None,
         file=file_name(u.workspace_id, u.path) if u.state is UploadState.COMMITTED else "",
         failure_reason=u.failure_reason,
-        update_time=ts(u.update_time),
+        update_time=to_timestamp(u.update_time),
     )
 
 
@@ -168,10 +130,10 @@ def report_to_proto(r: Report, content: bytes | None = None) -> report_pb2.Repor
         sha256=r.sha256,
         labels=r.labels,
         creator=r.creator,
-        create_time=ts(r.create_time),
+        create_time=to_timestamp(r.create_time),
         owner=r.owner,
         content_type=r.content_type,
-        expire_time=ts(r.expire_time),
+        expire_time=to_timestamp(r.expire_time),
     )
 
 
@@ -185,9 +147,9 @@ def archive_to_proto(a: Archive) -> archive_pb2.Archive:
         sha256=a.sha256,
         file_count=a.file_count,
         creator=a.creator,
-        create_time=ts(a.create_time),
-        end_time=ts(a.end_time),
-        expire_time=ts(a.expire_time),
+        create_time=to_timestamp(a.create_time),
+        end_time=to_timestamp(a.end_time),
+        expire_time=to_timestamp(a.expire_time),
         failure_reason=a.failure_reason,
     )
 

@@ -29,8 +29,6 @@ SERVICE_ACCOUNT = ResourcePattern("organizations/{organization}/serviceAccounts/
 TASK_RUN = ResourcePattern("tasks/{task}/runs/{run}")
 USAGE = ResourcePattern("organizations/{organization}/storageUsage")
 
-# The role identity puts in the tokens of Corral's internal service accounts.
-SERVICE_ROLE = "service"
 MAX_CHUNK_BYTES = 2 * 1024 * 1024
 MAX_WRITE_BYTES = 4 * 1024 * 1024
 MAX_REPORT_BYTES = 4 * 1024 * 1024
@@ -44,7 +42,8 @@ def now() -> datetime:
 
 
 def is_service(caller: Caller) -> bool:
-    return SERVICE_ROLE in caller.roles
+    """Corral's own services (the role identity gives its internal service accounts)."""
+    return caller.is_service
 
 
 def require_service(caller: Caller) -> Caller:

@@ -13,15 +13,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from corral.identity.v1 import identity_service_pb2
 from corral.libs.app import Infrastructure, ServiceApp
+from corral.libs.audit import AuditWriter
 from corral.libs.auth.jwt import JwksSource
 from corral.libs.config import Settings
 from corral.libs.grpc.client import create_channel
+from corral.libs.grpc.identity import IdentityAudit, service_credentials
 from corral.libs.grpc.server import ServiceRegistration
 from corral.libs.ratelimit import Networks, trusted_networks
 from corral.libs.tls import channel_credentials
-from corral.services.session.adapters import service_credentials
-from corral.services.session.ports import AuditWriter
-from corral.services.storage.adapters import IdentityStorageAudit, IdentityStorageLedger
+from corral.services.storage.adapters import IdentityStorageLedger
 from corral.services.storage.api import StorageApi
 from corral.services.storage.archives import WorkspaceArchiver
 from corral.services.storage.base import Limits, Storage
@@ -119,7 +119,7 @@ async def build(
         WorkspaceFiles(settings.storage_dir()),
         await blob_store(settings, resources),
         IdentityStorageLedger(channel, credentials),
-        IdentityStorageAudit(channel, credentials),
+        IdentityAudit(channel, credentials, service="storage"),
         limits=Limits(settings.storage_max_file_bytes, settings.storage_max_workspace_bytes),
         # An archive is never larger than the largest workspace the service accepts.
         packer=WorkspaceArchiver(max_bytes=settings.storage_max_workspace_bytes),

@@ -15,7 +15,7 @@ from corral.libs import keyset
 from corral.libs.db import UnitOfWork
 from corral.libs.idempotency import SqlIdempotencyStore
 from corral.libs.listing import Condition, Page
-from corral.services.session.outbox import OutboxRecords
+from corral.libs.outbox import OutboxRecords
 from corral.services.storage.domain import (
     Archive,
     ArchiveFormat,
@@ -52,21 +52,6 @@ def _at(value: datetime) -> datetime:
     aware = _aware(value)
     assert aware is not None
     return aware
-
-
-def label_condition(table: sa.Table) -> Any:
-    """``labels.<key> = value`` (or ``!=``) on a table's sorted-JSON ``labels``; None for plain
-    columns (the session repository's matcher, for this context's tables)."""
-
-    def condition(cond: Condition) -> sa.ColumnElement[bool] | None:
-        if not cond.column.startswith("labels."):
-            return None
-        pair = json.dumps({cond.column.removeprefix("labels."): cond.value})[1:-1]
-        escaped = pair.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-        matched = table.c.labels.like(f"%{escaped}%", escape="\\")
-        return matched if cond.op == "=" else sa.not_(matched)
-
-    return condition
 
 
 # -- workspaces ----------------------------------------------------------------------------------
@@ -132,7 +117,7 @@ class WorkspaceRepository:
         self, conditions: Sequence[Condition], *, order: str, descending: bool, page: Page
     ) -> builtins.list[Workspace]:
         query = sa.select(workspaces).where(
-            *keyset.where(workspaces, conditions, label_condition(workspaces))
+            *keyset.where(workspaces, conditions, keyset.label_condition(workspaces))
         )
         query = keyset.page_query(
             query, workspaces.c[order], workspaces.c.id, descending=descending, page=page
@@ -343,7 +328,7 @@ class ReportRepository:
         self, conditions: Sequence[Condition], *, order: str, descending: bool, page: Page
     ) -> builtins.list[Report]:
         query = sa.select(reports).where(
-            *keyset.where(reports, conditions, label_condition(reports))
+            *keyset.where(reports, conditions, keyset.label_condition(reports))
         )
         query = keyset.page_query(
             query, reports.c[order], reports.c.id, descending=descending, page=page

@@ -18,10 +18,10 @@ from datetime import timedelta
 
 import sqlalchemy as sa
 
-from corral.libs.auth.caller import Caller
+from corral.libs.auth.caller import SERVICE_ROLE, Caller
 from corral.libs.idempotency import RETENTION_SECONDS
 from corral.services.storage.base import Storage
-from corral.services.storage.domain import SERVICE_ROLE, UploadState
+from corral.services.storage.domain import UploadState
 from corral.services.storage.reports import Archives, Reports
 from corral.services.storage.uploads import Uploads
 from corral.services.storage.workspaces import Workspaces

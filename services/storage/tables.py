@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from corral.libs.idempotency import idempotency_table
-from corral.services.session.outbox import outbox_table
+from corral.libs.outbox import outbox_table
 
 metadata = sa.MetaData()
 
@@ -140,6 +140,6 @@ leases = sa.Table(
 )
 
 idempotency_keys = idempotency_table(metadata)
-# Effects on identity that must happen (audit entries, ledger releases): the session context's
-# outbox, on this context's own table.
+# Effects on identity that must happen (audit entries, ledger releases): the kit's outbox, on
+# this context's own table.
 outbox = outbox_table(metadata)
