@@ -6,15 +6,13 @@ other service raised (its reason and details kept): the service layer never sees
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
 
-from corral.identity.v1 import audit_event_pb2, quota_pb2, usage_pb2
 from corral.identity.v1 import identity_service_pb2 as identity_pb
-from corral.identity.v1 import identity_service_pb2_grpc as identity_rpc
+from corral.identity.v1 import quota_pb2, usage_pb2
 from corral.libs.auth.service_token import CachedToken
 from corral.libs.errors import (
     CorralError,
@@ -23,25 +21,13 @@ from corral.libs.errors import (
     Unauthenticated,
     Unavailable,
 )
-from corral.libs.grpc.errors import from_rpc_error
+from corral.libs.grpc.errors import domain_errors, from_rpc_error
+from corral.libs.grpc.identity import IdentityClient, bearer
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.runtime.v1 import runtime_service_pb2 as runtime_pb
 from corral.runtime.v1 import runtime_service_pb2_grpc as runtime_rpc
 from corral.services.session.domain import Usage
-from corral.services.session.ports import AuditEntry, TurnRequest
-
-
-def _auth(token: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-@contextlib.contextmanager
-def _domain_errors() -> Iterator[None]:
-    """A failed call raises what the callee meant, as a domain error."""
-    try:
-        yield
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from exc
+from corral.services.session.ports import TurnRequest
 
 
 def _turn_error(exc: grpc.aio.AioRpcError) -> CorralError:
@@ -67,7 +53,7 @@ class GrpcRuntime:
         self._credentials = credentials
 
     async def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return _auth(await self._credentials.get()) if self._credentials else ()
+        return bearer(await self._credentials.get()) if self._credentials else ()
 
     async def run_turn(self, request: TurnRequest, *, token: str) -> AsyncIterator[rt.RuntimeEvent]:
         call = self._stub.RunTurn(
@@ -91,7 +77,7 @@ class GrpcRuntime:
             raise _turn_error(exc) from exc
 
     async def interrupt(self, session: str, turn_id: str, *, token: str) -> None:
-        with _domain_errors():
+        with domain_errors():
             await self._stub.InterruptTurn(
                 runtime_pb.InterruptTurnRequest(session=session, turn_id=turn_id),
                 metadata=await self._metadata(),
@@ -119,11 +105,11 @@ class GrpcRuntime:
         )
         if updated_input is not None:
             request.updated_input.CopyFrom(updated_input)
-        with _domain_errors():
+        with domain_errors():
             await self._stub.SubmitPermissionDecision(request, metadata=await self._metadata())
 
     async def release(self, session: str, *, delete_transcript: bool, token: str) -> None:
-        with _domain_errors():
+        with domain_errors():
             await self._stub.ReleaseSession(
                 runtime_pb.ReleaseSessionRequest(
                     session=session, delete_transcript=delete_transcript
@@ -132,32 +118,7 @@ class GrpcRuntime:
             )
 
 
-def service_credentials(channel: grpc.aio.Channel, api_key: str) -> CachedToken | None:
-    """This service's own token (from its internal service account's API key), or None."""
-    if not api_key:
-        return None
-    stub = identity_rpc.IdentityServiceStub(channel)
-
-    async def exchange() -> tuple[str, float]:
-        with _domain_errors():
-            reply = await stub.ExchangeApiKey(identity_pb.ExchangeApiKeyRequest(api_key=api_key))
-        grant = reply.token
-        return grant.access_token, grant.access_token_expire_time.ToSeconds()
-
-    return CachedToken(exchange)
-
-
-class _AsService:
-    """Calls identity as this service when it has credentials, else with the caller's token."""
-
-    def __init__(self, credentials: CachedToken | None) -> None:
-        self._credentials = credentials
-
-    async def _auth(self, token: str) -> tuple[tuple[str, str], ...]:
-        return _auth(await self._credentials.get() if self._credentials else token)
-
-
-class IdentityLedger(_AsService):
+class IdentityLedger(IdentityClient):
     """Identity's usage ledger: one session slot plus a token of budget is held while a turn
     runs (so an exhausted monthly budget stops the turn before it starts); the turn's real
     tokens and cost are settled when it ends, and the slot released."""
@@ -169,8 +130,7 @@ class IdentityLedger(_AsService):
         *,
         ttl_seconds: int = 6 * 3600,
     ) -> None:
-        super().__init__(credentials)
-        self._stub = identity_rpc.IdentityServiceStub(channel)
+        super().__init__(channel, credentials)
         self._ttl = ttl_seconds
 
     async def reserve(self, *, organization: str, user: str, request_id: str, token: str) -> str:
@@ -186,7 +146,7 @@ class IdentityLedger(_AsService):
             ttl=duration_pb2.Duration(seconds=self._ttl),
             request_id=request_id,
         )
-        with _domain_errors():
+        with domain_errors():
             reply = await self._stub.ReserveUsage(request, metadata=await self._auth(token))
         return str(reply.usage_reservation.name)
 
@@ -208,7 +168,7 @@ class IdentityLedger(_AsService):
             ttl=duration_pb2.Duration(seconds=self._ttl),
             request_id=request_id,
         )
-        with _domain_errors():
+        with domain_errors():
             reply = await self._stub.ReserveUsage(request, metadata=await self._auth(token))
         return str(reply.usage_reservation.name)
 
@@ -227,10 +187,12 @@ class IdentityLedger(_AsService):
         return min(left) if left else None
 
     async def _quota(self, name: str, token: str) -> quota_pb2.Quota | None:
-        tokens = [await self._auth(token)] + ([_auth(token)] if self._credentials and token else [])
+        tokens = [await self._auth(token)] + (
+            [bearer(token)] if self._credentials and token else []
+        )
         for metadata in tokens:
             try:
-                with _domain_errors():
+                with domain_errors():
                     reply = await self._stub.GetQuota(
                         identity_pb.GetQuotaRequest(name=name), metadata=metadata
                     )
@@ -250,44 +212,12 @@ class IdentityLedger(_AsService):
                 ),
             ],
         )
-        with _domain_errors():
+        with domain_errors():
             await self._stub.SettleUsage(request, metadata=await self._auth(token))
         await self.release(reservation, token=token)
 
     async def release(self, reservation: str, *, token: str) -> None:
-        with _domain_errors():
+        with domain_errors():
             await self._stub.ReleaseUsage(
                 identity_pb.ReleaseUsageRequest(name=reservation), metadata=await self._auth(token)
-            )
-
-
-class IdentityAudit(_AsService):
-    """Identity's audit log, written as this service (or with the caller's token when the
-    service has no credentials). Each entry's id is its WriteAuditEvents request_id, so a
-    retried entry is stored once."""
-
-    def __init__(self, channel: grpc.aio.Channel, credentials: CachedToken | None) -> None:
-        super().__init__(credentials)
-        self._stub = identity_rpc.IdentityServiceStub(channel)
-
-    async def write(self, entry: AuditEntry, *, token: str) -> None:
-        event = audit_event_pb2.AuditEvent(
-            actor=entry.actor,
-            organization=entry.organization,
-            action=entry.action,
-            resource=entry.resource,
-            service="session",
-            outcome=audit_event_pb2.AuditEvent.Outcome.Value(f"OUTCOME_{entry.outcome}"),
-            source_ip=entry.source_ip,
-            user_agent=entry.user_agent,
-            request_id=entry.request_id,
-            metadata=entry.metadata,
-        )
-        event.event_time.FromDatetime(entry.event_time)
-        with _domain_errors():
-            await self._stub.WriteAuditEvents(
-                identity_pb.WriteAuditEventsRequest(
-                    parent=entry.organization, audit_events=[event], request_id=entry.id
-                ),
-                metadata=await self._auth(token),
             )

@@ -3,31 +3,36 @@ the service layer."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
 from typing import Any
 
-from google.protobuf import field_mask_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2
 from google.rpc import code_pb2
 
 from corral.libs import agent_options
+from corral.libs.audit import CallOrigins
 from corral.libs.auth.caller import require_caller
-from corral.libs.config import Settings
-from corral.libs.errors import InvalidArgument, Validator
+from corral.libs.errors import Validator
 from corral.libs.listing import (
     FieldSpec,
+    LabelledFields,
     enum_value,
     fingerprint,
+    list_query,
     page_from,
+    parse_datetime,
     parse_filter,
-    parse_order,
-    parse_time,
 )
-from corral.libs.names import ResourcePattern
-from corral.libs.ratelimit import Networks, client_address, trusted_networks
-from corral.libs.validation import check_labels, check_request_id, check_text
+from corral.libs.names import ids_of
+from corral.libs.ratelimit import Networks
+from corral.libs.timestamps import to_timestamp
+from corral.libs.validation import (
+    check_labels,
+    check_request_id,
+    check_text,
+    check_update_mask,
+)
 from corral.services.session import options, policy
-from corral.services.session.audit import ORIGIN, Origin
 from corral.services.session.domain import (
     ORGANIZATION,
     POLICY,
@@ -77,36 +82,17 @@ EVENT_TYPES = {  # enum_value matches upper-cased input: TEXT_DELTA or text_delt
 }
 
 
-def _time(value: str) -> datetime:
-    return datetime.fromtimestamp(parse_time(value), UTC)
-
-
-class _SessionFields(Mapping[str, FieldSpec]):
-    """Filterable session fields, plus any ``labels.<key>``."""
-
-    _fixed = {
+SESSION_FIELDS = LabelledFields(
+    {
         "state": FieldSpec("state", enum_value(STATES)),
         "owner": FieldSpec("owner"),
         "display_name": FieldSpec("display_name", prefix=True),
         "parent_session": FieldSpec("parent_session"),
         "organization": FieldSpec("organization"),
-        "create_time": FieldSpec("create_time", _time),
-        "update_time": FieldSpec("update_time", _time),
+        "create_time": FieldSpec("create_time", parse_datetime),
+        "update_time": FieldSpec("update_time", parse_datetime),
     }
-
-    def __getitem__(self, key: str) -> FieldSpec:
-        if key.startswith("labels.") and len(key) > len("labels."):
-            return FieldSpec(key)
-        return self._fixed[key]
-
-    def __iter__(self) -> Any:
-        return iter([*self._fixed, "labels.<key>"])
-
-    def __len__(self) -> int:
-        return len(self._fixed) + 1
-
-
-SESSION_FIELDS = _SessionFields()
+)
 SESSION_ORDER = {
     "update_time": "update_time",
     "create_time": "create_time",
@@ -114,14 +100,6 @@ SESSION_ORDER = {
 }
 EVENT_FIELDS = {"type": FieldSpec("type", enum_value(EVENT_TYPES)), "turn_id": FieldSpec("turn_id")}
 UPDATABLE = frozenset({"display_name", "labels", "agent_options"})
-
-
-def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
 
 
 def _usage(usage: Usage) -> usage_pb2.Usage:
@@ -145,9 +123,9 @@ def session_to_proto(session: Session, pending: list[bytes] = ()) -> session_pb2
             agent_options_pb2.AgentOptions.FromString(session.agent_options)
         ),
         labels=session.labels,
-        create_time=_ts(session.create_time),
-        update_time=_ts(session.update_time),
-        archive_time=_ts(session.archive_time),
+        create_time=to_timestamp(session.create_time),
+        update_time=to_timestamp(session.update_time),
+        archive_time=to_timestamp(session.archive_time),
         last_sequence=session.last_sequence,
         usage=_usage(session.usage),
         turn_count=session.turn_count,
@@ -171,9 +149,9 @@ def turn_to_proto(turn: Turn) -> turn_pb2.Turn:
         state=turn_pb2.Turn.State.Value(f"STATE_{turn.state.value}"),
         text=turn.text,
         sender=turn.sender,
-        create_time=_ts(turn.create_time),
-        start_time=_ts(turn.start_time),
-        end_time=_ts(turn.end_time),
+        create_time=to_timestamp(turn.create_time),
+        start_time=to_timestamp(turn.start_time),
+        end_time=to_timestamp(turn.end_time),
         first_sequence=turn.first_sequence,
         last_sequence=turn.last_sequence,
         usage=_usage(turn.usage),
@@ -183,39 +161,12 @@ def turn_to_proto(turn: Turn) -> turn_pb2.Turn:
     return out
 
 
-def _ids(pattern: ResourcePattern, name: str, field: str, check: Validator) -> tuple[str, ...]:
-    """The ids of a resource name, or (with a violation added) empty ones."""
-    try:
-        return pattern.parse_field(name, field)
-    except InvalidArgument as exc:
-        check.violations.extend(exc.violations)
-        return ("",) * len(pattern.variables)
-
-
 def _session_id(name: str, field: str, check: Validator) -> str:
-    return _ids(SESSION, name, field, check)[0]
+    return ids_of(SESSION, name, field, check)[0]
 
 
 def _display_name(value: str, field: str, check: Validator) -> None:
     check_text(value, check, field, max_length=MAX_DISPLAY_NAME, lines=False)
-
-
-def _mask(
-    sent: field_mask_pb2.FieldMask, allowed: frozenset[str], check: Validator
-) -> frozenset[str]:
-    """The paths of an update mask (``*``: every field in ``allowed``); each must start with
-    an allowed field."""
-    paths = frozenset(sent.paths)
-    check.check(bool(paths), "update_mask", "name the fields to change")
-    if "*" in paths:
-        return allowed
-    for path in sorted(paths):
-        check.check(
-            path.split(".", 1)[0] in allowed,
-            "update_mask",
-            f"{path!r} cannot be changed; updatable: {', '.join(sorted(allowed))}",
-        )
-    return paths
 
 
 class SessionApi(rpc.SessionServiceServicer):
@@ -223,23 +174,7 @@ class SessionApi(rpc.SessionServiceServicer):
         """``trusted_proxies``: who may name the client's address (the edge); the deployment's
         CORRAL_TRUSTED_PROXIES if not given."""
         self._service = service
-        self._trusted = (
-            trusted_networks(Settings().trusted_proxies)
-            if trusted_proxies is None
-            else trusted_proxies
-        )
-
-    def _origin(self, context: Any) -> None:
-        """Where this state-changing call comes from, for its audit event."""
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        trailing = dict(context.trailing_metadata() or ())  # the id the kit gave the call
-        ORIGIN.set(
-            Origin(
-                request_id=str(metadata.get("x-request-id") or trailing.get("x-request-id", "")),
-                source_ip=client_address(context.peer() or "", metadata, self._trusted),
-                user_agent=metadata.get("user-agent", "")[:256],
-            )
-        )
+        self._origin = CallOrigins(trusted_proxies).capture  # for a change's audit event
 
     async def _proto(self, session: Session) -> session_pb2.Session:
         pending = (
@@ -282,16 +217,13 @@ class SessionApi(rpc.SessionServiceServicer):
     async def ListSessions(
         self, request: pb.ListSessionsRequest, context: Any
     ) -> pb.ListSessionsResponse:
-        conditions = parse_filter(request.filter, SESSION_FIELDS)
-        order, descending = parse_order(request.order_by, SESSION_ORDER, "update_time desc")
-        page = page_from(
-            request.page_size,
-            request.page_token,
-            fingerprint(request.filter, request.order_by),
-            default=50,
-        )
+        query = list_query(request, SESSION_FIELDS, SESSION_ORDER, default_order="update_time desc")
         sessions, token, total = await self._service.list_sessions(
-            require_caller(), conditions, order=order, descending=descending, page=page
+            require_caller(),
+            query.conditions,
+            order=query.order,
+            descending=query.descending,
+            page=query.page,
         )
         return pb.ListSessionsResponse(
             sessions=[session_to_proto(s) for s in sessions],
@@ -306,7 +238,7 @@ class SessionApi(rpc.SessionServiceServicer):
         check = Validator()
         sent = request.session
         session_id = _session_id(sent.name, "session.name", check)
-        paths = _mask(request.update_mask, UPDATABLE, check)
+        paths = check_update_mask(request.update_mask, UPDATABLE, check, nested=True)
         option_paths = [p.split(".", 1)[1] for p in paths if p.startswith("agent_options.")]
         check.check(
             field_mask_pb2.FieldMask(paths=option_paths).IsValidForDescriptor(
@@ -381,7 +313,7 @@ class SessionApi(rpc.SessionServiceServicer):
         policy.name = record.name
         policy.etag = record.etag
         if record.version:
-            stamp = _ts(record.update_time)
+            stamp = to_timestamp(record.update_time)
             assert stamp is not None
             policy.update_time.CopyFrom(stamp)
         return options.redacted_policy(policy)
@@ -390,7 +322,7 @@ class SessionApi(rpc.SessionServiceServicer):
         self, request: pb.GetAgentPolicyRequest, context: Any
     ) -> pb.GetAgentPolicyResponse:
         check = Validator()
-        (org_id,) = _ids(POLICY, request.name, "name", check)
+        (org_id,) = ids_of(POLICY, request.name, "name", check)
         check.raise_if_any()
         organization = ORGANIZATION.format(org_id)
         record = await self._service.get_policy(require_caller(), organization)
@@ -402,8 +334,8 @@ class SessionApi(rpc.SessionServiceServicer):
         self._origin(context)
         check = Validator()
         sent = request.agent_policy
-        (org_id,) = _ids(POLICY, sent.name, "agent_policy.name", check)
-        paths = _mask(request.update_mask, policy.FIELDS, check)
+        (org_id,) = ids_of(POLICY, sent.name, "agent_policy.name", check)
+        paths = check_update_mask(request.update_mask, policy.FIELDS, check, nested=True)
         check.check(
             all("." not in p for p in paths), "update_mask", "name whole fields of the policy"
         )
@@ -445,7 +377,7 @@ class SessionApi(rpc.SessionServiceServicer):
 
     async def GetTurn(self, request: pb.GetTurnRequest, context: Any) -> pb.GetTurnResponse:
         check = Validator()
-        session_id, turn_id = _ids(TURN, request.name, "name", check)
+        session_id, turn_id = ids_of(TURN, request.name, "name", check)
         check.raise_if_any()
         return pb.GetTurnResponse(
             turn=turn_to_proto(await self._service.get_turn(require_caller(), session_id, turn_id))

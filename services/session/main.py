@@ -15,25 +15,25 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from corral.identity.v1 import identity_service_pb2
 from corral.libs.app import Infrastructure, ServiceApp
+from corral.libs.audit import AuditWriter
 from corral.libs.auth.jwt import JwksSource
 from corral.libs.config import Settings
 from corral.libs.crypto import KeyRing
 from corral.libs.eventhub import EventHub
 from corral.libs.grpc.client import create_channel
+from corral.libs.grpc.identity import IdentityAudit, service_credentials
 from corral.libs.grpc.server import ServiceRegistration
 from corral.libs.ratelimit import Networks, trusted_networks
 from corral.libs.tls import channel_credentials
 from corral.runtime.v1 import runtime_service_pb2
 from corral.services.session.adapters import (
     GrpcRuntime,
-    IdentityAudit,
     IdentityLedger,
-    service_credentials,
 )
 from corral.services.session.api import SessionApi
 from corral.services.session.domain import now
 from corral.services.session.metrics import for_meter
-from corral.services.session.ports import AuditWriter, Runtime, UsageLedger
+from corral.services.session.ports import Runtime, UsageLedger
 from corral.services.session.repository import SessionUnitOfWork
 from corral.services.session.service import SessionService
 from corral.session.v1 import session_service_pb2, session_service_pb2_grpc
@@ -135,7 +135,7 @@ async def build(
         hub,
         GrpcRuntime(channels["runtime"], credentials),
         IdentityLedger(channels["identity"], credentials),
-        IdentityAudit(channels["identity"], credentials),
+        IdentityAudit(channels["identity"], credentials, service="session"),
         heartbeat_seconds=settings.session_heartbeat_seconds,
         lease_seconds=settings.session_turn_lease_seconds,
         key_ring=settings.key_ring(),

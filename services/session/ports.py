@@ -8,15 +8,16 @@ Ports speak Python: an adapter turns its transport's failures into the categorie
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Protocol, Self
 
 from google.protobuf import struct_pb2
 
 from corral.libs.idempotency import IdempotencyStore
 from corral.libs.listing import Condition, Page
+from corral.libs.outbox import OutboxStore
 from corral.runtime.v1 import agent_options_pb2 as runtime_options
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.services.session.domain import (
@@ -105,39 +106,6 @@ class Policies(Protocol):
     async def get(self, organization: str) -> AgentPolicyRecord | None: ...
 
     async def save(self, policy: AgentPolicyRecord) -> None: ...
-
-
-@dataclass
-class OutboxItem:
-    """An effect on another service that must happen (:mod:`.outbox`): its ``kind`` names
-    the handler, ``payload`` (JSON) says what to do."""
-
-    id: str
-    kind: str
-    organization: str
-    payload: dict[str, Any]
-    create_time: datetime
-    attempts: int = 0
-
-
-class OutboxStore(Protocol):
-    """Effects waiting to reach other services (written in the transaction of the change)."""
-
-    async def add(self, item: OutboxItem, next_attempt: datetime) -> None: ...
-
-    async def due(self, at: datetime, limit: int) -> list[tuple[OutboxItem, datetime]]:
-        """Items whose next attempt is at or before ``at``, oldest first, with that time."""
-        ...
-
-    async def claim(self, item_id: str, seen: datetime, until: datetime) -> bool:
-        """Move the next attempt from ``seen`` to ``until``; False if another replica did."""
-        ...
-
-    async def delivered(self, item_id: str) -> None: ...
-
-    async def failed(
-        self, item_id: str, attempts: int, next_attempt: datetime, error: str
-    ) -> None: ...
 
 
 class UnitOfWork(Protocol):
@@ -237,30 +205,3 @@ class UsageLedger(Protocol):
     async def remaining_budget(self, *, organization: str, user: str, token: str) -> int | None:
         """What is left of the cost budget, in micro-USD; None when it cannot be read."""
         ...
-
-
-@dataclass
-class AuditEntry:
-    """One audit event as identity's WriteAuditEvents takes it. ``id`` (a UUID4) is the
-    batch's request_id: identity stores a retried entry once."""
-
-    id: str
-    organization: str
-    actor: str
-    action: str
-    resource: str
-    outcome: str  # SUCCEEDED, DENIED or FAILED
-    event_time: datetime
-    request_id: str = ""  # the call's x-request-id
-    source_ip: str = ""
-    user_agent: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-    attempts: int = 0
-
-
-@runtime_checkable
-class AuditWriter(Protocol):
-    """Identity's audit log, entry by entry; raises (a libs.errors category) when the write
-    did not happen. ``token``: the caller's, when still at hand (else service credentials)."""
-
-    async def write(self, entry: AuditEntry, *, token: str) -> None: ...

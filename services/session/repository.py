@@ -14,6 +14,7 @@ from corral.libs import keyset
 from corral.libs.db import UnitOfWork
 from corral.libs.idempotency import SqlIdempotencyStore, idempotency_table
 from corral.libs.listing import Condition, Page
+from corral.libs.outbox import OutboxRecords, outbox_table
 from corral.services.session.domain import (
     AgentPolicyRecord,
     Session,
@@ -23,7 +24,6 @@ from corral.services.session.domain import (
     TurnState,
     Usage,
 )
-from corral.services.session.outbox import OutboxRecords, outbox_table
 
 metadata = sa.MetaData()
 
@@ -248,6 +248,9 @@ def _to_turn(row: sa.Row[Any]) -> Turn:
     )
 
 
+_LABELS = keyset.label_condition(sessions)
+
+
 class SessionRepository:
     def __init__(self, connection: AsyncConnection) -> None:
         self._c = connection
@@ -278,7 +281,7 @@ class SessionRepository:
     ) -> list[Session]:
         """One page (with one row to spare) in (``order``, id) order. Conditions name columns
         of ``sessions`` or ``labels.<key>``."""
-        query = sa.select(sessions).where(*keyset.where(sessions, conditions, _label_condition))
+        query = sa.select(sessions).where(*keyset.where(sessions, conditions, _LABELS))
         query = keyset.page_query(
             query, sessions.c[order], sessions.c.id, descending=descending, page=page
         )
@@ -288,20 +291,9 @@ class SessionRepository:
         query = (
             sa.select(sa.func.count())
             .select_from(sessions)
-            .where(*keyset.where(sessions, conditions, _label_condition))
+            .where(*keyset.where(sessions, conditions, _LABELS))
         )
         return int((await self._c.execute(query)).scalar_one())
-
-
-def _label_condition(condition: Condition) -> sa.ColumnElement[bool] | None:
-    """``labels.<key> = value`` (or ``!=``); None for the plain columns."""
-    if not condition.column.startswith("labels."):
-        return None
-    # labels are stored as sorted JSON with standard separators: match the exact pair.
-    pair = json.dumps({condition.column.removeprefix("labels."): condition.value})[1:-1]
-    escaped = pair.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    matched = sessions.c.labels.like(f"%{escaped}%", escape="\\")
-    return matched if condition.op == "=" else sa.not_(matched)
 
 
 class TurnRepository:

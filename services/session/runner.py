@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 
 from corral.libs.errors import CorralError, ResourceExhausted, Unavailable, outage
 from corral.libs.names import new_id
+from corral.libs.outbox import Outbox
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.services.session import events
 from corral.services.session.domain import (
@@ -40,7 +41,6 @@ from corral.services.session.leases import (
 )
 from corral.services.session.metrics import SessionMetrics, for_meter
 from corral.services.session.options import for_runtime, with_policy
-from corral.services.session.outbox import Outbox
 from corral.services.session.outcome import TurnOutcome
 from corral.services.session.ports import Runtime, TurnRequest, UnitOfWork, UsageLedger
 from corral.services.session.usage import usage_item

@@ -14,6 +14,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime
 
+from corral.libs import audit
+from corral.libs.audit import Audit, AuditWriter
 from corral.libs.auth.caller import Caller
 from corral.libs.config import Settings
 from corral.libs.crypto import KeyRing
@@ -27,8 +29,8 @@ from corral.libs.eventhub import EventHub
 from corral.libs.idempotency import RETENTION_SECONDS, CreateRequest
 from corral.libs.listing import Condition, Page, finish_page
 from corral.libs.names import new_id
-from corral.services.session import audit, domain, policy, usage
-from corral.services.session.audit import Audit
+from corral.libs.outbox import Outbox
+from corral.services.session import domain, policy, usage
 from corral.services.session.domain import (
     SESSION,
     AgentPolicyRecord,
@@ -42,8 +44,7 @@ from corral.services.session.idempotent import once
 from corral.services.session.leases import UNFINISHED
 from corral.services.session.metrics import SessionMetrics, for_meter
 from corral.services.session.options import options_with
-from corral.services.session.outbox import Outbox
-from corral.services.session.ports import AuditWriter, Runtime, UnitOfWork, UsageLedger
+from corral.services.session.ports import Runtime, UnitOfWork, UsageLedger
 from corral.services.session.runner import TurnRunner
 from corral.services.session.secrets import Secrets, UnsealingRuntime
 from corral.services.session.turns import TurnUseCases

@@ -10,13 +10,13 @@ from collections.abc import Callable
 
 from google.protobuf import struct_pb2
 
+from corral.libs.audit import Audit
 from corral.libs.auth.caller import Caller
 from corral.libs.errors import FailedPrecondition, NotFound, ResourceExhausted
 from corral.libs.idempotency import CreateRequest
 from corral.libs.listing import Page, finish_page
 from corral.libs.names import new_id
 from corral.services.session import domain, policy
-from corral.services.session.audit import Audit
 from corral.services.session.domain import (
     SESSION,
     TURN,

@@ -1,4 +1,4 @@
-"""A turn's usage with identity's ledger, through the outbox (:mod:`.outbox`).
+"""A turn's usage with identity's ledger, through the outbox (:mod:`corral.libs.outbox`).
 
 When a turn ends, what it used is settled on its slot's reservation, the slot is released, and
 the hold of its spending cap given back: one outbox item, written in the transaction that ends
@@ -15,8 +15,9 @@ import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 
+from corral.libs.outbox import OutboxItem
 from corral.services.session.domain import Usage, now
-from corral.services.session.ports import OutboxItem, UsageLedger
+from corral.services.session.ports import UsageLedger
 
 USAGE = "usage"
 

@@ -10,10 +10,11 @@ from typing import Any
 
 from google.protobuf import struct_pb2
 
+from corral.libs.audit import AuditEntry
 from corral.libs.errors import QuotaViolation, ResourceExhausted, Unavailable
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.services.session.domain import Usage
-from corral.services.session.ports import AuditEntry, TurnRequest
+from corral.services.session.ports import TurnRequest
 
 
 def event(turn_id: str, **payload: Any) -> rt.RuntimeEvent:

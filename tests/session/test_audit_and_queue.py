@@ -13,8 +13,8 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
+from corral.libs.audit import ORIGIN
 from corral.services.session.api import SessionApi
-from corral.services.session.audit import ORIGIN
 from corral.services.session.domain import now
 from corral.session.v1 import agent_policy_pb2, permission_pb2, session_pb2, turn_pb2
 from corral.session.v1 import session_service_pb2 as pb

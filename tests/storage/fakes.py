@@ -7,8 +7,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from corral.libs.audit import AuditEntry
 from corral.libs.errors import NotFound, QuotaViolation, ResourceExhausted, Unavailable
-from corral.services.session.ports import AuditEntry
 
 
 @dataclass
