@@ -1,6 +1,7 @@
 // Corral's web console: sign in, list and create sessions, chat with live streaming output,
-// approve or deny tool requests, interrupt, see usage. Plain DOM on the TypeScript SDK; the
-// session stream resumes by sequence after a dropped connection (shown as "reconnecting").
+// approve or deny tool requests, interrupt, see usage; the session's files (files.ts) and the
+// reports page (reports.ts). Plain DOM on the TypeScript SDK; the session stream resumes by
+// sequence after a dropped connection (shown as "reconnecting").
 import { Code, ConnectError, createCorral } from "../../ts-sdk/src/index.js";
 import type { Corral, StreamState } from "../../ts-sdk/src/index.js";
 import type { TokenGrant } from "../../ts-sdk/src/gen/corral/identity/v1/identity_service_pb.js";
@@ -15,6 +16,11 @@ import { Session_State } from "../../ts-sdk/src/gen/corral/session/v1/session_pb
 import type { Session } from "../../ts-sdk/src/gen/corral/session/v1/session_pb.js";
 import type { Usage } from "../../ts-sdk/src/gen/corral/session/v1/usage_pb.js";
 import { SendMessageRequest_BusyStrategy } from "../../ts-sdk/src/gen/corral/session/v1/session_service_pb.js";
+import { $, describe, el, toast, usd } from "./dom.js";
+import { FilesPanel } from "./files.js";
+import type { FilesDebug } from "./files.js";
+import { ReportsPage } from "./reports.js";
+import type { ReportsDebug } from "./reports.js";
 
 const TOKEN_KEY = "corral.token";
 const USER_KEY = "corral.user";
@@ -27,6 +33,8 @@ interface ConsoleDebug {
   rendered: number[];
   session: string;
   connection: StreamState;
+  files: FilesDebug;
+  reports: ReportsDebug;
 }
 declare global {
   interface Window {
@@ -34,46 +42,8 @@ declare global {
   }
 }
 
-const $ = <T extends HTMLElement = HTMLElement>(id: string): T => {
-  const element = document.getElementById(id);
-  if (element === null) throw new Error(`#${id} is missing`);
-  return element as T;
-};
-
-function el<K extends keyof HTMLElementTagNameMap>(
-  tag: K,
-  attributes: Record<string, string> = {},
-  ...children: (Node | string)[]
-): HTMLElementTagNameMap[K] {
-  const element = document.createElement(tag);
-  for (const [key, value] of Object.entries(attributes)) {
-    if (key === "class") element.className = value;
-    else element.setAttribute(key, value);
-  }
-  element.append(...children);
-  return element;
-}
-
-function usd(micros: bigint): string {
-  return `$${(Number(micros) / 1e6).toFixed(4)}`;
-}
-
 function stateName(state: Session_State): string {
   return (Session_State[state] ?? "UNKNOWN").replace(/^STATE_/, "").toLowerCase().replace(/_/g, " ");
-}
-
-function describe(error: unknown): string {
-  const connect = ConnectError.from(error);
-  return `${Code[connect.code] ?? connect.code}: ${connect.rawMessage || connect.message}`;
-}
-
-let toastTimer: ReturnType<typeof setTimeout> | undefined;
-function toast(message: string): void {
-  const box = $("toast");
-  box.textContent = message;
-  box.hidden = false;
-  clearTimeout(toastTimer);
-  toastTimer = setTimeout(() => (box.hidden = true), 6000);
 }
 
 class Console {
@@ -90,12 +60,30 @@ class Console {
   private blocks = new Map<string, HTMLElement>();
   private tools = new Map<string, HTMLElement>();
   private permissions = new Map<string, HTMLElement>();
-  readonly debug: ConsoleDebug = { rendered: [], session: "", connection: "closed" };
+  private files: FilesPanel;
+  private reports: ReportsPage;
+  readonly debug: ConsoleDebug;
 
   constructor(edgeUrl: string) {
     this.corral = createCorral({ baseUrl: edgeUrl, getToken: () => this.currentToken() });
     this.anonymous = createCorral({ baseUrl: edgeUrl });
+    const guard = <T>(call: () => Promise<T>) => this.guard(call);
+    this.files = new FilesPanel(this.corral, guard);
+    this.reports = new ReportsPage(this.corral, guard, (name) => {
+      location.hash = "#sessions";
+      void this.select(name);
+    });
+    this.debug = {
+      rendered: [],
+      session: "",
+      connection: "closed",
+      files: this.files.debug,
+      reports: this.reports.debug,
+    };
     window.corralConsole = this.debug;
+    window.addEventListener("hashchange", () => {
+      if (this.token) void this.route();
+    });
     $("login-form").addEventListener("submit", (e) => (e.preventDefault(), void this.login()));
     $("logout").addEventListener("click", () => this.logout());
     $("new-session").addEventListener("submit", (e) => (e.preventDefault(), void this.create()));
@@ -121,6 +109,8 @@ class Console {
     this.stream?.abort();
     $("login-view").hidden = false;
     $("app-view").hidden = true;
+    $("reports-view").hidden = true;
+    $("nav").hidden = true;
     $("logout").hidden = true;
     $("who").textContent = "";
     $("login-error").textContent = message;
@@ -205,11 +195,29 @@ class Console {
 
   private async enter(): Promise<void> {
     $("login-view").hidden = true;
-    $("app-view").hidden = false;
     $("logout").hidden = false;
+    $("nav").hidden = false;
     if (!$("who").textContent) $("who").textContent = this.user.split("/").pop() ?? "";
-    await this.refresh();
-    void this.refreshUsageReport();
+    await this.route();
+  }
+
+  /** The view the URL's fragment names: `#sessions` (default), `#reports`, `#reports/{id}`. */
+  private async route(): Promise<void> {
+    const hash = decodeURIComponent(location.hash.slice(1));
+    const reports = hash === "reports" || hash.startsWith("reports/");
+    const wasReports = !$("reports-view").hidden;
+    $("app-view").hidden = reports;
+    $("reports-view").hidden = !reports;
+    for (const link of $("nav").querySelectorAll<HTMLAnchorElement>("a")) {
+      link.classList.toggle("current", link.dataset.view === (reports ? "reports" : "sessions"));
+    }
+    if (reports) {
+      if (!wasReports) await this.reports.list(false);
+      if (hash.startsWith("reports/")) await this.reports.show(hash);
+    } else {
+      await this.refresh();
+      void this.refreshUsageReport();
+    }
   }
 
   // ---- sessions ----
@@ -271,6 +279,7 @@ class Console {
     this.debug.rendered = [];
     this.debug.session = name;
     $("events").replaceChildren();
+    this.files.show("");
     for (const item of $("sessions").querySelectorAll("li")) {
       item.classList.toggle("selected", item.dataset.name === name);
     }
@@ -290,6 +299,7 @@ class Console {
   }
 
   private showSession(session: Session): void {
+    if (session.workspace !== this.files.debug.workspace) this.files.show(session.workspace);
     $("session-title").textContent = session.displayName || session.name;
     $("session-title").title = session.name;
     $("session-state").textContent = stateName(session.state);
@@ -493,6 +503,7 @@ class Console {
         }
         void this.refreshSession();
         void this.refreshUsageReport();
+        this.files.refreshSoon(); // what the agent wrote in this turn
         break;
       }
       case "error":
