@@ -3,71 +3,22 @@
 //   CONSOLE_URL EDGE_URL CORRAL_EMAIL CORRAL_PASSWORD ARTIFACTS CHROMIUM
 // Each step prints one line and leaves a screenshot in ARTIFACTS; the first failure exits 1.
 import assert from "node:assert/strict";
-import { mkdir, rm } from "node:fs/promises";
-import { join } from "node:path";
-
-import { chromium } from "playwright-core";
 
 import { createCorral } from "../../ts-sdk/dist/index.js";
 import { TcpProxy } from "../../ts-sdk/test/tcp-proxy.mjs";
+import { env, open, script } from "./harness.mjs";
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) throw new Error(`${name} is not set`);
-  return value;
-};
 const consoleUrl = env("CONSOLE_URL");
 const edgeUrl = env("EDGE_URL");
 const email = env("CORRAL_EMAIL");
 const password = env("CORRAL_PASSWORD");
 const artifacts = env("ARTIFACTS");
-const executablePath = process.env.CHROMIUM || "/usr/bin/chromium";
-const TIMEOUT = 30_000;
-
-const script = (steps) => `<<corral-model ${JSON.stringify(steps)}>>`;
-const started = Date.now();
-let shot = 0;
-
-function log(message) {
-  console.log(`[${((Date.now() - started) / 1000).toFixed(1)}s] ${message}`);
-}
 
 const proxy = new TcpProxy(edgeUrl);
 await proxy.listen();
 
-await rm(artifacts, { recursive: true, force: true });
-await mkdir(artifacts, { recursive: true });
-
-// The flags this machine needs (closed network, running as root): see the machine notes.
-const browser = await chromium.launch({
-  executablePath,
-  headless: true,
-  args: [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-  ],
-});
-const context = await browser.newContext({ viewport: { width: 1280, height: 860 } });
-const page = await context.newPage();
-page.setDefaultTimeout(TIMEOUT);
-const pageErrors = [];
-page.on("pageerror", (error) => pageErrors.push(String(error)));
-page.on("console", (message) => {
-  if (message.type() === "error") log(`browser console: ${message.text()}`);
-});
-
-async function screenshot(name) {
-  shot += 1;
-  const file = join(artifacts, `${String(shot).padStart(2, "0")}-${name}.png`);
-  await page.screenshot({ path: file, fullPage: true });
-  return file;
-}
+const run = await open(artifacts);
+const { context, page, pageErrors, screenshot, step } = run;
 
 async function send(text) {
   await page.fill("#message", text);
@@ -79,20 +30,6 @@ async function turnResult(n) {
   const result = page.locator(".turn-result").nth(n - 1);
   await result.waitFor();
   return result.getAttribute("data-status");
-}
-
-let failed = false;
-async function step(name, body) {
-  const begin = Date.now();
-  try {
-    await body();
-    log(`ok    ${name} (${Date.now() - begin} ms)`);
-  } catch (error) {
-    failed = true;
-    log(`FAIL  ${name}: ${error?.stack ?? error}`);
-    await screenshot(`failed-${name.replace(/\W+/g, "-")}`).catch(() => undefined);
-    throw error;
-  }
 }
 
 try {
@@ -261,10 +198,8 @@ try {
 
   assert.deepEqual(pageErrors, [], "no uncaught errors in the page");
 } catch {
-  failed = true;
+  run.fail();
 } finally {
-  await browser.close();
   await proxy.close();
 }
-log(failed ? "e2e failed" : `e2e passed, ${shot} screenshots in ${artifacts}`);
-process.exit(failed ? 1 : 0);
+await run.finish();
