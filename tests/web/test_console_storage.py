@@ -7,8 +7,10 @@ Markdown sanitised, pretty-prints JSON, and shows HTML only in a sandboxed frame
 never run (checked against the same document, whose scripts do run in a page of its own). A
 session's files panel uploads a small file (one call) and a big one (chunked, with progress);
 the agent, scripted, reads both in a Bash call and writes files of its own; the panel shows
-its directory when the turn ends, and what the agent wrote downloads byte for byte.
-Screenshots of every step land in test-artifacts/web/storage/.
+its directory when the turn ends, and what the agent wrote downloads byte for byte. Then the
+attacker's view: a viewer of the organisation sees the files and may download them but is
+refused an upload (PERMISSION_DENIED, shown on the transfer); another user sees neither the
+session nor the reports, and a report opened by its name is NOT_FOUND. Screenshots of every step land in test-artifacts/web/storage/.
 """
 
 from __future__ import annotations

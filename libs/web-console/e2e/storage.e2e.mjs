@@ -5,12 +5,14 @@
 // renders Markdown (sanitised), pretty-prints JSON and keeps HTML in a sandboxed frame where its
 // scripts never run. Then it uploads a small and a big file into a session's workspace, has the
 // agent (the offline model, scripted) read them and write files of its own, browses into the
-// directory the agent made and downloads what it wrote, byte for byte.
+// directory the agent made and downloads what it wrote, byte for byte. Last, a viewer of the
+// organisation reads those files but is refused an upload, and another user sees nothing.
 import assert from "node:assert/strict";
 import { createHash, randomBytes } from "node:crypto";
 import { readFile } from "node:fs/promises";
 
 import { createCorral } from "../../ts-sdk/dist/index.js";
+import { Role } from "../../ts-sdk/dist/gen/corral/identity/v1/role_pb.js";
 import { ReportFormat } from "../../ts-sdk/dist/gen/corral/storage/v1/report_pb.js";
 import { env, open, script, signIn } from "./harness.mjs";
 
@@ -311,6 +313,54 @@ try {
     assert.equal(sha256(back.bytes), sha256(big));
     await page.locator('#files-transfers li[data-kind="download"][data-path="big.bin"][data-state="done"]').waitFor();
     await screenshot("files-downloaded");
+  });
+
+  await step("a viewer sees the files and reports but cannot upload; another user sees neither", async () => {
+    const organization = login.user.name.split("/").slice(0, 2).join("/");
+    const people = {};
+    for (const role of ["viewer", "user"]) {
+      const person = { email: `${role}-${RUN}@corral.local`, password: `${role} password ${RUN}` };
+      await api.identity.createUser({
+        parent: organization,
+        user: { ...person, displayName: role, role: role === "viewer" ? Role.VIEWER : Role.USER },
+        requestId: crypto.randomUUID(),
+      });
+      people[role] = person;
+    }
+    const other = await run.browser.newContext({ viewport: { width: 1280, height: 860 } });
+    try {
+      const viewer = await other.newPage();
+      await signIn(viewer, consoleUrl, people.viewer.email, people.viewer.password);
+      await viewer.locator("#sessions li", { hasText: "files test" }).click();
+      await viewer.locator('#files-list tr.file[data-path="notes.txt"]').waitFor();
+      await viewer.setInputFiles("#files-input", [{ name: "intruder.txt", mimeType: "text/plain", buffer: Buffer.from("no") }]);
+      const refused = viewer.locator('#files-transfers li[data-path="intruder.txt"][data-state="failed"]');
+      await refused.waitFor();
+      assert.match(await refused.locator(".status").textContent(), /^PermissionDenied/);
+      await screenshot("viewer-refused", viewer);
+      const [saved] = await Promise.all([
+        viewer.waitForEvent("download"),
+        viewer.locator('#files-list tr[data-path="notes.txt"] button').click(),
+      ]);
+      assert.equal((await readFile(await saved.path())).toString(), notes, "a viewer may read");
+      await viewer.close();
+
+      const stranger = await other.newPage();
+      await signIn(stranger, consoleUrl, people.user.email, people.user.password);
+      await stranger.locator("#sessions li.muted", { hasText: "No sessions yet." }).waitFor();
+      await stranger.click('#nav a[data-view="reports"]');
+      await stranger.fill("#report-filter-label", `e2e=${RUN}`);
+      await stranger.click('#report-filters button[type="submit"]');
+      await stranger.waitForFunction(() => window.corralConsole.reports.filter.startsWith("labels.e2e"));
+      await stranger.locator("#reports li.muted", { hasText: "No reports." }).waitFor();
+      // Straight to a report by its name: as if it did not exist.
+      await stranger.goto(`${consoleUrl}/#${reports.html}`);
+      await stranger.locator("#toast", { hasText: "NotFound" }).waitFor();
+      assert.equal(await stranger.locator("#report-frame").count(), 0);
+      await screenshot("stranger-sees-nothing", stranger);
+    } finally {
+      await other.close();
+    }
   });
 
   assert.deepEqual(pageErrors, [], "no uncaught errors in the page");

@@ -133,7 +133,7 @@ export class FilesPanel {
 
   private directoryRow(prefix: string): HTMLElement {
     const name = prefix.slice(this.prefix.length);
-    const open = el("button", { type: "button", class: "link" }, `📁 ${name}`);
+    const open = el("button", { type: "button", class: "link" }, `▸ ${name}`);
     open.addEventListener("click", () => this.open(prefix));
     return el("tr", { class: "directory", "data-prefix": prefix }, el("td", { colspan: "4" }, open));
   }
