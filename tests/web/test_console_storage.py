@@ -10,7 +10,8 @@ the agent, scripted, reads both in a Bash call and writes files of its own; the 
 its directory when the turn ends, and what the agent wrote downloads byte for byte. Then the
 attacker's view: a viewer of the organisation sees the files and may download them but is
 refused an upload (PERMISSION_DENIED, shown on the transfer); another user sees neither the
-session nor the reports, and a report opened by its name is NOT_FOUND. Screenshots of every step land in test-artifacts/web/storage/.
+session nor the reports, and a report opened by its name is NOT_FOUND. Screenshots of every
+step land in test-artifacts/web/storage/.
 """
 
 from __future__ import annotations
