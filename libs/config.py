@@ -137,7 +137,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
 
     # Agent runtime: one Claude CLI process per live session, at most runtime_pool_size of them;
-    # transcripts and working directories under runtime_root (default <data_dir>/runtime).
+    # its own state (transcripts, config directories) under runtime_root (default
+    # <data_dir>/runtime). Agents work in storage's workspaces (see workspaces_dir).
     runtime_root: Path | None = None
     runtime_pool_size: int = Field(default=8, ge=1)
     # Turns that may wait for a process when every one is running a turn (in order of arrival);
@@ -152,7 +153,9 @@ class Settings(BaseSettings):
     # development warns and runs unsandboxed when bwrap is missing.
     runtime_sandbox: Literal["bwrap", "off"] = "bwrap"
     runtime_allow_unsandboxed: bool = False
-    runtime_agent_uid: int = Field(default=10001, ge=1)  # when the runtime runs as root
+    # The user agents run as when the runtime runs as root; storage, when it runs as root,
+    # gives the files it writes into workspaces to the same user.
+    runtime_agent_uid: int = Field(default=10001, ge=1)
     runtime_agent_gid: int = Field(default=10001, ge=1)
     # Extra paths agents may read (e.g. the virtualenv an MCP server runs from).
     runtime_sandbox_read_only: list[Path] = Field(default_factory=list)
@@ -238,6 +241,11 @@ class Settings(BaseSettings):
 
     def storage_dir(self) -> Path:
         return (self.storage_root or self.data_dir / "storage").resolve()
+
+    def workspaces_dir(self) -> Path:
+        """Where the agents' working directories are, ``<id>/`` each: storage makes them and
+        the runtime runs agents in them, so both read this one setting (storage_root)."""
+        return self.storage_dir() / "workspaces"
 
     def runtime_max_waiting_turns(self) -> int:
         if self.runtime_pool_queue_size is None:

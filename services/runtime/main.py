@@ -166,7 +166,7 @@ async def _service(
             charge_model_cost=charge,
         ),
         sdk,
-        SessionStore(settings.runtime_dir()),
+        SessionStore(settings.runtime_dir(), settings.workspaces_dir()),
         ProcessPool(
             settings.runtime_pool_size,
             settings.runtime_idle_seconds,
@@ -230,6 +230,7 @@ async def _probe(policy: SandboxPolicy, root: Path) -> None:
     namespaces, no privileges)."""
     with tempfile.TemporaryDirectory(prefix="sandbox-probe-", dir=_existing(root)) as scratch:
         workspace, config = Path(scratch) / "workspace", Path(scratch) / "config"
+        workspace.mkdir()  # as storage makes a session's
         await asyncio.to_thread(prepare, policy, workspace=workspace, config_dir=config)
         argv = command(policy, workspace=workspace, config_dir=config, cli=Path("/usr/bin/true"))
         child = await asyncio.create_subprocess_exec(

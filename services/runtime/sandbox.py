@@ -23,6 +23,7 @@ user namespaces, which the Linux kernels of current distributions allow.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -129,10 +130,15 @@ def _under_system(path: Path) -> bool:
 
 
 def prepare(policy: SandboxPolicy, *, workspace: Path, config_dir: Path) -> None:
-    """Make the session's two directories the agent user's own (when the runtime is root, it
-    is the one that can) and write the agent's passwd and group entries."""
+    """Write the agent's passwd and group entries into its config directory (made here) and,
+    when the runtime is root (it is the one that can), give the agent user its two
+    directories: the config directory with everything in it, and the workspace, which storage
+    made, itself (mode 0700). The files in a workspace are the agent's already: what it writes,
+    and what storage writes there, which storage gives to the same user (it reads
+    ``CORRAL_RUNTIME_AGENT_UID``/``GID`` too). Nothing is changed through a link: the walk opens
+    each directory with ``O_NOFOLLOW`` and changes what it finds by descriptor, or by name
+    relative to its directory's descriptor without following it."""
     config_dir.mkdir(parents=True, exist_ok=True)
-    workspace.mkdir(parents=True, exist_ok=True)
     (config_dir / PASSWD_FILE).write_text(
         f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
         f"agent:x:{policy.uid}:{policy.gid}:Corral agent:{config_dir}:/bin/sh\n"
@@ -141,9 +147,21 @@ def prepare(policy: SandboxPolicy, *, workspace: Path, config_dir: Path) -> None
     (config_dir / GROUP_FILE).write_text(f"root:x:0:\nagent:x:{policy.gid}:\n")
     if os.geteuid() != 0:
         return
-    for top in (workspace, config_dir):
-        for root, directories, files in os.walk(top):
-            os.lchown(root, policy.uid, policy.gid)
-            for name in (*directories, *files):
-                os.lchown(os.path.join(root, name), policy.uid, policy.gid)
-        top.chmod(0o700)
+    for top, whole in ((config_dir, True), (workspace, False)):
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, policy.uid, policy.gid)
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
+        if whole:
+            _give_tree(top, policy.uid, policy.gid)
+
+
+def _give_tree(top: Path, uid: int, gid: int) -> None:
+    """Everything under ``top`` becomes uid:gid; links are changed themselves, never followed
+    (``fwalk`` does not descend into a directory that was swapped for a link)."""
+    for _, directories, files, dir_fd in os.fwalk(top, follow_symlinks=False):
+        for name in (*directories, *files):
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)

@@ -250,7 +250,7 @@ class RuntimeService:
                 return _Launch(warm_process)
         transcript = self.store.transcript(state, resume) if resume else None
         if transcript is None and resume and request.fork_transcript:
-            transcript = await asyncio.to_thread(self.store.adopt, state, resume, workspace)
+            transcript = await asyncio.to_thread(self.store.adopt, state, resume)
         if resume and transcript is None:
             raise TranscriptNotFound(
                 f"transcript {resume!r} of session {state.session_id!r} is not on this replica"

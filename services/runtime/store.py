@@ -1,12 +1,17 @@
-"""The runtime's sessions on disk: a config directory per session, a working directory per
-workspace.
+"""The runtime's sessions on disk: a config directory per session, and the working directory
+storage assigned it.
 
 ``<root>/sessions/<session>/`` is the session's ``CLAUDE_CONFIG_DIR`` (and ``HOME``): the CLI
-keeps its transcripts there, at ``projects/<cwd, sanitised>/<transcript>.jsonl``.
-``<root>/workspaces/<session>/`` is the session's working directory. The runtime keeps what
-survives a restart (whose session it is) in ``<root>/state/<session>.json``, out of the agent's
-reach: the agent may write anything in its own two directories. Ids are in the shared id
-alphabet (``libs.names``), so they are safe as file names.
+keeps its transcripts there, at ``projects/<cwd, sanitised>/<transcript>.jsonl``. The runtime
+keeps what survives a restart (whose session it is) in ``<root>/state/<session>.json``, out of
+the agent's reach: the agent may write anything in its own two directories.
+
+The working directory is the storage service's workspace, ``<workspaces>/<session>/`` on the
+filesystem both services share (``CORRAL_STORAGE_ROOT/workspaces``): storage makes it when the
+session is created, copies it on a fork and deletes it with the session; the runtime only runs
+agents in it, and refuses a turn whose workspace storage never made (WORKSPACE_UNAVAILABLE), so
+nothing an agent writes escapes storage's accounts. Ids are in the shared id alphabet
+(``libs.names``), so they are safe as file names.
 """
 
 from __future__ import annotations
@@ -43,18 +48,18 @@ class SessionState:
 
 class SessionStore:
     """The sessions this replica knows: in memory once used, else found on disk. ``start``
-    creates the directories and counts the sessions a previous run left."""
+    creates the runtime's directories and counts the sessions a previous run left;
+    ``workspaces`` is storage's folder of workspaces."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, workspaces: Path) -> None:
         self._sessions_dir = root / "sessions"
-        self._workspaces_dir = root / "workspaces"
+        self._workspaces_dir = workspaces
         self._state_dir = root / "state"
         self._sessions: dict[str, SessionState] = {}
         self._known: set[str] = set()
 
     async def start(self) -> None:
         self._sessions_dir.mkdir(parents=True, exist_ok=True)
-        self._workspaces_dir.mkdir(parents=True, exist_ok=True)
         self._state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._known = {p.name for p in self._sessions_dir.iterdir() if p.is_dir()}
 
@@ -107,21 +112,22 @@ class SessionStore:
         )
 
     def forget(self, state: SessionState) -> None:
-        """A deleted session: its transcripts and its working directory go."""
+        """A deleted session: its transcripts go (its workspace is storage's to delete)."""
         shutil.rmtree(state.config_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
             self._marker(state.session_id).unlink()
-        if state.workspace_id:
-            shutil.rmtree(self._workspaces_dir / state.workspace_id, ignore_errors=True)
         self._sessions.pop(state.session_id, None)
         self._known.discard(state.session_id)
 
     def workspace(self, workspace_id: str) -> Path:
+        """The workspace storage made, a directory (not a link); WORKSPACE_UNAVAILABLE when
+        there is none (storage never made it or deleted it, or its volume is not mounted)."""
         path = self._workspaces_dir / workspace_id
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise WorkspaceUnavailable(f"workspace {workspace_id!r} is unavailable") from exc
+        if path.is_symlink() or not path.is_dir():
+            raise WorkspaceUnavailable(
+                f"workspace {workspace_id!r} does not exist in storage's folder of workspaces"
+                f" ({self._workspaces_dir}): storage makes it when the session is created"
+            )
         return path
 
     def transcript(self, state: SessionState, transcript_id: str) -> Path | None:
@@ -129,10 +135,10 @@ class SessionStore:
         to resume in any project directory)."""
         return next(iter((state.config_dir / "projects").glob(f"*/{transcript_id}.jsonl")), None)
 
-    def adopt(self, state: SessionState, transcript_id: str, workspace: Path) -> Path | None:
+    def adopt(self, state: SessionState, transcript_id: str) -> Path | None:
         """A forked session's first turn branches from its parent: copy in the parent's
-        transcript and, into an empty working directory, the parent's files. The parent must be
-        a session of the same organisation on this replica."""
+        transcript (storage copied its files when the fork was made). The parent must be a
+        session of the same organisation on this replica."""
         for found in self._sessions_dir.glob(f"*/projects/*/{transcript_id}.jsonl"):
             parent = self.session(found.parents[2].name, "", create=False)
             if parent is None or parent is state or parent.organization != state.organization:
@@ -143,9 +149,6 @@ class SessionStore:
             extras = found.with_suffix("")  # the transcript's own directory (subagents)
             if extras.is_dir():
                 shutil.copytree(extras, target.with_suffix(""), dirs_exist_ok=True)
-            files = self._workspaces_dir / parent.workspace_id if parent.workspace_id else None
-            if files and files.is_dir() and files != workspace and not any(workspace.iterdir()):
-                shutil.copytree(files, workspace, symlinks=True, dirs_exist_ok=True)
             return target
         return None
 

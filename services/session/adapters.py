@@ -1,4 +1,4 @@
-"""Adapters for the session service's ports: the runtime and identity over gRPC.
+"""Adapters for the session service's ports: the runtime, storage and identity over gRPC.
 
 Every call's ``grpc.aio.AioRpcError`` leaves here as the :mod:`corral.libs.errors` category the
 other service raised (its reason and details kept): the service layer never sees gRPC.
@@ -6,7 +6,9 @@ other service raised (its reason and details kept): the service layer never sees
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 from google.protobuf import duration_pb2, struct_pb2
@@ -18,6 +20,7 @@ from corral.libs.errors import (
     CorralError,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -28,6 +31,11 @@ from corral.runtime.v1 import runtime_service_pb2 as runtime_pb
 from corral.runtime.v1 import runtime_service_pb2_grpc as runtime_rpc
 from corral.services.session.domain import Usage
 from corral.services.session.ports import TurnRequest
+from corral.storage.v1 import storage_service_pb2 as storage_pb
+from corral.storage.v1 import storage_service_pb2_grpc as storage_rpc
+from corral.storage.v1 import workspace_pb2
+
+log = logging.getLogger("corral.session")
 
 
 def _turn_error(exc: grpc.aio.AioRpcError) -> CorralError:
@@ -115,6 +123,84 @@ class GrpcRuntime:
                     session=session, delete_transcript=delete_transcript
                 ),
                 metadata=await self._metadata(),
+            )
+
+
+STORAGE_QUOTA_REASONS = frozenset({"STORAGE_QUOTA_EXCEEDED", "QUOTA_EXCEEDED"})
+
+
+def _workspace_error(error: CorralError, what: str) -> CorralError:
+    """Storage's answer in the session API's terms: a full quota is QUOTA_EXCEEDED (its
+    QuotaFailure kept), a missing workspace stays NOT_FOUND, and anything else (storage down or
+    slow, its rate limit, a refused service credential) is WORKSPACE_UNAVAILABLE: nothing the
+    session's caller sent, so retry."""
+    if isinstance(error, ResourceExhausted) and error.reason in STORAGE_QUOTA_REASONS:
+        return ResourceExhausted(
+            "the storage quota has no room for the workspace",
+            reason="QUOTA_EXCEEDED",
+            violations=error.violations,
+        )
+    if isinstance(error, NotFound):
+        return error
+    log.warning(
+        "the storage service could not %s a workspace",
+        what,
+        extra={"reason": error.reason, "error": error.message[:300]},
+    )
+    retry_after = getattr(error, "retry_after_seconds", None)
+    return Unavailable(
+        f"the storage service could not {what} the session's workspace ({error.reason}); retry",
+        reason="WORKSPACE_UNAVAILABLE",
+        retry_after_seconds=retry_after if retry_after is not None else 1.0,
+        metadata={"cause": error.reason},
+    )
+
+
+@contextlib.contextmanager
+def _workspace_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise _workspace_error(from_rpc_error(exc), what) from exc
+    except CorralError as exc:  # this service's own credentials could not be had
+        raise _workspace_error(exc, what) from exc
+
+
+class GrpcStorage:
+    """The storage service's workspaces, called as this service (its own service credentials:
+    storage creates and copies workspaces for Corral's services only), naming the session's
+    owner, whose storage quota the workspace uses."""
+
+    def __init__(self, channel: grpc.aio.Channel, credentials: CachedToken | None) -> None:
+        self._stub = storage_rpc.StorageServiceStub(channel)
+        self._credentials = credentials
+
+    async def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return bearer(await self._credentials.get()) if self._credentials else ()
+
+    async def create(self, *, organization: str, session: str, owner: str, request_id: str) -> str:
+        request = storage_pb.CreateWorkspaceRequest(
+            workspace=workspace_pb2.Workspace(
+                organization=organization, session=session, owner=owner
+            ),
+            request_id=request_id,
+        )
+        with _workspace_errors("create"):
+            reply = await self._stub.CreateWorkspace(request, metadata=await self._metadata())
+        return str(reply.workspace.name)
+
+    async def clone(self, source: str, *, session: str, owner: str, request_id: str) -> str:
+        request = storage_pb.CloneWorkspaceRequest(
+            name=source, session=session, owner=owner, request_id=request_id
+        )
+        with _workspace_errors("copy"):
+            reply = await self._stub.CloneWorkspace(request, metadata=await self._metadata())
+        return str(reply.workspace.name)
+
+    async def delete(self, workspace: str) -> None:
+        with contextlib.suppress(NotFound), _workspace_errors("delete"):
+            await self._stub.DeleteWorkspace(
+                storage_pb.DeleteWorkspaceRequest(name=workspace), metadata=await self._metadata()
             )
 
 

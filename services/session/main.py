@@ -28,15 +28,17 @@ from corral.libs.tls import channel_credentials
 from corral.runtime.v1 import runtime_service_pb2
 from corral.services.session.adapters import (
     GrpcRuntime,
+    GrpcStorage,
     IdentityLedger,
 )
 from corral.services.session.api import SessionApi
 from corral.services.session.domain import now
 from corral.services.session.metrics import for_meter
-from corral.services.session.ports import Runtime, UsageLedger
+from corral.services.session.ports import Runtime, UsageLedger, WorkspaceStore
 from corral.services.session.repository import SessionUnitOfWork
 from corral.services.session.service import SessionService
 from corral.session.v1 import session_service_pb2, session_service_pb2_grpc
+from corral.storage.v1 import storage_service_pb2
 
 log = logging.getLogger("corral.session")
 
@@ -66,6 +68,7 @@ def wire(
     ledger: UsageLedger,
     audit: AuditWriter,
     *,
+    workspaces: WorkspaceStore,
     heartbeat_seconds: float,
     lease_seconds: float,
     clock: Callable[[], datetime] = now,
@@ -76,14 +79,16 @@ def wire(
     instance: str = "",
 ) -> Wiring:
     """The session service from its dependencies: the one place it is put together (``build``
-    and the tests both use it). ``meter``: where its metrics go (default: the process's);
-    ``instance``: this process's name on the turns it runs (default: a random one)."""
+    and the tests both use it). ``workspaces``: the storage service's; ``meter``: where its
+    metrics go (default: the process's); ``instance``: this process's name on the turns it runs
+    (default: a random one)."""
     service = SessionService(
         lambda: SessionUnitOfWork(engine),
         hub,
         runtime,
         ledger,
         audit,
+        workspaces=workspaces,
         heartbeat_seconds=heartbeat_seconds,
         lease_seconds=lease_seconds,
         clock=clock,
@@ -112,6 +117,7 @@ async def build(
     for name, descriptor in (
         ("runtime", runtime_service_pb2.DESCRIPTOR.services_by_name["RuntimeService"]),
         ("identity", identity_service_pb2.DESCRIPTOR.services_by_name["IdentityService"]),
+        ("storage", storage_service_pb2.DESCRIPTOR.services_by_name["StorageService"]),
     ):
         channel = create_channel(
             settings.target_for(name),
@@ -127,7 +133,8 @@ async def build(
     if credentials is None:
         log.warning(
             "no service credentials (CORRAL_SERVICE_API_KEY, or <data_dir>/service-api-key): the"
-            " agent runtime answers internal services only and will refuse every turn"
+            " agent runtime and storage's workspaces answer internal services only, so every"
+            " turn and every new session will be refused"
         )
     bound = settings.port_for("session") if port is None else port
     wired = wire(
@@ -136,6 +143,7 @@ async def build(
         GrpcRuntime(channels["runtime"], credentials),
         IdentityLedger(channels["identity"], credentials),
         IdentityAudit(channels["identity"], credentials, service="session"),
+        workspaces=GrpcStorage(channels["storage"], credentials),
         heartbeat_seconds=settings.session_heartbeat_seconds,
         lease_seconds=settings.session_turn_lease_seconds,
         key_ring=settings.key_ring(),

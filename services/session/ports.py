@@ -1,5 +1,5 @@
 """What the session service needs from the outside, as ports: its unit of work (adapters in
-``repository.py``), the runtime and identity (adapters in ``adapters.py``).
+``repository.py``), the runtime, storage and identity (adapters in ``adapters.py``).
 
 Ports speak Python: an adapter turns its transport's failures into the categories of
 :mod:`corral.libs.errors` before they reach the service layer.
@@ -182,6 +182,26 @@ class Runtime(Protocol):
     ) -> None: ...
 
     async def release(self, session: str, *, delete_transcript: bool, token: str) -> None: ...
+
+
+class WorkspaceStore(Protocol):
+    """The storage service's workspaces (``workspaces/{session id}``), called as this service.
+    Failures arrive as :mod:`corral.libs.errors` categories in this service's terms: a full
+    storage quota as ResourceExhausted (QUOTA_EXCEEDED, its QuotaFailure kept), anything that
+    keeps storage from answering as Unavailable (WORKSPACE_UNAVAILABLE)."""
+
+    async def create(self, *, organization: str, session: str, owner: str, request_id: str) -> str:
+        """Make the session's empty workspace, on ``owner``'s quota; returns its name."""
+        ...
+
+    async def clone(self, source: str, *, session: str, owner: str, request_id: str) -> str:
+        """Copy the workspace ``source`` (a name) for the forked ``session``; returns the
+        copy's name. NotFound (WORKSPACE_NOT_FOUND) when ``source`` does not exist."""
+        ...
+
+    async def delete(self, workspace: str) -> None:
+        """Delete the workspace and its files; one that does not exist counts as deleted."""
+        ...
 
 
 class UsageLedger(Protocol):

@@ -44,10 +44,16 @@ from corral.services.session.idempotent import once
 from corral.services.session.leases import UNFINISHED
 from corral.services.session.metrics import SessionMetrics, for_meter
 from corral.services.session.options import options_with
-from corral.services.session.ports import Runtime, UnitOfWork, UsageLedger
+from corral.services.session.ports import (
+    Runtime,
+    UnitOfWork,
+    UsageLedger,
+    WorkspaceStore,
+)
 from corral.services.session.runner import TurnRunner
 from corral.services.session.secrets import Secrets, UnsealingRuntime
 from corral.services.session.turns import TurnUseCases
+from corral.services.session.workspace import Workspaces
 from corral.session.v1 import agent_options_pb2, agent_policy_pb2
 
 log = logging.getLogger("corral.session")
@@ -64,6 +70,7 @@ class SessionService(TurnUseCases):
         ledger: UsageLedger,
         audit_writer: AuditWriter,
         *,
+        workspaces: WorkspaceStore,
         heartbeat_seconds: float = 15.0,
         lease_seconds: float = 30.0,
         clock: Callable[[], datetime] = now,
@@ -74,8 +81,10 @@ class SessionService(TurnUseCases):
     ) -> None:
         """``key_ring`` seals MCP secrets at rest (the deployment's, from Settings, if not
         given); ``audit_writer`` is identity's audit log and ``ledger`` its usage ledger, both
-        written through the outbox; ``metrics``: the process's session instruments if not
-        given; ``instance``: this process's name on the turns it runs (see TurnRunner)."""
+        written through the outbox; ``workspaces``: the storage service's (a session's is made
+        with it, copied with a fork and deleted with it, through the outbox); ``metrics``: the
+        process's session instruments if not given; ``instance``: this process's name on the
+        turns it runs (see TurnRunner)."""
         self.metrics = metrics or for_meter()
         self._uow = uow
         self._runtime = runtime
@@ -84,6 +93,7 @@ class SessionService(TurnUseCases):
         self.outbox = Outbox(uow, clock=clock)
         self.outbox.handle(audit.AUDIT, audit.deliver(audit_writer))
         self.outbox.handle(usage.USAGE, usage.deliver(ledger))
+        self.workspaces = Workspaces(workspaces, self.outbox)
         self.audit = Audit(self.outbox, clock=clock)
         self.events = EventLog(uow, hub, heartbeat_seconds=heartbeat_seconds, metrics=self.metrics)
         self.runner = TurnRunner(
@@ -167,7 +177,7 @@ class SessionService(TurnUseCases):
                 options, session.name
             ).SerializeToString()
             entry = self.audit.entry(caller, "session.create", session.name, organization=org)
-            async with self._uow() as uow:
+            async with self.workspaces.created(session), self._uow() as uow:
                 await uow.sessions.add(session)
                 await request.remember(uow.idempotency, session.name, time.time())
                 await self.audit.add(uow, entry)
@@ -361,6 +371,7 @@ class SessionService(TurnUseCases):
             {"force": str(force).lower()},
             organization=session.organization,
         )
+        files = self.workspaces.deletion(session)  # storage's, now or once it answers
         async with self._uow() as uow:
             # What its unfinished turns hold is given back through the outbox.
             held = [
@@ -368,7 +379,7 @@ class SessionService(TurnUseCases):
                 for t in await uow.turns.in_state(session_id, *UNFINISHED)
                 if t.reservation or t.budget_hold
             ]
-            for item in held:
+            for item in [*held, *([files] if files else [])]:
                 await self.outbox.add(uow, item)
             await uow.sessions.delete(session_id)
             await self.audit.add(uow, entry)
@@ -377,11 +388,13 @@ class SessionService(TurnUseCases):
             self.outbox.send(item, token=caller.token)
         self.events.forget(session_id)
         self.audit.send(entry, token=caller.token)
+        await self.workspaces.delete_now(files)
 
     async def fork_session(
         self, caller: Caller, session_id: str, *, display_name: str, request_id: str
     ) -> Session:
-        """A new idle session of the caller's that resumes the parent's conversation."""
+        """A new idle session of the caller's that resumes the parent's conversation, with a
+        copy of the parent's workspace."""
         if not domain.can_create(caller):
             raise PermissionDenied("viewers cannot create sessions", reason="ROLE_READ_ONLY")
 
@@ -413,7 +426,7 @@ class SessionService(TurnUseCases):
                 {"parent_session": parent.name},
                 organization=parent.organization,
             )
-            async with self._uow() as uow:
+            async with self.workspaces.copied(parent, child), self._uow() as uow:
                 await uow.sessions.add(child)
                 await request.remember(uow.idempotency, child.name, time.time())
                 await self.audit.add(uow, entry)

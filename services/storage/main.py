@@ -116,7 +116,9 @@ async def build(
         )
     wired = compose(
         engine,
-        WorkspaceFiles(settings.storage_dir()),
+        WorkspaceFiles(
+            settings.storage_dir(), agent=(settings.runtime_agent_uid, settings.runtime_agent_gid)
+        ),
         await blob_store(settings, resources),
         IdentityStorageLedger(channel, credentials),
         IdentityAudit(channel, credentials, service="storage"),

@@ -10,6 +10,14 @@ regular files. Listings, measurements and clones skip links and special files.
 Writes go to a fresh file in ``<root>/staging/`` (same filesystem, out of the agent's reach) and
 are renamed (or, without overwrite, hard-linked) into place: a file appears whole or not at all.
 Deleted workspaces are renamed into ``<root>/trash/`` at once and removed by the sweeper.
+
+Ownership: the agent must be able to read and change every file storage puts in its workspace
+(uploads, writes, clones). Where storage and the runtime run as one unprivileged user (``make
+run``, Kubernetes: uid 10001), files are that user's anyway. Where storage runs as root (Docker
+Compose), it gives what it makes in a workspace (the workspace, the directories of a path, each
+file, a clone's copies) to the user agents run as (``CORRAL_RUNTIME_AGENT_UID``/``GID``, the
+runtime's own setting) with ``fchown`` on the descriptor it made, before the file is renamed into
+place: nothing is changed by path, so no link the agent plants can redirect it.
 """
 
 from __future__ import annotations
@@ -84,13 +92,21 @@ def _is_link_error(exc: OSError) -> bool:
     return exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK)
 
 
-class _Walk:
-    """The directories of one path, opened one by one without following links."""
+def _give(fd: int, owner: tuple[int, int] | None) -> None:
+    """Make what ``fd`` names ``owner``'s (uid, gid), if storage gives files away at all."""
+    if owner is not None:
+        os.fchown(fd, *owner)
 
-    def __init__(self, workspace: Path, path: str) -> None:
+
+class _Walk:
+    """The directories of one path, opened one by one without following links; directories it
+    creates are ``owner``'s."""
+
+    def __init__(self, workspace: Path, path: str, owner: tuple[int, int] | None = None) -> None:
         self.parts = path.split("/") if path else []
         self.path = path
         self._workspace = workspace
+        self._owner = owner
 
     def parent(self, *, create: bool) -> int:
         """An fd of the path's directory. Missing directories: created (``create``), else
@@ -118,9 +134,14 @@ class _Walk:
             except FileNotFoundError:
                 if not create:
                     raise
-                with contextlib.suppress(FileExistsError):
+                made = True
+                try:
                     os.mkdir(segment, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    made = False
                 child = os.open(segment, _DIR, dir_fd=fd)
+                if made:
+                    _give(child, self._owner)
         except FileNotFoundError as exc:
             raise file_not_found(self.path) from exc
         except OSError as exc:
@@ -194,8 +215,11 @@ class OpenFile:
 
 
 class WorkspaceFiles:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, agent: tuple[int, int] | None = None) -> None:
+        """``agent``: the (uid, gid) agents run as; when this process is root, what it makes in
+        a workspace becomes theirs (see the module's docstring)."""
         self.root = Path(root)
+        self.owner = agent if agent is not None and os.geteuid() == 0 else None
         self._workspaces = self.root / "workspaces"
         self._staging = self.root / "staging"
         self._trash = self.root / "trash"
@@ -210,12 +234,21 @@ class WorkspaceFiles:
     # -- workspaces ------------------------------------------------------------------------------
 
     async def create(self, workspace_id: str) -> bool:
-        """Make the empty directory; False if it exists already."""
+        """Make the empty directory (the agent's); False if it exists already."""
         try:
-            await asyncio.to_thread(self.directory(workspace_id).mkdir, 0o755)
+            await asyncio.to_thread(self._make_directory, self.directory(workspace_id))
         except FileExistsError:
             return False
         return True
+
+    def _make_directory(self, path: Path) -> None:
+        os.mkdir(path, 0o755)
+        if self.owner is not None:
+            fd = os.open(path, _DIR)
+            try:
+                _give(fd, self.owner)
+            finally:
+                os.close(fd)
 
     async def clone(self, source_id: str, target_id: str) -> bool:
         """Copy the regular files and directories of ``source_id`` (links and special files
@@ -224,7 +257,7 @@ class WorkspaceFiles:
 
     def _clone(self, source_id: str, target_id: str) -> bool:
         building = self._staging / f"clone-{secrets.token_hex(8)}"
-        building.mkdir(mode=0o755)
+        self._make_directory(building)
         try:
             source = self.directory(source_id)
             for directory, dirs, files, dir_fd in os.fwalk(source, follow_symlinks=False):
@@ -234,10 +267,10 @@ class WorkspaceFiles:
                     if stat_mode.S_ISDIR(
                         os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
                     ):
-                        (target / name).mkdir(mode=0o755)
+                        self._make_directory(target / name)
                 for name in files:
                     with contextlib.suppress(NotFound):
-                        self._copy_file(dir_fd, name, target / name)
+                        self._copy_file(dir_fd, name, target / name, self.owner)
             os.rename(building, self.directory(target_id))
         except OSError as exc:
             shutil.rmtree(building, ignore_errors=True)
@@ -247,10 +280,14 @@ class WorkspaceFiles:
         return True
 
     @staticmethod
-    def _copy_file(dir_fd: int, name: str, target: Path) -> None:
-        fd, _ = _open_regular(dir_fd, name, name)
+    def _copy_file(dir_fd: int, name: str, target: Path, owner: tuple[int, int] | None) -> None:
+        """A copy with the original's permission bits (an agent's script stays executable),
+        ``owner``'s when given."""
+        fd, info = _open_regular(dir_fd, name, name)
         try:
             with open(target, "xb") as out:
+                _give(out.fileno(), owner)
+                os.fchmod(out.fileno(), stat_mode.S_IMODE(info.st_mode) & 0o777)
                 while block := os.read(fd, READ_CHUNK):
                     out.write(block)
         finally:
@@ -297,7 +334,7 @@ class WorkspaceFiles:
     # -- files -----------------------------------------------------------------------------------
 
     def _walk(self, workspace_id: str, path: str) -> _Walk:
-        return _Walk(self.directory(workspace_id), path)
+        return _Walk(self.directory(workspace_id), path, self.owner)
 
     async def open(self, workspace_id: str, path: str) -> OpenFile:
         """The regular file at ``path`` (FILE_NOT_FOUND for anything else)."""
@@ -340,6 +377,7 @@ class WorkspaceFiles:
         size = 0
         out = await asyncio.to_thread(open, staged, "xb")
         try:
+            _give(out.fileno(), self.owner)  # in staging, out of the agent's reach
             async for chunk in chunks:
                 size += len(chunk)
                 if size > max_bytes:

@@ -118,6 +118,7 @@ class Workspaces:
             name = WORKSPACE.format(session_id)
             if await self._load(session_id) is not None:
                 raise workspace_exists(name)
+            await self._room_for(organization, owner, name)
             await self._s.files.create(session_id)  # a leftover of a failed attempt is reused
             at = self._s.clock()
             workspace = Workspace(
@@ -145,6 +146,15 @@ class Workspaces:
             return workspace
 
         return await create_once(request, self._earlier, make, self._replayed)
+
+    async def _room_for(self, organization: str, owner: str, name: str) -> None:
+        """STORAGE_QUOTA_EXCEEDED when the owner's or the organisation's storage quota has no
+        byte left (a session there could not keep a file): one byte is held and given back."""
+        probe = await self._s.accounting.hold(organization, owner, 1, name)
+        try:
+            await self._s.ledger.release(probe)
+        except Exception:
+            await self._s.accounting.give_back(organization, [probe])  # the outbox retries it
 
     async def _earlier(self, request: CreateRequest) -> str | None:
         async with self._s.uow() as uow:

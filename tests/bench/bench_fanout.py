@@ -28,7 +28,7 @@ from corral.services.session.service import SessionService
 from corral.session.v1 import session_pb2
 from corral.session.v1 import session_service_pb2 as pb
 from corral.session.v1 import session_service_pb2_grpc as rpc
-from tests.session.fakes import FakeAudit, FakeLedger, FakeRuntime
+from tests.session.fakes import FakeAudit, FakeLedger, FakeRuntime, FakeWorkspaces
 from tests.support.keys import AUDIENCE, ISSUER, SigningKey
 
 
@@ -75,6 +75,7 @@ async def run(watchers: int, deltas: int, workdir: Path, pace: float) -> tuple[f
         runtime,
         FakeLedger(),
         FakeAudit(),
+        workspaces=FakeWorkspaces(),
         heartbeat_seconds=0.2,
     )
     api = SessionApi(service)

@@ -60,7 +60,7 @@ from tests.runtime.conftest import (
     service_token,
 )
 from tests.session.conftest import TEST_KEYS
-from tests.session.fakes import FakeAudit, FakeLedger, FakeRuntime
+from tests.session.fakes import FakeAudit, FakeLedger, FakeRuntime, FakeWorkspaces
 from tests.support.grpc_tools import free_port
 from tests.support.keys import AUDIENCE, ISSUER, SigningKey
 
@@ -141,6 +141,7 @@ async def session_stack(
         runtime,
         ledger,
         FakeAudit(),
+        workspaces=FakeWorkspaces(),
         heartbeat_seconds=0.3,
         lease_seconds=30.0,
         meter=metrics.meter("corral.session"),

@@ -115,6 +115,7 @@ class Runtime:
     signing_key: SigningKey
     channel: grpc.aio.Channel
     service: RuntimeService  # for tests that drive it directly or await its turns
+    workspaces: Path  # storage's folder of workspaces (CORRAL_STORAGE_ROOT/workspaces)
     sdk: FakeSdk | None = None  # None: the Claude Agent SDK
     turns: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -133,7 +134,9 @@ class Runtime:
         turn_id: str | None = None,
         organization: str = ORG,
     ) -> pb.RunTurnRequest:
+        """A turn of ``session``; its workspace is made first, as storage makes a session's."""
         self.turns += 1
+        self.workspace(workspace or session).mkdir(parents=True, exist_ok=True)
         return pb.RunTurnRequest(
             session=f"sessions/{session}",
             turn_id=turn_id or f"turn-{self.turns}",
@@ -155,7 +158,13 @@ class Runtime:
         return [response.event async for response in call]
 
     def workspace(self, name: str) -> Path:
-        return self.root / "workspaces" / name
+        return self.workspaces / name
+
+    def new_session(self) -> str:
+        """A new session id, with its workspace made as storage makes a session's."""
+        session = new_session()
+        self.workspace(session).mkdir(parents=True)
+        return session
 
 
 RuntimeFactory = Callable[..., Any]
@@ -202,6 +211,7 @@ async def make_runtime(
             signing_key=signing_key,
             channel=channel,
             service=service,
+            workspaces=config.workspaces_dir(),
             sdk=sdk,
         )
         started.append(runtime)

@@ -97,6 +97,7 @@ class RuntimeProcess:
     stub: pb_grpc.RuntimeServiceStub
     channel: grpc.aio.Channel
     token: str
+    workspaces: Path  # storage's folder of workspaces
     strays: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -107,6 +108,7 @@ class RuntimeProcess:
         self, prompt: str, agent: options_pb.AgentOptions
     ) -> grpc.aio.UnaryStreamCall[pb.RunTurnRequest, pb.RunTurnResponse]:
         session = new_session()
+        (self.workspaces / session).mkdir(parents=True)  # as storage makes a session's
         request = pb.RunTurnRequest(
             session=f"sessions/{session}",
             turn_id="turn-1",
@@ -139,6 +141,7 @@ async def start_runtime(tmp_path: Path, signing_key: SigningKey) -> AsyncIterato
             "TEST_JWKS": json.dumps(signing_key.jwks()),
             "CORRAL_DATA_DIR": str(tmp_path),
             "CORRAL_RUNTIME_ROOT": str(root),
+            "CORRAL_STORAGE_ROOT": str(tmp_path / "storage"),
             "CORRAL_RUNTIME_SANDBOX_READ_ONLY": json.dumps([str(p) for p in SANDBOX_READ_ONLY]),
             "CORRAL_METRICS_ENABLED": "false",
             "CORRAL_LOG_LEVEL": "WARNING",
@@ -159,7 +162,11 @@ async def start_runtime(tmp_path: Path, signing_key: SigningKey) -> AsyncIterato
         assert address, "the runtime did not start"
         channel = grpc.aio.insecure_channel(address)
         runtime = RuntimeProcess(
-            child, pb_grpc.RuntimeServiceStub(channel), channel, service_token(signing_key)
+            child,
+            pb_grpc.RuntimeServiceStub(channel),
+            channel,
+            service_token(signing_key),
+            tmp_path / "storage" / "workspaces",
         )
         started.append(runtime)
         return runtime

@@ -268,7 +268,7 @@ async def test_a_graceful_stop_reports_what_running_turns_cost_and_ends_waiting_
     # Whoever reaches the stopped replica's service is sent elsewhere.
     assert runtime.service.status().draining
     with pytest.raises(Unavailable) as draining:
-        await anext(runtime.service.run_turn(ALICE, turn_request(new_session())))
+        await anext(runtime.service.run_turn(ALICE, turn_request(runtime.new_session())))
     assert draining.value.reason == "DRAINING"
 
 

@@ -77,7 +77,7 @@ async def test_sdk_messages_become_ordered_events_and_a_turn_costs_only_itself(
         agent.finish(0.25)
 
     runtime = await fake_runtime(make_runtime, FakeSdk(script))
-    service, session = runtime.service, new_session()
+    service, session = runtime.service, runtime.new_session()
     events = await collect(service.run_turn(ALICE, turn_request(session)))
 
     assert payloads(events) == [
@@ -136,7 +136,7 @@ async def test_permission_rules_decide_in_order_and_only_a_person_answers_an_ask
         agent.finish(0.0)
 
     runtime = await fake_runtime(make_runtime, FakeSdk(script))
-    service, session = runtime.service, new_session()
+    service, session = runtime.service, runtime.new_session()
     rules = [
         Rule(tool_pattern="mcp__github__*", action=Rule.ACTION_ASK),
         Rule(tool_pattern="mcp__*", action=Rule.ACTION_ALLOW),
@@ -236,7 +236,7 @@ async def test_an_interrupt_denies_what_is_pending_and_keeps_the_process(
 
     # Within the grace, or the process is stopped (and the next turn would need a new one).
     runtime = await fake_runtime(make_runtime, FakeSdk(script), runtime_interrupt_grace_seconds=1.0)
-    service, session = runtime.service, new_session()
+    service, session = runtime.service, runtime.new_session()
     request = turn_request(session)
     events = []
     async for event in service.run_turn(
@@ -289,7 +289,7 @@ async def test_a_turn_ends_and_frees_its_session_when_cleaning_up_fails(
         raise OSError("/proc vanished under us")
 
     runtime = await fake_runtime(make_runtime, FakeSdk(script), runtime_interrupt_grace_seconds=1.0)
-    service, session = runtime.service, new_session()
+    service, session = runtime.service, runtime.new_session()
     request = TurnRequest(**{**turn_request(session).__dict__, "prompt": "ask"})
     events = []
     async with asyncio.timeout(20):  # before the fix the stream never ended
@@ -317,7 +317,7 @@ async def test_an_agent_that_ignores_the_interrupt_is_stopped(
     runtime = await fake_runtime(
         make_runtime, FakeSdk(script), runtime_interrupt_grace_seconds=0.05
     )
-    service, session = runtime.service, new_session()
+    service, session = runtime.service, runtime.new_session()
     events = []
     async for event in service.run_turn(ALICE, turn_request(session)):
         events.append(event)
@@ -338,7 +338,7 @@ async def test_a_caller_that_goes_away_stops_the_turn_and_its_process(
         await asyncio.Event().wait()
 
     runtime = await fake_runtime(make_runtime, FakeSdk(script))
-    service, session = runtime.service, new_session()
+    service, session = runtime.service, runtime.new_session()
     events = service.run_turn(ALICE, turn_request(session))
     first = await anext(events)
     assert first.HasField("turn_started")
@@ -447,7 +447,9 @@ async def test_the_service_touches_no_disk_until_it_is_started(tmp_path: Path) -
         permission_timeout_seconds=1,
         interrupt_grace_seconds=1,
     )
-    service = RuntimeService(config, sdk, SessionStore(root), ProcessPool(1, 60))
+    workspaces = tmp_path / "storage" / "workspaces"
+    service = RuntimeService(config, sdk, SessionStore(root, workspaces), ProcessPool(1, 60))
     assert not root.exists() and not sdk.started
     await service.start()
-    assert (root / "sessions").is_dir() and (root / "workspaces").is_dir() and sdk.started
+    assert (root / "sessions").is_dir() and (root / "state").is_dir() and sdk.started
+    assert not workspaces.exists()  # storage's to make

@@ -270,7 +270,9 @@ async def test_a_forked_session_continues_its_parents_conversation(runtime: Runt
     assert events[0].turn_started.transcript_id == forked.transcript_id
     assert any(b"marmalade" in body for body in bodies), "the parent's history is missing"
     assert 0 < forked.usage.cost_usd_micros < 1_000_000  # the fork's own turn, not the parent's
-    assert (runtime.workspace(child) / "pantry.txt").read_text() == "jam\n"  # files come along
+    # The fork's files are storage's to copy (ForkSession does): the runtime leaves them alone.
+    assert (runtime.workspace(parent) / "pantry.txt").read_text() == "jam\n"
+    assert list(runtime.workspace(child).iterdir()) == []
 
     # The parent goes on, unaffected; another organization cannot fork it.
     again = await runtime.turn(parent, "still the parent", resume=original)

@@ -31,6 +31,7 @@ def policy() -> SandboxPolicy:
 
 def _run(policy: SandboxPolicy, root: Path, session: str, script: str) -> tuple[int, str]:
     workspace, config = root / "workspaces" / session, root / "sessions" / session
+    workspace.mkdir(parents=True, exist_ok=True)  # storage makes a session's workspace
     prepare(policy, workspace=workspace, config_dir=config)
     argv = command(policy, workspace=workspace, config_dir=config, cli=Path("/usr/bin/env"))
     done = subprocess.run(
@@ -104,6 +105,7 @@ def test_the_sandbox_dies_with_its_parent(policy: SandboxPolicy, tmp_path: Path)
     """The runtime's death takes its agents with it (--die-with-parent). The sandboxed
     process holds the pipe: end of file on it means every process in the sandbox is gone."""
     workspace, config = tmp_path / "w", tmp_path / "c"
+    workspace.mkdir()
     prepare(policy, workspace=workspace, config_dir=config)
     argv = command(policy, workspace=workspace, config_dir=config, cli=Path("/usr/bin/env"))
     parent = subprocess.Popen(
@@ -161,3 +163,35 @@ async def test_the_runtime_sandboxes_agents_when_bubblewrap_works(
         Settings(data_dir=tmp_path, env="production", runtime_agent_uid=20002)
     )
     assert found is not None and found.uid == 20002 and found.bwrap
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root runtime gives directories away")
+def test_prepare_gives_the_agent_its_directories_and_follows_no_link(tmp_path: Path) -> None:
+    """As root, prepare() makes the config directory (and all in it) and the workspace itself
+    the agent user's; a link the agent planted is changed itself, never what it points at,
+    and the workspace's files (the agent's, or storage's, which storage gives to the agent
+    user) are not touched."""
+    policy = SandboxPolicy(uid=10001, gid=10001)
+    outside = tmp_path / "platform-key.pem"
+    outside.write_text("PRIVATE KEY")
+    workspace, config = tmp_path / "workspace", tmp_path / "config"
+    (config / "projects").mkdir(parents=True)
+    (config / "projects" / "t.jsonl").write_text("{}")
+    (config / "key").symlink_to(outside)
+    (config / "up").symlink_to(tmp_path)
+    workspace.mkdir()
+    (workspace / "kept.txt").write_text("root's")
+    (workspace / "key").symlink_to(outside)
+
+    prepare(policy, workspace=workspace, config_dir=config)
+
+    def owner(path: Path) -> tuple[int, int]:
+        found = path.lstat()
+        return found.st_uid, found.st_gid
+
+    agent = (10001, 10001)
+    assert owner(config) == owner(config / "projects") == owner(config / "projects" / "t.jsonl")
+    assert owner(config) == agent and owner(config / "key") == owner(config / "up") == agent
+    assert owner(workspace) == agent and workspace.stat().st_mode & 0o777 == 0o700
+    assert owner(outside) == owner(tmp_path) == owner(workspace / "kept.txt") == (0, 0)
+    assert owner(workspace / "key") == (0, 0)

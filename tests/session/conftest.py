@@ -1,5 +1,5 @@
 """A session service on a real gRPC server (port 0) over real SQLite/PostgreSQL and an
-in-process/Redis hub, with the runtime, ledger and audit log faked at their ports."""
+in-process/Redis hub, with the runtime, ledger, audit log and storage faked at their ports."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from corral.services.session.main import MIGRATIONS, Wiring, wire
 from corral.services.session.service import SessionService
 from corral.session.v1 import session_service_pb2_grpc as rpc
 from tests.conftest import require_postgres, require_redis
-from tests.session.fakes import FakeAudit, FakeLedger, FakeRuntime
+from tests.session.fakes import FakeAudit, FakeLedger, FakeRuntime, FakeWorkspaces
 from tests.support.keys import AUDIENCE, ISSUER, SigningKey
 
 ACME = "organizations/acme"
@@ -46,6 +46,7 @@ class Stack:
     make_service: Callable[..., SessionService]
     engine: AsyncEngine  # the service's database, for tests that read its raw rows
     make_wiring: Callable[..., Wiring]  # another replica, with its gRPC registration
+    workspaces: FakeWorkspaces  # storage's
 
     @property
     def stub(self) -> rpc.SessionServiceStub:
@@ -91,7 +92,7 @@ async def stack(
         hub = RedisStreamHub(redis_client, prefix=f"test:{schema}:")
     engine = db.create_engine(url, schema=schema)
     await db.migrate(engine, MIGRATIONS, schema=schema)
-    runtime, ledger, audit = FakeRuntime(), FakeLedger(), FakeAudit()
+    runtime, ledger, audit, workspaces = FakeRuntime(), FakeLedger(), FakeAudit(), FakeWorkspaces()
 
     def make(
         clock: Callable[[], datetime] = now, instance: str = "", lease: float = LEASE_SECONDS
@@ -104,6 +105,7 @@ async def stack(
             runtime,
             ledger,
             audit,
+            workspaces=workspaces,
             heartbeat_seconds=0.3,
             lease_seconds=lease,
             clock=clock,
@@ -136,6 +138,7 @@ async def stack(
             make_service,
             engine,
             make,
+            workspaces,
         )
     finally:
         await channel.close()

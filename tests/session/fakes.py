@@ -11,7 +11,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from corral.libs.audit import AuditEntry
-from corral.libs.errors import QuotaViolation, ResourceExhausted, Unavailable
+from corral.libs.errors import NotFound, QuotaViolation, ResourceExhausted, Unavailable
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.services.session.domain import Usage
 from corral.services.session.ports import TurnRequest
@@ -77,6 +77,15 @@ class FakeTurn:
     def emit(self, **payload: Any) -> None:
         self.queue.put_nowait(event(self.id, **payload))
 
+    def start(self) -> None:
+        """The agent's first event (the runtime sends it first, or once a busy pool frees)."""
+        self.emit(
+            turn_started={
+                "model": "offline",
+                "transcript_id": self.request.resume_transcript_id or "tx-1",
+            }
+        )
+
     def text(self, *chunks: str) -> None:
         for chunk in chunks:
             self.emit(text_delta={"text": chunk, "message_id": "m1"})
@@ -100,6 +109,9 @@ class FakeRuntime:
         self.decisions: list[tuple[str, bool, str]] = []
         self.released: list[tuple[str, bool]] = []
         self.auto_reply: str | None = None
+        # Every agent process busy: a turn opens with waiting_for_agent, and its test calls
+        # ``start`` when one frees.
+        self.agents_busy = False
 
     async def next_turn(self, within: float = 5.0) -> FakeTurn:
         return await asyncio.wait_for(self._started.get(), within)
@@ -107,12 +119,10 @@ class FakeRuntime:
     async def run_turn(self, request: TurnRequest, *, token: str) -> AsyncIterator[rt.RuntimeEvent]:
         turn = FakeTurn(request, token)
         self.turns.append(turn)
-        turn.emit(
-            turn_started={
-                "model": "offline",
-                "transcript_id": request.resume_transcript_id or "tx-1",
-            }
-        )
+        if self.agents_busy:
+            turn.emit(waiting_for_agent={"position": 1})
+        else:
+            turn.start()
         if self.auto_reply is not None:
             turn.text(self.auto_reply)
             turn.finish(transcript=request.resume_transcript_id or "tx-1")
@@ -244,6 +254,63 @@ class FakeLedger:
         self.budget_holds.pop(reservation, None)
         async with self._changed:
             self._changed.notify_all()
+
+
+class FakeWorkspaces:
+    """Storage's workspaces at the session's port: which exist (name -> owner), with the
+    port's errors: ``down`` is an outage (WORKSPACE_UNAVAILABLE, also for deletes, which then
+    wait in the outbox), ``full`` a storage quota with no room (QUOTA_EXCEEDED); ``lost``
+    makes the next create or clone happen but its answer get lost (WORKSPACE_UNAVAILABLE)."""
+
+    def __init__(self) -> None:
+        self.workspaces: dict[str, str] = {}
+        self.copied: dict[str, str] = {}  # copy -> source
+        self.deleted: list[str] = []
+        self.down = False
+        self.full = False
+        self.lost = 0
+        self._changed = asyncio.Condition()
+
+    def _check(self, *, quota: bool) -> None:
+        if self.down:
+            raise Unavailable("storage is down", reason="WORKSPACE_UNAVAILABLE")
+        if quota and self.full:
+            raise ResourceExhausted(
+                "the storage quota has no room for the workspace",
+                reason="QUOTA_EXCEEDED",
+                violations=[QuotaViolation("organizations/acme", "storage_bytes", "used up")],
+            )
+
+    def _made(self, session: str, owner: str) -> str:
+        name = "workspaces/" + session.removeprefix("sessions/")
+        self.workspaces[name] = owner
+        if self.lost > 0:
+            self.lost -= 1
+            raise Unavailable("the answer was lost", reason="WORKSPACE_UNAVAILABLE")
+        return name
+
+    async def create(self, *, organization: str, session: str, owner: str, request_id: str) -> str:
+        self._check(quota=True)
+        return self._made(session, owner)
+
+    async def clone(self, source: str, *, session: str, owner: str, request_id: str) -> str:
+        self._check(quota=True)
+        if source not in self.workspaces:
+            raise NotFound(f"{source} does not exist", reason="WORKSPACE_NOT_FOUND")
+        name = self._made(session, owner)
+        self.copied[name] = source
+        return name
+
+    async def delete(self, workspace: str) -> None:
+        self._check(quota=False)
+        if self.workspaces.pop(workspace, None) is not None:
+            self.deleted.append(workspace)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_deleted(self, workspace: str, within: float = 10.0) -> None:
+        async with asyncio.timeout(within), self._changed:
+            await self._changed.wait_for(lambda: workspace in self.deleted)
 
 
 class FakeAudit:

@@ -33,7 +33,7 @@ from corral.session.v1 import event_pb2, session_pb2
 from corral.session.v1 import session_service_pb2 as pb
 from corral.session.v1 import session_service_pb2_grpc as rpc
 from tests.libs.stores import OwnRedis, own_postgres, own_redis
-from tests.session.fakes import FakeAudit, FakeLedger, FakeRuntime
+from tests.session.fakes import FakeAudit, FakeLedger, FakeRuntime, FakeWorkspaces
 from tests.support.grpc_tools import error_reason
 from tests.support.keys import AUDIENCE, ISSUER, SigningKey
 from tests.support.topology import PostgresCluster
@@ -61,7 +61,14 @@ async def served(tmp_path: Path, signing_key: SigningKey) -> AsyncIterator[Serve
         hub = RedisStreamHub(client)
         runtime, ledger = FakeRuntime(), FakeLedger()
         wired = wire(
-            engine, hub, runtime, ledger, FakeAudit(), heartbeat_seconds=0.3, lease_seconds=30
+            engine,
+            hub,
+            runtime,
+            ledger,
+            FakeAudit(),
+            workspaces=FakeWorkspaces(),
+            heartbeat_seconds=0.3,
+            lease_seconds=30,
         )
         verifier = TokenVerifier(
             StaticJwksSource(signing_key.jwks()), issuer=ISSUER, audience=AUDIENCE

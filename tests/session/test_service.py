@@ -22,7 +22,7 @@ from corral.services.session.main import MIGRATIONS, wire
 from corral.services.session.service import SessionService
 from corral.session.v1 import agent_options_pb2 as opts
 from corral.session.v1 import agent_policy_pb2, event_pb2
-from tests.session.fakes import FakeAudit, FakeLedger, FakeRuntime
+from tests.session.fakes import FakeAudit, FakeLedger, FakeRuntime, FakeWorkspaces
 
 ALICE = Caller("organizations/acme/users/alice", "organizations/acme", frozenset({"user"}))
 ADA = Caller("organizations/acme/users/ada", "organizations/acme", frozenset({"admin"}))
@@ -39,7 +39,16 @@ async def parts(tmp_path: Path) -> AsyncIterator[Parts]:
     engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path}/session.db")
     await db.migrate(engine, MIGRATIONS)
     hub, runtime, ledger = InMemoryHub(), FakeRuntime(), FakeLedger()
-    wired = wire(engine, hub, runtime, ledger, FakeAudit(), heartbeat_seconds=0.3, lease_seconds=30)
+    wired = wire(
+        engine,
+        hub,
+        runtime,
+        ledger,
+        FakeAudit(),
+        workspaces=FakeWorkspaces(),
+        heartbeat_seconds=0.3,
+        lease_seconds=30,
+    )
     try:
         yield Parts(wired.service, runtime, ledger)
     finally:

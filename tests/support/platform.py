@@ -1,6 +1,7 @@
-"""The platform as `corral dev` runs it, minus Envoy: identity, runtime and session on free
-ports, SQLite under a temporary data folder, the real Claude Agent SDK and CLI against the
-offline model server, signed in as the bootstrap admin. Used by tests/e2e and the benchmarks."""
+"""The platform as `corral dev` runs it, minus Envoy and task: identity, storage, runtime and
+session on free ports, SQLite under a temporary data folder, the real Claude Agent SDK and CLI
+against the offline model server, signed in as the bootstrap admin. Used by tests/e2e and the
+benchmarks."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from corral.session.v1 import session_service_pb2 as spb
 from corral.session.v1 import session_service_pb2_grpc as srpc
 
 ADMIN = ("admin@corral.local", "e2e-admin-password")
-E2E_SERVICES = ("identity", "runtime", "session")
+E2E_SERVICES = ("identity", "storage", "runtime", "session")
 # What the tests' MCP server needs inside an agent's sandbox: this Python and its packages, and
 # the test folder the server's script is in.
 MCP_SERVER = Path(__file__).resolve().parent.parent / "runtime" / "mcp_calc_server.py"
@@ -64,8 +65,8 @@ class Platform:
         return irpc.IdentityServiceStub(self.channel("identity"))
 
     def workspace(self, session_name: str) -> Path:
-        root = self.settings.runtime_root or self.settings.data_dir / "runtime"
-        return Path(root) / "workspaces" / session_name.removeprefix("sessions/")
+        """The session's working directory: its workspace in storage's folder."""
+        return self.settings.workspaces_dir() / session_name.removeprefix("sessions/")
 
     async def restart(self, name: str) -> None:
         """Stop a service abruptly (its processes die with it) and start a new one in its place."""
@@ -127,7 +128,7 @@ async def running_platform(data_dir: Path, **overrides: Any) -> AsyncIterator[Pl
     try:
         # Each binds port 0 (no guessed port another process can take first) and the next is
         # built with the addresses the earlier ones got: identity first (its JWKS and service
-        # key), then the runtime, then the session service that calls both.
+        # key), then storage and the runtime, then the session service that calls them.
         for name in E2E_SERVICES:
             app = apps[name] = await registry.build(name, settings)
             bound: dict[str, int] = {f"{name}_port": await app.start()}

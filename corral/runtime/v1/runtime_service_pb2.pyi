@@ -50,8 +50,11 @@ class RunTurnRequest(_message.Message):
     """Required. The principal who sent the message, for audit events."""
     workspace: _builtins.str
     """Required. The working directory: must be the session's own,
-    `workspaces/{session}` (INVALID_ARGUMENT otherwise), under the runtime's
-    configured workspace root.
+    `workspaces/{session}` (INVALID_ARGUMENT otherwise): the storage
+    service's workspace, a directory on the filesystem both services share
+    (`CORRAL_STORAGE_ROOT/workspaces/{session}`). Storage makes it when the
+    session is created; FAILED_PRECONDITION (WORKSPACE_UNAVAILABLE) if it
+    is not there.
     """
     prompt: _builtins.str
     """Required. The user's message."""

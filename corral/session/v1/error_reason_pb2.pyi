@@ -107,6 +107,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     be opened with the deployment's key ring (its key was removed too early);
     set the secret again.
     """
+    ERROR_REASON_WORKSPACE_UNAVAILABLE: _ErrorReason.ValueType  # 33
+    """UNAVAILABLE: the storage service could not create or copy the session's
+    workspace (CreateSession, ForkSession); retry with backoff.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Stable, machine-readable reasons for errors returned by the session
@@ -200,5 +204,9 @@ ERROR_REASON_SECRET_UNAVAILABLE: ErrorReason.ValueType  # 32
 """FAILED_PRECONDITION (or a turn's error event): a stored MCP secret cannot
 be opened with the deployment's key ring (its key was removed too early);
 set the secret again.
+"""
+ERROR_REASON_WORKSPACE_UNAVAILABLE: ErrorReason.ValueType  # 33
+"""UNAVAILABLE: the storage service could not create or copy the session's
+workspace (CreateSession, ForkSession); retry with backoff.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -71,8 +71,11 @@ class SessionServiceStub:
     violations; max_budget_usd_micros above the policy's
     max_turn_budget_usd_micros is a field violation) or labels are
     malformed, (REQUEST_ID_REUSED);
-    RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the storage quota is used up;
-    UNAVAILABLE if the workspace could not be created.
+    RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, with QuotaFailure) if the storage
+    quota of the caller or the organization has no byte left;
+    UNAVAILABLE (WORKSPACE_UNAVAILABLE) if the storage service could not
+    create the workspace (retry: a retry with the same request_id creates
+    the session once).
     """
     UpdateSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.UpdateSessionRequest, _session_service_pb2.UpdateSessionResponse]
     """Updates a session. Updatable: display_name, labels, agent_options (and
@@ -88,7 +91,10 @@ class SessionServiceStub:
     """
     DeleteSession: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.DeleteSessionRequest, _session_service_pb2.DeleteSessionResponse]
     """Deletes a session for good: its history, turns, agent transcript and
-    workspace (with its files). Reports filed from it are kept.
+    workspace (with its files). Reports filed from it are kept. The
+    workspace is deleted by the storage service before this answers; when
+    storage cannot be reached the deletion is kept in a durable outbox and
+    retried until storage takes it, and the call still answers OK.
 
     Callers: drivers of the session.
     Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
@@ -176,8 +182,10 @@ class SessionServiceStub:
     Callers: readers of the session who may create sessions (not viewers).
     Errors: NOT_FOUND; PERMISSION_DENIED if the caller is a viewer;
     FAILED_PRECONDITION (SESSION_BUSY) if a turn is in progress,
-    (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the workspace
-    copy would exceed the storage quota; INVALID_ARGUMENT
+    (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, with QuotaFailure)
+    if the workspace copy would exceed the caller's or the organization's
+    storage quota; UNAVAILABLE (WORKSPACE_UNAVAILABLE) if the storage
+    service could not copy the workspace; INVALID_ARGUMENT
     (REQUEST_ID_REUSED).
     """
     GetAgentPolicy: _grpc.UnaryUnaryMultiCallable[_session_service_pb2.GetAgentPolicyRequest, _session_service_pb2.GetAgentPolicyResponse]
@@ -258,8 +266,11 @@ class SessionServiceAsyncStub(SessionServiceStub):
     violations; max_budget_usd_micros above the policy's
     max_turn_budget_usd_micros is a field violation) or labels are
     malformed, (REQUEST_ID_REUSED);
-    RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the storage quota is used up;
-    UNAVAILABLE if the workspace could not be created.
+    RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, with QuotaFailure) if the storage
+    quota of the caller or the organization has no byte left;
+    UNAVAILABLE (WORKSPACE_UNAVAILABLE) if the storage service could not
+    create the workspace (retry: a retry with the same request_id creates
+    the session once).
     """
     UpdateSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.UpdateSessionRequest, _session_service_pb2.UpdateSessionResponse]  # type: ignore[assignment]
     """Updates a session. Updatable: display_name, labels, agent_options (and
@@ -275,7 +286,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     """
     DeleteSession: _aio.UnaryUnaryMultiCallable[_session_service_pb2.DeleteSessionRequest, _session_service_pb2.DeleteSessionResponse]  # type: ignore[assignment]
     """Deletes a session for good: its history, turns, agent transcript and
-    workspace (with its files). Reports filed from it are kept.
+    workspace (with its files). Reports filed from it are kept. The
+    workspace is deleted by the storage service before this answers; when
+    storage cannot be reached the deletion is kept in a durable outbox and
+    retried until storage takes it, and the call still answers OK.
 
     Callers: drivers of the session.
     Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
@@ -363,8 +377,10 @@ class SessionServiceAsyncStub(SessionServiceStub):
     Callers: readers of the session who may create sessions (not viewers).
     Errors: NOT_FOUND; PERMISSION_DENIED if the caller is a viewer;
     FAILED_PRECONDITION (SESSION_BUSY) if a turn is in progress,
-    (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the workspace
-    copy would exceed the storage quota; INVALID_ARGUMENT
+    (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, with QuotaFailure)
+    if the workspace copy would exceed the caller's or the organization's
+    storage quota; UNAVAILABLE (WORKSPACE_UNAVAILABLE) if the storage
+    service could not copy the workspace; INVALID_ARGUMENT
     (REQUEST_ID_REUSED).
     """
     GetAgentPolicy: _aio.UnaryUnaryMultiCallable[_session_service_pb2.GetAgentPolicyRequest, _session_service_pb2.GetAgentPolicyResponse]  # type: ignore[assignment]
@@ -460,8 +476,11 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         violations; max_budget_usd_micros above the policy's
         max_turn_budget_usd_micros is a field violation) or labels are
         malformed, (REQUEST_ID_REUSED);
-        RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the storage quota is used up;
-        UNAVAILABLE if the workspace could not be created.
+        RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, with QuotaFailure) if the storage
+        quota of the caller or the organization has no byte left;
+        UNAVAILABLE (WORKSPACE_UNAVAILABLE) if the storage service could not
+        create the workspace (retry: a retry with the same request_id creates
+        the session once).
         """
 
     @_abc_1.abstractmethod
@@ -489,7 +508,10 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_session_service_pb2.DeleteSessionResponse, _abc.Awaitable[_session_service_pb2.DeleteSessionResponse]]:
         """Deletes a session for good: its history, turns, agent transcript and
-        workspace (with its files). Reports filed from it are kept.
+        workspace (with its files). Reports filed from it are kept. The
+        workspace is deleted by the storage service before this answers; when
+        storage cannot be reached the deletion is kept in a durable outbox and
+        retried until storage takes it, and the call still answers OK.
 
         Callers: drivers of the session.
         Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
@@ -625,8 +647,10 @@ class SessionServiceServicer(metaclass=_abc_1.ABCMeta):
         Callers: readers of the session who may create sessions (not viewers).
         Errors: NOT_FOUND; PERMISSION_DENIED if the caller is a viewer;
         FAILED_PRECONDITION (SESSION_BUSY) if a turn is in progress,
-        (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the workspace
-        copy would exceed the storage quota; INVALID_ARGUMENT
+        (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, with QuotaFailure)
+        if the workspace copy would exceed the caller's or the organization's
+        storage quota; UNAVAILABLE (WORKSPACE_UNAVAILABLE) if the storage
+        service could not copy the workspace; INVALID_ARGUMENT
         (REQUEST_ID_REUSED).
         """
 

@@ -78,7 +78,10 @@ class StorageServiceStub:
     Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
     INVALID_ARGUMENT if organization, session, owner or labels are missing
     or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
-    if the session already has a workspace.
+    if the session already has a workspace; RESOURCE_EXHAUSTED
+    (STORAGE_QUOTA_EXCEEDED, with QuotaFailure) if the owner's or the
+    organization's storage quota has no byte left; UNAVAILABLE if identity's
+    usage ledger cannot be reached to tell.
     """
     CloneWorkspace: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CloneWorkspaceRequest, _storage_service_pb2.CloneWorkspaceResponse]
     """Copies a workspace, files and all (symbolic links are not copied), for
@@ -388,7 +391,10 @@ class StorageServiceAsyncStub(StorageServiceStub):
     Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
     INVALID_ARGUMENT if organization, session, owner or labels are missing
     or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
-    if the session already has a workspace.
+    if the session already has a workspace; RESOURCE_EXHAUSTED
+    (STORAGE_QUOTA_EXCEEDED, with QuotaFailure) if the owner's or the
+    organization's storage quota has no byte left; UNAVAILABLE if identity's
+    usage ledger cannot be reached to tell.
     """
     CloneWorkspace: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CloneWorkspaceRequest, _storage_service_pb2.CloneWorkspaceResponse]  # type: ignore[assignment]
     """Copies a workspace, files and all (symbolic links are not copied), for
@@ -713,7 +719,10 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
         INVALID_ARGUMENT if organization, session, owner or labels are missing
         or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
-        if the session already has a workspace.
+        if the session already has a workspace; RESOURCE_EXHAUSTED
+        (STORAGE_QUOTA_EXCEEDED, with QuotaFailure) if the owner's or the
+        organization's storage quota has no byte left; UNAVAILABLE if identity's
+        usage ledger cannot be reached to tell.
         """
 
     @_abc_1.abstractmethod

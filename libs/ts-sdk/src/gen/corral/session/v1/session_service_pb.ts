@@ -1082,8 +1082,11 @@ export const SessionService: GenService<{
    * violations; max_budget_usd_micros above the policy's
    * max_turn_budget_usd_micros is a field violation) or labels are
    * malformed, (REQUEST_ID_REUSED);
-   * RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the storage quota is used up;
-   * UNAVAILABLE if the workspace could not be created.
+   * RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, with QuotaFailure) if the storage
+   * quota of the caller or the organization has no byte left;
+   * UNAVAILABLE (WORKSPACE_UNAVAILABLE) if the storage service could not
+   * create the workspace (retry: a retry with the same request_id creates
+   * the session once).
    *
    * @generated from rpc corral.session.v1.SessionService.CreateSession
    */
@@ -1113,7 +1116,10 @@ export const SessionService: GenService<{
   },
   /**
    * Deletes a session for good: its history, turns, agent transcript and
-   * workspace (with its files). Reports filed from it are kept.
+   * workspace (with its files). Reports filed from it are kept. The
+   * workspace is deleted by the storage service before this answers; when
+   * storage cannot be reached the deletion is kept in a durable outbox and
+   * retried until storage takes it, and the call still answers OK.
    *
    * Callers: drivers of the session.
    * Errors: NOT_FOUND; PERMISSION_DENIED (NOT_SESSION_OWNER);
@@ -1257,8 +1263,10 @@ export const SessionService: GenService<{
    * Callers: readers of the session who may create sessions (not viewers).
    * Errors: NOT_FOUND; PERMISSION_DENIED if the caller is a viewer;
    * FAILED_PRECONDITION (SESSION_BUSY) if a turn is in progress,
-   * (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED) if the workspace
-   * copy would exceed the storage quota; INVALID_ARGUMENT
+   * (SESSION_FAILED); RESOURCE_EXHAUSTED (QUOTA_EXCEEDED, with QuotaFailure)
+   * if the workspace copy would exceed the caller's or the organization's
+   * storage quota; UNAVAILABLE (WORKSPACE_UNAVAILABLE) if the storage
+   * service could not copy the workspace; INVALID_ARGUMENT
    * (REQUEST_ID_REUSED).
    *
    * @generated from rpc corral.session.v1.SessionService.ForkSession

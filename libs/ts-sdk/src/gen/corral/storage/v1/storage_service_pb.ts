@@ -1614,7 +1614,10 @@ export const StorageService: GenService<{
    * Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
    * INVALID_ARGUMENT if organization, session, owner or labels are missing
    * or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
-   * if the session already has a workspace.
+   * if the session already has a workspace; RESOURCE_EXHAUSTED
+   * (STORAGE_QUOTA_EXCEEDED, with QuotaFailure) if the owner's or the
+   * organization's storage quota has no byte left; UNAVAILABLE if identity's
+   * usage ledger cannot be reached to tell.
    *
    * @generated from rpc corral.storage.v1.StorageService.CreateWorkspace
    */
