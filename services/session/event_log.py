@@ -146,8 +146,9 @@ class EventLog:
         new_events: Sequence[event_pb2.SessionEvent],
         mutate: Mutation | None = None,
     ) -> int:
-        """Persist events (and ``mutate``'s changes) in one transaction, then publish them.
-        Returns the first sequence assigned. One writer per session at a time in this process;
+        """Persist events (and ``mutate``'s changes) in one transaction, then publish them;
+        each event's turn's ``last_sequence`` moves to it in that transaction. Returns the
+        first sequence assigned. One writer per session at a time in this process;
         across processes the log's row lock orders them and watchers refill any gap."""
         name = SESSION.format(session_id)
         async with self._locks.setdefault(session_id, asyncio.Lock()):

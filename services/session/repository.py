@@ -304,10 +304,13 @@ class TurnRepository:
         await self._c.execute(turns.insert().values(**_turn_row(turn)))
 
     async def save(self, turn: Turn) -> None:
+        """Write back every field (last_sequence is owned by the event log and left alone)."""
+        row = _turn_row(turn)
+        row.pop("last_sequence")
         await self._c.execute(
             turns.update()
             .where(turns.c.session_id == turn.session_id, turns.c.id == turn.id)
-            .values(**_turn_row(turn))
+            .values(**row)
         )
 
     async def get(self, session_id: str, turn_id: str) -> Turn | None:
@@ -386,6 +389,9 @@ class EventRepository:
         return int(last) - count + 1
 
     async def insert(self, session_id: str, events: Sequence[StoredEvent]) -> None:
+        """Store ``events`` and move each one's turn's ``last_sequence`` to its newest event
+        (one update a turn, in the batch's transaction: a turn reads its progress while it
+        runs)."""
         await self._c.execute(
             session_events.insert(),
             [
@@ -399,6 +405,20 @@ class EventRepository:
                 for e in events
             ],
         )
+        newest: dict[str, int] = {}
+        for e in events:
+            if e.turn_id:
+                newest[e.turn_id] = max(e.sequence, newest.get(e.turn_id, 0))
+        for turn_id, sequence in newest.items():
+            await self._c.execute(
+                turns.update()
+                .where(
+                    turns.c.session_id == session_id,
+                    turns.c.id == turn_id,
+                    turns.c.last_sequence < sequence,
+                )
+                .values(last_sequence=sequence)
+            )
 
     async def read(
         self, session_id: str, *, after: int, limit: int, until: int | None = None

@@ -469,7 +469,6 @@ class TurnRunner(TurnLeases):
             turn.end_time = now()
             turn.usage = outcome.usage
             turn.result = outcome.result
-            turn.last_sequence = await uow.events.last_sequence(session_id)
             await uow.turns.save(turn)
             if turn.reservation or turn.budget_hold:
                 holds = [turn.budget_hold]

@@ -137,6 +137,41 @@ async def test_turn_streams_in_order_with_contiguous_sequences(stack: Stack) -> 
     assert not stack.ledger.held  # usage settled, the slot released
 
 
+async def test_a_turns_last_sequence_is_its_newest_event_while_it_runs(stack: Stack) -> None:
+    """Turn.last_sequence: the turn's newest event so far, as its events are written, and
+    never an event of the turn queued behind it."""
+
+    async def turn_of(name: str) -> Any:
+        reply = await stack.stub.GetTurn(pb.GetTurnRequest(name=name), metadata=stack.auth())
+        return reply.turn
+
+    session = await create(stack)
+    first = (await send(stack, session.name, "first")).turn
+    assert first.last_sequence == first.first_sequence == 1  # its user_message
+    fake = await stack.runtime.next_turn()
+    fake.text("one", "two")
+    so_far = await collect(stack, session.name, until="text_block")
+    assert (await turn_of(first.name)).last_sequence == so_far[-1].sequence  # mid-turn
+
+    queued = (
+        await send(
+            stack, session.name, "second", strategy=pb.SendMessageRequest.BUSY_STRATEGY_ENQUEUE
+        )
+    ).turn
+    assert queued.first_sequence == queued.last_sequence == so_far[-1].sequence + 1
+    assert (await turn_of(first.name)).last_sequence == so_far[-1].sequence  # not the queued one's
+
+    fake.finish()
+    second = await stack.runtime.next_turn()
+    second.text("three")
+    events = await collect(stack, session.name, until="text_block", count=2)
+    mine = [e.sequence for e in events if e.turn_id == fake.id]
+    theirs = [e.sequence for e in events if e.turn_id == second.id]
+    assert (await turn_of(first.name)).last_sequence == max(mine)
+    assert (await turn_of(queued.name)).last_sequence == max(theirs) > max(mine)
+    second.finish()
+
+
 async def test_two_watchers_see_identical_sequences(stack: Stack) -> None:
     session = await create(stack)
     live = [asyncio.Event(), asyncio.Event()]
