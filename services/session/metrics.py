@@ -63,7 +63,8 @@ class SessionMetrics:
         self.time_to_first_event = meter.create_histogram(
             "corral.session.turn.time_to_first_event",
             "s",
-            "From SendMessage accepting a turn to the agent's first event in the log",
+            "From SendMessage accepting a turn to the agent's first event (turn_started) in"
+            " the log; the runtime's waiting_for_agent does not count",
             explicit_bucket_boundaries_advisory=FIRST_EVENT_SECONDS,
         )
         self.events_appended = meter.create_counter(

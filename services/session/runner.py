@@ -49,6 +49,10 @@ from corral.session.v1 import agent_options_pb2, agent_policy_pb2, event_pb2
 log = logging.getLogger("corral.session")
 
 BATCH_MAX = 256
+# What the runtime may send before the agent's own output (turn_started, then what the agent
+# does): the time to first event is measured to the first event that is none of these. Its
+# wait for an agent process is the runtime's own measure (corral_runtime_pool_wait_seconds).
+NOT_THE_AGENT = frozenset({"waiting_for_agent", "error", "turn_result"})
 STOP_GRACE_SECONDS = 5.0  # how long a stopping service waits for its interrupted turns' results
 
 
@@ -340,7 +344,10 @@ class TurnRunner(TurnLeases):
                         batch.extend(outcome.failed(item))
                         done = True
                     else:
-                        if not live.first_event_seen:
+                        if (
+                            not live.first_event_seen
+                            and item.WhichOneof("payload") not in NOT_THE_AGENT
+                        ):
                             live.first_event_seen = True
                             self._metrics.time_to_first_event.record(
                                 time.monotonic() - live.accepted
