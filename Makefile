@@ -121,7 +121,7 @@ typecheck: setup ## mypy --strict over services and libs
 
 .PHONY: pytest
 pytest: setup ## Run the test suite (PostgreSQL/Redis from CORRAL_TEST_POSTGRES_URL / CORRAL_TEST_REDIS_URL)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q --durations=15 $(PYTEST_ARGS)
 
 .PHONY: faults
 faults: setup ## Fault scenarios on a production-like topology started by the tests (tests/faults)
