@@ -196,6 +196,20 @@ try {
     await screenshot("reloaded");
   });
 
+  await step("a session that runs tools without asking (the default organisation allows it)", async () => {
+    await page.fill("#new-session-name", "unattended");
+    await page.selectOption("#new-session-permissions", "allow");
+    await page.click("#new-session button[type=submit]");
+    await page.locator("#sessions li.selected", { hasText: "unattended" }).waitFor();
+    await send(script([{ tool: "Bash", input: { command: "echo ran-unasked" } }, { text: "done" }]));
+    const result = page.locator(".tool-result").first();
+    await result.waitFor();
+    assert.equal(await result.textContent(), "↳ ran-unasked");
+    assert.equal(await turnResult(1), "succeeded");
+    assert.equal(await page.locator(".permission-request").count(), 0, "nothing was asked");
+    await screenshot("unattended");
+  });
+
   assert.deepEqual(pageErrors, [], "no uncaught errors in the page");
 } catch {
   run.fail();

@@ -249,13 +249,15 @@ class Console {
     const name = $<HTMLInputElement>("new-session-name").value.trim();
     const ask = $<HTMLSelectElement>("new-session-permissions").value === "ask";
     // "ask": one rule, every tool (`*`) waits for a person (a PermissionRequest answered here);
-    // "allow": tools run without asking.
-    const agentOptions = ask
-      ? {
-          permissionMode: AgentOptions_PermissionMode.DEFAULT,
-          permissionRules: [{ toolPattern: "*", action: PermissionRule_Action.ASK }],
-        }
-      : { permissionMode: AgentOptions_PermissionMode.BYPASS_PERMISSIONS };
+    // "allow": one rule allowing every tool. A rule, not PERMISSION_MODE_BYPASS_PERMISSIONS,
+    // which an organisation's policy refuses unless it lists it; the organisation's own rules
+    // are checked first either way, so what it makes ASK or DENY still asks or is denied.
+    const agentOptions = {
+      permissionMode: AgentOptions_PermissionMode.DEFAULT,
+      permissionRules: [
+        { toolPattern: "*", action: ask ? PermissionRule_Action.ASK : PermissionRule_Action.ALLOW },
+      ],
+    };
     const reply = await this.guard(() =>
       this.corral.session.createSession({
         session: { displayName: name || "untitled", agentOptions },
