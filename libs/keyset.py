@@ -14,7 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from corral.libs.listing import Condition, Page
+from corral.libs.listing import Condition, ListQuery, Page
 
 ColumnFor = Callable[[Condition], sa.ColumnElement[Any]]
 
@@ -76,6 +76,16 @@ def page_query(
             query = query.where(sa.or_(sort > value, sa.and_(sort == value, tiebreak > ident)))
     order = (sort.desc(), tiebreak.desc()) if descending else (sort.asc(), tiebreak.asc())
     return query.order_by(*order).limit(page.size + 1)
+
+
+def select_page(table: sa.Table, query: ListQuery) -> sa.Select[Any]:
+    """One page of ``table``'s rows for a List ``query``: its conditions (``labels.<key>`` as
+    well, when the table has ``labels``), in (order, id) order, with one row to spare."""
+    special = label_condition(table) if "labels" in table.c else None
+    select = sa.select(table).where(*where(table, query.conditions, special))
+    return page_query(
+        select, table.c[query.order], table.c.id, descending=query.descending, page=query.page
+    )
 
 
 _OPERATORS: dict[str, Any] = {

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from corral.libs.errors import InvalidArgument, Validator
 
@@ -275,6 +275,20 @@ def list_query(
         default=default_size,
     )
     return ListQuery(conditions, order, descending, page)
+
+
+class Keyed(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+K = TypeVar("K", bound=Keyed)
+
+
+def page_of(rows: Sequence[K], query: ListQuery) -> tuple[list[K], str]:
+    """:func:`finish_page` for rows fetched for ``query`` (with one to spare), each keyed by
+    its ``query.order`` attribute and its id."""
+    return finish_page(rows, query.page, lambda row: (getattr(row, query.order), row.id))
 
 
 def next_token(page: Page, last: tuple[Any, Any] | None) -> str:

@@ -100,13 +100,7 @@ class StorageApi(rpc.StorageServiceServicer):
     ) -> pb.ListWorkspacesResponse:
         caller = require_caller()
         query = list_query(request, cv.WORKSPACE_FIELDS, cv.WORKSPACE_ORDER, caller.subject)
-        found, token = await self._service.workspaces.list(
-            caller,
-            query.conditions,
-            order=query.order,
-            descending=query.descending,
-            page=query.page,
-        )
+        found, token = await self._service.workspaces.list(caller, query)
         return pb.ListWorkspacesResponse(
             workspaces=[cv.workspace_to_proto(w) for w in found], next_page_token=token
         )
@@ -421,13 +415,7 @@ class StorageApi(rpc.StorageServiceServicer):
     ) -> pb.ListReportsResponse:
         caller = require_caller()
         query = list_query(request, cv.REPORT_FIELDS, cv.REPORT_ORDER, caller.subject)
-        found, token = await self._service.reports.list(
-            caller,
-            query.conditions,
-            order=query.order,
-            descending=query.descending,
-            page=query.page,
-        )
+        found, token = await self._service.reports.list(caller, query)
         return pb.ListReportsResponse(
             reports=[cv.report_to_proto(r) for r in found], next_page_token=token
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import datetime
 
 from corral.libs.auth.caller import Caller
@@ -21,7 +21,7 @@ from corral.libs.errors import (
     Unimplemented,
 )
 from corral.libs.idempotency import CreateRequest, create_once
-from corral.libs.listing import Condition, Page, finish_page
+from corral.libs.listing import ListQuery, Page, finish_page, page_of
 from corral.libs.names import new_id
 from corral.services.storage.base import Storage
 from corral.services.storage.domain import (
@@ -164,20 +164,10 @@ class Reports:
     async def content(self, report: Report) -> AsyncIterator[bytes]:
         return await self._s.blobs.get(report.blob_key)
 
-    async def list(
-        self,
-        caller: Caller,
-        conditions: Sequence[Condition],
-        *,
-        order: str,
-        descending: bool,
-        page: Page,
-    ) -> tuple[list[Report], str]:
+    async def list(self, caller: Caller, query: ListQuery) -> tuple[list[Report], str]:
         async with self._s.uow() as uow:
-            rows = await uow.reports.list(
-                visible_to(caller, conditions), order=order, descending=descending, page=page
-            )
-        return finish_page(rows, page, lambda r: (getattr(r, order), r.id))
+            rows = await uow.reports.list(visible_to(caller, query))
+        return page_of(rows, query)
 
     async def delete(self, caller: Caller, report_id: str) -> None:
         async with self._s.uow() as uow:

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from corral.libs import keyset
 from corral.libs.db import UnitOfWork
 from corral.libs.idempotency import SqlIdempotencyStore
-from corral.libs.listing import Condition, Page
+from corral.libs.listing import ListQuery, Page
 from corral.libs.outbox import OutboxRecords
 from corral.services.storage.domain import (
     Archive,
@@ -113,16 +113,10 @@ class WorkspaceRepository:
             await self._c.execute(table.delete().where(table.c.workspace_id == workspace_id))
         await self._c.execute(workspaces.delete().where(workspaces.c.id == workspace_id))
 
-    async def list(
-        self, conditions: Sequence[Condition], *, order: str, descending: bool, page: Page
-    ) -> builtins.list[Workspace]:
-        query = sa.select(workspaces).where(
-            *keyset.where(workspaces, conditions, keyset.label_condition(workspaces))
-        )
-        query = keyset.page_query(
-            query, workspaces.c[order], workspaces.c.id, descending=descending, page=page
-        )
-        return [_to_workspace(row) for row in await self._c.execute(query)]
+    async def list(self, query: ListQuery) -> builtins.list[Workspace]:
+        """One page (with one row to spare)."""
+        rows = await self._c.execute(keyset.select_page(workspaces, query))
+        return [_to_workspace(row) for row in rows]
 
     async def ids(
         self, *, expired_before: datetime | None = None, after: str = "", limit: int = 1000
@@ -324,16 +318,10 @@ class ReportRepository:
         result = await self._c.execute(reports.delete().where(reports.c.id == report_id))
         return bool(result.rowcount == 1)
 
-    async def list(
-        self, conditions: Sequence[Condition], *, order: str, descending: bool, page: Page
-    ) -> builtins.list[Report]:
-        query = sa.select(reports).where(
-            *keyset.where(reports, conditions, keyset.label_condition(reports))
-        )
-        query = keyset.page_query(
-            query, reports.c[order], reports.c.id, descending=descending, page=page
-        )
-        return [_to_report(row) for row in await self._c.execute(query)]
+    async def list(self, query: ListQuery) -> builtins.list[Report]:
+        """One page (with one row to spare)."""
+        rows = await self._c.execute(keyset.select_page(reports, query))
+        return [_to_report(row) for row in rows]
 
     async def expired(self, at: datetime, limit: int) -> builtins.list[Report]:
         query = sa.select(reports).where(reports.c.expire_time <= at).limit(limit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -13,7 +14,7 @@ from corral.libs.auth.caller import Caller
 from corral.libs.errors import AlreadyExists, FieldViolation, InvalidArgument
 from corral.libs.etags import check_etag, mismatch
 from corral.libs.idempotency import CreateRequest, create_once
-from corral.libs.listing import Condition, Page, finish_page
+from corral.libs.listing import Condition, ListQuery, page_of
 from corral.services.storage.base import Storage
 from corral.services.storage.domain import (
     WORKSPACE,
@@ -51,16 +52,16 @@ def _owner_in(owner: str, organization: str, field: str) -> None:
         )
 
 
-def visible_to(caller: Caller, conditions: Sequence[Condition]) -> list[Condition]:
+def visible_to(caller: Caller, query: ListQuery) -> ListQuery:
     """What a list may show: all of it to superusers and services, the organisation's to its
     admins and viewers, a user's own otherwise."""
-    out = list(conditions)
+    out = list(query.conditions)
     if caller.is_superuser or is_service(caller):
-        return out
+        return query
     out.append(Condition("organization", "=", caller.organization))
     if not caller.has_role("admin", "viewer"):
         out.append(Condition("owner", "=", caller.subject))
-    return out
+    return dataclasses.replace(query, conditions=out)
 
 
 class Workspaces:
@@ -81,20 +82,10 @@ class Workspaces:
             caller, await self._load(workspace_id), WORKSPACE.format(workspace_id)
         )
 
-    async def list(
-        self,
-        caller: Caller,
-        conditions: Sequence[Condition],
-        *,
-        order: str,
-        descending: bool,
-        page: Page,
-    ) -> tuple[list[Workspace], str]:
+    async def list(self, caller: Caller, query: ListQuery) -> tuple[list[Workspace], str]:
         async with self._s.uow() as uow:
-            rows = await uow.workspaces.list(
-                visible_to(caller, conditions), order=order, descending=descending, page=page
-            )
-        return finish_page(rows, page, lambda w: (getattr(w, order), w.id))
+            rows = await uow.workspaces.list(visible_to(caller, query))
+        return page_of(rows, query)
 
     # -- create and clone (internal) -------------------------------------------------------------
 
