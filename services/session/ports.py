@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol
 
 from google.protobuf import struct_pb2
 
 from corral.libs.idempotency import IdempotencyStore
 from corral.libs.listing import Condition, Page
-from corral.libs.outbox import OutboxStore
+from corral.libs.outbox import OutboxUnitOfWork
 from corral.runtime.v1 import agent_options_pb2 as runtime_options
 from corral.runtime.v1 import runtime_event_pb2 as rt
 from corral.services.session.domain import (
@@ -108,9 +107,10 @@ class Policies(Protocol):
     async def save(self, policy: AgentPolicyRecord) -> None: ...
 
 
-class UnitOfWork(Protocol):
-    """One transaction: ``async with uow: ...; await uow.commit()``; no commit, no change.
-    ``idempotency.put`` raises the kit's ``RequestRaced`` when the key is taken."""
+class UnitOfWork(OutboxUnitOfWork, Protocol):
+    """One transaction: ``async with uow: ...; await uow.commit()``; no commit, no change
+    (the kit's outbox unit of work, with its ``outbox`` store). ``idempotency.put`` raises the
+    kit's ``RequestRaced`` when the key is taken."""
 
     @property
     def sessions(self) -> Sessions: ...
@@ -129,20 +129,6 @@ class UnitOfWork(Protocol):
 
     @property
     def idempotency(self) -> IdempotencyStore: ...
-
-    @property
-    def outbox(self) -> OutboxStore: ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    async def commit(self) -> None: ...
 
 
 # -- other services -------------------------------------------------------------------------------
