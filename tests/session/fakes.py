@@ -260,15 +260,19 @@ class FakeWorkspaces:
     """Storage's workspaces at the session's port: which exist (name -> owner), with the
     port's errors: ``down`` is an outage (WORKSPACE_UNAVAILABLE, also for deletes, which then
     wait in the outbox), ``full`` a storage quota with no room (QUOTA_EXCEEDED); ``lost``
-    makes the next create or clone happen but its answer get lost (WORKSPACE_UNAVAILABLE)."""
+    makes the next create or clone happen but its answer get lost (WORKSPACE_UNAVAILABLE);
+    with ``gate`` set, creates wait for it (``waiting`` counts them)."""
 
     def __init__(self) -> None:
         self.workspaces: dict[str, str] = {}
+        self.made: list[str] = []  # every workspace made, in order
         self.copied: dict[str, str] = {}  # copy -> source
         self.deleted: list[str] = []
         self.down = False
         self.full = False
         self.lost = 0
+        self.gate: asyncio.Event | None = None
+        self.waiting = 0
         self._changed = asyncio.Condition()
 
     def _check(self, *, quota: bool) -> None:
@@ -284,6 +288,7 @@ class FakeWorkspaces:
     def _made(self, session: str, owner: str) -> str:
         name = "workspaces/" + session.removeprefix("sessions/")
         self.workspaces[name] = owner
+        self.made.append(name)
         if self.lost > 0:
             self.lost -= 1
             raise Unavailable("the answer was lost", reason="WORKSPACE_UNAVAILABLE")
@@ -291,6 +296,11 @@ class FakeWorkspaces:
 
     async def create(self, *, organization: str, session: str, owner: str, request_id: str) -> str:
         self._check(quota=True)
+        if self.gate is not None:
+            self.waiting += 1
+            async with self._changed:
+                self._changed.notify_all()
+            await self.gate.wait()
         return self._made(session, owner)
 
     async def clone(self, source: str, *, session: str, owner: str, request_id: str) -> str:
@@ -308,9 +318,10 @@ class FakeWorkspaces:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_deleted(self, workspace: str, within: float = 10.0) -> None:
+    async def wait(self, done: Callable[[], bool], within: float = 10.0) -> None:
+        """Until ``done()`` holds after a create waits or a delete."""
         async with asyncio.timeout(within), self._changed:
-            await self._changed.wait_for(lambda: workspace in self.deleted)
+            await self._changed.wait_for(done)
 
 
 class FakeAudit:
