@@ -14,6 +14,7 @@ from typing import Any
 from corral.libs.audit import AUDIT, Audit, AuditWriter
 from corral.libs.audit import deliver as deliver_audit
 from corral.libs.auth.caller import Caller
+from corral.libs.idempotency import CreateRequest
 from corral.libs.outbox import Outbox
 from corral.services.storage.accounting import RELEASE, Accounting, deliver_release
 from corral.services.storage.blobs import BlobStore
@@ -62,6 +63,12 @@ class Storage:
             self.uow, self.files, self.ledger, self.outbox, clock=self.clock
         )
         self._tasks: set[asyncio.Task[None]] = set()
+
+    async def earlier(self, request: CreateRequest) -> str | None:
+        """What an earlier create with ``request``'s request_id made (the idempotent-create
+        flow's look-up, :func:`corral.libs.idempotency.create_once`)."""
+        async with self.uow() as uow:
+            return await request.earlier(uow.idempotency)
 
     async def audited(
         self,

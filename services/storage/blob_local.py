@@ -122,6 +122,15 @@ class LocalBlobStore:
         os.close(fd)
         return path, size, digest.hexdigest()
 
+    async def _place_spooled(self, path: Path, key: str) -> Path:
+        """Put a spooled file in ``key``'s place; on failure the spooled file goes."""
+        try:
+            return await asyncio.to_thread(self._place, path, key)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # at once, also when cancelled
+            raise
+
     def _place(self, source: Path, key: str) -> Path:
         """Rename ``source`` to the object's path, creating its directories (blocking)."""
         target = self._object_path(key)
@@ -141,12 +150,7 @@ class LocalBlobStore:
     ) -> BlobInfo:
         check_key(key)
         path, size, sha256 = await self._spool(chunks, max_bytes)
-        try:
-            target = await asyncio.to_thread(self._place, path, key)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            raise
+        target = await self._place_spooled(path, key)
         modified = _mtime((await asyncio.to_thread(os.lstat, target)).st_mtime)
         return BlobInfo(key, size, sha256, modified)
 
@@ -347,12 +351,7 @@ class LocalBlobStore:
                     yield block
 
         path, size, sha256 = await self._spool(joined(), None)
-        try:
-            target = await asyncio.to_thread(self._place, path, key)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            raise
+        target = await self._place_spooled(path, key)
         await asyncio.to_thread(shutil.rmtree, directory, True)
         info = await asyncio.to_thread(os.lstat, target)
         return BlobInfo(key, size, sha256, _mtime(info.st_mtime))

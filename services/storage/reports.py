@@ -150,11 +150,7 @@ class Reports:
             (report_id,) = REPORT.parse_field(name, "name")
             return await self.get(caller, report_id)
 
-        return await create_once(request, self._earlier, make, replayed)
-
-    async def _earlier(self, request: CreateRequest) -> str | None:
-        async with self._s.uow() as uow:
-            return await request.earlier(uow.idempotency)
+        return await create_once(request, self._s.earlier, make, replayed)
 
     async def get(self, caller: Caller, report_id: str) -> Report:
         async with self._s.uow() as uow:
@@ -246,11 +242,7 @@ class Archives:
             _, archive_id = ARCHIVE.parse_field(name, "name")
             return await self.get(caller, workspace_id, archive_id)
 
-        return await create_once(request, self._earlier, make, replayed)
-
-    async def _earlier(self, request: CreateRequest) -> str | None:
-        async with self._s.uow() as uow:
-            return await request.earlier(uow.idempotency)
+        return await create_once(request, self._s.earlier, make, replayed)
 
     async def _build(self, archive: Archive, owner: str) -> None:
         assert self._s.packer is not None

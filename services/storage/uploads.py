@@ -157,11 +157,7 @@ class Uploads:
             _, upload_id = UPLOAD.parse_field(name, "name")
             return await self.get(caller, workspace_id, upload_id)
 
-        return await create_once(request, self._earlier, make, replayed)
-
-    async def _earlier(self, request: CreateRequest) -> str | None:
-        async with self._s.uow() as uow:
-            return await request.earlier(uow.idempotency)
+        return await create_once(request, self._s.earlier, make, replayed)
 
     # -- append ----------------------------------------------------------------------------------
 

@@ -136,7 +136,7 @@ class Workspaces:
             send()
             return workspace
 
-        return await create_once(request, self._earlier, make, self._replayed)
+        return await create_once(request, self._s.earlier, make, self._replayed)
 
     async def _room_for(self, organization: str, owner: str, name: str) -> None:
         """STORAGE_QUOTA_EXCEEDED when the owner's or the organisation's storage quota has no
@@ -146,10 +146,6 @@ class Workspaces:
             await self._s.ledger.release(probe)
         except Exception:
             await self._s.accounting.give_back(organization, [probe])  # the outbox retries it
-
-    async def _earlier(self, request: CreateRequest) -> str | None:
-        async with self._s.uow() as uow:
-            return await request.earlier(uow.idempotency)
 
     async def _replayed(self, name: str) -> Workspace:
         (workspace_id,) = WORKSPACE.parse_field(name, "name")
@@ -188,7 +184,7 @@ class Workspaces:
                 await self._s.accounting.give_back(source.organization, [hold])
                 raise
 
-        return await create_once(request, self._earlier, make, self._replayed)
+        return await create_once(request, self._s.earlier, make, self._replayed)
 
     async def _copy(
         self,
