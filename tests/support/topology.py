@@ -6,9 +6,10 @@ need the production shape (issues 15 and 16).
   initdb refuses root) and its own ``redis-server``: never the machine's servers.
 - ``corral migrate``, then the accounts an operator makes (``corral admin``: an organisation, a
   superuser admin, the services' internal account and its API key).
-- One OS process per service, ``corral serve <service>`` in production mode: identity, N
-  session replicas and N runtime replicas (session replica i calls runtime i mod N; they share
-  one runtime root, as replicas share a volume), the offline model server as the model endpoint
+- One OS process per service, ``corral serve <service>`` in production mode: identity, storage
+  (sessions' workspaces, under a storage root the runtimes share), N session replicas and N
+  runtime replicas (session replica i calls runtime i mod N; they share one runtime root, as
+  replicas share a volume), the offline model server as the model endpoint
   (a process of its own, like a real endpoint: it outlives a runtime), and Envoy
   (``libs/envoy.py``) in front of identity and every session replica.
 
@@ -53,7 +54,7 @@ CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-SERVICES = ("identity", "session", "runtime")  # what runs here (and is migrated)
+SERVICES = ("identity", "session", "runtime", "storage")  # what runs here (and is migrated)
 ORGANIZATION = "faults"
 ADMIN_EMAIL = "admin@faults.test"
 PASSWORD = "faults-topology-password"
@@ -428,6 +429,7 @@ class Topology:
             "CORRAL_IDENTITY_HTTP_PORT": str(self.identity_http_port),
             "CORRAL_JWKS_URL": f"http://127.0.0.1:{self.identity_http_port}/.well-known/jwks.json",
             "CORRAL_RUNTIME_ROOT": str(self.runtime_root),
+            "CORRAL_STORAGE_ROOT": str(folder / "storage"),  # workspaces: storage's and runtimes'
             "CORRAL_RUNTIME_POOL_SIZE": str(pool_size),
             "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{model_port}",
             # Turns cost what the CLI says at list prices, so budgets and the ledger see cost.
@@ -445,10 +447,16 @@ class Topology:
             **(settings or {}),
         }
         self.identity = self._service("identity", 0, {})
+        self.storage = self._service("storage", 0, {})
         self.runtimes = [self._service("runtime", i, {}) for i in range(runtime_replicas)]
         self.sessions = [
             self._service(
-                "session", i, {"CORRAL_RUNTIME_TARGET": self.runtimes[i % runtime_replicas].target}
+                "session",
+                i,
+                {
+                    "CORRAL_RUNTIME_TARGET": self.runtimes[i % runtime_replicas].target,
+                    "CORRAL_STORAGE_TARGET": self.storage.target,
+                },
             )
             for i in range(session_replicas)
         ]
@@ -465,7 +473,7 @@ class Topology:
 
     @property
     def services(self) -> list[Service]:
-        return [self.identity, *self.runtimes, *self.sessions]
+        return [self.identity, self.storage, *self.runtimes, *self.sessions]
 
     @property
     def edge(self) -> str:
@@ -493,9 +501,9 @@ class Topology:
             service.env["CORRAL_SERVICE_API_KEY"] = self.accounts.service_api_key
         self.identity.start()
         await self.identity.ready()
-        for service in [*self.runtimes, *self.sessions]:
+        for service in [self.storage, *self.runtimes, *self.sessions]:
             service.start()
-        await asyncio.gather(*(s.ready() for s in [*self.runtimes, *self.sessions]))
+        await asyncio.gather(*(s.ready() for s in [self.storage, *self.runtimes, *self.sessions]))
         await self.start_edge()
 
     async def _migrate(self) -> None:
@@ -556,12 +564,12 @@ class Topology:
             protos_dir=ROOT / "protos",
             envoy_template=ROOT / "deploy" / "envoy" / "envoy.yaml.template",
         )
-        nowhere = f"127.0.0.1:{free_port()}"  # task and storage are not part of this topology
+        nowhere = f"127.0.0.1:{free_port()}"  # task is not part of this topology
         upstreams = {
             "identity": [self.identity.target],
             "session": [s.target for s in self.sessions],
             "task": [nowhere],
-            "storage": [nowhere],
+            "storage": [self.storage.target],
         }
         config = await asyncio.to_thread(
             write_config, settings, self.folder / "edge", upstreams=upstreams, health_interval=1.0
@@ -603,7 +611,7 @@ class Topology:
         if not self.identity.alive:
             self.identity.start()
         await self.identity.ready()
-        for service in [*self.runtimes, *self.sessions]:
+        for service in [self.storage, *self.runtimes, *self.sessions]:
             if not service.alive:
                 service.start()
         await asyncio.gather(*(s.ready() for s in self.services))
