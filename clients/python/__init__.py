@@ -10,9 +10,11 @@
             print(event.WhichOneof("payload"))
 
 Sign-in and token refresh, retries with backoff on ``UNAVAILABLE`` for calls that are safe to
-repeat, an event stream that resumes by sequence across reconnects, and errors raised as
-``ApiError`` subclasses carrying the ``ErrorInfo`` reason. Its source lives in
-``clients/python`` (imported as ``corral.client``); the Go client is in ``clients/go``.
+repeat, an event stream that resumes by sequence across reconnects, errors raised as
+``ApiError`` subclasses carrying the ``ErrorInfo`` reason, and file transfers (``upload_file``,
+``download_file``: chunked, resumed after a dropped connection, checked by SHA-256, with
+progress). Its source lives in ``clients/python`` (imported as ``corral.client``); the Go
+client is in ``clients/go``.
 """
 
 from corral.client.calls import RetryPolicy
@@ -21,6 +23,7 @@ from corral.client.errors import (
     Aborted,
     AlreadyExists,
     ApiError,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -32,21 +35,27 @@ from corral.client.errors import (
     Unavailable,
     Unimplemented,
 )
+from corral.client.files import FileChangedError, Progress, download_file, upload_file
 
 __all__ = [
     "Aborted",
     "AlreadyExists",
     "ApiError",
     "Client",
+    "DataLoss",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "FileChangedError",
     "Internal",
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "Progress",
     "ResourceExhausted",
     "RetryPolicy",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "download_file",
+    "upload_file",
 ]

@@ -76,6 +76,11 @@ class Unimplemented(ApiError): ...
 class Internal(ApiError): ...
 
 
+class DataLoss(ApiError):
+    """Bytes that are not what they should be; ``download_file`` raises it when what arrived
+    is not the file (reason ``CHECKSUM_MISMATCH``, ``SIZE_MISMATCH`` or ``OFFSET_MISMATCH``)."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ApiError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -89,6 +94,7 @@ _BY_CODE: dict[grpc.StatusCode, type[ApiError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
     grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.DATA_LOSS: DataLoss,
 }
 
 
