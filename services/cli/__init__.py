@@ -1,8 +1,8 @@
 """The corral command.
 
 Running the platform: dev, serve, migrate, health. Using it: sessions (ls, show, archive, rm),
-events tail, approvals (ls, answer), chat, workspaces ls, files (ls, get), reports (ls, show,
-get, create). Operating it: admin (works on identity's database directly). completion prints
+events tail, approvals (ls, answer), chat, workspaces ls, files (ls, put, get, rm), reports (ls,
+show, get, create). Operating it: admin (works on identity's database directly). completion prints
 a shell completion script. Every command that prints takes --json (one JSON document, or one
 JSON line per event for streams); colour only on a terminal, never with NO_COLOR set or
 --no-color.
