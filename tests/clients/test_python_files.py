@@ -1,10 +1,11 @@
 """corral.client's file transfers (upload_file, download_file) through the real edge (Envoy)
 to the real storage service: a small file in one WriteFile call and a chunked one, there and back
 byte for byte with their progress; then, with a storage stub in between that loses what a
-network can lose, a chunk whose answer was lost and one that never arrived (each resumed where
-the server is, nothing sent twice that it had), a download stream broken midway (reopened at the
-bytes received, pinned to the same content), bytes that are not the file's (DataLoss, nothing
-left behind), and uploads that fail (aborted, their quota hold given back)."""
+network can lose, a chunk whose answer was lost, one that never arrived and one refused
+RATE_LIMITED (each resumed where the server is, nothing sent twice that it had), a download
+stream broken midway (reopened at the bytes received, pinned to the same content), bytes that
+are not the file's (DataLoss, nothing left behind), and uploads that fail (aborted, their quota
+hold given back)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from corral.client import (
     DataLoss,
     FileChangedError,
     InvalidArgument,
+    ResourceExhausted,
     RetryPolicy,
     Unavailable,
     download_file,
@@ -116,7 +118,8 @@ async def test_small_and_chunked_files_there_and_back(
 class Storage:
     """The storage stub, with faults: ``lose_answer`` (AppendUploadChunk calls, counted from 1,
     that the server runs but whose answer never arrives), ``drop_before`` (calls that never
-    reach it), ``refuse`` (a call answered INVALID_ARGUMENT), ``break_stream_after`` (messages
+    reach it), ``rate_limited`` (calls refused RATE_LIMITED), ``refuse`` (a call answered
+    INVALID_ARGUMENT), ``break_stream_after`` (messages
     after which the first DownloadFile stream breaks), ``corrupt`` (flip a byte downloaded)."""
 
     def __init__(self, real: Any, **faults: Any) -> None:
@@ -141,6 +144,9 @@ class Storage:
             raise Unavailable(grpc.StatusCode.UNAVAILABLE, "connection reset", "UNAVAILABLE")
         if self._calls in self.faults.get("refuse", ()):
             raise InvalidArgument(grpc.StatusCode.INVALID_ARGUMENT, "no", "CHUNK_TOO_LARGE")
+        if self._calls in self.faults.get("rate_limited", ()):
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            raise ResourceExhausted(code, "slow down", "RATE_LIMITED", retry_after=0.01)
         reply = await self._real.AppendUploadChunk(request, **kwargs)
         self.appends.append(request.offset)
         if self._calls in self.faults.get("lose_answer", ()):
@@ -205,12 +211,13 @@ async def test_chunks_lost_on_the_way_are_resumed_where_the_server_is(
 ) -> None:
     size = 9 * MiB
     local = random_file(tmp_path / "lossy.bin", size)
-    client, stub = await faulty(edged, lose_answer={2}, drop_before={4})
+    client, stub = await faulty(edged, lose_answer={2}, drop_before={4}, rate_limited={6})
     async with client:
         file = await upload_file(client, workspace, "py/lossy.bin", local, chunk_size=2 * MiB)
         assert file.sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
         # The chunk at 2 MiB was kept though its answer was lost: not sent again. The one at
-        # 6 MiB was lost on its way (the 4th call) and sent again from where the server was.
+        # 6 MiB was lost on its way (the 4th call) and sent again from where the server was;
+        # the one at 8 MiB was refused RATE_LIMITED (the 6th call) and sent again.
         assert stub.appends == [0, 2 * MiB, 4 * MiB, 6 * MiB, 8 * MiB]
         got = io.BytesIO()
         await download_file(client, file.name, got)
