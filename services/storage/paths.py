@@ -1,8 +1,10 @@
 """Workspace paths and file names: the one place a user's path is judged.
 
 A path is relative to its workspace, ``/``-separated, UTF-8 in NFC, at most 1,024 bytes (255 per
-segment), with no empty, ``.`` or ``..`` segment, no leading or trailing ``/``, no backslash and
-no control character (C0, DEL, C1). Nothing is "fixed up": a path that breaks a rule is refused
+segment), with no empty, ``.`` or ``..`` segment, no leading or trailing ``/``, no backslash,
+no control character (C0, DEL, C1) and no invisible format character or line/paragraph
+separator (Unicode categories Cf, Zl, Zp: U+200B, U+202E, U+FEFF, U+2028...), which would make
+a name look like another one. Nothing is "fixed up": a path that breaks a rule is refused
 (INVALID_ARGUMENT, INVALID_PATH), so a name always means exactly one file.
 
 A file's resource name carries the path as base64url without padding
@@ -22,6 +24,7 @@ from corral.libs.names import ID_PATTERN
 MAX_PATH_BYTES = 1024
 MAX_SEGMENT_BYTES = 255
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_INVISIBLE = frozenset({"Cf", "Zl", "Zp"})  # format characters, line and paragraph separators
 _FILE_NAME = re.compile(rf"^workspaces/({ID_PATTERN})/files/([A-Za-z0-9_-]{{1,1400}})$")
 DELIMITER = "/"
 
@@ -42,6 +45,8 @@ def path_problem(path: str) -> str | None:
         return f"must be at most {MAX_PATH_BYTES} bytes of UTF-8"
     if _CONTROL.search(path):
         return "must not contain NUL or other control characters"
+    if any(unicodedata.category(c) in _INVISIBLE for c in path):
+        return "must not contain Unicode format characters or line/paragraph separators"
     if "\\" in path:
         return "must not contain a backslash"
     if not unicodedata.is_normalized("NFC", path):

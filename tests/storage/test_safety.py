@@ -6,7 +6,8 @@ ListFiles' prefix and CreateArchive's path_prefix:
   ``..``, ``.``, ``../escape``, ``a/../../escape``, ``a/..``, ``./a``, ``a/.``, ``/etc/passwd``,
   ``//etc``, ``a//b``, ``a/`` (for files), an empty path, a backslash (``..\\escape``,
   ``a\\..\\b``), NUL, a newline, DEL, a C1 control (NEL), an NFD path (``e`` + combining
-  acute), 1,025 bytes, a 256-byte segment.
+  acute), Unicode format characters (RLO, zero-width space, BOM) and line/paragraph separators,
+  1,025 bytes, a 256-byte segment.
 File names: a padded or non-canonical base64 ``{file}``, the base64 of ``../x``, of an absolute
 path and of invalid UTF-8, a ``{file}`` with ``/`` or ``.``, and a workspace id of ``..``.
 Symlinks an agent planted (never followed, wherever they point):
@@ -53,6 +54,11 @@ BAD_PATHS = [
     "a\x7fb",
     "a\x85b",
     "e\u0301.txt",
+    "invoice\u202efdp.exe",  # RIGHT-TO-LEFT OVERRIDE: shows as "invoiceexe.pdf"
+    "a\u200bb",  # ZERO WIDTH SPACE: looks like "ab"
+    "\ufeffa.txt",  # a byte order mark
+    "a\u2028b",  # LINE SEPARATOR
+    "a\u2029b",  # PARAGRAPH SEPARATOR
     "x" * 1025,
     "d/" + "s" * 256,
 ]

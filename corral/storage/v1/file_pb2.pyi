@@ -32,8 +32,10 @@ class File(_message.Message):
 
     Paths: relative to the workspace root, `/`-separated, UTF-8 in Unicode
     normalization form C, at most 1,024 bytes (255 per segment), with no empty,
-    `.` or `..` segment, no leading or trailing `/`, no backslash, and no NUL
-    or other control character. Anything else is INVALID_ARGUMENT
+    `.` or `..` segment, no leading or trailing `/`, no backslash, no NUL or
+    other control character, and no Unicode format character or line or
+    paragraph separator (categories Cf, Zl, Zp: U+200B, U+202E, U+FEFF,
+    U+2028, ...). Anything else is INVALID_ARGUMENT
     (INVALID_PATH). A file the agent named otherwise (no path can address it)
     is not listed.
     """
