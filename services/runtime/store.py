@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from corral.services.runtime.turn import Turn
 
 SESSION_FILE = "corral-session.json"
+log = logging.getLogger("corral.runtime")
 
 
 @dataclass(eq=False)
@@ -124,9 +126,10 @@ class SessionStore:
         there is none (storage never made it or deleted it, or its volume is not mounted)."""
         path = self._workspaces_dir / workspace_id
         if path.is_symlink() or not path.is_dir():
-            raise WorkspaceUnavailable(
-                f"workspace {workspace_id!r} does not exist in storage's folder of workspaces"
-                f" ({self._workspaces_dir}): storage makes it when the session is created"
+            log.warning("workspace %r is not a directory at %s", workspace_id, path)
+            raise WorkspaceUnavailable(  # the server's paths stay in its log
+                f"workspace {workspace_id!r} does not exist in storage:"
+                " storage makes it when the session is created"
             )
         return path
 

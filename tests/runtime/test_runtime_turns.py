@@ -193,6 +193,21 @@ async def test_turns_are_refused_before_they_start(runtime: Runtime) -> None:
     assert error_reason(no_transcript.value) == "TRANSCRIPT_NOT_FOUND"
 
 
+async def test_a_missing_workspace_is_refused_without_the_servers_paths(
+    runtime: Runtime,
+) -> None:
+    session = new_session()
+    request = runtime.request(session, "hi")
+    runtime.workspace(session).rmdir()  # storage deleted it (or never made it)
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await runtime.stream(request).read()
+    assert gone.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_reason(gone.value) == "WORKSPACE_UNAVAILABLE"
+    message = gone.value.details() or ""
+    assert session in message
+    assert str(runtime.workspaces) not in message and "/" not in message
+
+
 async def test_another_organizations_session_is_not_found(runtime: Runtime) -> None:
     session = new_session()
     await runtime.turn(session, "hello")
