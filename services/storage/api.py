@@ -4,6 +4,7 @@ the service layer (who may do what: ``domain.py``)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from google.api import httpbody_pb2
@@ -126,7 +127,11 @@ class StorageApi(rpc.StorageServiceServicer):
             session_id=session_id,
             owner=sent.owner,
             labels=dict(sent.labels),
-            expire_time=from_timestamp(sent.expire_time) if sent.HasField("expire_time") else None,
+            expire_time=(
+                from_timestamp(sent.expire_time, "workspace.expire_time")
+                if sent.HasField("expire_time")
+                else None
+            ),
             request_id=request.request_id,
         )
         return pb.CreateWorkspaceResponse(workspace=cv.workspace_to_proto(created))
@@ -166,13 +171,18 @@ class StorageApi(rpc.StorageServiceServicer):
         if "labels" in paths:
             check_labels(sent.labels, check, "workspace.labels")
         check.raise_if_any()
+        expire_time = (
+            from_timestamp(sent.expire_time, "workspace.expire_time")
+            if sent.HasField("expire_time")
+            else None
+        )
         updated = await self._service.workspaces.update(
             require_caller(),
             workspace_id,
             etag=sent.etag,
             paths=paths,
             labels=dict(sent.labels),
-            expire_time=from_timestamp(sent.expire_time) if sent.HasField("expire_time") else None,
+            expire_time=expire_time,
         )
         return pb.UpdateWorkspaceResponse(workspace=cv.workspace_to_proto(updated))
 
@@ -379,8 +389,8 @@ class StorageApi(rpc.StorageServiceServicer):
             ids_of(SESSION, sent.session, "report.session", check)
         if sent.task_run:
             ids_of(TASK_RUN, sent.task_run, "report.task_run", check)
-        expire_time = from_timestamp(sent.expire_time) if sent.HasField("expire_time") else None
         check.raise_if_any()
+        expire_time = _future(sent, "report.expire_time")
         if len(sent.content) > MAX_REPORT_BYTES:
             raise InvalidArgument(
                 "report content is at most 4 MiB",
@@ -455,7 +465,7 @@ class StorageApi(rpc.StorageServiceServicer):
         check_request_id(request.request_id, check)
         expire_time = None
         if sent.HasField("expire_time"):
-            expire_time = from_timestamp(sent.expire_time)
+            expire_time = from_timestamp(sent.expire_time, "archive.expire_time")
             check.check(
                 now() < expire_time <= now() + MAX_ARCHIVE_LIFETIME,
                 "archive.expire_time",
@@ -532,6 +542,20 @@ class StorageApi(rpc.StorageServiceServicer):
 
 def _violation(field: str, description: str) -> FieldViolation:
     return FieldViolation(field, description)
+
+
+def _future(sent: Any, field_path: str) -> datetime | None:
+    """The ``expire_time`` of a message the caller sent, None if unset; INVALID_ARGUMENT
+    naming ``field_path`` if it is not a valid timestamp or not in the future."""
+    if not sent.HasField("expire_time"):
+        return None
+    expire_time = from_timestamp(sent.expire_time, field_path)
+    if expire_time <= now():
+        raise InvalidArgument(
+            f"{field_path} is in the past",
+            violations=[_violation(field_path, "must be in the future")],
+        )
+    return expire_time
 
 
 async def _bodies(

@@ -94,6 +94,8 @@ class Reports:
                 json.loads(content)
             except ValueError as exc:
                 raise _violation("content", "is not a JSON document", "CONTENT_INVALID") from exc
+            except RecursionError as exc:  # nested deeper than the decoder goes
+                raise _violation("content", "is nested too deeply", "CONTENT_INVALID") from exc
         payload: list[object] = [title, content, format.value, content_type]
         payload += [sorted(labels.items()), expire_time, owner, session, task_run]
         request = CreateRequest.of("CreateReport", caller.subject, request_id, payload)

@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -45,6 +47,19 @@ SMALL_PART = 64 * 1024  # the local store's minimum part size in most tests (S3'
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def violated_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    """The fields an INVALID_ARGUMENT's BadRequest names; fails the test when it has none."""
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (error.code(), error.details())
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"the error carries no google.rpc.Status: {error.details()}"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            return [v.field for v in bad.field_violations]
+    raise AssertionError("the error carries no BadRequest")
 
 
 @dataclass

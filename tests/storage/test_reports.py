@@ -7,19 +7,31 @@ import hashlib
 import io
 import tarfile
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from corral.libs.errors import FailedPrecondition
 from corral.services.storage.blobs import BlobStore
-from corral.services.storage.domain import Archive
+from corral.services.storage.domain import Archive, now
 from corral.services.storage.ports import BuiltArchive
+from corral.services.storage.tables import reports
 from corral.services.storage.workspace_fs import WorkspaceFiles
 from corral.storage.v1 import archive_pb2, report_pb2
 from corral.storage.v1 import storage_service_pb2 as pb
-from tests.storage.stack import ACME, ALICE, BOB, PLATFORM, Stack, running_stack, sha
+from tests.storage.stack import (
+    ACME,
+    ALICE,
+    BOB,
+    PLATFORM,
+    Stack,
+    running_stack,
+    sha,
+    violated_fields,
+)
 from tests.support.grpc_tools import error_reason
 from tests.support.keys import SigningKey
 
@@ -145,8 +157,14 @@ async def test_delete_and_expiry_give_the_bytes_back(stack: Stack) -> None:
     expiring = report_pb2.Report(
         title="old", format=report_pb2.REPORT_FORMAT_MARKDOWN, content=b"o"
     )
-    expiring.expire_time.FromSeconds(1)
+    expiring.expire_time.FromDatetime(now() + timedelta(minutes=1))
     await stack.stub.CreateReport(pb.CreateReportRequest(report=expiring), metadata=stack.auth())
+    async with stack.engine.begin() as connection:  # a minute on
+        await connection.execute(
+            reports.update()
+            .where(reports.c.expire_time.is_not(None))
+            .values(expire_time=now() - timedelta(seconds=1))
+        )
     done = await stack.service.sweeper.sweep()
     assert done is not None and done.reports_deleted == 1
     await stack.settle()
@@ -156,6 +174,57 @@ async def test_delete_and_expiry_give_the_bytes_back(stack: Stack) -> None:
     assert [b.key async for b in stack.blobs.list("reports/")] == [
         f"reports/acme/{kept.name.removeprefix('reports/')}"
     ]
+
+
+# Outside what a Timestamp may hold: 0001-01-01..9999-12-31, nanos 0..999,999,999.
+BAD_TIMESTAMPS = [
+    timestamp_pb2.Timestamp(seconds=2**62),
+    timestamp_pb2.Timestamp(seconds=-(2**62)),
+    timestamp_pb2.Timestamp(seconds=253_402_300_800),  # 10000-01-01
+    timestamp_pb2.Timestamp(seconds=4_000_000_000, nanos=-1),
+    timestamp_pb2.Timestamp(seconds=4_000_000_000, nanos=1_000_000_000),
+]
+
+
+@pytest.mark.parametrize("stamp", BAD_TIMESTAMPS, ids=str)
+async def test_an_impossible_expire_time_is_invalid_argument(
+    stack: Stack, stamp: timestamp_pb2.Timestamp
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await file_report(stack, b"x", expire_time=stamp)
+    assert violated_fields(refused.value) == ["report.expire_time"]
+
+
+async def test_an_expire_time_in_the_past_is_refused(stack: Stack) -> None:
+    for past in (timestamp_pb2.Timestamp(seconds=1), timestamp_pb2.Timestamp()):
+        past_report = report_pb2.Report(
+            title="old", format=report_pb2.REPORT_FORMAT_MARKDOWN, content=b"o", expire_time=past
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stack.stub.CreateReport(
+                pb.CreateReportRequest(report=past_report), metadata=stack.auth()
+            )
+        assert violated_fields(refused.value) == ["report.expire_time"]
+    later = timestamp_pb2.Timestamp()
+    later.FromDatetime(now() + timedelta(days=1))
+    kept = await file_report(stack, b"kept", expire_time=later)
+    assert kept.expire_time == later
+    listed = await stack.stub.ListReports(pb.ListReportsRequest(), metadata=stack.auth())
+    assert [r.name for r in listed.reports] == [kept.name] and stack.ledger.in_use(ALICE) == 4
+
+
+async def test_json_nested_past_the_decoders_depth_is_content_invalid(stack: Stack) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for content in (deep, b'{"a":' * 50_000 + b"1" + b"}" * 50_000):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await file_report(stack, content, format=report_pb2.REPORT_FORMAT_JSON)
+        assert violated_fields(refused.value) == ["report.content"]
+        assert error_reason(refused.value) == "CONTENT_INVALID"
+    assert stack.ledger.in_use(ALICE) == 0
+    shallow = await file_report(
+        stack, b"[" * 100 + b"]" * 100, format=report_pb2.REPORT_FORMAT_JSON
+    )
+    assert shallow.size_bytes == 200
 
 
 async def test_a_report_past_the_quota_is_refused(stack: Stack) -> None:
@@ -279,6 +348,19 @@ async def test_without_a_packer_archives_are_unimplemented(stack: Stack) -> None
             metadata=stack.auth(),
         )
     assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize("stamp", [*BAD_TIMESTAMPS, timestamp_pb2.Timestamp(seconds=1)], ids=str)
+async def test_an_archive_expire_time_out_of_range_is_invalid_argument(
+    stack: Stack, stamp: timestamp_pb2.Timestamp
+) -> None:
+    ws = await stack.workspace()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stack.stub.CreateArchive(
+            pb.CreateArchiveRequest(parent=ws.name, archive=archive_pb2.Archive(expire_time=stamp)),
+            metadata=stack.auth(),
+        )
+    assert violated_fields(refused.value) == ["archive.expire_time"]
 
 
 # -- usage -----------------------------------------------------------------------------------------
