@@ -369,6 +369,7 @@ class Accounts(UseCases):
             raise PermissionDenied("only admins may change roles", reason="ROLE_INSUFFICIENT")
         async with self._uow() as uow:
             user = await get_user(uow, org_id, user_id)
+            principal.require_manage_user(user)
             check_etag(etag, user.etag, "user")
             expected = user.version
             old_role = user.role
@@ -407,6 +408,7 @@ class Accounts(UseCases):
         check_password(new, "new_password")
         async with self._uow() as uow:
             user = await get_user(uow, org_id, user_id)
+        principal.require_manage_user(user)
         is_self = principal.subject == target
         if is_self and not await asyncio.to_thread(
             self._passwords.verify, user.password_hash, current
@@ -438,9 +440,11 @@ class Accounts(UseCases):
     async def set_user_state(
         self, ctx: Context, org_id: str, user_id: str, state: State, reason: str = ""
     ) -> User:
-        ctx.require().require_admin(org_id)
+        principal = ctx.require()
+        principal.require_admin(org_id)
         async with self._uow() as uow:
             user = await get_user(uow, org_id, user_id)
+            principal.require_manage_user(user)
             if user.state is state:
                 return user
             if state is State.DISABLED and user.role is Role.ADMIN:

@@ -313,6 +313,7 @@ class Authentication(UseCases):
         principal.require_self_or_admin(ids[0], target)
         async with self._uow() as uow:
             user = await get_user(uow, *ids)
+            principal.require_manage_user(user)
             at = self._clock()
             count = await uow.refresh_tokens.revoke_user(user.id, at)
             await uow.users.bump_generation(user.id)

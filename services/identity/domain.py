@@ -260,6 +260,34 @@ class Principal:
         if not self.superuser:
             raise PermissionDenied("this needs a platform superuser", reason="SUPERUSER_REQUIRED")
 
+    def sees_service_account(self, account: ServiceAccount) -> bool:
+        """Corral's internal service accounts (whose tokens carry the ``service`` role) exist
+        only for superusers (``corral admin`` acts as one) and for themselves: to an admin of
+        their organization they are as absent as a missing account."""
+        return not account.internal or self.superuser or self.subject == account.name
+
+    def require_manage_service_account(self, account: ServiceAccount) -> None:
+        """Keys, updates and deletion of an internal service account are a superuser's only
+        (anyone else could mint a key and act as Corral's services across every tenant):
+        NOT_FOUND to those who cannot see it, PERMISSION_DENIED to the account itself."""
+        if not account.internal or self.superuser:
+            return
+        if not self.sees_service_account(account):
+            raise NotFound(f"{account.name} was not found", reason="NOT_FOUND")
+        raise PermissionDenied(
+            "only a superuser may manage an internal service account",
+            reason="SUPERUSER_REQUIRED",
+        )
+
+    def require_manage_user(self, user: User) -> None:
+        """A superuser's account is changed (email, role, password reset, state) by itself or
+        by another superuser, never by an admin of its organization: a reset password would
+        let that admin sign in as a superuser."""
+        if user.superuser and not self.superuser and self.subject != user.name:
+            raise PermissionDenied(
+                "only a superuser may change a superuser's account", reason="SUPERUSER_REQUIRED"
+            )
+
     def require_service(self) -> None:
         if not (self.service or self.superuser):
             raise PermissionDenied("only Corral services may call this", reason="SERVICE_REQUIRED")

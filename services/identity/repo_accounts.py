@@ -144,11 +144,17 @@ class ServiceAccounts(Repo):
             .values(token_generation=service_accounts.c.token_generation + 1)
         )
 
-    async def list(self, org_id: str, query: ListQuery) -> tuple[list[ServiceAccount], str, int]:
+    async def list(
+        self, org_id: str, query: ListQuery, with_internal: bool
+    ) -> tuple[list[ServiceAccount], str, int]:
+        """The organization's accounts; internal ones (Corral's services) only if
+        ``with_internal``."""
         filters = [
             service_accounts.c.organization_id == org_id,
             service_accounts.c.deleted.is_(False),
         ]
+        if not with_internal:
+            filters.append(service_accounts.c.internal.is_(False))
         return await self._page(service_accounts, filters, query, rows.service_account)
 
 

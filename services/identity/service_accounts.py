@@ -1,6 +1,9 @@
 """Service accounts and their API keys: create (idempotent), read, list, update, delete, revoke.
 
 An API key's plaintext is shown once, in the create's response; only its digest is kept.
+Internal service accounts (Corral's own services, ``corral admin create-service-account
+--internal``) are hidden from everyone but superusers and themselves, and only superusers
+(``corral admin`` among them) manage them (:meth:`Principal.require_manage_service_account`).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from corral.libs import listing
-from corral.libs.errors import Aborted, InvalidArgument
+from corral.libs.errors import Aborted, InvalidArgument, NotFound, PermissionDenied
 from corral.libs.etags import check_etag, mismatch
 from corral.libs.idempotency import CreateRequest
 from corral.libs.names import new_id
@@ -27,6 +30,7 @@ from corral.services.identity.domain import (
     SERVICE_ACCOUNT,
     ApiKey,
     ApiKeyState,
+    Principal,
     Role,
     ServiceAccount,
 )
@@ -57,6 +61,25 @@ async def get_account(uow: IdentityUnitOfWork, org_id: str, sa_id: str) -> Servi
     )
 
 
+async def visible_account(
+    uow: IdentityUnitOfWork, principal: Principal, org_id: str, sa_id: str
+) -> ServiceAccount:
+    """The account, or NOT_FOUND if it is missing or hidden from ``principal``."""
+    account = await get_account(uow, org_id, sa_id)
+    if not principal.sees_service_account(account):
+        raise NotFound(f"{account.name} was not found", reason="NOT_FOUND")
+    return account
+
+
+async def managed_account(
+    uow: IdentityUnitOfWork, principal: Principal, org_id: str, sa_id: str
+) -> ServiceAccount:
+    """The account, if ``principal`` may change it or its keys."""
+    account = await get_account(uow, org_id, sa_id)
+    principal.require_manage_service_account(account)
+    return account
+
+
 async def get_key(uow: IdentityUnitOfWork, org_id: str, sa_id: str, key_id: str) -> ApiKey:
     return found(
         await uow.api_keys.get(org_id, sa_id, key_id), API_KEY.format(org_id, sa_id, key_id)
@@ -67,17 +90,20 @@ class ServiceAccounts(UseCases):
     # ---- service accounts ----
 
     async def get_service_account(self, ctx: Context, org_id: str, sa_id: str) -> ServiceAccount:
-        ctx.require().require_self_or_admin(org_id, SERVICE_ACCOUNT.format(org_id, sa_id))
+        principal = ctx.require()
+        principal.require_self_or_admin(org_id, SERVICE_ACCOUNT.format(org_id, sa_id))
         async with self._uow() as uow:
-            return await get_account(uow, org_id, sa_id)
+            return await visible_account(uow, principal, org_id, sa_id)
 
     async def list_service_accounts(
         self, ctx: Context, org_id: str, request: ListRequest
     ) -> ListResult[ServiceAccount]:
-        ctx.require().require_admin(org_id)
-        query = SERVICE_ACCOUNTS.query(request, org_id)
+        principal = ctx.require()
+        principal.require_admin(org_id)
+        query = SERVICE_ACCOUNTS.query(request, org_id, principal.superuser)
         async with self._uow() as uow:
-            return ListResult(*await uow.service_accounts.list(org_id, query))
+            page = await uow.service_accounts.list(org_id, query, principal.superuser)
+            return ListResult(*page)
 
     async def create_service_account(
         self,
@@ -90,7 +116,13 @@ class ServiceAccounts(UseCases):
         *,
         internal: bool = False,  # only ``corral admin`` sets it; the API never does
     ) -> ServiceAccount:
-        ctx.require().require_admin(org_id)
+        principal = ctx.require()
+        principal.require_admin(org_id)
+        if internal and not principal.superuser:
+            raise PermissionDenied(
+                "only a superuser may create an internal service account",
+                reason="SUPERUSER_REQUIRED",
+            )
         payload = {"organization": org_id, "name": display_name, "about": description, "role": role}
 
         async def create(request: CreateRequest) -> ServiceAccount:
@@ -122,9 +154,10 @@ class ServiceAccounts(UseCases):
     async def update_service_account(
         self, ctx: Context, org_id: str, sa_id: str, changes: Mapping[str, Any], etag: str
     ) -> ServiceAccount:
-        ctx.require().require_admin(org_id)
+        principal = ctx.require()
+        principal.require_admin(org_id)
         async with self._uow() as uow:
-            account = await get_account(uow, org_id, sa_id)
+            account = await managed_account(uow, principal, org_id, sa_id)
             check_etag(etag, account.etag, "service account")
             expected, old_role = account.version, account.role
             for name in ("display_name", "description", "role"):
@@ -149,9 +182,10 @@ class ServiceAccounts(UseCases):
     async def delete_service_account(
         self, ctx: Context, org_id: str, sa_id: str, etag: str
     ) -> None:
-        ctx.require().require_admin(org_id)
+        principal = ctx.require()
+        principal.require_admin(org_id)
         async with self._uow() as uow:
-            account = await get_account(uow, org_id, sa_id)
+            account = await managed_account(uow, principal, org_id, sa_id)
             check_etag(etag, account.etag, "service account")
             at = self._clock()
             expected = account.version
@@ -169,18 +203,21 @@ class ServiceAccounts(UseCases):
     # ---- API keys ----
 
     async def get_api_key(self, ctx: Context, org_id: str, sa_id: str, key_id: str) -> ApiKey:
-        ctx.require().require_admin(org_id)
+        principal = ctx.require()
+        principal.require_admin(org_id)
         async with self._uow() as uow:
+            await managed_account(uow, principal, org_id, sa_id)
             return await get_key(uow, org_id, sa_id, key_id)
 
     async def list_api_keys(
         self, ctx: Context, org_id: str, sa_id: str, request: ListRequest
     ) -> ListResult[ApiKey]:
         """Newest first."""
-        ctx.require().require_admin(org_id)
+        principal = ctx.require()
+        principal.require_admin(org_id)
         query = API_KEYS.query(request, org_id, sa_id)
         async with self._uow() as uow:
-            await get_account(uow, org_id, sa_id)
+            await managed_account(uow, principal, org_id, sa_id)
             return ListResult(*await uow.api_keys.list(org_id, sa_id, query, self._clock()))
 
     async def create_api_key(
@@ -193,7 +230,10 @@ class ServiceAccounts(UseCases):
         request_id: str,
     ) -> tuple[ApiKey, str]:
         """A new key and its plaintext; a replay answers with the key but no plaintext."""
-        ctx.require().require_admin(org_id)
+        principal = ctx.require()
+        principal.require_admin(org_id)
+        async with self._uow() as uow:  # before a replay too: it would show the key
+            await managed_account(uow, principal, org_id, sa_id)
         at = self._clock()
         if expire_time is not None and expire_time <= at:
             raise InvalidArgument("expire_time must be in the future", violations=[])
@@ -217,7 +257,7 @@ class ServiceAccounts(UseCases):
                 create_time=at,
             )
             async with self._uow() as uow:
-                await get_account(uow, org_id, sa_id)
+                await managed_account(uow, principal, org_id, sa_id)
                 try:
                     await uow.api_keys.add(key)
                 except DuplicateKey as exc:
@@ -230,8 +270,10 @@ class ServiceAccounts(UseCases):
         return await self._create_once(ctx, "CreateApiKey", request_id, payload, create, replay)
 
     async def revoke_api_key(self, ctx: Context, org_id: str, sa_id: str, key_id: str) -> ApiKey:
-        ctx.require().require_admin(org_id)
+        principal = ctx.require()
+        principal.require_admin(org_id)
         async with self._uow() as uow:
+            await managed_account(uow, principal, org_id, sa_id)
             key = await get_key(uow, org_id, sa_id, key_id)
             if key.revoke_time is not None:
                 return key

@@ -37,7 +37,17 @@ class IdentityServiceStub:
     Authentication: every RPC requires a bearer access token except Login,
     RefreshToken, Logout, ExchangeApiKey and GetJwks. "Admin" below means a
     principal with ROLE_ADMIN in the organization concerned; superusers may do
-    anything an admin may, in any organization. Any RPC may also fail with
+    anything an admin may, in any organization. Two kinds of principal are
+    beyond an admin's reach: a superuser's user account (changed, reset,
+    disabled or signed out only by itself or a superuser: PERMISSION_DENIED
+    SUPERUSER_REQUIRED otherwise) and Corral's internal service accounts, the
+    platform's own services (created by `corral admin create-service-account
+    --internal`; their tokens carry the `service` role). Those exist only for
+    superusers and themselves: to anyone else they are absent from
+    ListServiceAccounts and every RPC naming them or their keys answers
+    NOT_FOUND, like a missing account; only superusers (and `corral admin`)
+    update or delete them or create, list, read and revoke their keys. Any RPC
+    may also fail with
     UNAUTHENTICATED (missing, invalid or expired token) and RESOURCE_EXHAUSTED
     (reason RATE_LIMITED, with RetryInfo). Error reasons are listed in
     ErrorReason.
@@ -132,8 +142,10 @@ class IdentityServiceStub:
 
     Callers: the user themself, or admins of the organization.
     Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-    caller is neither, or a non-admin changes role; INVALID_ARGUMENT if
-    update_mask names password, an unknown or output-only field;
+    caller is neither, or a non-admin changes role, (SUPERUSER_REQUIRED) if
+    an admin who is not a superuser changes a superuser's account;
+    INVALID_ARGUMENT if update_mask names password, an unknown or
+    output-only field;
     ALREADY_EXISTS (EMAIL_TAKEN); FAILED_PRECONDITION (LAST_ADMIN) if it
     would demote the last admin; ABORTED (ETAG_MISMATCH) if etag is stale.
     """
@@ -145,7 +157,9 @@ class IdentityServiceStub:
     Callers: the user themself (current_password required), or admins of
     the organization (current_password ignored: a reset).
     Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-    caller is neither; UNAUTHENTICATED (INVALID_CREDENTIALS) if
+    caller is neither, (SUPERUSER_REQUIRED) if an admin who is not a
+    superuser resets a superuser's password; UNAUTHENTICATED
+    (INVALID_CREDENTIALS) if
     current_password is wrong; INVALID_ARGUMENT (WEAK_PASSWORD) if
     new_password is too weak.
     """
@@ -157,7 +171,8 @@ class IdentityServiceStub:
 
     Callers: admins of the organization.
     Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-    caller is not an admin; FAILED_PRECONDITION (LAST_ADMIN) if the user is
+    caller is not an admin, (SUPERUSER_REQUIRED) if the user is a superuser
+    and the caller is not; FAILED_PRECONDITION (LAST_ADMIN) if the user is
     the last active admin.
     """
     EnableUser: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.EnableUserRequest, _identity_service_pb2.EnableUserResponse]
@@ -165,18 +180,22 @@ class IdentityServiceStub:
 
     Callers: admins of the organization.
     Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-    caller is not an admin.
+    caller is not an admin, (SUPERUSER_REQUIRED) if the user is a superuser
+    and the caller is not.
     """
     GetServiceAccount: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.GetServiceAccountRequest, _identity_service_pb2.GetServiceAccountResponse]
     """---- Service accounts and API keys ----
 
     Gets a service account.
 
-    Callers: admins of the organization; the service account itself.
-    Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED otherwise.
+    Callers: admins of the organization; the service account itself. An
+    internal service account: superusers and the account itself only.
+    Errors: NOT_FOUND if it does not exist or is an internal account the
+    caller may not see; PERMISSION_DENIED otherwise.
     """
     ListServiceAccounts: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ListServiceAccountsRequest, _identity_service_pb2.ListServiceAccountsResponse]
-    """Lists the service accounts of an organization.
+    """Lists the service accounts of an organization. Internal service accounts
+    are listed to superusers only.
 
     Callers: admins of the organization.
     Errors: PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT
@@ -184,6 +203,8 @@ class IdentityServiceStub:
     """
     CreateServiceAccount: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.CreateServiceAccountRequest, _identity_service_pb2.CreateServiceAccountResponse]
     """Creates a service account (without keys; add them with CreateApiKey).
+    It is never internal: only `corral admin create-service-account
+    --internal` makes those.
 
     Callers: admins of the organization.
     Errors: PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT
@@ -191,11 +212,14 @@ class IdentityServiceStub:
     (ORGANIZATION_DISABLED) if the organization is disabled.
     """
     UpdateServiceAccount: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.UpdateServiceAccountRequest, _identity_service_pb2.UpdateServiceAccountResponse]
-    """Updates a service account. Updatable: display_name, description, role.
+    """Updates a service account. Updatable: display_name, description, role
+    (never whether it is internal).
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-    is not an admin; INVALID_ARGUMENT if update_mask names an unknown or
+    Callers: admins of the organization; superusers only for an internal
+    account.
+    Errors: NOT_FOUND if it does not exist or is an internal account the
+    caller may not see; PERMISSION_DENIED if the caller is not an admin,
+    (SUPERUSER_REQUIRED) if an internal account updates itself; INVALID_ARGUMENT if update_mask names an unknown or
     output-only field; ABORTED (ETAG_MISMATCH) if etag is stale.
     """
     DeleteServiceAccount: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.DeleteServiceAccountRequest, _identity_service_pb2.DeleteServiceAccountResponse]
@@ -203,43 +227,55 @@ class IdentityServiceStub:
     issued so far stop being accepted by every service within seconds. Audit
     events keep referring to its name.
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-    is not an admin; ABORTED (ETAG_MISMATCH) if etag is set and stale.
+    Callers: admins of the organization; superusers only for an internal
+    account.
+    Errors: NOT_FOUND if it does not exist or is an internal account the
+    caller may not see; PERMISSION_DENIED if the caller is not an admin,
+    (SUPERUSER_REQUIRED) if an internal account deletes itself; ABORTED
+    (ETAG_MISMATCH) if etag is set and stale.
     """
     GetApiKey: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.GetApiKeyRequest, _identity_service_pb2.GetApiKeyResponse]
     """Gets an API key's metadata (never the key itself).
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-    is not an admin.
+    Callers: admins of the organization; superusers only for an internal
+    account's keys.
+    Errors: NOT_FOUND if it does not exist or its account is an internal
+    one the caller may not see; PERMISSION_DENIED if the caller is not an
+    admin, (SUPERUSER_REQUIRED) if an internal account reads its own keys.
     """
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ListApiKeysRequest, _identity_service_pb2.ListApiKeysResponse]
     """Lists a service account's API keys, revoked and expired ones included.
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if the service account does not exist;
-    PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT if
-    filter or page_token is malformed.
+    Callers: admins of the organization; superusers only for an internal
+    account's keys.
+    Errors: NOT_FOUND if the service account does not exist or is an
+    internal one the caller may not see; PERMISSION_DENIED if the caller is
+    not an admin, (SUPERUSER_REQUIRED) if an internal account lists its own
+    keys; INVALID_ARGUMENT if filter or page_token is malformed.
     """
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.CreateApiKeyRequest, _identity_service_pb2.CreateApiKeyResponse]
     """Creates an API key and returns its plaintext exactly once, in the
     response. A retry with the same request_id returns the key's metadata
     but an empty plaintext: create a new key if the first response was lost.
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if the service account does not exist;
-    PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT if
-    expire_time is in the past.
+    Callers: admins of the organization; superusers only for an internal
+    account (whose keys act as Corral's own services).
+    Errors: NOT_FOUND if the service account does not exist or is an
+    internal one the caller may not see; PERMISSION_DENIED if the caller is
+    not an admin, (SUPERUSER_REQUIRED) if an internal account creates its own
+    key; INVALID_ARGUMENT if expire_time is in the past.
     """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.RevokeApiKeyRequest, _identity_service_pb2.RevokeApiKeyResponse]
     """Revokes an API key at once. Access tokens already obtained with it stop
     being accepted by every service within seconds (at once by identity).
     Idempotent.
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if the key does not exist; PERMISSION_DENIED if the
-    caller is not an admin.
+    Callers: admins of the organization; superusers only for an internal
+    account's keys.
+    Errors: NOT_FOUND if the key does not exist or its account is an
+    internal one the caller may not see; PERMISSION_DENIED if the caller is
+    not an admin, (SUPERUSER_REQUIRED) if an internal account revokes its own
+    key.
     """
     Login: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.LoginRequest, _identity_service_pb2.LoginResponse]
     """---- Sign-in and tokens ----
@@ -281,7 +317,8 @@ class IdentityServiceStub:
     Callers: the user themself (user empty or their own name), or admins of
     the user's organization.
     Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-    caller is neither.
+    caller is neither, (SUPERUSER_REQUIRED) if an admin who is not a
+    superuser signs a superuser out.
     """
     ExchangeApiKey: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ExchangeApiKeyRequest, _identity_service_pb2.ExchangeApiKeyResponse]
     """Exchanges a service account API key for a short-lived access token.
@@ -414,7 +451,17 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     Authentication: every RPC requires a bearer access token except Login,
     RefreshToken, Logout, ExchangeApiKey and GetJwks. "Admin" below means a
     principal with ROLE_ADMIN in the organization concerned; superusers may do
-    anything an admin may, in any organization. Any RPC may also fail with
+    anything an admin may, in any organization. Two kinds of principal are
+    beyond an admin's reach: a superuser's user account (changed, reset,
+    disabled or signed out only by itself or a superuser: PERMISSION_DENIED
+    SUPERUSER_REQUIRED otherwise) and Corral's internal service accounts, the
+    platform's own services (created by `corral admin create-service-account
+    --internal`; their tokens carry the `service` role). Those exist only for
+    superusers and themselves: to anyone else they are absent from
+    ListServiceAccounts and every RPC naming them or their keys answers
+    NOT_FOUND, like a missing account; only superusers (and `corral admin`)
+    update or delete them or create, list, read and revoke their keys. Any RPC
+    may also fail with
     UNAUTHENTICATED (missing, invalid or expired token) and RESOURCE_EXHAUSTED
     (reason RATE_LIMITED, with RetryInfo). Error reasons are listed in
     ErrorReason.
@@ -506,8 +553,10 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
 
     Callers: the user themself, or admins of the organization.
     Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-    caller is neither, or a non-admin changes role; INVALID_ARGUMENT if
-    update_mask names password, an unknown or output-only field;
+    caller is neither, or a non-admin changes role, (SUPERUSER_REQUIRED) if
+    an admin who is not a superuser changes a superuser's account;
+    INVALID_ARGUMENT if update_mask names password, an unknown or
+    output-only field;
     ALREADY_EXISTS (EMAIL_TAKEN); FAILED_PRECONDITION (LAST_ADMIN) if it
     would demote the last admin; ABORTED (ETAG_MISMATCH) if etag is stale.
     """
@@ -519,7 +568,9 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     Callers: the user themself (current_password required), or admins of
     the organization (current_password ignored: a reset).
     Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-    caller is neither; UNAUTHENTICATED (INVALID_CREDENTIALS) if
+    caller is neither, (SUPERUSER_REQUIRED) if an admin who is not a
+    superuser resets a superuser's password; UNAUTHENTICATED
+    (INVALID_CREDENTIALS) if
     current_password is wrong; INVALID_ARGUMENT (WEAK_PASSWORD) if
     new_password is too weak.
     """
@@ -531,7 +582,8 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
 
     Callers: admins of the organization.
     Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-    caller is not an admin; FAILED_PRECONDITION (LAST_ADMIN) if the user is
+    caller is not an admin, (SUPERUSER_REQUIRED) if the user is a superuser
+    and the caller is not; FAILED_PRECONDITION (LAST_ADMIN) if the user is
     the last active admin.
     """
     EnableUser: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.EnableUserRequest, _identity_service_pb2.EnableUserResponse]  # type: ignore[assignment]
@@ -539,18 +591,22 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
 
     Callers: admins of the organization.
     Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-    caller is not an admin.
+    caller is not an admin, (SUPERUSER_REQUIRED) if the user is a superuser
+    and the caller is not.
     """
     GetServiceAccount: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.GetServiceAccountRequest, _identity_service_pb2.GetServiceAccountResponse]  # type: ignore[assignment]
     """---- Service accounts and API keys ----
 
     Gets a service account.
 
-    Callers: admins of the organization; the service account itself.
-    Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED otherwise.
+    Callers: admins of the organization; the service account itself. An
+    internal service account: superusers and the account itself only.
+    Errors: NOT_FOUND if it does not exist or is an internal account the
+    caller may not see; PERMISSION_DENIED otherwise.
     """
     ListServiceAccounts: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ListServiceAccountsRequest, _identity_service_pb2.ListServiceAccountsResponse]  # type: ignore[assignment]
-    """Lists the service accounts of an organization.
+    """Lists the service accounts of an organization. Internal service accounts
+    are listed to superusers only.
 
     Callers: admins of the organization.
     Errors: PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT
@@ -558,6 +614,8 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """
     CreateServiceAccount: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.CreateServiceAccountRequest, _identity_service_pb2.CreateServiceAccountResponse]  # type: ignore[assignment]
     """Creates a service account (without keys; add them with CreateApiKey).
+    It is never internal: only `corral admin create-service-account
+    --internal` makes those.
 
     Callers: admins of the organization.
     Errors: PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT
@@ -565,11 +623,14 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     (ORGANIZATION_DISABLED) if the organization is disabled.
     """
     UpdateServiceAccount: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.UpdateServiceAccountRequest, _identity_service_pb2.UpdateServiceAccountResponse]  # type: ignore[assignment]
-    """Updates a service account. Updatable: display_name, description, role.
+    """Updates a service account. Updatable: display_name, description, role
+    (never whether it is internal).
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-    is not an admin; INVALID_ARGUMENT if update_mask names an unknown or
+    Callers: admins of the organization; superusers only for an internal
+    account.
+    Errors: NOT_FOUND if it does not exist or is an internal account the
+    caller may not see; PERMISSION_DENIED if the caller is not an admin,
+    (SUPERUSER_REQUIRED) if an internal account updates itself; INVALID_ARGUMENT if update_mask names an unknown or
     output-only field; ABORTED (ETAG_MISMATCH) if etag is stale.
     """
     DeleteServiceAccount: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.DeleteServiceAccountRequest, _identity_service_pb2.DeleteServiceAccountResponse]  # type: ignore[assignment]
@@ -577,43 +638,55 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     issued so far stop being accepted by every service within seconds. Audit
     events keep referring to its name.
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-    is not an admin; ABORTED (ETAG_MISMATCH) if etag is set and stale.
+    Callers: admins of the organization; superusers only for an internal
+    account.
+    Errors: NOT_FOUND if it does not exist or is an internal account the
+    caller may not see; PERMISSION_DENIED if the caller is not an admin,
+    (SUPERUSER_REQUIRED) if an internal account deletes itself; ABORTED
+    (ETAG_MISMATCH) if etag is set and stale.
     """
     GetApiKey: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.GetApiKeyRequest, _identity_service_pb2.GetApiKeyResponse]  # type: ignore[assignment]
     """Gets an API key's metadata (never the key itself).
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-    is not an admin.
+    Callers: admins of the organization; superusers only for an internal
+    account's keys.
+    Errors: NOT_FOUND if it does not exist or its account is an internal
+    one the caller may not see; PERMISSION_DENIED if the caller is not an
+    admin, (SUPERUSER_REQUIRED) if an internal account reads its own keys.
     """
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ListApiKeysRequest, _identity_service_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     """Lists a service account's API keys, revoked and expired ones included.
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if the service account does not exist;
-    PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT if
-    filter or page_token is malformed.
+    Callers: admins of the organization; superusers only for an internal
+    account's keys.
+    Errors: NOT_FOUND if the service account does not exist or is an
+    internal one the caller may not see; PERMISSION_DENIED if the caller is
+    not an admin, (SUPERUSER_REQUIRED) if an internal account lists its own
+    keys; INVALID_ARGUMENT if filter or page_token is malformed.
     """
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.CreateApiKeyRequest, _identity_service_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """Creates an API key and returns its plaintext exactly once, in the
     response. A retry with the same request_id returns the key's metadata
     but an empty plaintext: create a new key if the first response was lost.
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if the service account does not exist;
-    PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT if
-    expire_time is in the past.
+    Callers: admins of the organization; superusers only for an internal
+    account (whose keys act as Corral's own services).
+    Errors: NOT_FOUND if the service account does not exist or is an
+    internal one the caller may not see; PERMISSION_DENIED if the caller is
+    not an admin, (SUPERUSER_REQUIRED) if an internal account creates its own
+    key; INVALID_ARGUMENT if expire_time is in the past.
     """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.RevokeApiKeyRequest, _identity_service_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """Revokes an API key at once. Access tokens already obtained with it stop
     being accepted by every service within seconds (at once by identity).
     Idempotent.
 
-    Callers: admins of the organization.
-    Errors: NOT_FOUND if the key does not exist; PERMISSION_DENIED if the
-    caller is not an admin.
+    Callers: admins of the organization; superusers only for an internal
+    account's keys.
+    Errors: NOT_FOUND if the key does not exist or its account is an
+    internal one the caller may not see; PERMISSION_DENIED if the caller is
+    not an admin, (SUPERUSER_REQUIRED) if an internal account revokes its own
+    key.
     """
     Login: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.LoginRequest, _identity_service_pb2.LoginResponse]  # type: ignore[assignment]
     """---- Sign-in and tokens ----
@@ -655,7 +728,8 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     Callers: the user themself (user empty or their own name), or admins of
     the user's organization.
     Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-    caller is neither.
+    caller is neither, (SUPERUSER_REQUIRED) if an admin who is not a
+    superuser signs a superuser out.
     """
     ExchangeApiKey: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ExchangeApiKeyRequest, _identity_service_pb2.ExchangeApiKeyResponse]  # type: ignore[assignment]
     """Exchanges a service account API key for a short-lived access token.
@@ -787,7 +861,17 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     Authentication: every RPC requires a bearer access token except Login,
     RefreshToken, Logout, ExchangeApiKey and GetJwks. "Admin" below means a
     principal with ROLE_ADMIN in the organization concerned; superusers may do
-    anything an admin may, in any organization. Any RPC may also fail with
+    anything an admin may, in any organization. Two kinds of principal are
+    beyond an admin's reach: a superuser's user account (changed, reset,
+    disabled or signed out only by itself or a superuser: PERMISSION_DENIED
+    SUPERUSER_REQUIRED otherwise) and Corral's internal service accounts, the
+    platform's own services (created by `corral admin create-service-account
+    --internal`; their tokens carry the `service` role). Those exist only for
+    superusers and themselves: to anyone else they are absent from
+    ListServiceAccounts and every RPC naming them or their keys answers
+    NOT_FOUND, like a missing account; only superusers (and `corral admin`)
+    update or delete them or create, list, read and revoke their keys. Any RPC
+    may also fail with
     UNAUTHENTICATED (missing, invalid or expired token) and RESOURCE_EXHAUSTED
     (reason RATE_LIMITED, with RetryInfo). Error reasons are listed in
     ErrorReason.
@@ -937,8 +1021,10 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Callers: the user themself, or admins of the organization.
         Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-        caller is neither, or a non-admin changes role; INVALID_ARGUMENT if
-        update_mask names password, an unknown or output-only field;
+        caller is neither, or a non-admin changes role, (SUPERUSER_REQUIRED) if
+        an admin who is not a superuser changes a superuser's account;
+        INVALID_ARGUMENT if update_mask names password, an unknown or
+        output-only field;
         ALREADY_EXISTS (EMAIL_TAKEN); FAILED_PRECONDITION (LAST_ADMIN) if it
         would demote the last admin; ABORTED (ETAG_MISMATCH) if etag is stale.
         """
@@ -956,7 +1042,9 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         Callers: the user themself (current_password required), or admins of
         the organization (current_password ignored: a reset).
         Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-        caller is neither; UNAUTHENTICATED (INVALID_CREDENTIALS) if
+        caller is neither, (SUPERUSER_REQUIRED) if an admin who is not a
+        superuser resets a superuser's password; UNAUTHENTICATED
+        (INVALID_CREDENTIALS) if
         current_password is wrong; INVALID_ARGUMENT (WEAK_PASSWORD) if
         new_password is too weak.
         """
@@ -974,7 +1062,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Callers: admins of the organization.
         Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-        caller is not an admin; FAILED_PRECONDITION (LAST_ADMIN) if the user is
+        caller is not an admin, (SUPERUSER_REQUIRED) if the user is a superuser
+        and the caller is not; FAILED_PRECONDITION (LAST_ADMIN) if the user is
         the last active admin.
         """
 
@@ -988,7 +1077,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Callers: admins of the organization.
         Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-        caller is not an admin.
+        caller is not an admin, (SUPERUSER_REQUIRED) if the user is a superuser
+        and the caller is not.
         """
 
     @_abc_1.abstractmethod
@@ -1001,8 +1091,10 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Gets a service account.
 
-        Callers: admins of the organization; the service account itself.
-        Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED otherwise.
+        Callers: admins of the organization; the service account itself. An
+        internal service account: superusers and the account itself only.
+        Errors: NOT_FOUND if it does not exist or is an internal account the
+        caller may not see; PERMISSION_DENIED otherwise.
         """
 
     @_abc_1.abstractmethod
@@ -1011,7 +1103,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_service_pb2.ListServiceAccountsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.ListServiceAccountsResponse, _abc.Awaitable[_identity_service_pb2.ListServiceAccountsResponse]]:
-        """Lists the service accounts of an organization.
+        """Lists the service accounts of an organization. Internal service accounts
+        are listed to superusers only.
 
         Callers: admins of the organization.
         Errors: PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT
@@ -1025,6 +1118,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.CreateServiceAccountResponse, _abc.Awaitable[_identity_service_pb2.CreateServiceAccountResponse]]:
         """Creates a service account (without keys; add them with CreateApiKey).
+        It is never internal: only `corral admin create-service-account
+        --internal` makes those.
 
         Callers: admins of the organization.
         Errors: PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT
@@ -1038,11 +1133,14 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _identity_service_pb2.UpdateServiceAccountRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_identity_service_pb2.UpdateServiceAccountResponse, _abc.Awaitable[_identity_service_pb2.UpdateServiceAccountResponse]]:
-        """Updates a service account. Updatable: display_name, description, role.
+        """Updates a service account. Updatable: display_name, description, role
+        (never whether it is internal).
 
-        Callers: admins of the organization.
-        Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-        is not an admin; INVALID_ARGUMENT if update_mask names an unknown or
+        Callers: admins of the organization; superusers only for an internal
+        account.
+        Errors: NOT_FOUND if it does not exist or is an internal account the
+        caller may not see; PERMISSION_DENIED if the caller is not an admin,
+        (SUPERUSER_REQUIRED) if an internal account updates itself; INVALID_ARGUMENT if update_mask names an unknown or
         output-only field; ABORTED (ETAG_MISMATCH) if etag is stale.
         """
 
@@ -1056,9 +1154,12 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         issued so far stop being accepted by every service within seconds. Audit
         events keep referring to its name.
 
-        Callers: admins of the organization.
-        Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-        is not an admin; ABORTED (ETAG_MISMATCH) if etag is set and stale.
+        Callers: admins of the organization; superusers only for an internal
+        account.
+        Errors: NOT_FOUND if it does not exist or is an internal account the
+        caller may not see; PERMISSION_DENIED if the caller is not an admin,
+        (SUPERUSER_REQUIRED) if an internal account deletes itself; ABORTED
+        (ETAG_MISMATCH) if etag is set and stale.
         """
 
     @_abc_1.abstractmethod
@@ -1069,9 +1170,11 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_identity_service_pb2.GetApiKeyResponse, _abc.Awaitable[_identity_service_pb2.GetApiKeyResponse]]:
         """Gets an API key's metadata (never the key itself).
 
-        Callers: admins of the organization.
-        Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-        is not an admin.
+        Callers: admins of the organization; superusers only for an internal
+        account's keys.
+        Errors: NOT_FOUND if it does not exist or its account is an internal
+        one the caller may not see; PERMISSION_DENIED if the caller is not an
+        admin, (SUPERUSER_REQUIRED) if an internal account reads its own keys.
         """
 
     @_abc_1.abstractmethod
@@ -1082,10 +1185,12 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_identity_service_pb2.ListApiKeysResponse, _abc.Awaitable[_identity_service_pb2.ListApiKeysResponse]]:
         """Lists a service account's API keys, revoked and expired ones included.
 
-        Callers: admins of the organization.
-        Errors: NOT_FOUND if the service account does not exist;
-        PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT if
-        filter or page_token is malformed.
+        Callers: admins of the organization; superusers only for an internal
+        account's keys.
+        Errors: NOT_FOUND if the service account does not exist or is an
+        internal one the caller may not see; PERMISSION_DENIED if the caller is
+        not an admin, (SUPERUSER_REQUIRED) if an internal account lists its own
+        keys; INVALID_ARGUMENT if filter or page_token is malformed.
         """
 
     @_abc_1.abstractmethod
@@ -1098,10 +1203,12 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         response. A retry with the same request_id returns the key's metadata
         but an empty plaintext: create a new key if the first response was lost.
 
-        Callers: admins of the organization.
-        Errors: NOT_FOUND if the service account does not exist;
-        PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT if
-        expire_time is in the past.
+        Callers: admins of the organization; superusers only for an internal
+        account (whose keys act as Corral's own services).
+        Errors: NOT_FOUND if the service account does not exist or is an
+        internal one the caller may not see; PERMISSION_DENIED if the caller is
+        not an admin, (SUPERUSER_REQUIRED) if an internal account creates its own
+        key; INVALID_ARGUMENT if expire_time is in the past.
         """
 
     @_abc_1.abstractmethod
@@ -1114,9 +1221,12 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         being accepted by every service within seconds (at once by identity).
         Idempotent.
 
-        Callers: admins of the organization.
-        Errors: NOT_FOUND if the key does not exist; PERMISSION_DENIED if the
-        caller is not an admin.
+        Callers: admins of the organization; superusers only for an internal
+        account's keys.
+        Errors: NOT_FOUND if the key does not exist or its account is an
+        internal one the caller may not see; PERMISSION_DENIED if the caller is
+        not an admin, (SUPERUSER_REQUIRED) if an internal account revokes its own
+        key.
         """
 
     @_abc_1.abstractmethod
@@ -1182,7 +1292,8 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         Callers: the user themself (user empty or their own name), or admins of
         the user's organization.
         Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-        caller is neither.
+        caller is neither, (SUPERUSER_REQUIRED) if an admin who is not a
+        superuser signs a superuser out.
         """
 
     @_abc_1.abstractmethod

@@ -24,6 +24,11 @@ class ServiceAccount(_message.Message):
     authenticates with API keys instead of a password. It acts inside its
     organization with its role, and its usage counts against the
     organization's quota.
+
+    Corral's own services authenticate with internal service accounts (made
+    only by `corral admin create-service-account --internal`; their tokens
+    carry the `service` role). The API never makes an account internal, and
+    only superusers see and manage internal ones (see IdentityService).
     """
 
     DESCRIPTOR: _descriptor.Descriptor

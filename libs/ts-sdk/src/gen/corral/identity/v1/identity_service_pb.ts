@@ -2201,7 +2201,17 @@ export const WriteAuditEventsResponseSchema: GenMessage<WriteAuditEventsResponse
  * Authentication: every RPC requires a bearer access token except Login,
  * RefreshToken, Logout, ExchangeApiKey and GetJwks. "Admin" below means a
  * principal with ROLE_ADMIN in the organization concerned; superusers may do
- * anything an admin may, in any organization. Any RPC may also fail with
+ * anything an admin may, in any organization. Two kinds of principal are
+ * beyond an admin's reach: a superuser's user account (changed, reset,
+ * disabled or signed out only by itself or a superuser: PERMISSION_DENIED
+ * SUPERUSER_REQUIRED otherwise) and Corral's internal service accounts, the
+ * platform's own services (created by `corral admin create-service-account
+ * --internal`; their tokens carry the `service` role). Those exist only for
+ * superusers and themselves: to anyone else they are absent from
+ * ListServiceAccounts and every RPC naming them or their keys answers
+ * NOT_FOUND, like a missing account; only superusers (and `corral admin`)
+ * update or delete them or create, list, read and revoke their keys. Any RPC
+ * may also fail with
  * UNAUTHENTICATED (missing, invalid or expired token) and RESOURCE_EXHAUSTED
  * (reason RATE_LIMITED, with RetryInfo). Error reasons are listed in
  * ErrorReason.
@@ -2356,8 +2366,10 @@ export const IdentityService: GenService<{
    *
    * Callers: the user themself, or admins of the organization.
    * Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-   * caller is neither, or a non-admin changes role; INVALID_ARGUMENT if
-   * update_mask names password, an unknown or output-only field;
+   * caller is neither, or a non-admin changes role, (SUPERUSER_REQUIRED) if
+   * an admin who is not a superuser changes a superuser's account;
+   * INVALID_ARGUMENT if update_mask names password, an unknown or
+   * output-only field;
    * ALREADY_EXISTS (EMAIL_TAKEN); FAILED_PRECONDITION (LAST_ADMIN) if it
    * would demote the last admin; ABORTED (ETAG_MISMATCH) if etag is stale.
    *
@@ -2376,7 +2388,9 @@ export const IdentityService: GenService<{
    * Callers: the user themself (current_password required), or admins of
    * the organization (current_password ignored: a reset).
    * Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-   * caller is neither; UNAUTHENTICATED (INVALID_CREDENTIALS) if
+   * caller is neither, (SUPERUSER_REQUIRED) if an admin who is not a
+   * superuser resets a superuser's password; UNAUTHENTICATED
+   * (INVALID_CREDENTIALS) if
    * current_password is wrong; INVALID_ARGUMENT (WEAK_PASSWORD) if
    * new_password is too weak.
    *
@@ -2395,7 +2409,8 @@ export const IdentityService: GenService<{
    *
    * Callers: admins of the organization.
    * Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-   * caller is not an admin; FAILED_PRECONDITION (LAST_ADMIN) if the user is
+   * caller is not an admin, (SUPERUSER_REQUIRED) if the user is a superuser
+   * and the caller is not; FAILED_PRECONDITION (LAST_ADMIN) if the user is
    * the last active admin.
    *
    * @generated from rpc corral.identity.v1.IdentityService.DisableUser
@@ -2410,7 +2425,8 @@ export const IdentityService: GenService<{
    *
    * Callers: admins of the organization.
    * Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-   * caller is not an admin.
+   * caller is not an admin, (SUPERUSER_REQUIRED) if the user is a superuser
+   * and the caller is not.
    *
    * @generated from rpc corral.identity.v1.IdentityService.EnableUser
    */
@@ -2422,8 +2438,10 @@ export const IdentityService: GenService<{
   /**
    * Gets a service account.
    *
-   * Callers: admins of the organization; the service account itself.
-   * Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED otherwise.
+   * Callers: admins of the organization; the service account itself. An
+   * internal service account: superusers and the account itself only.
+   * Errors: NOT_FOUND if it does not exist or is an internal account the
+   * caller may not see; PERMISSION_DENIED otherwise.
    *
    * @generated from rpc corral.identity.v1.IdentityService.GetServiceAccount
    */
@@ -2433,7 +2451,8 @@ export const IdentityService: GenService<{
     output: typeof GetServiceAccountResponseSchema;
   },
   /**
-   * Lists the service accounts of an organization.
+   * Lists the service accounts of an organization. Internal service accounts
+   * are listed to superusers only.
    *
    * Callers: admins of the organization.
    * Errors: PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT
@@ -2448,6 +2467,8 @@ export const IdentityService: GenService<{
   },
   /**
    * Creates a service account (without keys; add them with CreateApiKey).
+   * It is never internal: only `corral admin create-service-account
+   * --internal` makes those.
    *
    * Callers: admins of the organization.
    * Errors: PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT
@@ -2462,11 +2483,14 @@ export const IdentityService: GenService<{
     output: typeof CreateServiceAccountResponseSchema;
   },
   /**
-   * Updates a service account. Updatable: display_name, description, role.
+   * Updates a service account. Updatable: display_name, description, role
+   * (never whether it is internal).
    *
-   * Callers: admins of the organization.
-   * Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-   * is not an admin; INVALID_ARGUMENT if update_mask names an unknown or
+   * Callers: admins of the organization; superusers only for an internal
+   * account.
+   * Errors: NOT_FOUND if it does not exist or is an internal account the
+   * caller may not see; PERMISSION_DENIED if the caller is not an admin,
+   * (SUPERUSER_REQUIRED) if an internal account updates itself; INVALID_ARGUMENT if update_mask names an unknown or
    * output-only field; ABORTED (ETAG_MISMATCH) if etag is stale.
    *
    * @generated from rpc corral.identity.v1.IdentityService.UpdateServiceAccount
@@ -2481,9 +2505,12 @@ export const IdentityService: GenService<{
    * issued so far stop being accepted by every service within seconds. Audit
    * events keep referring to its name.
    *
-   * Callers: admins of the organization.
-   * Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-   * is not an admin; ABORTED (ETAG_MISMATCH) if etag is set and stale.
+   * Callers: admins of the organization; superusers only for an internal
+   * account.
+   * Errors: NOT_FOUND if it does not exist or is an internal account the
+   * caller may not see; PERMISSION_DENIED if the caller is not an admin,
+   * (SUPERUSER_REQUIRED) if an internal account deletes itself; ABORTED
+   * (ETAG_MISMATCH) if etag is set and stale.
    *
    * @generated from rpc corral.identity.v1.IdentityService.DeleteServiceAccount
    */
@@ -2495,9 +2522,11 @@ export const IdentityService: GenService<{
   /**
    * Gets an API key's metadata (never the key itself).
    *
-   * Callers: admins of the organization.
-   * Errors: NOT_FOUND if it does not exist; PERMISSION_DENIED if the caller
-   * is not an admin.
+   * Callers: admins of the organization; superusers only for an internal
+   * account's keys.
+   * Errors: NOT_FOUND if it does not exist or its account is an internal
+   * one the caller may not see; PERMISSION_DENIED if the caller is not an
+   * admin, (SUPERUSER_REQUIRED) if an internal account reads its own keys.
    *
    * @generated from rpc corral.identity.v1.IdentityService.GetApiKey
    */
@@ -2509,10 +2538,12 @@ export const IdentityService: GenService<{
   /**
    * Lists a service account's API keys, revoked and expired ones included.
    *
-   * Callers: admins of the organization.
-   * Errors: NOT_FOUND if the service account does not exist;
-   * PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT if
-   * filter or page_token is malformed.
+   * Callers: admins of the organization; superusers only for an internal
+   * account's keys.
+   * Errors: NOT_FOUND if the service account does not exist or is an
+   * internal one the caller may not see; PERMISSION_DENIED if the caller is
+   * not an admin, (SUPERUSER_REQUIRED) if an internal account lists its own
+   * keys; INVALID_ARGUMENT if filter or page_token is malformed.
    *
    * @generated from rpc corral.identity.v1.IdentityService.ListApiKeys
    */
@@ -2526,10 +2557,12 @@ export const IdentityService: GenService<{
    * response. A retry with the same request_id returns the key's metadata
    * but an empty plaintext: create a new key if the first response was lost.
    *
-   * Callers: admins of the organization.
-   * Errors: NOT_FOUND if the service account does not exist;
-   * PERMISSION_DENIED if the caller is not an admin; INVALID_ARGUMENT if
-   * expire_time is in the past.
+   * Callers: admins of the organization; superusers only for an internal
+   * account (whose keys act as Corral's own services).
+   * Errors: NOT_FOUND if the service account does not exist or is an
+   * internal one the caller may not see; PERMISSION_DENIED if the caller is
+   * not an admin, (SUPERUSER_REQUIRED) if an internal account creates its own
+   * key; INVALID_ARGUMENT if expire_time is in the past.
    *
    * @generated from rpc corral.identity.v1.IdentityService.CreateApiKey
    */
@@ -2543,9 +2576,12 @@ export const IdentityService: GenService<{
    * being accepted by every service within seconds (at once by identity).
    * Idempotent.
    *
-   * Callers: admins of the organization.
-   * Errors: NOT_FOUND if the key does not exist; PERMISSION_DENIED if the
-   * caller is not an admin.
+   * Callers: admins of the organization; superusers only for an internal
+   * account's keys.
+   * Errors: NOT_FOUND if the key does not exist or its account is an
+   * internal one the caller may not see; PERMISSION_DENIED if the caller is
+   * not an admin, (SUPERUSER_REQUIRED) if an internal account revokes its own
+   * key.
    *
    * @generated from rpc corral.identity.v1.IdentityService.RevokeApiKey
    */
@@ -2613,7 +2649,8 @@ export const IdentityService: GenService<{
    * Callers: the user themself (user empty or their own name), or admins of
    * the user's organization.
    * Errors: NOT_FOUND if the user does not exist; PERMISSION_DENIED if the
-   * caller is neither.
+   * caller is neither, (SUPERUSER_REQUIRED) if an admin who is not a
+   * superuser signs a superuser out.
    *
    * @generated from rpc corral.identity.v1.IdentityService.LogoutEverywhere
    */

@@ -24,6 +24,11 @@ export const file_corral_identity_v1_service_account: GenFile = /*@__PURE__*/
  * organization with its role, and its usage counts against the
  * organization's quota.
  *
+ * Corral's own services authenticate with internal service accounts (made
+ * only by `corral admin create-service-account --internal`; their tokens
+ * carry the `service` role). The API never makes an account internal, and
+ * only superusers see and manage internal ones (see IdentityService).
+ *
  * @generated from message corral.identity.v1.ServiceAccount
  */
 export type ServiceAccount = Message<"corral.identity.v1.ServiceAccount"> & {
