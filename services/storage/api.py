@@ -121,17 +121,14 @@ class StorageApi(rpc.StorageServiceServicer):
         if not is_service(caller):  # the internal method's refusal comes before its checks
             check = Validator()
         check.raise_if_any()
+        expire_time = _future(sent, "workspace.expire_time") if is_service(caller) else None
         created = await self._service.workspaces.create(
             caller,
             organization=sent.organization,
             session_id=session_id,
             owner=sent.owner,
             labels=dict(sent.labels),
-            expire_time=(
-                from_timestamp(sent.expire_time, "workspace.expire_time")
-                if sent.HasField("expire_time")
-                else None
-            ),
+            expire_time=expire_time,
             request_id=request.request_id,
         )
         return pb.CreateWorkspaceResponse(workspace=cv.workspace_to_proto(created))
@@ -171,11 +168,7 @@ class StorageApi(rpc.StorageServiceServicer):
         if "labels" in paths:
             check_labels(sent.labels, check, "workspace.labels")
         check.raise_if_any()
-        expire_time = (
-            from_timestamp(sent.expire_time, "workspace.expire_time")
-            if sent.HasField("expire_time")
-            else None
-        )
+        expire_time = _future(sent, "workspace.expire_time") if "expire_time" in paths else None
         updated = await self._service.workspaces.update(
             require_caller(),
             workspace_id,

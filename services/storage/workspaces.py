@@ -52,6 +52,18 @@ def _owner_in(owner: str, organization: str, field: str) -> None:
         )
 
 
+def _may_set_expiry(caller: Caller) -> None:
+    """A workspace lives and dies with its session (every workspace has one): only Corral
+    services (the session service) set when it expires. A person who could would delete a
+    live session's working directory under it."""
+    if not is_service(caller):
+        field = "workspace.expire_time"
+        raise InvalidArgument(
+            f"{field} is set by Corral services only",
+            violations=[FieldViolation(field, "is set by Corral services only")],
+        )
+
+
 def visible_to(caller: Caller, query: ListQuery) -> ListQuery:
     """What a list may show: all of it to superusers and services, the organisation's to its
     admins and viewers, a user's own otherwise."""
@@ -256,7 +268,8 @@ class Workspaces:
             expected = workspace.version
             if "labels" in paths:
                 workspace.labels = labels
-            if "expire_time" in paths:
+            if "expire_time" in paths and expire_time != workspace.expire_time:
+                _may_set_expiry(caller)
                 workspace.expire_time = expire_time
             workspace.version += 1
             workspace.update_time = self._s.clock()

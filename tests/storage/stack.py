@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from sqlalchemy import text
@@ -43,6 +44,14 @@ PLATFORM = "organizations/platform"
 ALICE = f"{ACME}/users/alice"
 BOB = f"{ACME}/users/bob"
 SMALL_PART = 64 * 1024  # the local store's minimum part size in most tests (S3's is 5 MiB)
+# Outside what a Timestamp may hold: 0001-01-01..9999-12-31, nanos 0..999,999,999.
+BAD_TIMESTAMPS = [
+    timestamp_pb2.Timestamp(seconds=2**62),
+    timestamp_pb2.Timestamp(seconds=-(2**62)),
+    timestamp_pb2.Timestamp(seconds=253_402_300_800),  # 10000-01-01
+    timestamp_pb2.Timestamp(seconds=4_000_000_000, nanos=-1),
+    timestamp_pb2.Timestamp(seconds=4_000_000_000, nanos=1_000_000_000),
+]
 
 
 def sha(data: bytes) -> str:

@@ -25,6 +25,7 @@ from corral.storage.v1 import storage_service_pb2 as pb
 from tests.storage.stack import (
     ACME,
     ALICE,
+    BAD_TIMESTAMPS,
     BOB,
     PLATFORM,
     Stack,
@@ -174,16 +175,6 @@ async def test_delete_and_expiry_give_the_bytes_back(stack: Stack) -> None:
     assert [b.key async for b in stack.blobs.list("reports/")] == [
         f"reports/acme/{kept.name.removeprefix('reports/')}"
     ]
-
-
-# Outside what a Timestamp may hold: 0001-01-01..9999-12-31, nanos 0..999,999,999.
-BAD_TIMESTAMPS = [
-    timestamp_pb2.Timestamp(seconds=2**62),
-    timestamp_pb2.Timestamp(seconds=-(2**62)),
-    timestamp_pb2.Timestamp(seconds=253_402_300_800),  # 10000-01-01
-    timestamp_pb2.Timestamp(seconds=4_000_000_000, nanos=-1),
-    timestamp_pb2.Timestamp(seconds=4_000_000_000, nanos=1_000_000_000),
-]
 
 
 @pytest.mark.parametrize("stamp", BAD_TIMESTAMPS, ids=str)

@@ -4,14 +4,17 @@ visibility rule allows, labelled, deleted with their files."""
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
+from corral.services.storage.domain import now
+from corral.services.storage.tables import workspaces
 from corral.storage.v1 import storage_service_pb2 as pb
 from corral.storage.v1 import workspace_pb2
-from tests.storage.stack import ACME, ALICE, BOB, Stack
+from tests.storage.stack import ACME, ALICE, BAD_TIMESTAMPS, BOB, GLOBEX, Stack, violated_fields
 from tests.support.grpc_tools import error_reason
 
 
@@ -97,19 +100,40 @@ async def test_list_pages_through_every_workspace(stack: Stack) -> None:
     assert sorted(seen) == sorted(made) and len(seen) == 5
 
 
+def _expiry_change(
+    name: str, stamp: timestamp_pb2.Timestamp | None, *paths: str, etag: str = ""
+) -> pb.UpdateWorkspaceRequest:
+    change = workspace_pb2.Workspace(name=name, etag=etag)
+    if stamp is not None:
+        change.expire_time.CopyFrom(stamp)
+    return pb.UpdateWorkspaceRequest(
+        workspace=change, update_mask=field_mask_pb2.FieldMask(paths=paths or ["expire_time"])
+    )
+
+
+def _stamp(at: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
+
+
 async def test_update_changes_labels_and_expiry_with_an_etag(stack: Stack) -> None:
     ws = await stack.workspace()
     change = workspace_pb2.Workspace(name=ws.name, labels={"keep": "yes"}, etag=ws.etag)
-    change.expire_time.FromSeconds(4_000_000_000)
-    updated = await stack.stub.UpdateWorkspace(
+    labelled = await stack.stub.UpdateWorkspace(
         pb.UpdateWorkspaceRequest(
-            workspace=change, update_mask=field_mask_pb2.FieldMask(paths=["labels", "expire_time"])
+            workspace=change, update_mask=field_mask_pb2.FieldMask(paths=["labels"])
         ),
         metadata=stack.auth(),
     )
-    assert dict(updated.workspace.labels) == {"keep": "yes"}
-    assert updated.workspace.expire_time.seconds == 4_000_000_000
-    assert updated.workspace.etag != ws.etag
+    assert dict(labelled.workspace.labels) == {"keep": "yes"}
+    assert labelled.workspace.etag != ws.etag
+    future = timestamp_pb2.Timestamp(seconds=4_000_000_000)
+    expiring = await stack.stub.UpdateWorkspace(
+        _expiry_change(ws.name, future, etag=labelled.workspace.etag), metadata=stack.as_service()
+    )
+    assert expiring.workspace.expire_time.seconds == 4_000_000_000
+    assert dict(expiring.workspace.labels) == {"keep": "yes"}
     with pytest.raises(grpc.aio.AioRpcError) as stale:
         await stack.stub.UpdateWorkspace(
             pb.UpdateWorkspaceRequest(
@@ -127,6 +151,71 @@ async def test_update_changes_labels_and_expiry_with_an_etag(stack: Stack) -> No
             metadata=stack.auth(),
         )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_no_person_can_make_a_sessions_workspace_expire(stack: Stack) -> None:
+    """A workspace lives and dies with its session: a user who set its expire_time (or an
+    admin) would have the sweeper delete a live session's working directory under it."""
+    ws = await stack.workspace()
+    soon = _stamp(now() + timedelta(minutes=1))
+    for who in (stack.auth(), stack.auth("root", roles=("admin",))):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stack.stub.UpdateWorkspace(_expiry_change(ws.name, soon), metadata=who)
+        assert violated_fields(refused.value) == ["workspace.expire_time"]
+        with pytest.raises(grpc.aio.AioRpcError) as past:
+            await stack.stub.UpdateWorkspace(
+                _expiry_change(ws.name, timestamp_pb2.Timestamp(seconds=1)), metadata=who
+            )
+        assert violated_fields(past.value) == ["workspace.expire_time"]
+    # Another organisation's user learns nothing: NOT_FOUND, as for any other change.
+    with pytest.raises(grpc.aio.AioRpcError) as stranger:
+        await stack.stub.UpdateWorkspace(
+            _expiry_change(ws.name, soon), metadata=stack.auth("eve", org=GLOBEX)
+        )
+    assert error_reason(stranger.value) == "WORKSPACE_NOT_FOUND"
+    # "*" that leaves expire_time as it is (unset) is still the owner's to send.
+    everything = await stack.stub.UpdateWorkspace(
+        pb.UpdateWorkspaceRequest(
+            workspace=workspace_pb2.Workspace(name=ws.name, labels={"a": "b"}),
+            update_mask=field_mask_pb2.FieldMask(paths=["*"]),
+        ),
+        metadata=stack.auth(),
+    )
+    assert dict(everything.workspace.labels) == {"a": "b"}
+    assert not everything.workspace.HasField("expire_time")
+    done = await stack.service.sweeper.sweep()
+    assert done is not None and done.workspaces_deleted == 0
+    assert stack.workspace_dir(ws.name).is_dir()
+
+
+async def test_a_past_or_impossible_expire_time_is_refused_even_to_services(
+    stack: Stack,
+) -> None:
+    ws = await stack.workspace()
+    for stamp in (timestamp_pb2.Timestamp(seconds=1), *BAD_TIMESTAMPS):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stack.stub.UpdateWorkspace(
+                _expiry_change(ws.name, stamp), metadata=stack.as_service()
+            )
+        assert violated_fields(refused.value) == ["workspace.expire_time"]
+        with pytest.raises(grpc.aio.AioRpcError) as created:
+            await stack.stub.CreateWorkspace(
+                pb.CreateWorkspaceRequest(
+                    workspace=workspace_pb2.Workspace(
+                        organization=ACME,
+                        session=f"sessions/{uuid.uuid4().hex}",
+                        owner=ALICE,
+                        expire_time=stamp,
+                    ),
+                    request_id=str(uuid.uuid4()),
+                ),
+                metadata=stack.as_service(),
+            )
+        assert violated_fields(created.value) == ["workspace.expire_time"]
+    got = await stack.stub.GetWorkspace(pb.GetWorkspaceRequest(name=ws.name), metadata=stack.auth())
+    assert got.workspace == ws
+    listed = await stack.stub.ListWorkspaces(pb.ListWorkspacesRequest(), metadata=stack.auth())
+    assert [w.name for w in listed.workspaces] == [ws.name]
 
 
 async def test_delete_removes_the_files_and_gives_the_bytes_back(stack: Stack) -> None:
@@ -189,14 +278,12 @@ async def test_clone_is_refused_past_the_new_owners_quota(stack: Stack) -> None:
 
 async def test_expire_time_is_a_timestamp_the_sweeper_honours(stack: Stack) -> None:
     ws = await stack.workspace()
-    past = timestamp_pb2.Timestamp(seconds=1)
-    change = workspace_pb2.Workspace(name=ws.name, expire_time=past)
-    await stack.stub.UpdateWorkspace(
-        pb.UpdateWorkspaceRequest(
-            workspace=change, update_mask=field_mask_pb2.FieldMask(paths=["expire_time"])
-        ),
-        metadata=stack.auth(),
-    )
+    soon = _stamp(now() + timedelta(minutes=1))
+    await stack.stub.UpdateWorkspace(_expiry_change(ws.name, soon), metadata=stack.as_service())
+    async with stack.engine.begin() as connection:  # a minute on
+        await connection.execute(
+            workspaces.update().values(expire_time=now() - timedelta(seconds=1))
+        )
     done = await stack.service.sweeper.sweep()
     assert done is not None and done.workspaces_deleted == 1
     assert not stack.workspace_dir(ws.name).exists()

@@ -259,8 +259,8 @@ class StorageServiceServicer:
         Callers: Corral services only (the session service, on CreateSession).
         Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
         INVALID_ARGUMENT if organization, session, owner or labels are missing
-        or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
-        if the session already has a workspace; RESOURCE_EXHAUSTED
+        or malformed, expire_time is not in the future, or (REQUEST_ID_REUSED);
+        ALREADY_EXISTS (WORKSPACE_EXISTS) if the session already has a workspace; RESOURCE_EXHAUSTED
         (STORAGE_QUOTA_EXCEEDED, with QuotaFailure) if the owner's or the
         organization's storage quota has no byte left; UNAVAILABLE if identity's
         usage ledger cannot be reached to tell.
@@ -289,10 +289,14 @@ class StorageServiceServicer:
     def UpdateWorkspace(self, request, context):
         """Updates a workspace's labels and expire_time.
 
-        Callers: writers of the workspace.
+        Callers: writers of the workspace; expire_time only Corral services
+        (a workspace lives and dies with its session: the session service
+        deletes it with the session or sets when it expires).
         Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-        (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field
-        or labels are malformed; ABORTED (ETAG_MISMATCH).
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field,
+        labels are malformed, expire_time is not in the future (clearing it is
+        fine), or a caller other than a Corral service would change
+        expire_time; ABORTED (ETAG_MISMATCH).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -77,8 +77,8 @@ class StorageServiceStub:
     Callers: Corral services only (the session service, on CreateSession).
     Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
     INVALID_ARGUMENT if organization, session, owner or labels are missing
-    or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
-    if the session already has a workspace; RESOURCE_EXHAUSTED
+    or malformed, expire_time is not in the future, or (REQUEST_ID_REUSED);
+    ALREADY_EXISTS (WORKSPACE_EXISTS) if the session already has a workspace; RESOURCE_EXHAUSTED
     (STORAGE_QUOTA_EXCEEDED, with QuotaFailure) if the owner's or the
     organization's storage quota has no byte left; UNAVAILABLE if identity's
     usage ledger cannot be reached to tell.
@@ -99,10 +99,14 @@ class StorageServiceStub:
     UpdateWorkspace: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.UpdateWorkspaceRequest, _storage_service_pb2.UpdateWorkspaceResponse]
     """Updates a workspace's labels and expire_time.
 
-    Callers: writers of the workspace.
+    Callers: writers of the workspace; expire_time only Corral services
+    (a workspace lives and dies with its session: the session service
+    deletes it with the session or sets when it expires).
     Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-    (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field
-    or labels are malformed; ABORTED (ETAG_MISMATCH).
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field,
+    labels are malformed, expire_time is not in the future (clearing it is
+    fine), or a caller other than a Corral service would change
+    expire_time; ABORTED (ETAG_MISMATCH).
     """
     DeleteWorkspace: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteWorkspaceRequest, _storage_service_pb2.DeleteWorkspaceResponse]
     """Deletes a workspace with all its files, uploads and archives, and gives
@@ -390,8 +394,8 @@ class StorageServiceAsyncStub(StorageServiceStub):
     Callers: Corral services only (the session service, on CreateSession).
     Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
     INVALID_ARGUMENT if organization, session, owner or labels are missing
-    or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
-    if the session already has a workspace; RESOURCE_EXHAUSTED
+    or malformed, expire_time is not in the future, or (REQUEST_ID_REUSED);
+    ALREADY_EXISTS (WORKSPACE_EXISTS) if the session already has a workspace; RESOURCE_EXHAUSTED
     (STORAGE_QUOTA_EXCEEDED, with QuotaFailure) if the owner's or the
     organization's storage quota has no byte left; UNAVAILABLE if identity's
     usage ledger cannot be reached to tell.
@@ -412,10 +416,14 @@ class StorageServiceAsyncStub(StorageServiceStub):
     UpdateWorkspace: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.UpdateWorkspaceRequest, _storage_service_pb2.UpdateWorkspaceResponse]  # type: ignore[assignment]
     """Updates a workspace's labels and expire_time.
 
-    Callers: writers of the workspace.
+    Callers: writers of the workspace; expire_time only Corral services
+    (a workspace lives and dies with its session: the session service
+    deletes it with the session or sets when it expires).
     Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-    (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field
-    or labels are malformed; ABORTED (ETAG_MISMATCH).
+    (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field,
+    labels are malformed, expire_time is not in the future (clearing it is
+    fine), or a caller other than a Corral service would change
+    expire_time; ABORTED (ETAG_MISMATCH).
     """
     DeleteWorkspace: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.DeleteWorkspaceRequest, _storage_service_pb2.DeleteWorkspaceResponse]  # type: ignore[assignment]
     """Deletes a workspace with all its files, uploads and archives, and gives
@@ -718,8 +726,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         Callers: Corral services only (the session service, on CreateSession).
         Errors: PERMISSION_DENIED (SERVICE_ONLY) for anyone else;
         INVALID_ARGUMENT if organization, session, owner or labels are missing
-        or malformed, or (REQUEST_ID_REUSED); ALREADY_EXISTS (WORKSPACE_EXISTS)
-        if the session already has a workspace; RESOURCE_EXHAUSTED
+        or malformed, expire_time is not in the future, or (REQUEST_ID_REUSED);
+        ALREADY_EXISTS (WORKSPACE_EXISTS) if the session already has a workspace; RESOURCE_EXHAUSTED
         (STORAGE_QUOTA_EXCEEDED, with QuotaFailure) if the owner's or the
         organization's storage quota has no byte left; UNAVAILABLE if identity's
         usage ledger cannot be reached to tell.
@@ -752,10 +760,14 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_service_pb2.UpdateWorkspaceResponse, _abc.Awaitable[_storage_service_pb2.UpdateWorkspaceResponse]]:
         """Updates a workspace's labels and expire_time.
 
-        Callers: writers of the workspace.
+        Callers: writers of the workspace; expire_time only Corral services
+        (a workspace lives and dies with its session: the session service
+        deletes it with the session or sets when it expires).
         Errors: NOT_FOUND (WORKSPACE_NOT_FOUND); PERMISSION_DENIED
-        (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field
-        or labels are malformed; ABORTED (ETAG_MISMATCH).
+        (READ_ONLY_ACCESS); INVALID_ARGUMENT if update_mask names another field,
+        labels are malformed, expire_time is not in the future (clearing it is
+        fine), or a caller other than a Corral service would change
+        expire_time; ABORTED (ETAG_MISMATCH).
         """
 
     @_abc_1.abstractmethod

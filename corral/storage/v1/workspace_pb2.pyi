@@ -120,8 +120,9 @@ class Workspace(_message.Message):
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the retention sweeper deletes the workspace and its files; unset:
-        kept until deleted. The session service sets it when a session is
-        archived.
+        kept until deleted. A workspace lives and dies with its session, so only
+        Corral services (the session service) set it, always in the future;
+        anyone else who would change it gets INVALID_ARGUMENT.
         """
 
     @_builtins.property

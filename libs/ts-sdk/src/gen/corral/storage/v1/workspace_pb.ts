@@ -123,8 +123,9 @@ export type Workspace = Message<"corral.storage.v1.Workspace"> & {
 
   /**
    * When the retention sweeper deletes the workspace and its files; unset:
-   * kept until deleted. The session service sets it when a session is
-   * archived.
+   * kept until deleted. A workspace lives and dies with its session, so only
+   * Corral services (the session service) set it, always in the future;
+   * anyone else who would change it gets INVALID_ARGUMENT.
    *
    * @generated from field: google.protobuf.Timestamp expire_time = 12;
    */
