@@ -161,6 +161,43 @@ class _Walk:
         return self.parts[-1]
 
 
+def _copy_sparsely(source: int, target: int) -> None:
+    """Copy ``source`` into the empty ``target``: only its data (SEEK_DATA/SEEK_HOLE), the
+    holes left as holes, the length kept; a plain copy where the filesystem cannot tell."""
+    offset = 0
+    try:
+        while True:
+            try:
+                start = os.lseek(source, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data past offset: the rest is a hole
+                    break
+                raise
+            offset = os.lseek(source, start, os.SEEK_HOLE)
+            if _copy_range(source, target, start, offset) < offset:  # the file shrank meanwhile
+                break
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+        os.ftruncate(target, 0)  # no SEEK_DATA here: copy every byte
+        _copy_range(source, target, 0, None)
+    os.ftruncate(target, os.fstat(source).st_size)  # a hole at the end has no data to copy
+
+
+def _copy_range(source: int, target: int, start: int, stop: int | None) -> int:
+    """Copy bytes ``start``..``stop`` (None: to the end) at the same offsets; where it ended."""
+    at = start
+    while stop is None or at < stop:
+        block = os.pread(source, READ_CHUNK if stop is None else min(READ_CHUNK, stop - at), at)
+        if not block:
+            break
+        written = 0
+        while written < len(block):
+            written += os.pwrite(target, block[written:], at + written)
+        at += len(block)
+    return at
+
+
 def _open_regular(parent: int, name: str, path: str) -> tuple[int, os.stat_result]:
     try:
         fd = os.open(name, _FILE, dir_fd=parent)
@@ -257,20 +294,25 @@ class WorkspaceFiles:
 
     def _clone(self, source_id: str, target_id: str) -> bool:
         building = self._staging / f"clone-{secrets.token_hex(8)}"
+        source = self.directory(source_id)
+        top_mode = stat_mode.S_IMODE(os.stat(source, follow_symlinks=False).st_mode) & 0o777
         self._make_directory(building)
+        modes: list[tuple[Path, int]] = []  # the directories' own modes, set once filled
         try:
-            source = self.directory(source_id)
             for directory, dirs, files, dir_fd in os.fwalk(source, follow_symlinks=False):
                 relative = os.path.relpath(directory, source)
                 target = building if relative == "." else building / relative
                 for name in dirs:
-                    if stat_mode.S_ISDIR(
-                        os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
-                    ):
+                    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    if stat_mode.S_ISDIR(info.st_mode):
                         self._make_directory(target / name)
+                        modes.append((target / name, stat_mode.S_IMODE(info.st_mode) & 0o777))
                 for name in files:
                     with contextlib.suppress(NotFound):
                         self._copy_file(dir_fd, name, target / name, self.owner)
+            for path, mode in reversed(modes):  # deepest first: a read-only parent comes last
+                os.chmod(path, mode, follow_symlinks=False)
+            os.chmod(building, top_mode, follow_symlinks=False)
             os.rename(building, self.directory(target_id))
         except OSError as exc:
             shutil.rmtree(building, ignore_errors=True)
@@ -282,14 +324,13 @@ class WorkspaceFiles:
     @staticmethod
     def _copy_file(dir_fd: int, name: str, target: Path, owner: tuple[int, int] | None) -> None:
         """A copy with the original's permission bits (an agent's script stays executable),
-        ``owner``'s when given."""
+        ``owner``'s when given, and its holes (a sparse file stays sparse)."""
         fd, info = _open_regular(dir_fd, name, name)
         try:
-            with open(target, "xb") as out:
+            with open(target, "xb", buffering=0) as out:
                 _give(out.fileno(), owner)
                 os.fchmod(out.fileno(), stat_mode.S_IMODE(info.st_mode) & 0o777)
-                while block := os.read(fd, READ_CHUNK):
-                    out.write(block)
+                _copy_sparsely(fd, out.fileno())
         finally:
             os.close(fd)
 

@@ -3,8 +3,11 @@ visibility rule allows, labelled, deleted with their files."""
 
 from __future__ import annotations
 
+import os
+import stat
 import uuid
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
@@ -98,6 +101,26 @@ async def test_list_pages_through_every_workspace(stack: Stack) -> None:
         if not token:
             break
     assert sorted(seen) == sorted(made) and len(seen) == 5
+
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+def _write_at(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def _read_at(path: Path, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
 
 
 def _expiry_change(
@@ -259,6 +282,50 @@ async def test_clone_copies_the_files_for_the_forks_owner(stack: Stack) -> None:
     (directory / "data.bin").write_bytes(b"changed")
     assert (target / "data.bin").read_bytes() == b"\x00" * 4096
     assert stack.ledger.in_use(BOB) == 4096 + 12
+
+
+async def test_clone_keeps_holes_and_modes(stack: Stack) -> None:
+    """A sparse file stays sparse (a 1 GiB ``truncate -s 1G`` file is not written out as 1 GiB
+    of zeros) and every directory keeps its permission bits, the workspace's own included."""
+    ws = await stack.workspace()
+    directory = stack.workspace_dir(ws.name)
+    sparse = directory / "sparse.img"
+    sparse.write_bytes(b"")
+    os.truncate(sparse, GiB)
+    _write_at(sparse, GiB // 2, b"middle")
+    data = directory / "data"
+    data.mkdir()
+    (data / "a.txt").write_bytes(b"a" * 5000)
+    (data / "empty").write_bytes(b"")
+    locked = directory / "locked"
+    locked.mkdir()
+    (locked / "inside.txt").write_bytes(b"inside")
+    (directory / "tail").write_bytes(b"t" * 100)
+    os.truncate(directory / "tail", 10 * MiB)  # data, then a hole to the end
+    os.chmod(data, 0o750)
+    os.chmod(locked, 0o500)
+    os.chmod(directory, 0o700)
+    assert os.stat(sparse).st_blocks * 512 < MiB
+    clone = await stack.stub.CloneWorkspace(
+        pb.CloneWorkspaceRequest(
+            name=ws.name, session="sessions/sparse1", owner=BOB, request_id=str(uuid.uuid4())
+        ),
+        metadata=stack.as_service(),
+    )
+    target = stack.workspace_dir(clone.workspace.name)
+    copied = os.stat(target / "sparse.img")
+    assert copied.st_size == GiB
+    assert copied.st_blocks * 512 < MiB  # not 1 GiB on disk
+    assert _read_at(target / "sparse.img", GiB // 2 - 4, 14) == b"\0" * 4 + b"middle" + b"\0" * 4
+    tail = (target / "tail").read_bytes()
+    assert len(tail) == 10 * MiB and tail[:100] == b"t" * 100
+    assert tail.count(0) == len(tail) - 100
+    assert (target / "data" / "a.txt").read_bytes() == b"a" * 5000
+    assert (target / "data" / "empty").read_bytes() == b""
+    assert (target / "locked" / "inside.txt").read_bytes() == b"inside"
+    modes = {p: stat.S_IMODE(os.stat(target / p).st_mode) for p in (".", "data", "locked")}
+    assert modes == {".": 0o700, "data": 0o750, "locked": 0o500}
+    assert clone.workspace.size_bytes == GiB + 5000 + 6 + 10 * MiB
 
 
 async def test_clone_is_refused_past_the_new_owners_quota(stack: Stack) -> None:

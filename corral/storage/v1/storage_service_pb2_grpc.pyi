@@ -85,7 +85,9 @@ class StorageServiceStub:
     """
     CloneWorkspace: _grpc.UnaryUnaryMultiCallable[_storage_service_pb2.CloneWorkspaceRequest, _storage_service_pb2.CloneWorkspaceResponse]
     """Copies a workspace, files and all (symbolic links are not copied), for
-    a forked session. The copy's bytes are held on its owner's quota.
+    a forked session: files and directories keep their permission bits, the
+    workspace's own directory included, and sparse files stay sparse. The
+    copy's bytes (file sizes, holes included) are held on its owner's quota.
     Internal: no REST binding.
 
     Callers: Corral services only (the session service, on ForkSession).
@@ -402,7 +404,9 @@ class StorageServiceAsyncStub(StorageServiceStub):
     """
     CloneWorkspace: _aio.UnaryUnaryMultiCallable[_storage_service_pb2.CloneWorkspaceRequest, _storage_service_pb2.CloneWorkspaceResponse]  # type: ignore[assignment]
     """Copies a workspace, files and all (symbolic links are not copied), for
-    a forked session. The copy's bytes are held on its owner's quota.
+    a forked session: files and directories keep their permission bits, the
+    workspace's own directory included, and sparse files stay sparse. The
+    copy's bytes (file sizes, holes included) are held on its owner's quota.
     Internal: no REST binding.
 
     Callers: Corral services only (the session service, on ForkSession).
@@ -740,7 +744,9 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_storage_service_pb2.CloneWorkspaceResponse, _abc.Awaitable[_storage_service_pb2.CloneWorkspaceResponse]]:
         """Copies a workspace, files and all (symbolic links are not copied), for
-        a forked session. The copy's bytes are held on its owner's quota.
+        a forked session: files and directories keep their permission bits, the
+        workspace's own directory included, and sparse files stay sparse. The
+        copy's bytes (file sizes, holes included) are held on its owner's quota.
         Internal: no REST binding.
 
         Callers: Corral services only (the session service, on ForkSession).

@@ -1628,7 +1628,9 @@ export const StorageService: GenService<{
   },
   /**
    * Copies a workspace, files and all (symbolic links are not copied), for
-   * a forked session. The copy's bytes are held on its owner's quota.
+   * a forked session: files and directories keep their permission bits, the
+   * workspace's own directory included, and sparse files stay sparse. The
+   * copy's bytes (file sizes, holes included) are held on its owner's quota.
    * Internal: no REST binding.
    *
    * Callers: Corral services only (the session service, on ForkSession).
