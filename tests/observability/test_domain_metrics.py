@@ -259,6 +259,7 @@ class Runtime:
     service: Any
     token: str
     metrics: Metrics
+    workspaces: Path  # storage's folder of workspaces
     turns: int = 0
 
     async def turn(self, session: str, prompt: str, *, organization: str = ORG) -> list[Any]:
@@ -268,6 +269,7 @@ class Runtime:
         self, session: str, prompt: str, organization: str = ORG
     ) -> grpc.aio.UnaryStreamCall[Any, Any]:
         self.turns += 1
+        (self.workspaces / session).mkdir(parents=True, exist_ok=True)  # as storage makes it
         request = runtime_pb.RunTurnRequest(
             session=f"sessions/{session}",
             turn_id=f"turn-{self.turns}",
@@ -320,6 +322,7 @@ async def make_runtime(
             service,
             service_token(signing_key),
             metrics,
+            config.workspaces_dir(),
         )
 
     yield make
