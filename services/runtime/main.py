@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -190,7 +191,10 @@ async def _claude_sdk(settings: Settings, resources: AsyncExitStack) -> tuple[Cl
         model_env,
         # The CLI scrubs its tools' environment with a bubblewrap of its own, which cannot run
         # inside the agent's sandbox; there the tools share the CLI's user anyway (see README).
-        scrub_tool_env=policy is None and _can_scrub_tool_env(model_env),
+        # Nor as root unsandboxed: its user namespace cannot enter the workspaces storage gives
+        # the agent user (0700), and a root agent on the host reads the CLI's /proc environ
+        # regardless, so the scrub would hide nothing.
+        scrub_tool_env=policy is None and os.geteuid() != 0 and _can_scrub_tool_env(model_env),
         sandbox=policy,
     )
     return sdk, model_env.get("ANTHROPIC_BASE_URL", model_endpoint.DEFAULT_BASE_URL)
