@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
+PYTEST_WORKERS ?= 2
 PROTO_SRC := $(shell find protos/corral -name '*.proto' 2>/dev/null | sort)
 CONTEXTS := common identity session task runtime storage
 
@@ -121,7 +122,7 @@ typecheck: setup ## mypy --strict over services and libs
 
 .PHONY: pytest
 pytest: setup ## Run the test suite (PostgreSQL/Redis from CORRAL_TEST_POSTGRES_URL / CORRAL_TEST_REDIS_URL)
-	$(BIN)/pytest -q --durations=15 $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 .PHONY: faults
 faults: setup ## Fault scenarios on a production-like topology started by the tests (tests/faults)

@@ -112,3 +112,12 @@ async def database_url(
 @pytest.fixture(scope="session")
 def signing_key() -> SigningKey:
     return SigningKey.generate()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist (`make pytest` runs two workers): a file's tests stay on one worker
+    (its module fixtures start once), and the fault scenarios share one worker and topology."""
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        group = "tests/faults" if path.startswith("tests/faults/") else path
+        item.add_marker(pytest.mark.xdist_group(group))
