@@ -18,6 +18,7 @@ import shutil
 import signal
 import string
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -426,6 +427,32 @@ class Envoy:
         if reply is None:
             raise EdgeError(f"Envoy's admin interface did not answer {path}")
         return reply
+
+    async def healthy_hosts(self) -> set[tuple[str, str]]:
+        """(cluster, address) of every upstream host Envoy's health checks now find healthy."""
+        found = set()
+        for line in (await self.admin("/clusters")).splitlines():
+            parts = line.split("::")  # session::127.0.0.1:PORT::health_flags::healthy
+            if parts[2:] == ["health_flags", "healthy"]:
+                found.add((parts[0], parts[1]))
+        return found
+
+    async def wait_healthy(
+        self, wanted: set[tuple[str, str]], *, within: float = 30, exactly: str | None = None
+    ) -> None:
+        """Until every (cluster, address) of ``wanted`` is healthy (with ``exactly``, until the
+        healthy hosts of that cluster are exactly those of ``wanted``); EdgeError after
+        ``within`` seconds. Envoy offers no event for this: a bounded poll of its admin API."""
+        deadline = time.monotonic() + within
+        while True:
+            healthy = await self.healthy_hosts()
+            if exactly is not None:
+                healthy = {host for host in healthy if host[0] == exactly}
+            if (healthy == wanted) if exactly is not None else (wanted <= healthy):
+                return
+            if time.monotonic() > deadline:
+                raise EdgeError(f"Envoy sees {sorted(healthy)} healthy, not {sorted(wanted)}")
+            await asyncio.sleep(0.05)
 
     def _tail(self) -> str:
         if self.log_file is None or not self.log_file.exists():

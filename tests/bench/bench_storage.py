@@ -175,12 +175,7 @@ async def bench(file_mib: int, total_mib: int, workdir: Path) -> dict[str, float
         )
         envoy = Envoy(config, log_file=workdir / "envoy.log")
         await envoy.start()
-        healthy = f"storage::{info['address']}::health_flags::healthy"
-        async with asyncio.timeout(30):  # until Envoy sees the service healthy
-            while True:
-                if healthy in await envoy.admin("/clusters"):
-                    break
-                await asyncio.sleep(0.05)
+        await envoy.wait_healthy({("storage", info["address"])})
         edge = envoy.url.removeprefix("http://")
         source = workdir / "source.bin"
         sha = make_file(source, file_mib * MIB)

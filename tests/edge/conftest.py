@@ -108,18 +108,8 @@ class Edge:
 
     async def wait_session_hosts(self, healthy: set[str]) -> None:
         """Until Envoy's view of the session cluster is exactly ``healthy`` (server names)."""
-        by_address = {self.servers[name].address: name for name in ("session-a", "session-b")}
-        async with asyncio.timeout(10):
-            while True:
-                current = set()
-                for line in (await self.envoy.admin("/clusters")).splitlines():
-                    # session::127.0.0.1:PORT::health_flags::healthy
-                    parts = line.split("::")
-                    if parts[0] == "session" and parts[2:] == ["health_flags", "healthy"]:
-                        current.add(by_address[parts[1]])
-                if current == healthy:
-                    return
-                await asyncio.sleep(0.05)
+        wanted = {("session", self.servers[name].address) for name in healthy}
+        await self.envoy.wait_healthy(wanted, within=10, exactly="session")
 
 
 class Answering(grpc.GenericRpcHandler):

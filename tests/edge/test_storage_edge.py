@@ -86,12 +86,7 @@ async def storage_edge(
         envoy = Envoy(config, log_file=directory / "envoy.log")
         await envoy.start()
         try:
-            healthy = f"storage::{stack.address}::health_flags::healthy"
-            async with asyncio.timeout(10):  # a bounded poll: until Envoy sees the host healthy
-                while True:
-                    if healthy in await envoy.admin("/clusters"):
-                        break
-                    await asyncio.sleep(0.05)
+            await envoy.wait_healthy({("storage", stack.address)}, within=10)
             yield StorageEdge(envoy, stack)
         finally:
             await envoy.stop()

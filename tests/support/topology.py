@@ -39,7 +39,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from corral.libs.config import Settings
-from corral.libs.envoy import Envoy, write_config
+from corral.libs.envoy import EdgeError, Envoy, write_config
 from corral.services.identity import admin
 from corral.services.identity.config import IdentitySettings
 from corral.services.runtime.process import TAG_VARIABLE
@@ -584,20 +584,10 @@ class Topology:
         wanted = {("identity", self.identity.target)} | {
             ("session", s.target) for s in self.sessions
         }
-        deadline = time.monotonic() + within
-        while True:
-            healthy = set()
-            for line in (await self.envoy.admin("/clusters")).splitlines():
-                parts = line.split("::")  # session::127.0.0.1:PORT::health_flags::healthy
-                if parts[2:] == ["health_flags", "healthy"]:
-                    healthy.add((parts[0], parts[1]))
-            if wanted <= healthy:
-                return
-            if time.monotonic() > deadline:
-                raise TopologyError(
-                    f"Envoy sees only {sorted(healthy)} healthy, not {sorted(wanted)}"
-                )
-            await asyncio.sleep(0.1)
+        try:
+            await self.envoy.wait_healthy(wanted, within=within)
+        except EdgeError as exc:
+            raise TopologyError(str(exc)) from exc
 
     async def ensure_up(self) -> None:
         """Start again whatever is down (a test that failed half-way leaves things stopped), and
