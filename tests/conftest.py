@@ -8,7 +8,9 @@ it fails them, so a green CI run always exercised both.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -121,3 +123,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         path = item.nodeid.split("::")[0]
         group = "tests/faults" if path.startswith("tests/faults/") else path
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+STARTED = time.time()  # this run's start: the root conftest loads first, in every process
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault scenarios' times to recovery, once, from the process that reports: what this
+    process measured, or (the xdist controller) what a worker wrote in this run."""
+    from tests.faults.record import ARTIFACT, MEASURED
+
+    measured = MEASURED
+    if not measured and ARTIFACT.exists() and ARTIFACT.stat().st_mtime >= STARTED:
+        measured = json.loads(ARTIFACT.read_text())
+    if measured:
+        terminalreporter.section("faults: time to recovery (seconds)")
+        for scenario, measures in sorted(measured.items()):
+            terminalreporter.write_line(f"{scenario}: {json.dumps(measures, sort_keys=True)}")
+        terminalreporter.write_line(f"(written to {ARTIFACT})")

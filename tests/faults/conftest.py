@@ -6,18 +6,14 @@ is started and waited for."""
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import AsyncIterator, Generator
 
 import pytest
 
 from tests.faults.client import Client
-from tests.faults.record import ARTIFACT, MEASURED
 from tests.support.topology import Topology, running_topology
 
 POOL_SIZE = 8
-LOADED = time.time()  # this run's start, near enough: the conftest loads at collection
 
 
 @pytest.fixture(scope="package")
@@ -48,16 +44,3 @@ async def client(topology: Topology, request: pytest.FixtureRequest) -> AsyncIte
     yield Client(topology)
     if request.node.stash.get(FAILED, False):
         print(f"the topology's logs (under {topology.logs}):\n{topology.tails()}")
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    measured = MEASURED
-    # Under pytest-xdist the scenarios ran in a worker: show what it wrote in this run.
-    controller = not hasattr(terminalreporter.config, "workerinput")
-    if not measured and controller and ARTIFACT.exists() and ARTIFACT.stat().st_mtime >= LOADED:
-        measured = json.loads(ARTIFACT.read_text())
-    if measured:
-        terminalreporter.section("faults: time to recovery (seconds)")
-        for scenario, measures in sorted(measured.items()):
-            terminalreporter.write_line(f"{scenario}: {json.dumps(measures, sort_keys=True)}")
-        terminalreporter.write_line(f"(written to {ARTIFACT})")
